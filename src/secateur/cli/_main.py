@@ -1,0 +1,115 @@
+"""``secateur`` command line: wires argparse to the recipes. Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from ..errors import ConfigError, SecateurError
+from ..importance import list_criteria
+from ..recipes import CompressConfig, run_compress
+from ..zoo import list_models
+
+
+def _read_recipe(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read recipe {path}: {exc.strerror}: pass an existing YAML file"
+        ) from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"recipe {path} is not valid YAML ({first}): fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of settings, e.g. 'sparsity: 0.9'")
+    return data.get("compress", data)
+
+
+def _add_compress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="train or load a baseline, prune, fine-tune, measure, save and report",
+        description="With no options: train LeNet-5 on Fashion-MNIST (or reuse a cached one), "
+        "prune 85%% of its weights by global magnitude, fine-tune, and report before/after.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--recipe", metavar="YAML", help="read settings from a YAML file; flags override it"
+    )
+    p.add_argument("--model", help=f"zoo model: {', '.join(list_models())} (default lenet5)")
+    p.add_argument("--data", metavar="DIR", help="folder holding the four Fashion-MNIST IDX files")
+    p.add_argument(
+        "--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (default 0.85)"
+    )
+    p.add_argument("--scope", choices=["global", "layer"], help="threshold scope (default global)")
+    p.add_argument("--criterion", help=f"importance criterion: {', '.join(list_criteria())}")
+    p.add_argument("--epochs", type=int, help="baseline training epochs (default 8)")
+    p.add_argument("--finetune-epochs", type=int, dest="finetune_epochs", help="(default 5)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="(default 128)")
+    p.add_argument("--lr", type=float, help="baseline learning rate (default 0.05)")
+    p.add_argument("--finetune-lr", type=float, dest="finetune_lr", help="(default 0.02)")
+    p.add_argument(
+        "--schedule", choices=["cosine", "onecycle", "constant"], help="(default cosine)"
+    )
+    p.add_argument("--seed", type=int, help="(default 0)")
+    p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default secateur-out)")
+    p.add_argument(
+        "--baseline", metavar="CKPT", help="prune this saved .safetensors model instead of training"
+    )
+    p.add_argument(
+        "--no-cache", dest="cache", action="store_false", help="always train the baseline anew"
+    )
+    p.add_argument("--limit", type=int, help="use only the first N train and test images")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--latency-runs", type=int, dest="latency_runs", help="timed runs, >= 20 (default 50)"
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secateur", description="Make trained PyTorch networks smaller and faster, measured."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_compress(sub)
+    return parser
+
+
+def _compress(args: argparse.Namespace, console: Console) -> int:
+    settings = vars(args).copy()
+    settings.pop("command")
+    recipe = settings.pop("recipe", None)
+    merged = {**(_read_recipe(recipe) if recipe else {}), **settings}
+    run_compress(CompressConfig.from_dict(merged), console=console)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``secateur`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console()
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _compress(args, console)
+    except SecateurError as exc:
+        print(f"secateur: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("secateur: interrupted", file=sys.stderr)
+        return 130

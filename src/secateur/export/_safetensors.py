@@ -1,0 +1,149 @@
+"""Save and load models as safetensors weights plus a JSON manifest. Nothing is ever unpickled.
+
+Layout for ``save_model(model, "out/pruned.safetensors")``:
+
+* ``out/pruned.safetensors``: every state-dict tensor, dense (zeros included);
+* ``out/pruned.json``: ``{"format", "model": {"name", "kwargs"}, "sha256", "metadata"}``.
+
+The model is rebuilt from the zoo by name and keyword arguments, then its state is loaded
+strictly, so the round trip is exact. The manifest's SHA-256 of the weights file catches a
+truncated, corrupt or swapped file before anything is parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from .._atomic import atomic_write_bytes, atomic_write_text
+from ..errors import ArtifactError, ConfigError
+from ..zoo import create_model
+
+MANIFEST_FORMAT = "secateur.model/1"
+_FIX = "pass a model saved by secateur (a .safetensors file with its .json manifest beside it)"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    metadata: dict[str, Any]
+    manifest_path: Path
+    weights_path: Path
+
+
+def manifest_path_for(weights_path: str | os.PathLike[str]) -> Path:
+    return Path(weights_path).with_suffix(".json")
+
+
+def save_model(
+    model: nn.Module, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model``'s weights to ``path`` and its manifest beside it; return the weights path.
+
+    ``model`` must carry ``secateur_spec`` (set by ``zoo.create_model``). ``metadata`` must be
+    JSON-serialisable. Both files are written atomically, weights first, so a manifest only
+    ever describes a complete weights file.
+
+    Raises:
+        ConfigError: if the model has no ``secateur_spec``.
+        OutputError: if the folder cannot be written.
+    """
+    spec = getattr(model, "secateur_spec", None)
+    if spec is None:
+        raise ConfigError("model has no secateur_spec: build it with secateur.zoo.create_model")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save_safetensors_bytes(tensors)
+    weights = Path(path)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model": spec,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "metadata": metadata or {},
+    }
+    atomic_write_bytes(weights, blob)
+    atomic_write_text(manifest_path_for(weights), json.dumps(manifest, indent=2, sort_keys=True))
+    return weights
+
+
+def update_metadata(path: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
+    """Merge ``metadata`` into the manifest of the model saved at ``path``; weights untouched.
+
+    Raises:
+        ArtifactError: if the manifest is missing or invalid.
+        OutputError: if it cannot be rewritten.
+    """
+    manifest_file = manifest_path_for(path)
+    manifest = _read_manifest(manifest_file)
+    manifest["metadata"] = {**manifest.get("metadata", {}), **metadata}
+    atomic_write_text(manifest_file, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"cannot read {path}: manifest missing: {_FIX}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(
+            f"cannot read {path}: not a valid JSON manifest ({exc}): {_FIX}"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ArtifactError(f"cannot read {path}: not a {MANIFEST_FORMAT} manifest: {_FIX}")
+    spec = manifest.get("model")
+    if not isinstance(spec, dict) or not isinstance(spec.get("kwargs"), dict):
+        raise ArtifactError(f"cannot read {path}: manifest lacks a model spec: {_FIX}")
+    return manifest
+
+
+def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> LoadedModel:
+    """Rebuild the model saved at ``path`` (the ``.safetensors`` file) on ``device``.
+
+    Raises:
+        ArtifactError: one line, for a missing, unreadable, corrupt or mismatched artifact.
+    """
+    weights = Path(path)
+    manifest_file = manifest_path_for(weights)
+    try:
+        blob = weights.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ArtifactError(f"cannot read checkpoint {weights}: {reason}: {_FIX}") from None
+    manifest = _read_manifest(manifest_file)
+    if hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
+        raise ArtifactError(
+            f"checkpoint {weights} is corrupt or truncated (SHA-256 differs from its manifest): {_FIX}"
+        )
+    try:
+        tensors = load_safetensors_bytes(blob)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(
+            f"checkpoint {weights} is not valid safetensors ({exc}): {_FIX}"
+        ) from None
+    spec = manifest["model"]
+    try:
+        model = create_model(str(spec.get("name")), **spec["kwargs"])
+    except ConfigError as exc:
+        raise ArtifactError(
+            f"checkpoint {weights} names a model secateur cannot build: {exc}"
+        ) from None
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(
+            f"checkpoint {weights} does not fit its model ({first}): {_FIX}"
+        ) from None
+    model.to(device).eval()
+    metadata = manifest.get("metadata")
+    return LoadedModel(
+        model, metadata if isinstance(metadata, dict) else {}, manifest_file, weights
+    )

@@ -1,0 +1,78 @@
+"""Multiply-accumulate (MAC) counting by forward hooks.
+
+Method (stated once, used everywhere): one forward pass on the example inputs with hooks on every
+``nn.Linear``, ``nn.Conv{1,2,3}d`` and ``nn.ConvTranspose{1,2,3}d``. Each layer contributes one MAC
+per weight element per output position it is applied at:
+
+* Linear: ``in_features * out_features`` per row of its input (all leading dimensions are rows);
+* Conv: ``out_channels * (in_channels / groups) * prod(kernel)`` per output spatial position;
+* ConvTranspose: ``in_channels * (out_channels / groups) * prod(kernel)`` per *input* position.
+
+Bias additions, normalisation, activations, pooling and element-wise ops are not counted, the
+convention of ptflops/fvcore "MACs". Totals are divided by the batch size (first dimension of the
+first example input), so figures are per sample. ``nonzero`` counts only MACs whose weight is
+non-zero: the work left for a kernel that skips zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass(frozen=True)
+class MacCount:
+    dense: int
+    nonzero: int
+
+
+def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
+    weight = module.weight.detach()
+    if isinstance(module, nn.Linear):
+        rows = inp.numel() // module.in_features
+        return rows * weight.numel(), rows * int((weight != 0).sum())
+    if isinstance(module, _CONVS):
+        # positions per output channel, over the whole batch
+        positions = out.numel() // module.out_channels
+        return positions * weight.numel(), positions * int((weight != 0).sum())
+    # transposed conv: each input position scatters the full kernel of its group
+    positions = inp.numel() // module.in_channels
+    return positions * weight.numel(), positions * int((weight != 0).sum())
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> MacCount:
+    """Count MACs per sample of ``model`` on ``example_inputs`` (see the module docstring).
+
+    Example:
+        >>> count_macs(nn.Linear(4, 3), torch.zeros(2, 4))
+        MacCount(dense=12, nonzero=0)
+    """
+    inputs = (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    )
+    batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
+    totals = [0, 0]
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        dense, nonzero = _layer_macs(module, args[0], out)
+        totals[0] += dense
+        totals[1] += nonzero
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, *_CONVS, *_TRANSPOSED))
+    ]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return MacCount(dense=totals[0] // batch, nonzero=totals[1] // batch)

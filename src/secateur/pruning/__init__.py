@@ -1,0 +1,17 @@
+"""pruning/: decide what goes and apply it, as masks (unstructured) or, later, physical removal."""
+
+from ._api import prune_ as prune_
+from ._masks import MaskSet as MaskSet
+from ._unstructured import Scope as Scope
+from ._unstructured import UnstructuredConfig as UnstructuredConfig
+from ._unstructured import prunable_weights as prunable_weights
+from ._unstructured import unstructured_masks as unstructured_masks
+
+__all__ = [
+    "MaskSet",
+    "Scope",
+    "UnstructuredConfig",
+    "prunable_weights",
+    "prune_",
+    "unstructured_masks",
+]

@@ -1,0 +1,38 @@
+"""``prune_``: the one in-place pruning verb, dispatched on the config's type."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ._masks import MaskSet
+from ._unstructured import UnstructuredConfig, prune_unstructured_
+
+
+def prune_(
+    model: nn.Module,
+    config: Any,
+    *,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> MaskSet:
+    """Prune ``model`` in place as ``config`` says and return what was removed.
+
+    ``example_inputs`` are accepted for every config so that call sites do not change when a
+    method needs them; unstructured magnitude pruning does not.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> masks = prune_(net, UnstructuredConfig(sparsity=0.5))
+        >>> round(masks.sparsity(), 2)
+        0.5
+
+    Raises:
+        ConfigError: for a config type this verb does not know.
+    """
+    if isinstance(config, UnstructuredConfig):
+        return prune_unstructured_(model, config)
+    raise ConfigError(f"prune_ does not know {type(config).__name__}: pass an UnstructuredConfig")

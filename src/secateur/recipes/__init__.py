@@ -1,0 +1,8 @@
+"""recipes/: whole jobs wired from the stages; the same config from Python, CLI or YAML."""
+
+from ._compress import CompressResult as CompressResult
+from ._compress import default_cache_dir as default_cache_dir
+from ._compress import run_compress as run_compress
+from ._compress_config import CompressConfig as CompressConfig
+
+__all__ = ["CompressConfig", "CompressResult", "default_cache_dir", "run_compress"]

@@ -1,0 +1,26 @@
+"""Top-1 accuracy of a classifier on a data split."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import Split
+
+
+def evaluate(model: nn.Module, split: Split, *, batch_size: int = 512) -> float:
+    """Return top-1 accuracy in [0, 1] of ``model`` on ``split``, on the model's device.
+
+    The model is put in eval mode and restored to its previous mode afterwards.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with torch.no_grad():
+            for x, y in split.batches(batch_size, shuffle=False, device=device):
+                correct += int((model(x).argmax(dim=1) == y).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, len(split))

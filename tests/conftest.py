@@ -1,0 +1,33 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from secateur.data import write_idx
+
+
+@pytest.fixture
+def digits_idx_dir(tmp_path: Path) -> Path:
+    """A folder of Fashion-MNIST-style IDX files made from scikit-learn's 1797 8x8 digits.
+
+    Each digit is scaled from 0..16 to 0..255, upscaled 3x to 24x24 and zero-padded to 28x28
+    (grayscale). The first 1500 are the training set, the other 297 the test set. Half the
+    files are gzipped (with a ``.gz`` suffix) so that both storage forms are exercised.
+    """
+    digits = load_digits()
+    small = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    big = np.kron(small, np.ones((1, 3, 3), dtype=np.uint8))
+    images = np.pad(big, ((0, 0), (2, 2), (2, 2)))
+    labels = digits.target.astype(np.uint8)
+    folder = tmp_path / "digits-idx"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte.gz", images[:1500], compress=True)
+    write_idx(folder / "train-labels-idx1-ubyte", labels[:1500])
+    write_idx(folder / "t10k-images-idx3-ubyte", images[1500:])
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels[1500:], compress=True)
+    return folder
