@@ -104,7 +104,9 @@ def test_known_reference_values() -> None:
 
 def test_macs_are_per_sample_whatever_the_batch() -> None:
     model = create_model("lenet5").eval()
-    assert count_macs(model, torch.zeros(1, 1, 28, 28)) == count_macs(model, torch.zeros(7, 1, 28, 28))
+    assert count_macs(model, torch.zeros(1, 1, 28, 28)) == count_macs(
+        model, torch.zeros(7, 1, 28, 28)
+    )
 
 
 def test_grouped_transposed_and_sequence_layers() -> None:
@@ -174,7 +176,9 @@ def test_measure_and_metrics_json_round_trip(tmp_path, digits_idx_dir) -> None:
     data = load_fashion_mnist(digits_idx_dir)
     model = create_model("lenet_300_100")
     path = save_model(model, tmp_path / "m.safetensors")
-    metrics = measure(model, data.example_input, eval_split=data.test, saved_file=path, latency_runs=20)
+    metrics = measure(
+        model, data.example_input, eval_split=data.test, saved_file=path, latency_runs=20
+    )
     assert metrics.disk_bytes == path.stat().st_size
     assert metrics.accuracy is not None and metrics.accuracy.samples == len(data.test)
     assert 0.0 <= metrics.accuracy.top1 <= 1.0

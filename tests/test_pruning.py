@@ -18,7 +18,9 @@ from secateur.pruning import MaskSet, Scope, prunable_weights
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10), nn.ReLU(), nn.Linear(10, 3))
+    return nn.Sequential(
+        nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10), nn.ReLU(), nn.Linear(10, 3)
+    )
 
 
 def zeros_of(model: nn.Module) -> dict[str, int]:
@@ -92,7 +94,9 @@ def test_masks_hold_exactly_through_training(make_optimizer) -> None:
             for name, mask in masks.masks.items():
                 assert torch.all(model.get_parameter(name)[~mask] == 0)
     assert zeros_of(model) == expected
-    assert all(not torch.equal(model.get_parameter(n)[m], kept_before[n]) for n, m in masks.masks.items())
+    assert all(
+        not torch.equal(model.get_parameter(n)[m], kept_before[n]) for n, m in masks.masks.items()
+    )
     masks.make_permanent()
     assert masks.masks == {} and zeros_of(model) == expected
 

@@ -58,8 +58,16 @@ def test_finetune_keeps_pruned_weights_zero_and_recovers(digits) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("epochs", -1), ("batch_size", 0), ("lr", 0.0), ("momentum", 1.0), ("weight_decay", -1e-4),
-     ("schedule", "step"), ("label_smoothing", 1.0), ("seed", -1)],
+    [
+        ("epochs", -1),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("momentum", 1.0),
+        ("weight_decay", -1e-4),
+        ("schedule", "step"),
+        ("label_smoothing", 1.0),
+        ("seed", -1),
+    ],
 )
 def test_train_config_names_the_bad_field(field: str, value) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -91,6 +99,8 @@ def test_train_prune_measure_on_cuda(digits) -> None:
     fit(model, digits, TrainConfig(epochs=1), progress=False)
     masks = prune_(model, UnstructuredConfig(sparsity=0.8))
     finetune(model, digits, TrainConfig(epochs=1), masks, progress=False)
-    metrics = measure(model, digits.example_input.to(device), eval_split=digits.test, latency_runs=20)
+    metrics = measure(
+        model, digits.example_input.to(device), eval_split=digits.test, latency_runs=20
+    )
     assert metrics.latency is not None and metrics.latency.device.startswith("cuda")
     assert metrics.nonzero_params < metrics.params

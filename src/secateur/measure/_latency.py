@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._progress import make_progress
 from ..errors import ConfigError
 from ._metrics import Latency
 
@@ -31,7 +32,12 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_latencies(
-    models: Sequence[nn.Module], example_inputs: Inputs, *, runs: int = 50, warmup: int = 10
+    models: Sequence[nn.Module],
+    example_inputs: Inputs,
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    progress: bool = False,
 ) -> list[Latency]:
     """Time ``model(*example_inputs)`` for each model, interleaved, in eval mode, no grad.
 
@@ -53,8 +59,10 @@ def measure_latencies(
     try:
         for m in models:
             m.eval()
-        with torch.no_grad():
+        with torch.no_grad(), make_progress(enabled=progress) as bar:
+            task = bar.add_task("time latency", total=warmup + runs, status="")
             for i in range(warmup + runs):
+                bar.update(task, advance=1)
                 for k, model in enumerate(models):
                     _sync(device)
                     start = time.perf_counter()

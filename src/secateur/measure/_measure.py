@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data import Split
 from ..training import evaluate
-from ._latency import measure_latency
+from ._latency import measure_latencies
 from ._macs import count_macs
 from ._metrics import Accuracy, Metrics
 from ._params import count_params, layer_sparsity
@@ -27,6 +27,7 @@ def measure(
     latency_runs: int | None = 50,
     latency_warmup: int = 10,
     eval_batch_size: int = 512,
+    progress: bool = False,
 ) -> Metrics:
     """Measure ``model`` on the device its parameters live on.
 
@@ -38,6 +39,7 @@ def measure(
         saved_file: if given, its size in bytes is recorded as ``disk_bytes``.
         latency_runs: timed runs (>= 20) after ``latency_warmup`` untimed ones; ``None`` skips
             timing (to time several models interleaved with ``measure_latencies`` instead).
+        progress: draw progress bars for evaluation and timing.
 
     Returns:
         A :class:`Metrics` in which every figure was measured by this call.
@@ -51,7 +53,7 @@ def measure(
     macs = count_macs(model, example_inputs)
     accuracy = None
     if eval_split is not None:
-        top1 = evaluate(model, eval_split, batch_size=eval_batch_size)
+        top1 = evaluate(model, eval_split, batch_size=eval_batch_size, progress=progress)
         accuracy = Accuracy(top1=top1, samples=len(eval_split), split=split_name)
     return Metrics(
         params=total,
@@ -61,7 +63,9 @@ def measure(
         layers=layer_sparsity(model),
         latency=None
         if latency_runs is None
-        else measure_latency(model, example_inputs, runs=latency_runs, warmup=latency_warmup),
+        else measure_latencies(
+            [model], example_inputs, runs=latency_runs, warmup=latency_warmup, progress=progress
+        )[0],
         disk_bytes=Path(saved_file).stat().st_size if saved_file is not None else None,
         accuracy=accuracy,
     )

@@ -126,10 +126,14 @@ def _baseline(
     return model, source
 
 
-def _measure_saved(model: nn.Module, path: Path, data: DataSplits, device: torch.device) -> Metrics:
+def _measure_saved(
+    model: nn.Module, path: Path, data: DataSplits, device: torch.device, progress: bool
+) -> Metrics:
     """Everything but latency, which is timed for both models together."""
     example = data.example_input.to(device)
-    return measure(model, example, eval_split=data.test, saved_file=path, latency_runs=None)
+    return measure(
+        model, example, eval_split=data.test, saved_file=path, latency_runs=None, progress=progress
+    )
 
 
 def run_compress(config: CompressConfig, *, console: Console | None = None) -> CompressResult:
@@ -154,7 +158,7 @@ def run_compress(config: CompressConfig, *, console: Console | None = None) -> C
     console.print(f"baseline {config.model}: {source}")
     meta = {"data": _data_metadata(data), "recipe": config.to_dict()}
     baseline_path = save_model(baseline, out / "baseline.safetensors", metadata=meta)
-    before = _measure_saved(baseline, baseline_path, data, device)
+    before = _measure_saved(baseline, baseline_path, data, device, config.progress)
 
     pruned = copy.deepcopy(baseline)
     masks = prune_(pruned, config.pruning(), example_inputs=data.example_input.to(device))
@@ -164,9 +168,12 @@ def run_compress(config: CompressConfig, *, console: Console | None = None) -> C
     pruned_path = save_model(
         pruned, out / "pruned.safetensors", metadata={**meta, "pruning": config.pruning().to_dict()}
     )
-    after = _measure_saved(pruned, pruned_path, data, device)
+    after = _measure_saved(pruned, pruned_path, data, device, config.progress)
     lat_before, lat_after = measure_latencies(
-        [baseline, pruned], data.example_input.to(device), runs=config.latency_runs
+        [baseline, pruned],
+        data.example_input.to(device),
+        runs=config.latency_runs,
+        progress=config.progress,
     )
     before, after = before.replace(latency=lat_before), after.replace(latency=lat_after)
     update_metadata(pruned_path, {"metrics": after.to_dict()})
