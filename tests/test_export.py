@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import struct
 from pathlib import Path
@@ -381,6 +382,7 @@ def test_hostile_pickle_is_never_unpickled(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     hostile = {**model.state_dict(), "payload": _TouchOnUnpickle(marker)}
     torch.save(hostile, path)
+    assert path.read_bytes()[:2] == b"PK"  # torch's zip container around a pickle
     _forge_sha(path)
     assert not marker.exists()
 
@@ -439,3 +441,33 @@ def test_failed_manifest_write_leaves_no_temp_file(tmp_path: Path) -> None:
     _no_temp_files(tmp_path)
     # The weights were written, but without a manifest they must not load.
     assert "not a valid JSON manifest" in _load_error(tmp_path / "m.safetensors")
+
+
+# --- regressions -----------------------------------------------------------------------------
+
+
+def test_save_to_a_non_safetensors_path_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"must end in \.safetensors"):
+        save_model(_build("lenet5"), tmp_path / "m.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_keeps_the_existing_artifact_loadable(tmp_path: Path) -> None:
+    model, path = _saved(tmp_path, name="lenet_300_100")
+    other = _build("lenet_300_100")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    with pytest.raises(ConfigError, match="not JSON-serialisable"):
+        save_model(other, path, metadata={"bad": object()})
+    _assert_same_state(model, load_model(path).model)
+
+
+def test_saved_files_honour_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        _, path = _saved(tmp_path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.with_suffix(".json").stat().st_mode & 0o777 == 0o644

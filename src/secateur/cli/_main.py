@@ -27,11 +27,12 @@ def _read_recipe(path: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"recipe {path} is not valid YAML ({first}): fix the file") from None
-    if data is None:
+    section = data.get("compress", data) if isinstance(data, dict) else data
+    if section is None:
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(section, dict):
         raise ConfigError(f"recipe {path} must be a mapping of settings, e.g. 'sparsity: 0.9'")
-    return data.get("compress", data)
+    return section
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> None:

@@ -54,23 +54,31 @@ def save_model(
     ever describes a complete weights file.
 
     Raises:
-        ConfigError: if the model has no ``secateur_spec``.
+        ConfigError: if the model has no ``secateur_spec``, ``path`` does not end in
+            ``.safetensors``, or ``metadata`` is not JSON-serialisable; nothing is written then.
         OutputError: if the folder cannot be written.
     """
     spec = getattr(model, "secateur_spec", None)
     if spec is None:
         raise ConfigError("model has no secateur_spec: build it with secateur.zoo.create_model")
+    weights = Path(path)
+    if weights.suffix != ".safetensors":
+        raise ConfigError(f"cannot save to {weights}: the weights path must end in .safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save_safetensors_bytes(tensors)
-    weights = Path(path)
     manifest = {
         "format": MANIFEST_FORMAT,
         "model": spec,
         "sha256": hashlib.sha256(blob).hexdigest(),
         "metadata": metadata or {},
     }
+    # serialise before writing anything, so a bad metadata value cannot orphan new weights
+    try:
+        manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"metadata is not JSON-serialisable ({exc}): pass plain values") from None
     atomic_write_bytes(weights, blob)
-    atomic_write_text(manifest_path_for(weights), json.dumps(manifest, indent=2, sort_keys=True))
+    atomic_write_text(manifest_path_for(weights), manifest_text)
     return weights
 
 
@@ -83,7 +91,8 @@ def update_metadata(path: str | os.PathLike[str], metadata: dict[str, Any]) -> N
     """
     manifest_file = manifest_path_for(path)
     manifest = _read_manifest(manifest_file)
-    manifest["metadata"] = {**manifest.get("metadata", {}), **metadata}
+    old = manifest.get("metadata")
+    manifest["metadata"] = {**(old if isinstance(old, dict) else {}), **metadata}
     atomic_write_text(manifest_file, json.dumps(manifest, indent=2, sort_keys=True))
 
 
