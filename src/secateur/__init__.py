@@ -24,6 +24,7 @@ from .measure import Metrics as Metrics
 from .measure import measure as measure
 from .pruning import MaskSet as MaskSet
 from .pruning import Scope as Scope
+from .pruning import StructuredConfig as StructuredConfig
 from .pruning import UnstructuredConfig as UnstructuredConfig
 from .pruning import prune_ as prune_
 from .zoo import create_model as create_model
@@ -40,6 +41,7 @@ __all__ = [
     "OutputError",
     "Scope",
     "SecateurError",
+    "StructuredConfig",
     "UnstructuredConfig",
     "create_model",
     "list_models",

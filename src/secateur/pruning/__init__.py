@@ -2,6 +2,8 @@
 
 from ._api import prune_ as prune_
 from ._masks import MaskSet as MaskSet
+from ._structured import StructuredConfig as StructuredConfig
+from ._structured import StructuredResult as StructuredResult
 from ._unstructured import Scope as Scope
 from ._unstructured import UnstructuredConfig as UnstructuredConfig
 from ._unstructured import prunable_weights as prunable_weights
@@ -10,6 +12,8 @@ from ._unstructured import unstructured_masks as unstructured_masks
 __all__ = [
     "MaskSet",
     "Scope",
+    "StructuredConfig",
+    "StructuredResult",
     "UnstructuredConfig",
     "prunable_weights",
     "prune_",

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ._masks import MaskSet
+from ._structured import StructuredConfig, StructuredResult, prune_structured_
 from ._unstructured import UnstructuredConfig, prune_unstructured_
 
 
@@ -18,11 +19,12 @@ def prune_(
     config: Any,
     *,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
-) -> MaskSet:
+) -> MaskSet | StructuredResult:
     """Prune ``model`` in place as ``config`` says and return what was removed.
 
-    ``example_inputs`` are accepted for every config so that call sites do not change when a
-    method needs them; unstructured magnitude pruning does not.
+    ``UnstructuredConfig`` zeros weights and returns their :class:`MaskSet`;
+    ``StructuredConfig`` traces the model on ``example_inputs`` (required), physically removes
+    channels and returns a :class:`StructuredResult`.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -35,4 +37,8 @@ def prune_(
     """
     if isinstance(config, UnstructuredConfig):
         return prune_unstructured_(model, config)
-    raise ConfigError(f"prune_ does not know {type(config).__name__}: pass an UnstructuredConfig")
+    if isinstance(config, StructuredConfig):
+        return prune_structured_(model, config, example_inputs)
+    raise ConfigError(
+        f"prune_ does not know {type(config).__name__}: pass an UnstructuredConfig or StructuredConfig"
+    )
