@@ -236,3 +236,31 @@ def test_ignore_leaves_groups_whole() -> None:
     )
     assert model.fc2.out_features == 100  # fc3 reads this group, so it stays whole
     assert model.fc1.out_features == 150
+
+
+def test_resnet50_pruned_is_smaller_faster_and_reloads(tmp_path) -> None:
+    from secateur import load_model, save_model
+    from secateur.measure import count_params, measure_latencies
+
+    model = create_model("torchvision.resnet50", num_classes=10).eval()
+    dense = copy.deepcopy(model)
+    x = torch.randn(1, 3, 64, 64)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert count_params(model)[0] < 0.35 * count_params(dense)[0]
+    assert count_macs(model, x).dense < 0.35 * count_macs(dense, x).dense
+    fast, slow = measure_latencies([model, dense], x, runs=20, warmup=3)
+    assert fast.median_ms < slow.median_ms
+    path = save_model(model, tmp_path / "r50.safetensors")
+    assert path.stat().st_size < 0.4 * sum(p.numel() * 4 for p in dense.parameters())
+    restored = load_model(path).model
+    assert restored.layer1[0].conv1.out_channels == model.layer1[0].conv1.out_channels
+    assert torch.equal(restored(x), model(x))
+
+
+def test_torchvision_names_build_without_downloads() -> None:
+    model = create_model("torchvision.mobilenet_v2", num_classes=7)
+    assert model.secateur_spec == {"name": "torchvision.mobilenet_v2", "kwargs": {"num_classes": 7}}
+    with pytest.raises(ConfigError, match="never downloaded"):
+        create_model("torchvision.resnet18", weights="DEFAULT")
+    with pytest.raises(ConfigError, match="unknown torchvision classifier"):
+        create_model("torchvision.nosuchnet")

@@ -5,8 +5,9 @@ Layout for ``save_model(model, "out/pruned.safetensors")``:
 * ``out/pruned.safetensors``: every state-dict tensor, dense (zeros included);
 * ``out/pruned.json``: ``{"format", "model": {"name", "kwargs"}, "sha256", "metadata"}``.
 
-The model is rebuilt from the zoo by name and keyword arguments, then its state is loaded
-strictly, so the round trip is exact. The manifest's SHA-256 of the weights file catches a
+The model is rebuilt from the zoo by name and keyword arguments, its Conv/Linear/norm/Embedding
+modules are resized to the widths the saved tensors have (so structurally pruned models reload),
+then its state is loaded strictly, so the round trip is exact. The manifest's SHA-256 of the weights file catches a
 truncated, corrupt or swapped file before anything is parsed.
 """
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from .._atomic import atomic_write_bytes, atomic_write_text
 from ..errors import ArtifactError, ConfigError
+from ..pruning._surgery import resize_to_state_
 from ..zoo import create_model
 
 MANIFEST_FORMAT = "secateur.model/1"
@@ -145,8 +147,9 @@ def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> LoadedMo
             f"checkpoint {weights} names a model secateur cannot build: {exc}"
         ) from None
     try:
+        resize_to_state_(model, tensors)  # structurally pruned widths come from the tensors
         model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(
             f"checkpoint {weights} does not fit its model ({first}): {_FIX}"

@@ -112,10 +112,43 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         >>> model.secateur_spec["kwargs"]
         {'in_channels': 1, 'num_classes': 10, 'image_size': 28}
     """
+    if name.startswith(TORCHVISION_PREFIX):
+        return _torchvision_model(name, kwargs)
     factory = _REGISTRY.get(name)
     if factory is None:
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(list_models())}")
+        raise ConfigError(
+            f"unknown model {name!r}: choose one of {', '.join(list_models())} "
+            f"or {TORCHVISION_PREFIX}<name> (with the vision extra)"
+        )
     return factory(**kwargs)
+
+
+TORCHVISION_PREFIX = "torchvision."
+
+
+def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A torchvision architecture built from its config with random weights (never downloaded)."""
+    try:
+        import torchvision
+    except ImportError:
+        raise ConfigError(
+            f"model {name!r} needs torchvision: pip install 'secateur[vision]'"
+        ) from None
+    arch = name[len(TORCHVISION_PREFIX) :]
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"unknown torchvision classifier {arch!r}: see torchvision.models.list_models()"
+        )
+    if "weights" in kwargs:
+        raise ConfigError(
+            "torchvision weights are never downloaded: load your own state dict instead"
+        )
+    try:
+        model = torchvision.models.get_model(arch, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad option for {name}: {exc}") from None
+    model.secateur_spec = {"name": name, "kwargs": {k: _plain(v) for k, v in kwargs.items()}}
+    return model
 
 
 def check_positive_int(option: str, value: Any, hint: str) -> int:
