@@ -10,12 +10,11 @@ from torch import nn
 
 from secateur import StructuredConfig, create_model, list_models, prune_
 from secateur.errors import ConfigError
-from secateur.graph import ROLE_SLICES, Group, build_dependency_graph
+from secateur.graph import build_dependency_graph
 from secateur.measure import count_macs
 from secateur.pruning._structured import units_to_keep
 from secateur.pruning._surgery import remove_units_
-
-PRODUCERS = {"conv_out", "linear_out", "convT_out", "depthwise", "norm", "embedding"}
+from structured_helpers import random_units, randomise_norms, silence_
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -40,37 +39,6 @@ def zoo_cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
 def tv_case(name: str) -> tuple[str, nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     return name, getattr(torchvision.models, name)(num_classes=10), torch.randn(1, 3, 64, 64)
-
-
-def randomise_norms(model: nn.Module) -> None:
-    """Non-trivial BN statistics, so that wrongly kept or dropped stats would show."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
-@torch.no_grad()
-def silence_(model: nn.Module, group: Group, units: torch.Tensor) -> None:
-    """Give ``units`` of ``group`` zero influence: every producer writes exactly 0 there."""
-    for member in group.members:
-        if member.role not in PRODUCERS:
-            continue
-        module = model.get_submodule(member.module_name)
-        idx = group.feature_indices(member, units)
-        for name, dim in ROLE_SLICES[member.role]:
-            tensor = getattr(module, name, None)
-            if name in ("weight", "bias") and tensor is not None:
-                tensor.index_fill_(dim, idx, 0.0)
-
-
-def random_units(group: Group, gen: torch.Generator) -> torch.Tensor:
-    count = int(torch.randint(1, max(2, group.size // 2 + 1), (1,), generator=gen))
-    return torch.randperm(group.size, generator=gen)[: min(count, group.size - 1)]
 
 
 @pytest.mark.parametrize(
