@@ -1,6 +1,6 @@
 """secateur: make trained PyTorch networks smaller and faster, and prove it with measurements.
 
-The flow, one way: data/zoo (inputs) → importance → pruning → recovery → export → measure →
+The flow, one way: data/zoo (inputs) → graph → importance → pruning → recovery → export → measure →
 report, with recipes/ and cli/ wiring them together. ``training/`` is the shared loop below it all.
 
 Example:
