@@ -232,3 +232,30 @@ def test_torchvision_names_build_without_downloads() -> None:
         create_model("torchvision.resnet18", weights="DEFAULT")
     with pytest.raises(ConfigError, match="unknown torchvision classifier"):
         create_model("torchvision.nosuchnet")
+
+
+class Transposed(nn.Module):
+    """Token-major MLP: transposes/permutes keep the feature axis traceable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, F, T)
+        h = self.a(x.transpose(1, 2)).relu()  # (B, T, 12)
+        h = h.permute(0, 2, 1).transpose(dim0=1, dim1=2)  # back to (B, T, 12)
+        h = torch.movedim(h, 0, 1).movedim(1, 0)  # no rule: blocks the 12-wide space
+        return self.b(h).mean(dim=1)
+
+
+def test_transposes_are_followed_and_movedim_blocks() -> None:
+    model = Transposed()
+    graph = build_dependency_graph(model, torch.randn(2, 6, 5))
+    assert graph.groups == ()
+    assert any("movedim" in reason for _, reason in graph.blocked)
+    model.forward = lambda x: model.b(
+        model.a(x.transpose(1, 2)).relu().permute(0, 2, 1).transpose(1, 2)
+    ).mean(dim=1)
+    (group,) = build_dependency_graph(model, torch.randn(2, 6, 5)).groups
+    assert group.module_names() == ["a", "b"]

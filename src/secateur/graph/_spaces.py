@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -87,17 +85,9 @@ class SpaceTable:
             self.members[seg.space].append(Member(module_name, role, offset, seg.factor))
             offset += self.sizes[seg.space] * seg.factor
 
-    def layout_size(self, layout: Layout) -> int:
-        return sum(self.sizes[s.space] * s.factor for s in layout)
-
     def root_blocked(self, root: int) -> str | None:
         """Reason the united space at ``root`` cannot be pruned, if any member space is blocked."""
         for idx, reason in self.blocked.items():
             if self.find(idx) == root:
                 return reason
         return None
-
-
-def module_types_summary(model: nn.Module) -> dict[str, str]:
-    """``{name: type}`` of every submodule, for messages."""
-    return {name: type(m).__name__ for name, m in model.named_modules()}

@@ -124,10 +124,9 @@ _CAT = {"cat", "concat", "concatenate"}
 
 @dataclass
 class Trace:
-    """What one forward pass showed: spaces, their members, and the model's modules by name."""
+    """What one forward pass showed: channel spaces and the module slices that use them."""
 
     table: SpaceTable
-    modules: dict[str, nn.Module]
 
 
 def _name(func: Any) -> str:
@@ -265,15 +264,17 @@ class _Tracer(TorchFunctionMode):
     def permute(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
         nd = x.dim()
         if name == "permute":
-            order = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]
+            order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            order = kwargs.get("dims", order)
             order = [int(o) % nd for o in order]
             self.set(out, layout, order.index(dim))
             return True
-        a, b = (
-            int(v) % nd for v in (list(args[1:3]) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2]
-        )
         if name == "movedim":
+            return False  # rarely on a channel axis; block rather than guess
+        pair = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
+        if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
             return False
+        a, b = (v % nd for v in pair)
         self.set(out, layout, b if dim == a else a if dim == b else dim)
         return True
 
@@ -422,4 +423,4 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         info = tracer.info(t)
         if info is not None:
             tracer.table.block_layout(info[0], "model output")
-    return Trace(tracer.table, dict(model.named_modules()))
+    return Trace(tracer.table)
