@@ -89,8 +89,6 @@ _POINTWISE = {
     "interpolate",
     "upsample",
     "pixel_unshuffle",
-    "_max_pool2d",
-    "boolean_dispatch",
 }
 _BINARY = {
     "add",
