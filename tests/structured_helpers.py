@@ -5,9 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from secateur.graph import ROLE_SLICES, Group
+from secateur.graph import Group, member_slices
 
-PRODUCERS = {"conv_out", "linear_out", "convT_out", "depthwise", "norm", "embedding"}
+PRODUCERS = {
+    "conv_out",
+    "linear_out",
+    "conv1d_out",
+    "convT_out",
+    "grouped_out",
+    "depthwise",
+    "norm",
+    "layernorm",
+    "groupnorm",
+    "embedding",
+    "param",
+}
 
 
 def randomise_norms(model: nn.Module) -> None:
@@ -30,9 +42,9 @@ def silence_(model: nn.Module, group: Group, units: torch.Tensor) -> None:
             continue
         module = model.get_submodule(member.module_name)
         idx = group.feature_indices(member, units)
-        for name, dim in ROLE_SLICES[member.role]:
+        for name, dim in member_slices(member):
             tensor = getattr(module, name, None)
-            if name in ("weight", "bias") and tensor is not None:
+            if tensor is not None and (name in ("weight", "bias") or member.role == "param"):
                 tensor.index_fill_(dim, idx, 0.0)
 
 

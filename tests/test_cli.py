@@ -15,9 +15,13 @@ import pytest
 import torch
 from torch import nn
 
+import secateur.recipes._compress as compress_module
 from secateur import create_model, load_model, save_model
 from secateur.cli._main import main
+from secateur.errors import ConfigError
+from secateur.pruning import StructuredConfig, UnstructuredConfig
 from secateur.pruning._unstructured import PRUNABLE_TYPES
+from secateur.recipes import CompressConfig, CompressMethod
 
 OUTPUT_FILES = [
     "baseline.json",
@@ -236,6 +240,124 @@ def test_flat_recipe_without_compress_key_is_read(
     assert not out.exists()
 
 
+# --- structured -------------------------------------------------------------------------------
+
+
+def _linear_widths(model: nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def test_compress_structured_end_to_end(
+    tmp_path: Path,
+    digits_idx_dir: Path,
+    cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Keep a handle on the very module objects the job saves, to compare them with the reload.
+    saved: dict[str, nn.Module] = {}
+    real_save = compress_module.save_model
+
+    def spy(model: nn.Module, path: Any, **kwargs: Any) -> Path:
+        saved[Path(path).name] = model
+        return real_save(model, path, **kwargs)
+
+    monkeypatch.setattr(compress_module, "save_model", spy)
+    out = tmp_path / "out"
+    argv = [
+        *_base(digits_idx_dir, out),
+        *("--epochs", "2", "--finetune-epochs", "1", "--method", "structured", "--ratio", "0.5"),
+    ]
+
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "Traceback" not in captured.out
+    words = _words(captured.out)
+    assert "pruning method: structured" in words
+    # lenet_300_100: the fc1 and fc2 output groups (300 and 100 units) lose half each; fc1's
+    # input and fc3's output are the model's input and output and stay whole.
+    assert "removed 200 of 400 channels/neurons in 2 group(s)" in words
+    assert "fc1 (model input)" in words and "fc3 (model output)" in words
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
+
+    pruned_path = out / "pruned.safetensors"
+    loaded = load_model(pruned_path)
+    assert _linear_widths(loaded.model) == [(784, 150), (150, 50), (50, 10)]
+    params = sum(p.numel() for p in loaded.model.parameters())
+    assert params == 784 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10 == 125_810
+
+    meta = loaded.metadata
+    metrics = meta["metrics"]
+    base_metrics = _manifest(out / "baseline.json")["metadata"]["metrics"]
+    assert base_metrics["params"] == 266_610
+    assert metrics["params"] == params < base_metrics["params"]
+    assert metrics["macs"] == 784 * 150 + 150 * 50 + 50 * 10 < base_metrics["macs"] == 266_200
+    assert metrics["disk_bytes"] == pruned_path.stat().st_size < base_metrics["disk_bytes"]
+    assert metrics["accuracy"]["samples"] == 297
+    assert metrics["latency"]["runs"] == 20
+    assert meta["recipe"]["method"] == "structured"
+    assert meta["recipe"]["ratio"] == 0.5
+    assert StructuredConfig.from_dict(meta["pruning"]) == StructuredConfig(ratio=0.5)
+
+    # The reloaded file computes exactly what the pruned model in memory computed.
+    in_memory = saved["pruned.safetensors"].cpu().eval()
+    assert in_memory is not loaded.model
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval()(x), in_memory(x))
+
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert _report_row(report, "method")[1] == "structured"
+    assert "ratio 0.5 of each channel group" in _report_row(report, "pruning")[1]
+    assert _report_row(report, "parameters")[1:3] == ["266,610", "125,810"]
+    assert _report_row(report, "MACs (dense kernels)")[1:3] == ["266,200", "125,600"]
+    disk = [f"{base_metrics['disk_bytes']:,} B", f"{metrics['disk_bytes']:,} B"]
+    assert _report_row(report, "weights file on disk")[1:3] == disk
+    assert f"is {disk[1]} against {disk[0]} for the baseline" in report
+    lat = [f"{m['latency']['median_ms']:.3f} ms" for m in (metrics, base_metrics)]
+    assert f"median latency is {lat[0]} against {lat[1]}" in report
+    assert _report_row(report, "latency, median")[1:3] == lat[::-1]
+    assert "does not make this file smaller" not in report
+
+
+def test_structured_yaml_recipe_with_round_to_and_flag_override(
+    tmp_path: Path, digits_idx_dir: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "compress:\n  method: structured\n  ratio: 0.5\n  round_to: 8\n  limit: 600\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    assert main(_base(digits_idx_dir, out, "--recipe", str(recipe), "--ratio", "0.25")) == 0
+    assert capsys.readouterr().err == ""
+
+    loaded = load_model(out / "pruned.safetensors")
+    # 300 units - 25% = 225 -> 224 and 100 - 25% = 75 -> 72, multiples of 8.
+    assert _linear_widths(loaded.model) == [(784, 224), (224, 72), (72, 10)]
+    meta = loaded.metadata
+    # The flag's ratio wins over the recipe's.
+    assert StructuredConfig.from_dict(meta["pruning"]) == StructuredConfig(ratio=0.25, round_to=8)
+    assert (meta["recipe"]["method"], meta["recipe"]["limit"]) == ("structured", 600)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "widths rounded down to multiples of 8" in _report_row(report, "pruning")[1]
+
+
+def test_compress_config_method() -> None:
+    default = CompressConfig()
+    assert default.method is CompressMethod.UNSTRUCTURED
+    assert isinstance(default.pruning(), UnstructuredConfig)
+    config = CompressConfig(method="structured", ratio=0.3, round_to=4)
+    assert config.method is CompressMethod.STRUCTURED
+    assert config.pruning() == StructuredConfig(ratio=0.3, round_to=4)
+    assert CompressConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="method='channels' is not allowed"):
+        CompressConfig(method="channels")
+    with pytest.raises(ConfigError, match="round_to=0"):
+        CompressConfig(method="structured", round_to=0)
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 Case = Callable[[Path, Path], tuple[list[str], Path]]
@@ -331,6 +453,16 @@ def _recipe(text: str) -> Case:
     return build
 
 
+def _recipe_and_flags(text: str, *extra: str) -> Case:
+    def build(tmp: Path, data: Path) -> tuple[list[str], Path]:
+        recipe = tmp / "recipe.yaml"
+        recipe.write_text(text, encoding="utf-8")
+        out = tmp / "out"
+        return _base(data, out, "--recipe", str(recipe), *extra), out
+
+    return build
+
+
 def _missing_recipe(tmp: Path, data: Path) -> tuple[list[str], Path]:
     out = tmp / "out"
     return _base(data, out, "--recipe", str(tmp / "nope.yaml")), out
@@ -373,6 +505,58 @@ BAD_INPUT: list[Any] = [
     pytest.param(_flag("--latency-runs", "5"), ["latency_runs=5"], id="latency-runs-5"),
     pytest.param(_flag("--limit", "3"), ["limit=3"], id="limit-too-small"),
     pytest.param(_flag("--device", "tpu"), ["tpu"], id="unknown-device"),
+    pytest.param(
+        _flag("--method", "structured", "--ratio", "1.0"), ["ratio=1.0", "[0, 1)"], id="ratio-1"
+    ),
+    pytest.param(_flag("--method", "structured", "--ratio", "nan"), ["ratio=nan"], id="ratio-nan"),
+    pytest.param(
+        _flag("--method", "structured", "--round-to", "0"), ["round_to=0"], id="round-to-0"
+    ),
+    pytest.param(
+        _flag("--method", "structured", "--sparsity", "0.5"),
+        ["--sparsity applies to --method unstructured only", "--ratio"],
+        id="sparsity-with-structured",
+    ),
+    pytest.param(
+        _flag("--method", "structured", "--scope", "layer"),
+        ["--scope applies to --method unstructured only"],
+        id="scope-with-structured",
+    ),
+    pytest.param(
+        _flag("--ratio", "0.3"),
+        ["--ratio applies to --method structured only", "--sparsity"],
+        id="ratio-with-unstructured",
+    ),
+    pytest.param(
+        _flag("--method", "unstructured", "--round-to", "8"),
+        ["--round-to applies to --method structured only"],
+        id="round-to-with-unstructured",
+    ),
+    pytest.param(
+        _recipe("compress:\n  method: pruned\n"),
+        ["method='pruned'", "unstructured, structured"],
+        id="yaml-unknown-method",
+    ),
+    pytest.param(
+        _recipe("compress:\n  method: structured\n  round_to: 2.5\n"),
+        ["round_to=2.5"],
+        id="yaml-round-to-float",
+    ),
+    pytest.param(
+        _recipe("compress:\n  method: structured\n  sparsity: 0.5\n"),
+        ["'sparsity'", "method unstructured only", "set method: unstructured"],
+        id="yaml-sparsity-with-structured",
+    ),
+    pytest.param(
+        _recipe("compress:\n  ratio: 0.5\n"),
+        ["'ratio'", "method structured only", "set method: structured"],
+        id="yaml-ratio-with-unstructured",
+    ),
+    pytest.param(
+        _recipe_and_flags("compress:\n  sparsity: 0.5\n", "--method", "structured"),
+        ["'sparsity'", "drop --method structured"],
+        id="yaml-sparsity-with-method-flag",
+    ),
     pytest.param(
         _flag("--device", "cuda"),
         ["CUDA is not available"],
@@ -427,6 +611,26 @@ def test_argparse_type_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid float value: 'lots'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--method", "pruned"], "invalid choice: 'pruned'"),
+        (["--ratio", "half"], "invalid float value: 'half'"),
+        (["--round-to", "2.5"], "invalid int value: '2.5'"),
+    ],
+    ids=["method", "ratio", "round-to"],
+)
+def test_argparse_rejects_bad_structured_flags(
+    capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["compress", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err
     assert "Traceback" not in err
 
 

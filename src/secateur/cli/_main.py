@@ -13,7 +13,13 @@ from rich.console import Console
 
 from ..errors import ConfigError, SecateurError
 from ..importance import list_criteria
-from ..recipes import CompressConfig, run_compress
+from ..recipes import (
+    STRUCTURED_ONLY,
+    UNSTRUCTURED_ONLY,
+    CompressConfig,
+    CompressMethod,
+    run_compress,
+)
 from ..zoo import list_models
 
 
@@ -40,7 +46,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         "compress",
         help="train or load a baseline, prune, fine-tune, measure, save and report",
         description="With no options: train LeNet-5 on Fashion-MNIST (or reuse a cached one), "
-        "prune 85%% of its weights by global magnitude, fine-tune, and report before/after.",
+        "prune 85%% of its weights by global magnitude, fine-tune, and report before/after. "
+        "--method structured removes whole channels instead (--ratio, --round-to), so the model "
+        "itself gets smaller; --sparsity, --scope and --criterion apply only to unstructured.",
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument(
@@ -49,10 +57,35 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help=f"zoo model: {', '.join(list_models())} (default lenet5)")
     p.add_argument("--data", metavar="DIR", help="folder holding the four Fashion-MNIST IDX files")
     p.add_argument(
-        "--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (default 0.85)"
+        "--method",
+        choices=[m.value for m in CompressMethod],
+        help="zero single weights, or remove whole channels/neurons (default unstructured)",
     )
-    p.add_argument("--scope", choices=["global", "layer"], help="threshold scope (default global)")
-    p.add_argument("--criterion", help=f"importance criterion: {', '.join(list_criteria())}")
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        help="unstructured: fraction of weights to zero, in [0, 1) (default 0.85)",
+    )
+    p.add_argument(
+        "--scope",
+        choices=["global", "layer"],
+        help="unstructured: threshold scope (default global)",
+    )
+    p.add_argument(
+        "--criterion", help=f"unstructured: importance criterion: {', '.join(list_criteria())}"
+    )
+    p.add_argument(
+        "--ratio",
+        type=float,
+        help="structured: fraction of each channel group to remove, in [0, 1) (default 0.5)",
+    )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        dest="round_to",
+        metavar="N",
+        help="structured: keep each group's width a multiple of N (default 1)",
+    )
     p.add_argument("--epochs", type=int, help="baseline training epochs (default 8)")
     p.add_argument("--finetune-epochs", type=int, dest="finetune_epochs", help="(default 5)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="(default 128)")
@@ -89,12 +122,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _check_method_settings(
+    method: CompressMethod, flags: dict[str, Any], recipe: dict[str, Any], recipe_path: str | None
+) -> None:
+    """Reject a setting given for the method that is not running, rather than ignore it."""
+    if method is CompressMethod.STRUCTURED:
+        other, hint = "unstructured", "--ratio and --round-to"
+        misplaced = UNSTRUCTURED_ONLY
+    else:
+        other, hint = "structured", "--sparsity, --scope and --criterion"
+        misplaced = STRUCTURED_ONLY
+    for key in misplaced:
+        if key in flags:
+            raise ConfigError(
+                f"{_flag(key)} applies to --method {other} only: with --method {method.value} "
+                f"use {hint}, or pass --method {other}"
+            )
+    for key in misplaced:
+        if key in recipe:
+            if "method" in flags:
+                fix = f"remove '{key}' from the recipe or drop --method {method.value}"
+            else:
+                fix = f"remove '{key}' or set method: {other}"
+            raise ConfigError(
+                f"recipe {recipe_path} sets '{key}', which applies to method {other} only, but the "
+                f"method is {method.value}: {fix}"
+            )
+
+
 def _compress(args: argparse.Namespace, console: Console) -> int:
     settings = vars(args).copy()
     settings.pop("command")
-    recipe = settings.pop("recipe", None)
-    merged = {**(_read_recipe(recipe) if recipe else {}), **settings}
-    run_compress(CompressConfig.from_dict(merged), console=console)
+    recipe_path = settings.pop("recipe", None)
+    recipe = _read_recipe(recipe_path) if recipe_path else {}
+    config = CompressConfig.from_dict({**recipe, **settings})
+    _check_method_settings(config.method, settings, recipe, recipe_path)
+    run_compress(config, console=console)
     return 0
 
 

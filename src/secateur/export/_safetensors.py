@@ -3,9 +3,12 @@
 Layout for ``save_model(model, "out/pruned.safetensors")``:
 
 * ``out/pruned.safetensors``: every state-dict tensor, dense (zeros included);
-* ``out/pruned.json``: ``{"format", "model": {"name", "kwargs"}, "sha256", "metadata"}``.
+* ``out/pruned.json``: ``{"format", "model": {"name", "kwargs"}, "sha256", "metadata"}``, plus
+  ``"edits"`` when the architecture was changed beyond widths, e.g.
+  ``"edits": {"skipped": ["layer1.2"]}`` for blocks that depth pruning replaced by ``Skip``.
 
-The model is rebuilt from the zoo by name and keyword arguments, its Conv/Linear/norm/Embedding
+The model is rebuilt from the zoo by name and keyword arguments, its edits are replayed (each
+kind of edit is one entry of ``_EDITS``), its Conv/Linear/norm/Embedding
 modules are resized to the widths the saved tensors have (so structurally pruned models reload),
 then its state is loaded strictly, so the round trip is exact. The manifest's SHA-256 of the weights file catches a
 truncated, corrupt or swapped file before anything is parsed.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from torch import nn
 
 from .._atomic import atomic_write_bytes, atomic_write_text
 from ..errors import ArtifactError, ConfigError
+from ..pruning._depth import replace_with_skip_, skipped_modules
 from ..pruning._surgery import resize_to_state_
 from ..zoo import create_model
 
@@ -40,6 +45,48 @@ class LoadedModel:
     metadata: dict[str, Any]
     manifest_path: Path
     weights_path: Path
+
+
+def _apply_skipped(model: nn.Module, names: Any) -> None:
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("'skipped' must be a list of module names")
+    for name in names:
+        try:
+            replace_with_skip_(model, name)
+        except KeyError:
+            raise ValueError(f"skipped module {name!r} does not exist in the model") from None
+
+
+# kind of edit -> (what a model holds of it, JSON-able and falsy when none; how to replay it)
+_EDITS: dict[str, tuple[Callable[[nn.Module], Any], Callable[[nn.Module, Any], None]]] = {
+    "skipped": (skipped_modules, _apply_skipped),
+}
+
+
+def model_edits(model: nn.Module) -> dict[str, Any]:
+    """The manifest's ``"edits"`` section for ``model``: only the kinds it holds."""
+    edits = {}
+    for kind, (collect, _) in _EDITS.items():
+        value = collect(model)
+        if value:
+            edits[kind] = value
+    return edits
+
+
+def apply_edits_(model: nn.Module, edits: Any) -> None:
+    """Replay a manifest's ``"edits"`` on a freshly built ``model``, in place.
+
+    Raises:
+        ValueError: ``edits`` is not a mapping, names an unknown kind, or a value does not fit.
+    """
+    if not isinstance(edits, dict):
+        raise ValueError("'edits' must be a mapping")
+    unknown = sorted(set(edits) - set(_EDITS))
+    if unknown:
+        raise ValueError(f"unknown edit(s) {', '.join(unknown)} (a newer secateur wrote it?)")
+    for kind, (_, apply) in _EDITS.items():
+        if kind in edits:
+            apply(model, edits[kind])
 
 
 def manifest_path_for(weights_path: str | os.PathLike[str]) -> Path:
@@ -74,6 +121,9 @@ def save_model(
         "sha256": hashlib.sha256(blob).hexdigest(),
         "metadata": metadata or {},
     }
+    edits = model_edits(model)
+    if edits:
+        manifest["edits"] = edits
     # serialise before writing anything, so a bad metadata value cannot orphan new weights
     try:
         manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
@@ -146,6 +196,10 @@ def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> LoadedMo
         raise ArtifactError(
             f"checkpoint {weights} names a model secateur cannot build: {exc}"
         ) from None
+    try:
+        apply_edits_(model, manifest.get("edits", {}))
+    except ValueError as exc:
+        raise ArtifactError(f"checkpoint {weights} has a bad manifest ({exc}): {_FIX}") from None
     try:
         resize_to_state_(model, tensors)  # structurally pruned widths come from the tensors
         model.load_state_dict(tensors, strict=True)

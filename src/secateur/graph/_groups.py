@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,22 +18,42 @@ ROLE_SLICES: dict[str, tuple[tuple[str, int], ...]] = {
     "conv_in": (("weight", 1),),
     "linear_out": (("weight", 0), ("bias", 0)),
     "linear_in": (("weight", 1),),
+    "conv1d_out": (("weight", 1), ("bias", 0)),  # HF Conv1D keeps its weight as (in, out)
+    "conv1d_in": (("weight", 0),),
     "convT_out": (("weight", 1), ("bias", 0)),
     "convT_in": (("weight", 0),),
+    "grouped_out": (("weight", 0), ("bias", 0)),
+    "grouped_in": (),  # a grouped conv's weight holds only its group's inputs
     "depthwise": (("weight", 0), ("bias", 0)),
     "norm": (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)),
+    "layernorm": (("weight", 0), ("bias", 0)),
+    "groupnorm": (("weight", 0), ("bias", 0)),
     "embedding": (("weight", 1),),
 }
-ORIGINS = {"conv_out", "linear_out", "convT_out", "embedding"}
+ORIGINS = {"conv_out", "linear_out", "conv1d_out", "convT_out", "grouped_out", "embedding"}
+KINDS = ("channel", "head", "hidden")
+
+
+def member_slices(member: Member) -> tuple[tuple[str, int], ...]:
+    """``(tensor name, dim)`` pairs that ``member`` slices in its module."""
+    if member.role == "param":
+        return ((member.tensor, member.dim),)
+    return ROLE_SLICES[member.role]
 
 
 @dataclass(frozen=True)
 class Group:
     """``size`` channel units shared by ``members``; unit ``i`` of a member lives at features
-    ``offset + i * factor + k`` (``k < factor``) of the member's sliced dims."""
+    ``offset + i * factor + k`` (``k < factor``) of the member's sliced dims.
+
+    ``kind`` is ``head`` for attention heads, ``hidden`` for channels whose statistics a norm or
+    a reduction pools (a transformer's hidden size: removing them changes those statistics, so
+    outputs move even for silent channels), and ``channel`` for neurons, filters and FFN width.
+    """
 
     size: int
     members: tuple[Member, ...]
+    kind: str = "channel"
 
     def feature_indices(self, member: Member, units: torch.Tensor) -> torch.Tensor:
         """Indices along ``member``'s sliced dims of the given ``units`` (a 1-D long tensor)."""
@@ -44,22 +65,38 @@ class Group:
 
 
 @dataclass(frozen=True)
+class WidthAttribute:
+    """A module attribute that equals a prunable width (GPT-2's ``split_size``, a head count
+    used in a ``view``). Its new value is ``sum(width(term) * factor)`` over ``terms``, where a
+    term is ``(group index or None, units, factor)`` and ``None`` means a fixed ``units``."""
+
+    module_name: str
+    value: int
+    terms: tuple[tuple[int | None, int, int], ...]
+
+    def new_value(self, kept: Mapping[int, int]) -> int:
+        return sum((kept.get(g, n) if g is not None else n) * f for g, n, f in self.terms)
+
+
+@dataclass(frozen=True)
 class DependencyGraph:
-    """Prunable groups of a model, and the reasons other channel spaces were left alone."""
+    """Prunable groups of a model, the reasons other channel spaces were left alone, and the
+    module attributes that must follow the new widths."""
 
     groups: tuple[Group, ...]
     blocked: tuple[tuple[str, str], ...]  # (module names, reason)
+    attributes: tuple[WidthAttribute, ...] = ()
 
 
-def build_dependency_graph(
-    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
-) -> DependencyGraph:
+def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and return its prunable channel groups.
 
     A group is every module slice that must lose the same channel indices together: the layers
     writing a space (conv/linear outputs, norms, depthwise convs, all residual operands) and the
-    layers reading it, through flatten expansions and concat offsets. Spaces touched by an op
-    without a channel rule, model inputs and outputs are reported in ``blocked`` instead.
+    layers reading it, through flatten expansions, concat offsets, splits and attention heads.
+    Spaces touched by an op without a channel rule, model inputs and outputs are reported in
+    ``blocked`` instead. ``example_inputs`` is a tensor, a tuple of tensors or a dict of keyword
+    tensors (e.g. ``{"input_ids": ids}`` for HF models).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -70,17 +107,39 @@ def build_dependency_graph(
     table = tr.table
     by_root: dict[int, list[Member]] = {}
     for idx in range(len(table.sizes)):
-        by_root.setdefault(table.find(idx), []).extend(table.members[idx])
-    groups, blocked = [], []
+        for m in table.members[idx]:
+            for root, offset, factor in table.resolve(idx, m.offset, m.factor):
+                by_root.setdefault(root, []).append(replace(m, offset=offset, factor=factor))
+    reasons: dict[int, str] = {}
+    for idx, reason in table.blocked.items():
+        for root, _, _ in table.resolve(idx):
+            reasons.setdefault(root, reason)
+    flags: dict[int, set[str]] = {}
+    for idx, names in table.flags.items():
+        for root, _, _ in table.resolve(idx):
+            flags.setdefault(root, set()).update(names)
+    groups, blocked, index = [], [], {}
     for root, members in by_root.items():
-        if not members:
-            continue
-        reason = table.root_blocked(root)
+        reason = reasons.get(root)
         if reason is None and not any(m.role in ORIGINS for m in members):
             reason = "no layer produces these channels"
         names = ", ".join(sorted({m.module_name for m in members}))
         if reason is not None:
             blocked.append((names, reason))
             continue
-        groups.append(Group(table.sizes[root], tuple(members)))
-    return DependencyGraph(tuple(groups), tuple(blocked))
+        fl = flags.get(root, set())
+        kind = "head" if "heads" in fl else "hidden" if "pooled" in fl else "channel"
+        index[root] = len(groups)
+        groups.append(Group(table.sizes[root], tuple(_unique(members)), kind))
+    attributes = []
+    for note in tr.notes:
+        terms = []
+        for seg in note.layout:
+            for root, _, factor in table.resolve(seg.space, 0, seg.factor):
+                terms.append((index.get(root), table.sizes[root], factor))
+        attributes.append(WidthAttribute(note.module_name, note.value, tuple(terms)))
+    return DependencyGraph(tuple(groups), tuple(blocked), tuple(dict.fromkeys(attributes)))
+
+
+def _unique(members: list[Member]) -> list[Member]:
+    return list(dict.fromkeys(members))

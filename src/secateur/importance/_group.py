@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph import ROLE_SLICES, Group
+from ..graph import Group, member_slices
 
 WEIGHTED_ROLES = {
     "conv_out",
@@ -16,6 +16,9 @@ WEIGHTED_ROLES = {
     "convT_in",
     "depthwise",
     "embedding",
+    "conv1d_out",
+    "conv1d_in",
+    "grouped_out",
 }
 
 
@@ -37,7 +40,7 @@ def group_l2(model: nn.Module, group: Group) -> torch.Tensor:
         if member.role not in WEIGHTED_ROLES:
             continue
         module = model.get_submodule(member.module_name)
-        param_name, dim = ROLE_SLICES[member.role][0]
+        param_name, dim = member_slices(member)[0]
         per_index = _per_index_sq(getattr(module, param_name), dim).cpu()
         idx = group.feature_indices(member, units).view(group.size, member.factor)
         score += per_index[idx].sum(dim=1)

@@ -4,12 +4,13 @@ Method (stated once, used everywhere): one forward pass on the example inputs wi
 ``nn.Linear``, ``nn.Conv{1,2,3}d`` and ``nn.ConvTranspose{1,2,3}d``. Each layer contributes one MAC
 per weight element per output position it is applied at:
 
-* Linear: ``in_features * out_features`` per row of its input (all leading dimensions are rows);
+* Linear (and HF ``Conv1D``, a Linear with its weight stored transposed): ``in * out`` per row
+  of its input (all leading dimensions are rows);
 * Conv: ``out_channels * (in_channels / groups) * prod(kernel)`` per output spatial position;
 * ConvTranspose: ``in_channels * (out_channels / groups) * prod(kernel)`` per *input* position.
 
-Bias additions, normalisation, activations, pooling and element-wise ops are not counted, the
-convention of ptflops/fvcore "MACs". Totals are divided by the batch size (first dimension of the
+Bias additions, normalisation, activations, pooling, element-wise ops and products between two
+activations (attention scores) are not counted, the convention of ptflops/fvcore "MACs". Totals are divided by the batch size (first dimension of the
 first example input), so figures are per sample. ``nonzero`` counts only MACs whose weight is
 non-zero: the work left for a kernel that skips zeros.
 """
@@ -32,10 +33,14 @@ class MacCount:
     nonzero: int
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
     weight = module.weight.detach()
-    if isinstance(module, nn.Linear):
-        rows = inp.numel() // module.in_features
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
+        rows = inp.numel() // inp.shape[-1]
         return rows * weight.numel(), rows * int((weight != 0).sum())
     if isinstance(module, _CONVS):
         # positions per output channel, over the whole batch
@@ -46,17 +51,24 @@ def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tupl
     return positions * weight.numel(), positions * int((weight != 0).sum())
 
 
-def count_macs(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> MacCount:
+def count_macs(
+    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | dict
+) -> MacCount:
     """Count MACs per sample of ``model`` on ``example_inputs`` (see the module docstring).
 
     Example:
         >>> count_macs(nn.Linear(4, 3), torch.zeros(2, 4))
         MacCount(dense=12, nonzero=0)
     """
-    inputs = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    )
-    batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
+    kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {}
+    if kwargs:
+        inputs: tuple = ()
+    elif isinstance(example_inputs, torch.Tensor):
+        inputs = (example_inputs,)
+    else:
+        inputs = tuple(example_inputs)
+    first = inputs[0] if inputs else next(iter(kwargs.values()), None)
+    batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
     totals = [0, 0]
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -67,11 +79,11 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.T
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, *_CONVS, *_TRANSPOSED))
+        if isinstance(m, (nn.Linear, *_CONVS, *_TRANSPOSED)) or _is_conv1d(m)
     ]
     try:
         with torch.no_grad():
-            model(*inputs)
+            model(*inputs, **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ._depth import DepthConfig, DepthResult, prune_depth_
 from ._masks import MaskSet
 from ._structured import StructuredConfig, StructuredResult, prune_structured_
 from ._unstructured import UnstructuredConfig, prune_unstructured_
@@ -19,12 +20,14 @@ def prune_(
     config: Any,
     *,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
-) -> MaskSet | StructuredResult:
+) -> MaskSet | StructuredResult | DepthResult:
     """Prune ``model`` in place as ``config`` says and return what was removed.
 
     ``UnstructuredConfig`` zeros weights and returns their :class:`MaskSet`;
     ``StructuredConfig`` traces the model on ``example_inputs`` (required), physically removes
-    channels and returns a :class:`StructuredResult`.
+    channels and returns a :class:`StructuredResult`; ``DepthConfig`` runs the model on
+    ``example_inputs`` (required), replaces its least influential residual blocks by ``Skip``
+    and returns a :class:`DepthResult`.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -39,6 +42,8 @@ def prune_(
         return prune_unstructured_(model, config)
     if isinstance(config, StructuredConfig):
         return prune_structured_(model, config, example_inputs)
+    if isinstance(config, DepthConfig):
+        return prune_depth_(model, config, example_inputs)
     raise ConfigError(
-        f"prune_ does not know {type(config).__name__}: pass an UnstructuredConfig or StructuredConfig"
+        f"prune_ does not know {type(config).__name__}: pass an UnstructuredConfig, StructuredConfig or DepthConfig"
     )

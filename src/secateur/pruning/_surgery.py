@@ -3,45 +3,38 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ..graph import ROLE_SLICES, Group
+from ..graph import Group, member_slices
+from ..graph._trace import is_hf_conv1d
 
-_OUT_ATTR = {nn.Linear: "out_features", nn.Embedding: "embedding_dim"}
-_IN_ATTR = {nn.Linear: "in_features"}
-
-
-def _select(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
-    old = getattr(module, name, None)
-    if old is None:
-        return
-    new = old.detach().index_select(dim, keep.to(old.device)).clone()
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        module.register_buffer(name, new)
-
-
-_RESIZABLE = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+_RESIZABLE = (
+    nn.Linear,
+    nn.Embedding,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+)
 
 
 def resize_to_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Give every resizable module the widths its tensors have in ``state`` (in place).
+    """Give every module the widths its tensors have in ``state`` (in place).
 
-    Used to load a structurally pruned model into a freshly built full-width one. Only channel
-    dims may differ, and only by shrinking (kernel sizes, vocabularies and other dims must match).
-    Returns the names of modules resized. Modules of other types are left alone, so a real
-    mismatch still surfaces when the state is loaded.
+    Used to load a structurally pruned model into a freshly built full-width one. Known layer
+    types may shrink only along channel dims (kernel sizes, vocabularies must match); a free
+    1-D+ parameter of another module type may shrink along any dim. Returns the names of
+    modules resized; a real mismatch still surfaces when the state is loaded.
 
     Raises:
         ValueError: a saved tensor is wider than the module or differs outside channel dims.
     """
     resized = []
     for name, module in model.named_modules():
-        if not isinstance(module, _RESIZABLE):
-            continue
         changed = False
         for tensor_name, tensor in list(module.named_parameters(recurse=False)) + list(
             module.named_buffers(recurse=False)
@@ -51,10 +44,7 @@ def resize_to_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> list[s
                 continue
             _check_shrink(name, tensor_name, module, tensor.shape, saved.shape)
             new = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
-            if isinstance(tensor, nn.Parameter):
-                setattr(module, tensor_name, nn.Parameter(new, requires_grad=tensor.requires_grad))
-            else:
-                module.register_buffer(tensor_name, new)
+            _assign(module, tensor_name, tensor, new)
             changed = True
         if changed:
             _fix_attributes(module)
@@ -62,20 +52,33 @@ def resize_to_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> list[s
     return resized
 
 
-def _channel_dims(module: nn.Module, tensor_name: str) -> set[int]:
+def _assign(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    if isinstance(old, nn.Parameter):
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
+        setattr(module, name, new)
+    else:
+        module.register_buffer(name, new)
+    return new
+
+
+def _channel_dims(module: nn.Module, tensor_name: str, ndim: int) -> set[int]:
     if isinstance(module, nn.Embedding):
         return {1}
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-        return {0}  # depthwise: one filter per channel, dim 1 stays 1
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and tensor_name == "weight":
+        return {0}  # grouped: dim 1 holds one group's inputs, which never changes
+    if (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_hf_conv1d(module)) and (
+        tensor_name == "weight"
+    ):
         return {0, 1}
-    return {0}
+    if isinstance(module, (*_RESIZABLE,)) or is_hf_conv1d(module):
+        return {0}
+    return set(range(ndim))  # a free parameter: any axis may have been a channel axis
 
 
 def _check_shrink(
     name: str, tensor_name: str, module: nn.Module, current: torch.Size, saved: torch.Size
 ) -> None:
-    dims = _channel_dims(module, tensor_name)
+    dims = _channel_dims(module, tensor_name, len(current))
     if len(current) != len(saved) or any(
         (d in dims and s > c) or (d not in dims and s != c)
         for d, (c, s) in enumerate(zip(current, saved, strict=True))
@@ -85,47 +88,133 @@ def _check_shrink(
         )
 
 
-def _fix_attributes(module: nn.Module) -> None:
-    """Set width attributes from the (already sliced) weight so the module runs and saves."""
-    w = module.weight
+def _fix_attributes(module: nn.Module, dropped: int = 0) -> None:
+    """Set width attributes from the (already sliced) tensors so the module runs and saves.
+
+    ``dropped`` is the number of channels removed, for norms without affine tensors.
+    """
+    w = getattr(module, "weight", None)
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = w.shape
+    elif is_hf_conv1d(module):
+        module.nx, module.nf = w.shape
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = w.shape[1]
     elif isinstance(module, nn.modules.conv._ConvTransposeNd):
         module.in_channels, module.out_channels = w.shape[0], w.shape[1] * module.groups
     elif isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1:  # depthwise: one filter per channel
-            module.in_channels = module.out_channels = module.groups = w.shape[0]
+        if module.groups > 1:  # grouped or depthwise: whole groups went
+            per_group = module.out_channels // module.groups
+            module.groups = w.shape[0] // per_group
+            module.out_channels, module.in_channels = w.shape[0], module.groups * w.shape[1]
         else:
             module.out_channels, module.in_channels = w.shape[0], w.shape[1]
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = w.shape[0]
+        module.num_features = _width(module, "running_mean", module.num_features - dropped)
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        width = _width(module, "weight", module.normalized_shape[-1] - dropped)
+        module.normalized_shape = (*module.normalized_shape[:-1], width)
+    elif isinstance(module, nn.GroupNorm):
+        width = _width(module, "weight", module.num_channels - dropped)
+        if module.num_groups > 1:
+            per_group = module.num_channels // module.num_groups
+            module.num_groups = width // per_group
+        module.num_channels = width
 
 
-def remove_units_(model: nn.Module, removals: list[tuple[Group, torch.Tensor]]) -> None:
+def _width(module: nn.Module, tensor_name: str, fallback: int) -> int:
+    tensor = getattr(module, tensor_name, None)
+    return tensor.shape[0] if tensor is not None else fallback
+
+
+def remove_units_(
+    model: nn.Module,
+    removals: list[tuple[Group, torch.Tensor]],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """Remove ``units`` (1-D long tensors) of each group from ``model`` in place.
 
     All removals are gathered per (module, tensor, dim) first and applied once, so a module that
     reads one group and writes another, or reads several groups through a concat, is sliced in
-    its original coordinates.
+    its original coordinates. A parameter shared by several modules (tied embeddings) is sliced
+    once and stays shared. When ``optimizer`` is given, its per-parameter state (momentum,
+    Adam moments) is sliced the same way and its parameter groups point at the new tensors.
     """
     drop: dict[tuple[str, str, int], set[int]] = defaultdict(set)
+    touched: dict[str, int] = {}
     for group, units in removals:
         if units.numel() == 0:
             continue
         for member in group.members:
             idx = group.feature_indices(member, units.cpu()).tolist()
-            for tensor_name, dim in ROLE_SLICES[member.role]:
+            touched.setdefault(member.module_name, 0)
+            if member.role in ("norm", "layernorm", "groupnorm"):
+                touched[member.module_name] += len(idx)
+            for tensor_name, dim in member_slices(member):
                 drop[(member.module_name, tensor_name, dim)].update(idx)
-    touched = set()
+    per_tensor: dict[int, list] = {}
+    owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
     for (module_name, tensor_name, dim), indices in drop.items():
         module = model.get_submodule(module_name)
         tensor = getattr(module, tensor_name, None)
         if tensor is None:
             continue
-        keep = torch.tensor(sorted(set(range(tensor.shape[dim])) - indices), dtype=torch.long)
-        _select(module, tensor_name, dim, keep)
-        touched.add(module_name)
-    for module_name in touched:
-        _fix_attributes(model.get_submodule(module_name))
+        per_tensor.setdefault(id(tensor), [tensor, []])[1].append((dim, indices))
+    for module in model.modules():
+        for name, t in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
+            if id(t) in per_tensor:
+                owners[id(t)].append((module, name))
+    replaced: dict[torch.Tensor, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] = {}
+    for key, (tensor, cuts) in per_tensor.items():
+        new, keeps = tensor.detach(), []
+        for dim, indices in _merge_cuts(cuts).items():
+            keep = torch.tensor(sorted(set(range(new.shape[dim])) - indices), dtype=torch.long)
+            new = new.index_select(dim, keep.to(new.device))
+            keeps.append((dim, keep))
+        new = new.clone()
+        shared = None
+        for module, name in owners[key]:
+            if shared is None:
+                shared = _assign(module, name, tensor, new)
+            elif isinstance(shared, nn.Parameter):
+                setattr(module, name, shared)
+            else:
+                module.register_buffer(name, shared)
+        replaced[tensor] = (shared, keeps)
+    for module_name, dropped in touched.items():
+        _fix_attributes(model.get_submodule(module_name), dropped)
+    if optimizer is not None:
+        _slice_optimizer_state(optimizer, replaced)
+
+
+def _merge_cuts(cuts: list[tuple[int, set[int]]]) -> dict[int, set[int]]:
+    merged: dict[int, set[int]] = defaultdict(set)
+    for dim, indices in cuts:
+        merged[dim] |= indices
+    return merged
+
+
+def _slice_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    replaced: Mapping[torch.Tensor, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]],
+) -> None:
+    """Point ``optimizer`` at the new parameters and slice each state tensor shaped like them."""
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p not in replaced:
+                continue
+            new, keeps = replaced[p]
+            state = optimizer.state.pop(p, None)
+            group["params"][i] = new
+            if state is None:
+                continue
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    for dim, keep in keeps:
+                        value = value.index_select(dim, keep.to(value.device))
+                    state[key] = value.clone()
+            optimizer.state[new] = state

@@ -80,7 +80,9 @@ def _scheduler(
     if config.schedule is LRSchedule.COSINE:
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
+            lambda step: (
+                0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+            ),
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 

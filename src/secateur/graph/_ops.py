@@ -1,0 +1,363 @@
+"""Channel rules for torch calls: how each op maps the tracked feature axis of its inputs.
+
+Every rule returns True when it recorded the output's layout, False when the op cannot be
+followed with certainty (the tracer then blocks every space the op touched). A tensor has one
+tracked axis; e.g. after ``view(B, T, H, D)`` of a projection it is the head axis ``H`` and the
+within-head axis ``D`` is plain data, so whole heads are the units that can go.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ._shapes import follow_axis, index_axes, merge_run
+from ._spaces import Layout, Segment
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# shape-preserving ops that act on each element alone (or on spatial positions only)
+POINTWISE = _words(
+    """
+    abs adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d
+    adaptive_max_pool2d adaptive_max_pool3d alpha_dropout avg_pool1d avg_pool2d avg_pool3d
+    bfloat16 clamp clamp_ clamp_max clamp_min clamp_min_ clone contiguous cos detach double
+    dropout dropout_ dropout1d dropout2d dropout3d elu elu_ erf exp feature_alpha_dropout float
+    gelu gelu_ half hardsigmoid hardsigmoid_ hardswish hardswish_ hardtanh hardtanh_ interpolate
+    leaky_relu leaky_relu_ log logsigmoid max_pool1d max_pool2d max_pool3d mish nan_to_num
+    __neg__ neg pixel_unshuffle __pow__ pow reciprocal relu relu_ relu6 rsqrt selu sigmoid
+    sigmoid_ sign silu silu_ sin softplus softsign sqrt square tanh tanh_ to type_as upsample
+    """
+)
+# broadcasting ops over several tensors
+ELEMENTWISE = _words(
+    """
+    __add__ add add_ div div_ __iadd__ __imul__ __isub__ __itruediv__ lerp maximum minimum
+    __mul__ mul mul_ __radd__ __rmul__ __rsub__ __rtruediv__ __sub__ sub sub_ __truediv__ where
+    """
+)
+RESHAPE = {"flatten", "view", "reshape", "unsqueeze", "squeeze", "unflatten", "expand"}
+REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "max", "min"}
+PERMUTE = {"permute", "transpose", "swapaxes"}
+CAT = {"cat", "concat", "concatenate"}
+SPLIT = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
+MATMUL = {"matmul", "__matmul__", "bmm"}
+SOFTMAX = {"softmax", "log_softmax", "_softmax"}
+NORM_FN = {"layer_norm", "rms_norm"}
+
+
+def _dim_arg(args: tuple, kwargs: dict, pos: int, default: Any = None) -> Any:
+    return kwargs.get("dim", args[pos] if len(args) > pos else default)
+
+
+class OpRules:
+    """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
+    ``add_param`` and ``note_width``."""
+
+    # -- one input ---------------------------------------------------------------------------
+    def pointwise(self, x, layout, dim, out) -> bool:  # noqa: ANN001
+        if out.dim() == x.dim() and out.shape[dim] == x.shape[dim]:
+            self.set(out, layout, dim)
+            return True
+        return False
+
+    def softmax(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        axis = _dim_arg(args, kwargs, 1)
+        if axis is None or int(axis) % x.dim() == dim:
+            return False
+        return self.pointwise(x, layout, dim, out)
+
+    def reshape(self, x, layout, dim, out, name, args) -> bool:  # noqa: ANN001
+        if name == "expand" and out.dim() >= x.dim():
+            off = out.dim() - x.dim()
+            if out.shape[dim + off] == x.shape[dim]:
+                self.set(out, layout, dim + off)
+                return True
+            return False
+        mapped = follow_axis(x.shape, out.shape, dim)
+        if mapped is not None:
+            self.set(out, layout, mapped)
+            return True
+        run = merge_run(x.shape, out.shape)
+        if run is not None:
+            return self._merge(x, layout, dim, out, *run)
+        run = merge_run(out.shape, x.shape)
+        if run is not None:
+            return self._split(x, layout, dim, out, *run, args)
+        return False
+
+    def _merge(self, x, layout, dim, out, a, b) -> bool:  # noqa: ANN001
+        if dim < a:
+            self.set(out, layout, dim)
+        elif dim >= b:
+            self.set(out, layout, dim - (b - a - 1))
+        else:  # the tracked axis is merged: each channel spans `inner` features, `outer` times
+            inner, outer = math.prod(x.shape[dim + 1 : b]), math.prod(x.shape[a:dim])
+            merged = tuple(Segment(s.space, s.factor * inner) for s in layout)
+            self.set(out, merged * outer, a)
+        return True
+
+    def _split(self, x, layout, dim, out, a, b, args) -> bool:  # noqa: ANN001
+        if dim != a:
+            self.set(out, layout, dim if dim < a else dim + (b - a - 1))
+            return True
+        unit = math.prod(out.shape[a + 1 : b])  # features per index of the new outer axis
+        heads = b - a == 2 and a == x.dim() - 1
+        sizes = [self.table.sizes[self.table.find(seg.space)] * seg.factor for seg in layout]
+        if any(size % unit for size in sizes):
+            return False  # a unit would straddle two spaces
+        coarse = []
+        for seg in layout:
+            if unit % seg.factor == 0:
+                space = self.table.coarsen(seg.space, unit // seg.factor)
+                if heads:
+                    self.table.flag(space, "heads")
+                coarse.append(Segment(space, 1))
+            elif seg.factor % unit == 0:
+                coarse.append(Segment(seg.space, seg.factor // unit))
+            else:
+                return False
+        new = tuple(coarse)
+        self.set(out, new, a)
+        self.note_literals(args, a, out.shape[a], new)
+        return True
+
+    def permute(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        nd = x.dim()
+        if name == "permute":
+            order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            order = [int(o) % nd for o in kwargs.get("dims", order)]
+            self.set(out, layout, order.index(dim))
+            return True
+        pair = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
+        if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+            return False
+        a, b = (v % nd for v in pair)
+        self.set(out, layout, b if dim == a else a if dim == b else dim)
+        return True
+
+    def reduce(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        axes = _dim_arg(args, kwargs, 1)
+        if axes is None:
+            return False
+        axes = [int(d) % x.dim() for d in (axes if isinstance(axes, (tuple, list)) else [axes])]
+        outs = list(out) if isinstance(out, tuple) else [out]
+        if dim in axes:  # a statistic pooled over the channels: it stays valid on fewer
+            if name not in {"mean", "sum", "var", "std", "amax", "amin"}:
+                return False
+            for seg in layout:
+                self.table.flag(seg.space, "pooled")
+            return True
+        for t in outs:
+            keep = t.dim() == x.dim()
+            self.set(t, layout, dim if keep else dim - sum(d < dim for d in axes))
+        return True
+
+    def getitem(self, x, args, layout, dim, out) -> bool:  # noqa: ANN001
+        axes = index_axes(x.shape, args[1] if len(args) > 1 else ())
+        if axes is None:
+            return False
+        out_axis, sel = axes[dim]
+        if out_axis < 0:
+            return False
+        if sel == slice(None):
+            self.set(out, layout, out_axis)
+            return True
+        start, stop, step = sel.indices(x.shape[dim])
+        if step != 1:
+            return False
+        pieces = self.split_layout(layout, [start, stop])
+        if pieces is None:
+            return False
+        self.set(out, pieces[0 if start == 0 else 1], out_axis)
+        return True
+
+    def narrow_split(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        outs = list(out)
+        if name == "unbind":
+            axis = int(_dim_arg(args, kwargs, 1, 0)) % x.dim()
+            if axis == dim:
+                return False
+            for t in outs:
+                self.set(t, layout, dim - (axis < dim))
+            return True
+        axis = int(_dim_arg(args, kwargs, 2, 0)) % x.dim()
+        if axis != dim:
+            for t in outs:
+                self.set(t, layout, dim)
+            return True
+        bounds = [0]
+        for t in outs:
+            bounds.append(bounds[-1] + t.shape[dim])
+        pieces = self.split_layout(layout, bounds[1:-1])
+        if pieces is None:
+            return False
+        sizes = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections")
+        for t, piece in zip(outs, pieces, strict=True):
+            self.set(t, piece, dim)
+            if isinstance(sizes, int) and name == "split":
+                self.note_width(sizes, piece)
+        return True
+
+    def split_layout(self, layout: Layout, cuts: list[int]) -> list[Layout] | None:
+        """Cut a layout at feature positions; refines spaces where a cut falls inside one."""
+        total = sum(self.table.sizes[self.table.find(s.space)] * s.factor for s in layout)
+        bounds = sorted({0, total, *(c for c in cuts if 0 <= c <= total)})
+        parts: list[list[Segment]] = [[] for _ in range(len(bounds) - 1)]
+        offset = 0
+        for seg in layout:
+            size = self.table.sizes[self.table.find(seg.space)]
+            end = offset + size * seg.factor
+            inner = [c - offset for c in bounds if offset < c < end]
+            if any(c % seg.factor for c in inner):
+                return None
+            for space, start, _ in self.table.refine(seg.space, {c // seg.factor for c in inner}):
+                lo = offset + start * seg.factor
+                part = max(i for i, b in enumerate(bounds) if b <= lo)
+                parts[min(part, len(parts) - 1)].append(Segment(space, seg.factor))
+            offset = end
+        return [tuple(p) for p in parts]
+
+    # -- several inputs ----------------------------------------------------------------------
+    def unify(self, la: Layout, lb: Layout) -> Layout | None:
+        """Make two layouts of one axis name the same channels; the coarser one survives."""
+        if len(la) != len(lb):
+            return None
+        merged = []
+        for a, b in zip(la, lb, strict=True):
+            if a.factor == b.factor:
+                merged.append(Segment(self.table.unite(a.space, b.space), a.factor))
+            elif b.factor % a.factor == 0:
+                coarse = self.table.coarsen(a.space, b.factor // a.factor)
+                merged.append(Segment(self.table.unite(coarse, b.space), b.factor))
+            elif a.factor % b.factor == 0:
+                coarse = self.table.coarsen(b.space, a.factor // b.factor)
+                merged.append(Segment(self.table.unite(coarse, a.space), a.factor))
+            else:
+                return None
+        return tuple(merged)
+
+    def elementwise(self, args: tuple, out: torch.Tensor) -> bool:
+        operands = [a for a in args[:3] if isinstance(a, torch.Tensor)]
+        axis, layout = None, None
+        for t in operands:
+            info = self.info(t)
+            if info is None:
+                continue
+            lt, dt = info
+            at = dt + out.dim() - t.dim()
+            if at < 0 or t.shape[dt] != out.shape[at]:
+                return False
+            if axis is None:
+                axis, layout = at, lt
+            elif at != axis:
+                return False
+            else:
+                layout = self.unify(layout, lt)
+                if layout is None:
+                    return False
+        assert axis is not None and layout is not None
+        for t in operands:
+            if self.info(t) is not None:
+                continue
+            at = axis - (out.dim() - t.dim())
+            if at < 0 or t.shape[at] == 1:
+                continue
+            if not self.add_param(t, at, layout):
+                return False  # a constant with its own per-channel values
+        self.set(out, layout, axis)
+        return True
+
+    def cat(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
+        tensors = list(args[0])
+        cat_dim = int(_dim_arg(args, kwargs, 1, 0)) % out.dim()
+        infos = [self.info(t) for t in tensors]
+        known = [i for i in infos if i is not None]
+        dims = {i[1] for i in known}
+        if len(dims) != 1:
+            return False
+        dim = dims.pop()
+        if cat_dim == dim:
+            if any(i is None and t.numel() > 0 for i, t in zip(infos, tensors, strict=True)):
+                return False
+            self.set(out, tuple(seg for layout, _ in known for seg in layout), dim)
+            return True
+        layout = known[0][0]
+        for other, _ in known[1:]:
+            layout = self.unify(layout, other)
+            if layout is None:
+                return False
+        for t, info in zip(tensors, infos, strict=True):
+            if info is None and t.numel() > 0 and not self.add_param(t, dim, layout):
+                return False
+        self.set(out, layout, dim)
+        return True
+
+    def matmul(self, args: tuple, out: torch.Tensor) -> bool:
+        a, b = args[0], args[1]
+        ia, ib = self.info(a), self.info(b)
+        if a.dim() < 2 or b.dim() < 2:
+            return False
+        batch = out.dim() - 2
+        placed = []
+        for t, info, contracted in ((a, ia, a.dim() - 1), (b, ib, b.dim() - 2)):
+            if info is None:
+                continue
+            layout, dim = info
+            if dim == contracted:
+                return False
+            if dim >= t.dim() - 2:  # rows of a or columns of b: they pass straight through
+                placed.append((layout, out.dim() - 2 if t is a else out.dim() - 1, None))
+            else:
+                placed.append((layout, dim + out.dim() - t.dim(), t))
+        axes = {p[1] for p in placed}
+        if len(axes) != 1:
+            return False
+        axis = axes.pop()
+        layout = placed[0][0]
+        if len(placed) == 2:
+            layout = self.unify(layout, placed[1][0])
+            if layout is None:
+                return False
+        elif axis < batch:  # a tracked batch axis against an untracked operand
+            other = b if ia is not None else a
+            at = axis - (out.dim() - other.dim())
+            if at >= 0 and other.shape[at] != 1:
+                return False
+        self.set(out, layout, axis)
+        return True
+
+    def attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
+        q, k, v = args[:3]
+        infos = [self.info(t) for t in (q, k, v)]
+        if any(i is None for i in infos) or any(
+            i[1] != t.dim() - 3 for i, t in zip(infos, (q, k, v), strict=True)
+        ):
+            return False
+        rep = q.shape[-3] // k.shape[-3] if kwargs.get("enable_gqa") else 1
+        layout = infos[0][0]
+        for (lt, _), t in zip(infos[1:], (k, v), strict=True):
+            if q.shape[-3] != t.shape[-3] * rep:
+                return False
+            layout = self.unify(layout, tuple(Segment(s.space, s.factor * rep) for s in lt))
+            if layout is None:
+                return False
+        self.set(out, layout, out.dim() - 3)
+        return True
+
+    def norm_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+        if dim != x.dim() - 1 or len(tuple(shape)) != 1:
+            return False
+        for t in (*args[2:4], kwargs.get("weight"), kwargs.get("bias")):
+            if isinstance(t, torch.Tensor) and not self.add_param(t, 0, layout):
+                return False
+        for seg in layout:
+            self.table.flag(seg.space, "pooled")
+        self.set(out, layout, dim)
+        return True

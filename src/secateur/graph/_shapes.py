@@ -1,0 +1,68 @@
+"""Pure shape arithmetic the tracer uses to follow one axis through reshapes and indexing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def follow_axis(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
+    """Where axis ``d`` of shape ``src`` lands in ``dst`` when only size-1 axes were added or
+    removed (view, unsqueeze, squeeze) or leading/size-1 axes were broadcast (expand).
+    None when the mapping is not certain."""
+    src, dst = tuple(src), tuple(dst)
+    if src == dst:
+        return d
+    if src[d] != 1:
+        src_nz = [i for i, s in enumerate(src) if s != 1]
+        dst_nz = [j for j, s in enumerate(dst) if s != 1]
+        if [src[i] for i in src_nz] == [dst[j] for j in dst_nz]:
+            return dst_nz[src_nz.index(d)]
+    off = len(dst) - len(src)
+    fits = off >= 0 and all(s in (1, dst[i + off]) for i, s in enumerate(src))
+    if fits and dst[d + off] == src[d]:
+        return d + off
+    return None
+
+
+def merge_run(src: Sequence[int], dst: Sequence[int]) -> tuple[int, int] | None:
+    """``(a, b)`` when ``dst`` is ``src`` with axes ``a .. b-1`` merged into one axis ``a``."""
+    if len(dst) >= len(src):
+        return None
+    a = 0
+    while a < len(dst) and src[a] == dst[a]:
+        a += 1
+    b = len(src) - (len(dst) - a - 1)
+    if a >= len(dst) or tuple(src[b:]) != tuple(dst[a + 1 :]):
+        return None
+    return (a, b) if math.prod(src[a:b]) == dst[a] else None
+
+
+def index_axes(shape: Sequence[int], index: Any) -> list[tuple[int, Any]] | None:
+    """For a ``tensor[index]``: per input axis, ``(output axis or -1 if removed, selector)``.
+
+    Selectors are ``slice`` objects or ints. None for advanced (tensor/list/bool) indexing.
+    """
+    items = list(index) if isinstance(index, tuple) else [index]
+    explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out: list[tuple[int, Any]] = []
+    out_axis = 0
+    for item in items:
+        if item is Ellipsis:
+            for _ in range(len(shape) - explicit):
+                out.append((out_axis, slice(None)))
+                out_axis += 1
+        elif item is None:
+            out_axis += 1
+        elif isinstance(item, bool) or not isinstance(item, (int, slice)):
+            return None
+        elif isinstance(item, int):
+            out.append((-1, item))
+        else:
+            out.append((out_axis, item))
+            out_axis += 1
+    while len(out) < len(shape):
+        out.append((out_axis, slice(None)))
+        out_axis += 1
+    return out if len(out) == len(shape) else None
