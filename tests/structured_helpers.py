@@ -19,6 +19,7 @@ PRODUCERS = {
     "groupnorm",
     "embedding",
     "param",
+    "param_out",
 }
 
 
@@ -44,7 +45,9 @@ def silence_(model: nn.Module, group: Group, units: torch.Tensor) -> None:
         idx = group.feature_indices(member, units)
         for name, dim in member_slices(member):
             tensor = getattr(module, name, None)
-            if tensor is not None and (name in ("weight", "bias") or member.role == "param"):
+            if tensor is not None and (
+                name in ("weight", "bias") or member.role.startswith("param")
+            ):
                 tensor.index_fill_(dim, idx, 0.0)
 
 

@@ -25,3 +25,7 @@ class ArtifactError(SecateurError):
 
 class OutputError(SecateurError):
     """An output location cannot be written."""
+
+
+class PruningError(SecateurError):
+    """Pruning could not be applied safely to this model; the model was left unchanged."""

@@ -5,13 +5,18 @@ Layout for ``save_model(model, "out/pruned.safetensors")``:
 * ``out/pruned.safetensors``: every state-dict tensor, dense (zeros included);
 * ``out/pruned.json``: ``{"format", "model": {"name", "kwargs"}, "sha256", "metadata"}``, plus
   ``"edits"`` when the architecture was changed beyond widths, e.g.
-  ``"edits": {"skipped": ["layer1.2"]}`` for blocks that depth pruning replaced by ``Skip``.
+  ``"edits": {"skipped": ["layer1.2"]}`` for blocks that depth pruning replaced by ``Skip``, or
+  ``"edits": {"attributes": {"transformer.h.0.attn": {"split_size": 32}}}`` for module attributes
+  that structural pruning tied to a pruned width; plus ``"tied"`` when parameters are shared,
+  e.g. ``"tied": {"lm_head.weight": "transformer.wte.weight"}``: the weights file holds a shared
+  tensor once, under its first state-dict name, and loading shares it again.
 
 The model is rebuilt from the zoo by name and keyword arguments, its edits are replayed (each
-kind of edit is one entry of ``_EDITS``), its Conv/Linear/norm/Embedding
-modules are resized to the widths the saved tensors have (so structurally pruned models reload),
-then its state is loaded strictly, so the round trip is exact. The manifest's SHA-256 of the weights file catches a
-truncated, corrupt or swapped file before anything is parsed.
+kind of edit is one entry of ``_EDITS``), its Conv/Linear/norm/Embedding modules are resized to
+the widths the saved tensors have (so structurally pruned models reload), its tied tensors are
+shared again, then its state is loaded strictly, so the round trip is exact. The manifest's
+SHA-256 of the weights file catches a truncated, corrupt or swapped file before anything is
+parsed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
@@ -57,9 +63,44 @@ def _apply_skipped(model: nn.Module, names: Any) -> None:
             raise ValueError(f"skipped module {name!r} does not exist in the model") from None
 
 
+def _attributes(model: nn.Module) -> dict[str, dict[str, int]]:
+    held = getattr(model, "secateur_attributes", None) or {}
+    present = dict(model.named_modules(remove_duplicate=False))  # depth pruning may remove some
+    return {
+        str(m): {str(a): int(v) for a, v in attrs.items()}
+        for m, attrs in held.items()
+        if m in present
+    }
+
+
+def _apply_attributes(model: nn.Module, edits: Any) -> None:
+    if not isinstance(edits, dict) or not all(isinstance(a, dict) for a in edits.values()):
+        raise ValueError("'attributes' must map module names to {attribute: value}")
+    for module_name, attrs in edits.items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(
+                f"attribute edit names module {module_name!r}, which does not exist"
+            ) from None
+        for attr, value in attrs.items():
+            where = f"{module_name}.{attr}" if module_name else str(attr)
+            current = getattr(module, str(attr), None)
+            if isinstance(current, bool) or not isinstance(current, int):
+                raise ValueError(
+                    f"attribute edit {where}: the module has no integer attribute {attr!r}"
+                )
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"attribute edit {where} = {value!r}: must be a positive integer")
+            setattr(module, attr, value)
+    # kept on the model, so that saving it again (or pruning it further) keeps the edits
+    model.secateur_attributes = {m: dict(attrs) for m, attrs in edits.items()}
+
+
 # kind of edit -> (what a model holds of it, JSON-able and falsy when none; how to replay it)
 _EDITS: dict[str, tuple[Callable[[nn.Module], Any], Callable[[nn.Module, Any], None]]] = {
     "skipped": (skipped_modules, _apply_skipped),
+    "attributes": (_attributes, _apply_attributes),
 }
 
 
@@ -89,6 +130,61 @@ def apply_edits_(model: nn.Module, edits: Any) -> None:
             apply(model, edits[kind])
 
 
+def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state as plain CPU tensors, each shared tensor once; and ``{alias: saved name}``.
+
+    safetensors refuses tensors that share memory: a tensor held under several names (tied
+    embeddings) is saved under its first name only, and one that merely overlaps another's
+    memory is copied.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first: dict[int, str] = {}
+    storages: set[int] = set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in first:
+            tied[key] = first[id(value)]
+            continue
+        first[id(value)] = key
+        tensor = value.detach().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:
+            tensor = tensor.clone()
+        elif tensor.numel():
+            storages.add(storage)
+        tensors[key] = tensor.contiguous()
+    return tensors, tied
+
+
+def _check_tied(tied: Any, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tied.items()
+    ):
+        raise ValueError("'tied' must map tensor names to tensor names")
+    for alias, source in tied.items():
+        if source not in tensors or alias in tensors:
+            raise ValueError(f"tied tensor {alias!r} -> {source!r} does not match the weights file")
+    return tied
+
+
+def _retie_(model: nn.Module, tied: dict[str, str]) -> None:
+    """Make each alias the very tensor its source is in ``model`` (after resizing), in place."""
+    for alias, source in tied.items():
+        module_name, _, attr = alias.rpartition(".")
+        source_module_name, _, source_attr = source.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+            shared = getattr(model.get_submodule(source_module_name), source_attr)
+        except AttributeError:
+            raise ValueError(f"tied tensor {alias!r} -> {source!r} is not in the model") from None
+        if attr in module._parameters and isinstance(shared, nn.Parameter):
+            setattr(module, attr, shared)
+        elif attr in module._buffers and isinstance(shared, torch.Tensor):
+            module.register_buffer(attr, shared)
+        else:
+            raise ValueError(f"tied tensor {alias!r} -> {source!r} is not in the model")
+
+
 def manifest_path_for(weights_path: str | os.PathLike[str]) -> Path:
     return Path(weights_path).with_suffix(".json")
 
@@ -113,7 +209,7 @@ def save_model(
     weights = Path(path)
     if weights.suffix != ".safetensors":
         raise ConfigError(f"cannot save to {weights}: the weights path must end in .safetensors")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors, tied = _tensors_to_save(model)
     blob = save_safetensors_bytes(tensors)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -124,6 +220,8 @@ def save_model(
     edits = model_edits(model)
     if edits:
         manifest["edits"] = edits
+    if tied:
+        manifest["tied"] = tied
     # serialise before writing anything, so a bad metadata value cannot orphan new weights
     try:
         manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
@@ -198,11 +296,14 @@ def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> LoadedMo
         ) from None
     try:
         apply_edits_(model, manifest.get("edits", {}))
+        tied = _check_tied(manifest.get("tied", {}), tensors)
     except ValueError as exc:
         raise ArtifactError(f"checkpoint {weights} has a bad manifest ({exc}): {_FIX}") from None
+    state = {**tensors, **{alias: tensors[source] for alias, source in tied.items()}}
     try:
-        resize_to_state_(model, tensors)  # structurally pruned widths come from the tensors
-        model.load_state_dict(tensors, strict=True)
+        resize_to_state_(model, state)  # structurally pruned widths come from the tensors
+        _retie_(model, tied)
+        model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,13 +31,21 @@ ROLE_SLICES: dict[str, tuple[tuple[str, int], ...]] = {
     "groupnorm": (("weight", 0), ("bias", 0)),
     "embedding": (("weight", 1),),
 }
-ORIGINS = {"conv_out", "linear_out", "conv1d_out", "convT_out", "grouped_out", "embedding"}
+ORIGINS = {
+    "conv_out",
+    "linear_out",
+    "conv1d_out",
+    "convT_out",
+    "grouped_out",
+    "embedding",
+    "param_out",
+}
 KINDS = ("channel", "head", "hidden")
 
 
 def member_slices(member: Member) -> tuple[tuple[str, int], ...]:
     """``(tensor name, dim)`` pairs that ``member`` slices in its module."""
-    if member.role == "param":
+    if member.role in ("param", "param_out"):
         return ((member.tensor, member.dim),)
     return ROLE_SLICES[member.role]
 
@@ -54,6 +63,7 @@ class Group:
     size: int
     members: tuple[Member, ...]
     kind: str = "channel"
+    multiple: int = 1  # widths must stay multiples of this (heads of an nn.MultiheadAttention)
 
     def feature_indices(self, member: Member, units: torch.Tensor) -> torch.Tensor:
         """Indices along ``member``'s sliced dims of the given ``units`` (a 1-D long tensor)."""
@@ -86,6 +96,7 @@ class DependencyGraph:
     groups: tuple[Group, ...]
     blocked: tuple[tuple[str, str], ...]  # (module names, reason)
     attributes: tuple[WidthAttribute, ...] = ()
+    output_shapes: tuple[tuple[int, ...], ...] = ()  # of the traced forward pass
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
@@ -130,7 +141,8 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
         fl = flags.get(root, set())
         kind = "head" if "heads" in fl else "hidden" if "pooled" in fl else "channel"
         index[root] = len(groups)
-        groups.append(Group(table.sizes[root], tuple(_unique(members)), kind))
+        multiple = math.lcm(1, *(int(f.split(":")[1]) for f in fl if f.startswith("multiple:")))
+        groups.append(Group(table.sizes[root], tuple(_unique(members)), kind, multiple))
     attributes = []
     for note in tr.notes:
         terms = []
@@ -138,7 +150,9 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
             for root, _, factor in table.resolve(seg.space, 0, seg.factor):
                 terms.append((index.get(root), table.sizes[root], factor))
         attributes.append(WidthAttribute(note.module_name, note.value, tuple(terms)))
-    return DependencyGraph(tuple(groups), tuple(blocked), tuple(dict.fromkeys(attributes)))
+    return DependencyGraph(
+        tuple(groups), tuple(blocked), tuple(dict.fromkeys(attributes)), tr.output_shapes
+    )
 
 
 def _unique(members: list[Member]) -> list[Member]:

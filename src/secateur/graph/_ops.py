@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._shapes import follow_axis, index_axes, merge_run
+from ._shapes import follow_axis, index_axes, intact_axis, merge_run
 from ._spaces import Layout, Segment
 
 
@@ -29,7 +29,7 @@ POINTWISE = _words(
     bfloat16 clamp clamp_ clamp_max clamp_min clamp_min_ clone contiguous cos detach double
     dropout dropout_ dropout1d dropout2d dropout3d elu elu_ erf exp feature_alpha_dropout float
     gelu gelu_ half hardsigmoid hardsigmoid_ hardswish hardswish_ hardtanh hardtanh_ interpolate
-    leaky_relu leaky_relu_ log logsigmoid max_pool1d max_pool2d max_pool3d mish nan_to_num
+    leaky_relu leaky_relu_ pad log logsigmoid max_pool1d max_pool2d max_pool3d mish nan_to_num
     __neg__ neg pixel_unshuffle __pow__ pow reciprocal relu relu_ relu6 rsqrt selu sigmoid
     sigmoid_ sign silu silu_ sin softplus softsign sqrt square tanh tanh_ to type_as upsample
     """
@@ -47,8 +47,9 @@ PERMUTE = {"permute", "transpose", "swapaxes"}
 CAT = {"cat", "concat", "concatenate"}
 SPLIT = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 MATMUL = {"matmul", "__matmul__", "bmm"}
-SOFTMAX = {"softmax", "log_softmax", "_softmax"}
+SOFTMAX = {"softmax", "log_softmax", "_softmax", "roll", "cumsum", "flip"}
 NORM_FN = {"layer_norm", "rms_norm"}
+LINEAR_FN = {"linear"}
 
 
 def _dim_arg(args: tuple, kwargs: dict, pos: int, default: Any = None) -> Any:
@@ -66,9 +67,18 @@ class OpRules:
             return True
         return False
 
-    def softmax(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
-        axis = _dim_arg(args, kwargs, 1)
-        if axis is None or int(axis) % x.dim() == dim:
+    def softmax(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        """Ops that mix values along given axes only (softmax, roll, cumsum, flip)."""
+        if name == "roll":
+            axes = kwargs.get("dims", args[2] if len(args) > 2 else None)
+        elif name == "flip":
+            axes = kwargs.get("dims", args[1] if len(args) > 1 else None)
+        else:
+            axes = _dim_arg(args, kwargs, 1)
+        if axes is None:
+            return False
+        axes = axes if isinstance(axes, (tuple, list)) else [axes]
+        if any(int(a) % x.dim() == dim for a in axes):
             return False
         return self.pointwise(x, layout, dim, out)
 
@@ -82,16 +92,21 @@ class OpRules:
         mapped = follow_axis(x.shape, out.shape, dim)
         if mapped is not None:
             self.set(out, layout, mapped)
-            return True
-        run = merge_run(x.shape, out.shape)
-        if run is not None:
-            return self._merge(x, layout, dim, out, *run)
-        run = merge_run(out.shape, x.shape)
-        if run is not None:
-            return self._split(x, layout, dim, out, *run, args)
-        return False
+        elif (run := merge_run(x.shape, out.shape)) is not None:
+            self._merge(x, layout, dim, out, *run)
+        elif (run := merge_run(out.shape, x.shape)) is not None:
+            if not self._split(x, layout, dim, out, *run):
+                return False
+        elif x.shape[dim] != 1 and (moved := intact_axis(x.shape, out.shape, dim)) is not None:
+            self.set(out, layout, moved)  # other axes split or merged around the channels
+        else:
+            return False
+        if name in ("view", "reshape"):
+            new, axis = self.info(out)
+            self.note_literals(args, axis, out.shape[axis], new)
+        return True
 
-    def _merge(self, x, layout, dim, out, a, b) -> bool:  # noqa: ANN001
+    def _merge(self, x, layout, dim, out, a, b) -> None:  # noqa: ANN001
         if dim < a:
             self.set(out, layout, dim)
         elif dim >= b:
@@ -100,9 +115,8 @@ class OpRules:
             inner, outer = math.prod(x.shape[dim + 1 : b]), math.prod(x.shape[a:dim])
             merged = tuple(Segment(s.space, s.factor * inner) for s in layout)
             self.set(out, merged * outer, a)
-        return True
 
-    def _split(self, x, layout, dim, out, a, b, args) -> bool:  # noqa: ANN001
+    def _split(self, x, layout, dim, out, a, b) -> bool:  # noqa: ANN001
         if dim != a:
             self.set(out, layout, dim if dim < a else dim + (b - a - 1))
             return True
@@ -122,9 +136,7 @@ class OpRules:
                 coarse.append(Segment(seg.space, seg.factor // unit))
             else:
                 return False
-        new = tuple(coarse)
-        self.set(out, new, a)
-        self.note_literals(args, a, out.shape[a], new)
+        self.set(out, tuple(coarse), a)
         return True
 
     def permute(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
@@ -348,6 +360,20 @@ class OpRules:
             if layout is None:
                 return False
         self.set(out, layout, out.dim() - 3)
+        return True
+
+    def linear_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001
+        """``F.linear(x, W, b)`` with the module's own parameters: W's columns read the
+        channels; its rows and ``b`` write a new space."""
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if dim != x.dim() - 1 or not self.add_param(weight, 1, layout):
+            return False
+        self.fresh(out, -1)
+        produced = self.info(out)[0]
+        self.add_param(weight, 0, produced, role="param_out")
+        if isinstance(bias, torch.Tensor):
+            self.add_param(bias, 0, produced, role="param_out")
         return True
 
     def norm_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001

@@ -26,6 +26,16 @@ def follow_axis(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
     return None
 
 
+def intact_axis(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
+    """Axis of a reshape's result that carries axis ``d`` of ``src`` unchanged: same size and
+    the same number of elements after it, so every element keeps its index along it."""
+    inner = math.prod(src[d + 1 :])
+    for j, size in enumerate(dst):
+        if size == src[d] and math.prod(dst[j + 1 :]) == inner:
+            return j
+    return None
+
+
 def merge_run(src: Sequence[int], dst: Sequence[int]) -> tuple[int, int] | None:
     """``(a, b)`` when ``dst`` is ``src`` with axes ``a .. b-1`` merged into one axis ``a``."""
     if len(dst) >= len(src):

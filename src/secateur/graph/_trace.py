@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 from ._ops import (
     CAT,
     ELEMENTWISE,
+    LINEAR_FN,
     MATMUL,
     NORM_FN,
     PERMUTE,
@@ -58,6 +59,7 @@ class Trace:
 
     table: SpaceTable
     notes: list[WidthNote] = field(default_factory=list)
+    output_shapes: tuple[tuple[int, ...], ...] = ()
 
 
 def _name(func: Any) -> str:
@@ -114,13 +116,13 @@ class _Tracer(OpRules, TorchFunctionMode):
             if isinstance(out, torch.Tensor) and out.dim() > 0:
                 self.fresh(out, -1 if out.dim() < 3 else 1, blocked=reason)
 
-    def add_param(self, t: Any, axis: int, layout: Layout) -> bool:
+    def add_param(self, t: Any, axis: int, layout: Layout, role: str = "param") -> bool:
         """Make the parameter behind untracked ``t`` (sliced along ``axis``) a member."""
         entry = self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
         if entry is None or entry[2][axis] is None:
             return False
         module_name, pname, dims = entry
-        self.table.add_member(layout, module_name, "param", tensor=pname, dim=dims[axis])
+        self.table.add_member(layout, module_name, role, tensor=pname, dim=dims[axis])
         return True
 
     def note_width(self, value: int, layout: Layout) -> None:
@@ -176,7 +178,10 @@ class _Tracer(OpRules, TorchFunctionMode):
                 name in POINTWISE and single and tensor_out,
                 lambda: self.pointwise(x, layout, dim, out),
             ),
-            (name in SOFTMAX and single, lambda: self.softmax(x, args, kwargs, layout, dim, out)),
+            (
+                name in SOFTMAX and single,
+                lambda: self.softmax(x, name, args, kwargs, layout, dim, out),
+            ),
             (name in ELEMENTWISE and tensor_out, lambda: self.elementwise(args, out)),
             (name in RESHAPE and single, lambda: self.reshape(x, layout, dim, out, name, args)),
             (
@@ -196,6 +201,10 @@ class _Tracer(OpRules, TorchFunctionMode):
             (name in MATMUL, lambda: self.matmul(args, out)),
             (name == "scaled_dot_product_attention", lambda: self.attention(args, kwargs, out)),
             (name in NORM_FN and single, lambda: self.norm_fn(args, kwargs, x, layout, dim, out)),
+            (
+                name in LINEAR_FN and single,
+                lambda: self.linear_fn(args, kwargs, x, layout, dim, out),
+            ),
             (name == "expand_as" and single, lambda: self.pointwise(x, layout, dim, out)),
         )
         for applies, rule in rules:
@@ -230,6 +239,13 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.fresh(out, -1)
             self.table.add_member(self.layouts[id(out)][0], name, "embedding")
             self.called[name] = [s.space for s in self.layouts[id(out)][0]]
+            return
+        if isinstance(module, nn.MultiheadAttention) and info is not None:
+            self.called[name] = [s.space for s in info[0]]
+            if not self.multihead(module, name, args, info, out):
+                self.block_all(
+                    [t for t in args if self.info(t)], out, f"attention {name} unsupported"
+                )
             return
         if info is None or not isinstance(out, torch.Tensor):
             if isinstance(out, torch.Tensor):
@@ -275,6 +291,30 @@ class _Tracer(OpRules, TorchFunctionMode):
                 self.table.flag(layout[0].space, "pooled")
             return self.passthrough(name, layout, out, dim, "groupnorm")
         return False
+
+    def multihead(self, module, name, args, info, out) -> bool:  # noqa: ANN001
+        """``nn.MultiheadAttention`` ties its inner width to ``embed_dim``, the width it reads and
+        writes, so its heads shrink only with the hidden size: the graph prunes the hidden
+        channels (in multiples of ``num_heads``) and surgery then drops the same number of
+        within-head dims from every head (see ``pruning._surgery``)."""
+        layout, dim = info
+        q, k, v = (args + (None, None))[:3]
+        if not module._qkv_same_embed_dim or dim != q.dim() - 1 or module.in_proj_weight is None:
+            return False
+        for t in (k, v):
+            if t is not q and (self.info(t) is None or self.unify(layout, self.info(t)[0]) is None):
+                return False
+        self.table.add_member(layout, name, "param", tensor="in_proj_weight", dim=1)
+        for seg in layout:
+            self.table.flag(seg.space, f"multiple:{module.num_heads}")
+        result = out[0] if isinstance(out, tuple) else out
+        self.fresh(result, -1)
+        out_layout = self.layouts[id(result)][0]
+        self.table.add_member(out_layout, f"{name}.out_proj", "linear_out")
+        for seg in out_layout:
+            self.table.flag(seg.space, f"multiple:{module.num_heads}")
+        self.called[name] += [s.space for s in out_layout]
+        return True
 
     def producer(self, name, layout, out, consumer_role, producer_role, dim) -> bool:  # noqa: ANN001
         self.table.add_member(layout, name, consumer_role)
@@ -365,4 +405,10 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
         info = tracer.info(t)
         if info is not None:
             tracer.table.block_layout(info[0], "model output")
-    return Trace(tracer.table, tracer.notes)
+    return Trace(tracer.table, tracer.notes, output_shapes(out))
+
+
+def output_shapes(out: Any) -> tuple[tuple[int, ...], ...]:
+    """Shapes of every tensor in a model's output (HF ``ModelOutput`` included)."""
+    flat = tree_flatten(list(out.to_tuple()) if hasattr(out, "to_tuple") else out)[0]
+    return tuple(tuple(t.shape) for t in flat if isinstance(t, torch.Tensor))

@@ -19,6 +19,7 @@ WEIGHTED_ROLES = {
     "conv1d_out",
     "conv1d_in",
     "grouped_out",
+    "param_out",
 }
 
 

@@ -19,7 +19,8 @@ def prune_(
     model: nn.Module,
     config: Any,
     *,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> MaskSet | StructuredResult | DepthResult:
     """Prune ``model`` in place as ``config`` says and return what was removed.
 
@@ -41,7 +42,7 @@ def prune_(
     if isinstance(config, UnstructuredConfig):
         return prune_unstructured_(model, config)
     if isinstance(config, StructuredConfig):
-        return prune_structured_(model, config, example_inputs)
+        return prune_structured_(model, config, example_inputs, optimizer=optimizer)
     if isinstance(config, DepthConfig):
         return prune_depth_(model, config, example_inputs)
     raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +11,9 @@ import torch
 from torch import nn
 
 from .._config import check_int, check_range, config_from_dict, config_to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, PruningError
 from ..graph import KINDS, DependencyGraph, Group, build_dependency_graph
+from ..graph._trace import output_shapes
 from ..importance import group_l2
 from ._surgery import remove_units_
 
@@ -62,6 +64,8 @@ class StructuredResult:
 
     graph: DependencyGraph
     widths: tuple[tuple[int, int], ...]
+    refused: tuple[tuple[str, str], ...] = ()  # (module names, why): groups left whole because
+    # removing their units broke the forward pass (a width computed from another tensor's size)
 
     @property
     def removed_units(self) -> int:
@@ -100,19 +104,118 @@ def prune_structured_(
     if example_inputs is None:
         raise ConfigError("structured pruning needs example_inputs: pass example_inputs=x")
     graph = build_dependency_graph(model, example_inputs)
-    removals, widths, kept = [], [], {}
-    for index, group in enumerate(graph.groups):
+    removals = []
+    for group in graph.groups:
         if group.kind not in config.kinds or _ignored(group, config.ignore):
             continue
-        keep = units_to_keep(group.size, config.ratio, config.round_to)
+        keep = units_to_keep(group.size, config.ratio, math.lcm(config.round_to, group.multiple))
         scores = group_l2(model, group)
         order = torch.sort(scores, stable=True).indices
         removals.append((group, order[: group.size - keep]))
-        widths.append((group.size, keep))
-        kept[index] = keep
+    removals, refused = _apply_checked(model, graph, removals, example_inputs, optimizer)
+    widths = [(g.size, g.size - len(u)) for g, u in removals]
+    return StructuredResult(graph, tuple(widths), tuple(refused))
+
+
+def _apply_checked(model, graph, removals, example_inputs, optimizer):  # noqa: ANN001, ANN202
+    """Apply ``removals`` and run the model; if it breaks, find the groups at fault one by
+    one, leave them whole and apply the rest. Returns what was applied and what was refused."""
+    snapshot = _Snapshot(model, optimizer)
+    apply_removals_(model, graph, removals, optimizer=optimizer)
+    if _check_forward(model, example_inputs, graph.output_shapes) is None:
+        return removals, []
+    snapshot.restore()
+    kept, refused = [], []
+    for kind in KINDS:  # whole kinds first: usually one kind (say, hidden size) is at fault
+        batch = [(g, u) for g, u in removals if g.kind == kind]
+        if not batch:
+            continue
+        apply_removals_(model, graph, batch)
+        problem = _check_forward(model, example_inputs, graph.output_shapes)
+        snapshot.restore()
+        if problem is None:
+            kept += batch
+            continue
+        for group, units in batch:
+            apply_removals_(model, graph, [(group, units)])
+            problem = _check_forward(model, example_inputs, graph.output_shapes)
+            snapshot.restore()
+            if problem is None:
+                kept.append((group, units))
+            else:
+                names = ", ".join(group.module_names())
+                refused.append((names, f"pruning it broke the model: {problem}"))
+    apply_removals_(model, graph, kept, optimizer=optimizer)
+    problem = _check_forward(model, example_inputs, graph.output_shapes)
+    if problem is not None:
+        snapshot.restore()
+        raise PruningError(
+            f"pruning broke the forward pass ({problem}), so the model was restored: leave the "
+            "layers at fault whole with StructuredConfig(ignore=[...]) or kinds=(...)"
+        )
+    return kept, refused
+
+
+def _check_forward(
+    model: nn.Module, example_inputs: Any, expected: tuple[tuple[int, ...], ...]
+) -> str | None:
+    """None when the pruned model runs on ``example_inputs`` and keeps its output shapes."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                out = model(**example_inputs)
+            elif isinstance(example_inputs, torch.Tensor):
+                out = model(example_inputs)
+            else:
+                out = model(*example_inputs)
+    except Exception as exc:  # any failure means the surgery is not safe for this model
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        model.train(was_training)
+    shapes = output_shapes(out)
+    return None if shapes == expected else f"output shapes {shapes} != {expected}"
+
+
+class _Snapshot:
+    """Cheap undo for surgery, which only ever replaces tensors and attributes: keep each
+    module's attribute, parameter and buffer dicts (references, not copies of the data)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.modules = [
+            (m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in model.modules()
+        ]
+        self.optimizer = optimizer
+        if optimizer is not None:
+            self.state = dict(optimizer.state)
+            self.params = [list(g["params"]) for g in optimizer.param_groups]
+
+    def restore(self) -> None:
+        for module, attrs, params, buffers in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(attrs)
+            module._parameters = dict(params)  # copies: the snapshot may be restored again
+            module._buffers = dict(buffers)
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+            self.optimizer.state.update(self.state)
+            for group, params in zip(self.optimizer.param_groups, self.params, strict=True):
+                group["params"] = list(params)
+
+
+def apply_removals_(
+    model: nn.Module,
+    graph: DependencyGraph,
+    removals: list[tuple[Group, torch.Tensor]],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Remove the given units of ``graph``'s groups and update the width attributes."""
     remove_units_(model, removals, optimizer=optimizer)
+    index = {id(g): i for i, g in enumerate(graph.groups)}
+    kept = {index[id(g)]: g.size - len(units) for g, units in removals}
     _update_attributes(model, graph, kept)
-    return StructuredResult(graph, tuple(widths))
 
 
 def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:

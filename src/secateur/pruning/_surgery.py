@@ -19,6 +19,7 @@ _RESIZABLE = (
     nn.LayerNorm,
     nn.GroupNorm,
     nn.RMSNorm,
+    nn.MultiheadAttention,
 )
 
 
@@ -64,6 +65,8 @@ def _assign(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) 
 def _channel_dims(module: nn.Module, tensor_name: str, ndim: int) -> set[int]:
     if isinstance(module, nn.Embedding):
         return {1}
+    if isinstance(module, nn.MultiheadAttention):
+        return set(range(ndim))  # its inner and outer widths shrink together
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
         return {0}  # grouped: dim 1 holds one group's inputs, which never changes
     if (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_hf_conv1d(module)) and (
@@ -109,6 +112,10 @@ def _fix_attributes(module: nn.Module, dropped: int = 0) -> None:
             module.out_channels, module.in_channels = w.shape[0], module.groups * w.shape[1]
         else:
             module.out_channels, module.in_channels = w.shape[0], w.shape[1]
+    elif isinstance(module, nn.MultiheadAttention):
+        width = module.in_proj_weight.shape[1]
+        module.embed_dim = module.kdim = module.vdim = width
+        module.head_dim = width // module.num_heads
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = _width(module, "running_mean", module.num_features - dropped)
     elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
@@ -153,6 +160,11 @@ def remove_units_(
                 touched[member.module_name] += len(idx)
             for tensor_name, dim in member_slices(member):
                 drop[(member.module_name, tensor_name, dim)].update(idx)
+    for (module_name, tensor_name, _dim), indices in list(drop.items()):
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.MultiheadAttention) and tensor_name == "in_proj_weight":
+            for key, inner in _attention_inner_drops(module, module_name, len(indices)).items():
+                drop[key].update(inner)
     per_tensor: dict[int, list] = {}
     owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
     for (module_name, tensor_name, dim), indices in drop.items():
@@ -191,6 +203,30 @@ def remove_units_(
         _slice_optimizer_state(optimizer, replaced)
 
 
+def _attention_inner_drops(
+    module: nn.MultiheadAttention, name: str, removed: int
+) -> dict[tuple[str, str, int], list[int]]:
+    """Inner dims an ``nn.MultiheadAttention`` must lose when ``removed`` of its ``embed_dim``
+    input channels go: the same count from every head (its inner width must equal its input
+    width), the dims with the least q/k/v/out weight energy first."""
+    heads, width = module.num_heads, module.embed_dim
+    per_head = removed // heads
+    w = module.in_proj_weight.detach().float()
+    energy = w.view(3, width, -1).pow(2).sum(dim=(0, 2))
+    energy += module.out_proj.weight.detach().float().pow(2).sum(dim=0)
+    head_dim = width // heads
+    order = energy.view(heads, head_dim).argsort(dim=1, stable=True)[:, :per_head]
+    inner = (order + torch.arange(heads)[:, None] * head_dim).flatten().tolist()
+    drops = {
+        (name, "in_proj_weight", 0): [i + k * width for k in range(3) for i in inner],
+        (name, "in_proj_bias", 0): [i + k * width for k in range(3) for i in inner],
+        (f"{name}.out_proj", "weight", 1): inner,
+        (name, "bias_k", 2): inner,
+        (name, "bias_v", 2): inner,
+    }
+    return drops
+
+
 def _merge_cuts(cuts: list[tuple[int, set[int]]]) -> dict[int, set[int]]:
     merged: dict[int, set[int]] = defaultdict(set)
     for dim, indices in cuts:
@@ -212,9 +248,10 @@ def _slice_optimizer_state(
             group["params"][i] = new
             if state is None:
                 continue
+            sliced = dict(state)  # a new dict: the old one may be needed to undo the surgery
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
                     for dim, keep in keeps:
                         value = value.index_select(dim, keep.to(value.device))
-                    state[key] = value.clone()
-            optimizer.state[new] = state
+                    sliced[key] = value.clone()
+            optimizer.state[new] = sliced

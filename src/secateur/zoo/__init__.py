@@ -1,6 +1,8 @@
 """Reference networks of the pruning literature, for 28x28 grayscale and 32x32 RGB images.
 
-Build one by name with :func:`create_model`; :func:`list_models` names them all.
+Build one by name with :func:`create_model`; :func:`list_models` names them all. Two families
+are built by prefix: ``torchvision.<arch>`` and ``hf.<model_type>`` (transformers, random
+weights, never downloaded).
 """
 
 from __future__ import annotations

@@ -85,6 +85,9 @@ def register_model(name: str) -> Callable[[F], F]:
 def list_models() -> list[str]:
     """Names of all registered models, sorted.
 
+    The families built by prefix are not listed: ``torchvision.<arch>`` (vision extra) and
+    ``hf.<model_type>`` (hf extra); :func:`create_model`'s unknown-name error names them.
+
     Example:
         >>> "resnet20" in list_models()
         True
@@ -96,9 +99,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with the given keyword options.
 
     Args:
-        name: a name from :func:`list_models`.
+        name: a name from :func:`list_models`, ``torchvision.<arch>`` or ``hf.<model_type>``.
         **kwargs: the factory's options, typically ``in_channels``, ``num_classes`` and
-            ``image_size`` (and ``width_mult`` for VGG).
+            ``image_size`` (and ``width_mult`` for VGG). ``torchvision.<arch>`` takes
+            ``torchvision.models.get_model``'s options; ``hf.<model_type>`` takes ``task``
+            (``"base"``, ``"causal-lm"``, ``"masked-lm"`` or ``"sequence-classification"``,
+            default ``"base"``) and ``transformers.AutoConfig.for_model``'s options.
 
     Returns:
         A freshly initialised ``nn.Module`` with a ``secateur_spec`` attribute; rebuilding from
@@ -114,16 +120,22 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(name, kwargs)
+    if name.startswith(HF_PREFIX):
+        from ._hf import hf_model  # imports transformers only when asked for
+
+        return hf_model(name, kwargs)
     factory = _REGISTRY.get(name)
     if factory is None:
         raise ConfigError(
             f"unknown model {name!r}: choose one of {', '.join(list_models())} "
-            f"or {TORCHVISION_PREFIX}<name> (with the vision extra)"
+            f"or {TORCHVISION_PREFIX}<name> (with the vision extra) "
+            f"or {HF_PREFIX}<model_type> (with the hf extra)"
         )
     return factory(**kwargs)
 
 
 TORCHVISION_PREFIX = "torchvision."
+HF_PREFIX = "hf."  # built in ._hf
 
 
 def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:

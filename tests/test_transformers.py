@@ -1,0 +1,153 @@
+"""Structural pruning of HF transformers built from small random configs (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from secateur.graph import build_dependency_graph
+from secateur.measure import count_macs
+from secateur.pruning import StructuredConfig, prune_
+from secateur.pruning._structured import apply_removals_
+from structured_helpers import silence_
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+FAMILIES = {
+    "bert": ("sequence-classification", dict(SMALL, num_labels=3, max_position_embeddings=32)),
+    "gpt2": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
+    "llama": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
+    "qwen2": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
+}
+AUTO = {
+    "causal-lm": transformers.AutoModelForCausalLM,
+    "sequence-classification": transformers.AutoModelForSequenceClassification,
+}
+
+
+def _build(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    task, kwargs = FAMILIES[family]
+    config = transformers.AutoConfig.for_model(family, vocab_size=100, **kwargs)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = AUTO[task].from_config(config).eval()
+    ids = torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids}
+
+
+def _logits(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def test_every_hf_family_prunes_30_percent(capsys: pytest.CaptureFixture[str]) -> None:
+    failures = {}
+    for family in FAMILIES:
+        try:
+            model, x = _build(family)
+            macs = count_macs(model, x).dense
+            prune_(model, StructuredConfig(ratio=0.3), example_inputs=x)
+            shape = _logits(model, x).shape
+            after = count_macs(model, x).dense
+            if after >= macs:
+                failures[family] = f"MACs did not fall ({macs} -> {after})"
+            elif shape[0] != 3:
+                failures[family] = f"output shape {tuple(shape)}"
+        except Exception as exc:  # a crash is a failure to list, not to hide
+            failures[family] = f"{type(exc).__name__}: {exc}"
+    with capsys.disabled():
+        print(f"\nHF coverage: {len(FAMILIES) - len(failures)}/{len(FAMILIES)} pruned and cheaper")
+        for family, problem in failures.items():
+            print(f"  {family}: {problem}")
+    assert failures == {}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_heads_ffn_and_hidden_are_found(family: str) -> None:
+    model, x = _build(family)
+    graph = build_dependency_graph(model, x)
+    kinds = [g.kind for g in graph.groups]
+    layers = 2
+    assert kinds.count("head") == layers
+    assert kinds.count("channel") >= layers  # one FFN width per layer
+    assert kinds.count("hidden") == 1  # the residual stream, shared by every layer
+    kv_heads = FAMILIES[family][1].get("num_key_value_heads", 4)
+    assert {g.size for g in graph.groups if g.kind == "head"} == {kv_heads}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_removing_silenced_heads_and_neurons_keeps_outputs(family: str) -> None:
+    """(b) for transformers: zero a random subset of each head and FFN group's units (every
+    producer writes 0 there), remove exactly those, and the logits do not move."""
+    model, x = _build(family)
+    graph = build_dependency_graph(model, x)
+    gen = torch.Generator().manual_seed(3)
+    removals = []
+    for group in graph.groups:
+        if group.kind == "hidden":
+            continue  # LayerNorm statistics pool over these: removal is not exact by nature
+        units = torch.randperm(group.size, generator=gen)[: max(1, group.size // 2)]
+        silence_(model, group, units)
+        removals.append((group, units))
+    reference = _logits(model, x)
+    apply_removals_(model, graph, removals)  # also updates GPT-2's split_size
+    torch.testing.assert_close(_logits(model, x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_query_attention_prunes_whole_kv_groups() -> None:
+    model, x = _build("llama")
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    attn = model.model.layers[0].self_attn
+    head_dim = attn.head_dim
+    assert attn.k_proj.out_features == attn.v_proj.out_features == 1 * head_dim
+    assert attn.q_proj.out_features == 2 * head_dim  # the two query heads sharing that kv head
+    assert attn.o_proj.in_features == 2 * head_dim
+    assert _logits(model, x).shape == (3, 8, 100)
+
+
+def test_gpt2_fused_qkv_split_size_and_tied_embeddings_follow() -> None:
+    model, x = _build("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    attn = model.transformer.h[0].attn
+    assert attn.c_attn.weight.shape == (32, 3 * 32)  # hidden 64 -> 32, two of four heads left
+    assert attn.split_size == 32
+    assert model.secateur_attributes["transformer.h.0.attn"]["split_size"] == 32
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor
+    assert model.transformer.wte.weight.shape == (100, 32)
+    assert _logits(model, x).shape == (3, 8, 100)
+
+
+def test_kinds_select_granularities() -> None:
+    model, x = _build("bert")
+    hidden = model.config.hidden_size
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("channel",)), example_inputs=x)
+    layer = model.bert.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == 64  # FFN width halved
+    assert layer.attention.self.query.out_features == hidden  # heads untouched
+    assert model.bert.embeddings.word_embeddings.embedding_dim == hidden  # hidden untouched
+    with pytest.raises(ValueError, match="kinds"):
+        StructuredConfig(ratio=0.5, kinds=("layers",))
+
+
+def test_optimizer_state_is_sliced_with_the_weights() -> None:
+    model, x = _build("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    model(**x, labels=x["input_ids"]).loss.backward()
+    opt.step()
+    up = model.model.layers[0].mlp.up_proj
+    before = opt.state[up.weight]["exp_avg"].clone()
+    result = prune_(
+        model, StructuredConfig(ratio=0.5, kinds=("channel",)), example_inputs=x, optimizer=opt
+    )
+    assert result.removed_units > 0
+    state = opt.state[up.weight]
+    assert state["exp_avg"].shape == up.weight.shape == (64, 64)
+    assert any(torch.equal(state["exp_avg"][0], row) for row in before)
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in params for p in model.parameters())
+    model.zero_grad()
+    model(**x, labels=x["input_ids"]).loss.backward()
+    opt.step()  # the optimizer runs on the pruned model
