@@ -24,7 +24,7 @@ import torch
 import torchvision
 
 from secateur import StructuredConfig, prune_
-from secateur.graph import build_dependency_graph
+from secateur.graph import KINDS, build_dependency_graph
 from secateur.measure import count_macs, count_params, measure_latencies
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vit_b_16"]
@@ -40,15 +40,24 @@ def median_seconds(fn) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def ours(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> tuple[float, float, str]:
+def ours(
+    model: torch.nn.Module, x: torch.Tensor, ratio: float, kinds: tuple[str, ...] = KINDS
+) -> tuple[float, float, str]:
     graph_s = median_seconds(lambda: build_dependency_graph(model, x))
     start = time.perf_counter()
-    result = prune_(model, StructuredConfig(ratio=ratio), example_inputs=x)
+    result = prune_(model, StructuredConfig(ratio=ratio, kinds=kinds), example_inputs=x)
     total_s = time.perf_counter() - start
-    note = (
-        "" if result.removed_units else "no prunable group (attention/LayerNorm not supported yet)"
-    )
+    note = "" if result.removed_units else "no prunable group"
+    if result.refused:
+        note = f"{len(result.refused)} group(s) refused by the forward check"
     return graph_s, total_s, note
+
+
+def ours_channels(
+    model: torch.nn.Module, x: torch.Tensor, ratio: float
+) -> tuple[float, float, str]:
+    """Neurons/filters/FFN width only: the hidden size stays, as Torch-Pruning's ViT run keeps it."""
+    return ours(model, x, ratio, kinds=("channel",))
 
 
 def theirs(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> tuple[float, float, str]:
@@ -105,10 +114,13 @@ def main() -> None:
         dense = torchvision.models.get_model(name).eval()
         x = torch.randn(1, 3, 224, 224)
         models, rows = {"dense": dense}, {}
-        for tool, fn in (("secateur", ours), ("torch-pruning", theirs)):
+        tools = [("secateur", ours), ("torch-pruning", theirs)]
+        if name.startswith("vit"):
+            tools.insert(1, ("secateur kinds=channel", ours_channels))
+        for tool, fn in tools:
             model = copy.deepcopy(dense)
             try:
-                with torch.no_grad() if tool == "secateur" else torch.enable_grad():
+                with torch.no_grad() if tool.startswith("secateur") else torch.enable_grad():
                     rows[tool] = fn(model, x, args.ratio)
                 model.eval()(x)
                 models[tool] = model
@@ -126,7 +138,7 @@ def main() -> None:
             )
         )
         base_macs = count_macs(dense, x).dense
-        for tool in ("dense", "secateur", "torch-pruning"):
+        for tool in ["dense", *(t for t, _ in tools)]:
             if tool not in models:
                 g, t, note = rows[tool]
                 print(f"| {name} | {tool} | {g:.2f} | {t:.2f} | – | – | – | – | – | – | {note} |")

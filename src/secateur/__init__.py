@@ -17,11 +17,13 @@ from .errors import ArtifactError as ArtifactError
 from .errors import ConfigError as ConfigError
 from .errors import DatasetError as DatasetError
 from .errors import OutputError as OutputError
+from .errors import PruningError as PruningError
 from .errors import SecateurError as SecateurError
 from .export import load_model as load_model
 from .export import save_model as save_model
 from .measure import Metrics as Metrics
 from .measure import measure as measure
+from .pruning import DepthConfig as DepthConfig
 from .pruning import MaskSet as MaskSet
 from .pruning import Scope as Scope
 from .pruning import StructuredConfig as StructuredConfig
@@ -36,9 +38,11 @@ __all__ = [
     "ArtifactError",
     "ConfigError",
     "DatasetError",
+    "DepthConfig",
     "MaskSet",
     "Metrics",
     "OutputError",
+    "PruningError",
     "Scope",
     "SecateurError",
     "StructuredConfig",

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ._ops import (
     CAT,
@@ -39,6 +40,7 @@ from ._shapes import follow_axis
 from ._spaces import Layout, Segment, SpaceTable
 
 _IGNORED = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "__bool__"}
+_SHAPE_KEEPING = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"}
 _PARAM_PASS = {"to", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"}
 _PARAM_SHAPE = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten"}
 
@@ -72,9 +74,10 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 class _Tracer(OpRules, TorchFunctionMode):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.table = SpaceTable()
+        self.meta = bool(state)
         self.layouts: dict[int, tuple[Layout, int]] = {}  # id(tensor) -> (layout, feature dim)
         self.params: dict[int, tuple[str, str, tuple[int | None, ...]]] = {}
         self.keepalive: list[torch.Tensor] = []  # ids stay unique while tracing
@@ -83,13 +86,22 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.notes: list[WidthNote] = []
         self.called: dict[str, list[int]] = {}
         self.names = {m: n for n, m in model.named_modules()}
-        for mod_name, module in model.named_modules():
-            for pname, p in [
-                *module.named_parameters(recurse=False),
-                *module.named_buffers(recurse=False),
-            ]:
-                if p is not None and p.dim() > 0:
-                    self.params[id(p)] = (mod_name, pname, tuple(range(p.dim())))
+        named = (
+            state.items()
+            if state
+            else [
+                (f"{m}.{p}" if m else p, t)
+                for m, module in model.named_modules()
+                for p, t in [
+                    *module.named_parameters(recurse=False),
+                    *module.named_buffers(recurse=False),
+                ]
+            ]
+        )
+        for full, t in named:
+            mod_name, _, pname = full.rpartition(".")
+            if t is not None and t.dim() > 0 and id(t) not in self.params:
+                self.params[id(t)] = (mod_name, pname, tuple(range(t.dim())))
 
     # -- bookkeeping -------------------------------------------------------------------------
     def info(self, t: Any) -> tuple[Layout, int] | None:
@@ -138,7 +150,10 @@ class _Tracer(OpRules, TorchFunctionMode):
     # -- torch calls -------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if self.meta and _name(func) in _SHAPE_KEEPING and isinstance(args[0], torch.Tensor):
+            out = torch.empty_like(args[0])  # meta kernels of norms decompose slowly in Python
+        else:
+            out = func(*args, **kwargs)
         if self.depth == 0:
             self.record(_name(func), args, kwargs, out)
         return out
@@ -247,14 +262,39 @@ class _Tracer(OpRules, TorchFunctionMode):
                     [t for t in args if self.info(t)], out, f"attention {name} unsupported"
                 )
             return
-        if info is None or not isinstance(out, torch.Tensor):
-            if isinstance(out, torch.Tensor):
+        if not isinstance(out, torch.Tensor):
+            return
+        if info is None or (
+            all(self.table.find(s.space) in self.table.blocked for s in info[0])
+            and not self.leaf_reads(module, x, info[1])
+        ):  # the input is fixed (a model input, say); the outputs may still be prunable
+            if not self.origin(module, name, out):
                 self.fresh(out, 1 if out.dim() > 2 else -1, blocked=f"{name} reads untracked input")
             return
         layout, dim = info
         self.called[name] = [s.space for s in layout]
         if not self.leaf(module, name, x, layout, dim, out):
             self.block_all([x], out, f"{type(module).__name__} {name} is not supported here")
+
+    def leaf_reads(self, module: nn.Module, x: torch.Tensor, dim: int) -> bool:
+        """Whether a producer layer reads its channels along ``dim`` of ``x``."""
+        if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+            return dim == x.dim() - 1
+        return not isinstance(module, nn.modules.conv._ConvNd) or dim == 1
+
+    def origin(self, module: nn.Module, name: str, out: torch.Tensor) -> bool:
+        """A Linear/conv whose input is fixed still writes a fresh, prunable space."""
+        if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+            role, dim = ("linear_out" if isinstance(module, nn.Linear) else "conv1d_out"), -1
+        elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
+            convt = isinstance(module, nn.modules.conv._ConvTransposeNd)
+            role, dim = ("convT_out" if convt else "conv_out"), 1
+        else:
+            return False
+        self.fresh(out, dim)
+        self.table.add_member(self.layouts[id(out)][0], name, role)
+        self.called.setdefault(name, []).extend(s.space for s in self.layouts[id(out)][0])
+        return True
 
     def leaf(self, module, name, x, layout, dim, out) -> bool:  # noqa: ANN001
         last = dim == x.dim() - 1
@@ -377,7 +417,24 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
         args, kwargs = (example_inputs,), {}
     else:
         args, kwargs = tuple(example_inputs), {}
-    tracer = _Tracer(model)
+    try:  # shapes alone decide the graph: tracing on meta tensors skips all arithmetic
+        return _trace_once(model, args, kwargs, meta=True)
+    except Exception:  # data-dependent code (masks, .item()) needs real values
+        return _trace_once(model, args, kwargs, meta=False)
+
+
+def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> Trace:
+    state: dict[str, torch.Tensor] = {}
+    if meta:
+        copies: dict[int, torch.Tensor] = {}
+        named = [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+        for name, t in named:
+            state[name] = copies.setdefault(id(t), t.detach().to("meta"))
+        args, kwargs = tree_map(_to_meta, (args, kwargs))
+    tracer = _Tracer(model, state)
     for t in tree_flatten([args, kwargs])[0]:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0:
             tracer.fresh(t, 1 if t.dim() > 2 else -1, blocked="model input")
@@ -392,20 +449,24 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
     model.eval()
     try:
         with torch.no_grad(), tracer:
-            out = model(*args, **kwargs)
+            if meta:
+                out = functional_call(model, state, args, kwargs, tie_weights=False)
+            else:
+                out = model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    for t in (
-        tree_flatten(out)[0]
-        if not hasattr(out, "to_tuple")
-        else tree_flatten(list(out.to_tuple()))[0]
-    ):
+    flat = tree_flatten(list(out.to_tuple()) if hasattr(out, "to_tuple") else out)[0]
+    for t in flat:
         info = tracer.info(t)
         if info is not None:
             tracer.table.block_layout(info[0], "model output")
     return Trace(tracer.table, tracer.notes, output_shapes(out))
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
 def output_shapes(out: Any) -> tuple[tuple[int, ...], ...]:

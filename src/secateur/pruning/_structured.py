@@ -145,6 +145,8 @@ def _apply_checked(model, graph, removals, example_inputs, optimizer):  # noqa: 
             else:
                 names = ", ".join(group.module_names())
                 refused.append((names, f"pruning it broke the model: {problem}"))
+    if not kept:
+        return kept, refused
     apply_removals_(model, graph, kept, optimizer=optimizer)
     problem = _check_forward(model, example_inputs, graph.output_shapes)
     if problem is not None:
