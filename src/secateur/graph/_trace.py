@@ -40,7 +40,11 @@ from ._shapes import follow_axis
 from ._spaces import Layout, Segment, SpaceTable
 
 _IGNORED = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "__bool__"}
-_SHAPE_KEEPING = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"}
+_SHAPE_KEEPING = {
+    *("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"),
+    *("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "sigmoid"),
+    *("tanh", "hardswish", "hardswish_", "hardsigmoid", "leaky_relu", "elu", "mish", "dropout"),
+}
 _PARAM_PASS = {"to", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"}
 _PARAM_SHAPE = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten"}
 
@@ -150,12 +154,15 @@ class _Tracer(OpRules, TorchFunctionMode):
     # -- torch calls -------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if self.meta and _name(func) in _SHAPE_KEEPING and isinstance(args[0], torch.Tensor):
-            out = torch.empty_like(args[0])  # meta kernels of norms decompose slowly in Python
+        name = _name(func)
+        if self.meta and name in _SHAPE_KEEPING and args and isinstance(args[0], torch.Tensor):
+            # meta kernels of norms and activations decompose slowly in Python; the shape is known
+            inplace = name.endswith("_") or kwargs.get("inplace") or args[-1] is True
+            out = args[0] if inplace else torch.empty_like(args[0])
         else:
             out = func(*args, **kwargs)
         if self.depth == 0:
-            self.record(_name(func), args, kwargs, out)
+            self.record(name, args, kwargs, out)
         return out
 
     def follow_param(self, name: str, args: tuple, out: Any) -> None:
