@@ -22,6 +22,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .._inputs import split_inputs
 from ._ops import (
     CAT,
     ELEMENTWISE,
@@ -416,14 +417,8 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
     ``example_inputs`` is a tensor, a sequence of positional tensors, or a dict of keyword
     tensors (HF style). Floating-point inputs and the model's outputs are blocked (their widths
     are fixed by the data and the task); integer inputs (token ids) are not channels.
-    MultiheadAttention is recorded as an unsupported leaf: its spaces are blocked.
     """
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, torch.Tensor):
-        args, kwargs = (example_inputs,), {}
-    else:
-        args, kwargs = tuple(example_inputs), {}
+    args, kwargs = split_inputs(example_inputs)
     try:  # shapes alone decide the graph: tracing on meta tensors skips all arithmetic
         return _trace_once(model, args, kwargs, meta=True)
     except Exception:  # data-dependent code (masks, .item()) needs real values

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._inputs import split_inputs
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -60,13 +62,7 @@ def count_macs(
         >>> count_macs(nn.Linear(4, 3), torch.zeros(2, 4))
         MacCount(dense=12, nonzero=0)
     """
-    kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {}
-    if kwargs:
-        inputs: tuple = ()
-    elif isinstance(example_inputs, torch.Tensor):
-        inputs = (example_inputs,)
-    else:
-        inputs = tuple(example_inputs)
+    inputs, kwargs = split_inputs(example_inputs)
     first = inputs[0] if inputs else next(iter(kwargs.values()), None)
     batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
     totals = [0, 0]

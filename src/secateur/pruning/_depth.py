@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .._config import check_range, config_from_dict, config_to_dict
+from .._inputs import call_model
 from ..errors import ConfigError
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
@@ -245,12 +246,6 @@ def _shapes(out: Any) -> list[tuple[int, ...]]:
     return []
 
 
-def _run(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(*inputs)
-
-
 def _container_children(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """``{child name: (container name, child)}`` for every child of a Sequential/ModuleList."""
     children = {}
@@ -309,7 +304,7 @@ def _probe(model: nn.Module, names: dict[str, nn.Module], inputs: Any) -> tuple[
             handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
             handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
         with torch.enable_grad():
-            out = _run(model, inputs)
+            out = call_model(model, inputs)
         shapes = _shapes(out)
     finally:
         for h in handles:
@@ -325,7 +320,7 @@ def _runs_without(model: nn.Module, name: str, tuple_len: int | None, inputs: An
     setattr(parent, child, Skip(tuple_len))
     try:
         with torch.no_grad():
-            return _shapes(_run(model, inputs)) == shapes
+            return _shapes(call_model(model, inputs)) == shapes
     except Exception:  # any failure means the block cannot simply be skipped
         return False
     finally:
@@ -402,10 +397,6 @@ def prune_depth_(
     """
     if example_inputs is None:
         raise ConfigError("depth pruning needs example_inputs: pass example_inputs=x")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    elif not isinstance(example_inputs, Mapping):
-        example_inputs = tuple(example_inputs)
     scores, tuple_lens = find_blocks(model, example_inputs, config.ignore)
     candidates = tuple(scores)
     budget = int(round(config.ratio * len(candidates)))

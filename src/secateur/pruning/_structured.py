@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._config import check_int, check_range, config_from_dict, config_to_dict
+from .._inputs import call_model
 from ..errors import ConfigError, PruningError
 from ..graph import KINDS, DependencyGraph, Group, build_dependency_graph
 from ..graph._trace import output_shapes
@@ -166,12 +167,7 @@ def _check_forward(
     model.eval()
     try:
         with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                out = model(**example_inputs)
-            elif isinstance(example_inputs, torch.Tensor):
-                out = model(example_inputs)
-            else:
-                out = model(*example_inputs)
+            out = call_model(model, example_inputs)
     except Exception as exc:  # any failure means the surgery is not safe for this model
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
