@@ -155,7 +155,15 @@ def test_bad_scope_and_criterion_and_config_type() -> None:
 def test_config_round_trips_through_a_dict() -> None:
     config = UnstructuredConfig(sparsity=0.8, scope=Scope.LAYER, exclude=("fc3",))
     data = config.to_dict()
-    assert data == {"sparsity": 0.8, "scope": "layer", "criterion": "magnitude", "exclude": ["fc3"]}
+    assert data == {
+        "sparsity": 0.8,
+        "scope": "layer",
+        "criterion": "magnitude",
+        "exclude": ["fc3"],
+        "normalize": "none",
+        "per_layer": {},
+        "nm": None,
+    }
     assert UnstructuredConfig.from_dict(data) == config
     with pytest.raises(ConfigError, match="unknown UnstructuredConfig field"):
         UnstructuredConfig.from_dict({"sparsity": 0.5, "ratio": 0.1})

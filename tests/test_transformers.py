@@ -151,3 +151,26 @@ def test_optimizer_state_is_sliced_with_the_weights() -> None:
     model.zero_grad()
     model(**x, labels=x["input_ids"]).loss.backward()
     opt.step()  # the optimizer runs on the pruned model
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "taylor", "apoz", "obd"])
+def test_data_criteria_prune_transformers_from_dict_calibration(criterion: str) -> None:
+    model, x = _build("gpt2")
+    batches = [({"input_ids": x["input_ids"]}, x["input_ids"]) for _ in range(2)]
+
+    def next_token_loss(outputs, ids: torch.Tensor) -> torch.Tensor:
+        logits = outputs.logits[:, :-1]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
+
+    before = count_macs(model, x).dense
+    prune_(
+        model,
+        StructuredConfig(ratio=0.3, criterion=criterion),
+        example_inputs=x,
+        calibration=batches,
+        loss_fn=next_token_loss,
+    )
+    assert _logits(model, x).isfinite().all()
+    assert count_macs(model, x).dense < before

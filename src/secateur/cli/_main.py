@@ -21,6 +21,7 @@ from ..recipes import (
     run_compress,
 )
 from ..zoo import list_models
+from ._commands import COMMANDS
 
 
 def _read_recipe(path: str) -> dict[str, Any]:
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_compress(sub)
+    for command in COMMANDS.values():
+        command.add(sub)
     return parser
 
 
@@ -174,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in COMMANDS:
+            return COMMANDS[args.command].run(args, console)
         return _compress(args, console)
     except SecateurError as exc:
         print(f"secateur: error: {exc}", file=sys.stderr)

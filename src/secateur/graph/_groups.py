@@ -73,6 +73,11 @@ class Group:
     def module_names(self) -> list[str]:
         return sorted({m.module_name for m in self.members})
 
+    def producers(self) -> list[str]:
+        """Names of the modules that write these channels (conv/linear outputs, embeddings,
+        free parameters), sorted: the names per-layer settings match a group by."""
+        return sorted({m.module_name for m in self.members if m.role in ORIGINS})
+
 
 @dataclass(frozen=True)
 class WidthAttribute:

@@ -1,7 +1,9 @@
-"""Registry of weight-importance criteria: ``register_criterion``, ``list_criteria``, ``create_criterion``.
+"""Registry of importance criteria: ``register_criterion``, ``list_criteria``, ``create_criterion``.
 
-A criterion is a plain callable ``criterion(module, weight) -> scores`` returning a tensor of the
-weight's shape; higher means more important, and the lowest scores are pruned first.
+A registered factory returns either a :class:`Criterion` or a plain callable
+``criterion(module, weight) -> scores`` returning a tensor of the weight's shape (higher means
+more important; the lowest scores are pruned first). Plain callables need no calibration data
+and work per weight and, added up over a channel unit's weights, per group.
 """
 
 from __future__ import annotations
@@ -13,18 +15,25 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ._criterion import Criterion, WeightContext
 
 WeightCriterion = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
-_CRITERIA: dict[str, Callable[..., WeightCriterion]] = {}
+_CRITERIA: dict[str, Callable[..., Criterion | WeightCriterion]] = {}
 
 
 def register_criterion(
     name: str,
-) -> Callable[[Callable[..., WeightCriterion]], Callable[..., WeightCriterion]]:
-    """Decorator registering a *factory* ``(**kwargs) -> criterion`` under ``name``."""
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a *factory* ``(**kwargs) -> Criterion | callable`` under ``name``.
 
-    def decorate(factory: Callable[..., WeightCriterion]) -> Callable[..., WeightCriterion]:
+    Example:
+        >>> @register_criterion("doc-largest-first")
+        ... def largest_first():
+        ...     return lambda module, weight: weight.abs()
+    """
+
+    def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
         if name in _CRITERIA:
             raise ValueError(f"criterion '{name}' is already registered")
         _CRITERIA[name] = factory
@@ -38,7 +47,27 @@ def list_criteria() -> list[str]:
     return sorted(_CRITERIA)
 
 
-def create_criterion(name: str, **kwargs: Any) -> WeightCriterion:
+def as_criterion(rule: Criterion | WeightCriterion) -> Criterion:
+    """A :class:`Criterion` from either form a factory may return."""
+    if isinstance(rule, Criterion):
+        return rule
+    if not callable(rule):
+        raise ConfigError(f"a criterion must be callable, got {type(rule).__name__}")
+    return Criterion(lambda ctx: _plain_scores(rule, ctx))
+
+
+def _plain_scores(rule: WeightCriterion, ctx: WeightContext) -> torch.Tensor:
+    scores = rule(ctx.module, ctx.weight)
+    if not isinstance(scores, torch.Tensor) or scores.shape != ctx.weight.shape:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ConfigError(
+            f"criterion returned {shape} for {ctx.name} of shape {tuple(ctx.weight.shape)}: "
+            "return one score per weight"
+        )
+    return scores
+
+
+def create_criterion(name: str, **kwargs: Any) -> Criterion:
     """Build the criterion registered as ``name``.
 
     Raises:
@@ -47,6 +76,6 @@ def create_criterion(name: str, **kwargs: Any) -> WeightCriterion:
     if name not in _CRITERIA:
         raise ConfigError(f"unknown criterion '{name}': choose one of {', '.join(list_criteria())}")
     try:
-        return _CRITERIA[name](**kwargs)
+        return as_criterion(_CRITERIA[name](**kwargs))
     except TypeError as exc:
         raise ConfigError(f"bad arguments for criterion '{name}': {exc}") from None

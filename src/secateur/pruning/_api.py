@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..importance._statistics import LossFn
 from ._depth import DepthConfig, DepthResult, prune_depth_
 from ._masks import MaskSet
 from ._structured import StructuredConfig, StructuredResult, prune_structured_
@@ -20,6 +21,8 @@ def prune_(
     config: Any,
     *,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | dict | None = None,
+    calibration: Any = None,
+    loss_fn: LossFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> MaskSet | StructuredResult | DepthResult:
     """Prune ``model`` in place as ``config`` says and return what was removed.
@@ -29,6 +32,10 @@ def prune_(
     channels and returns a :class:`StructuredResult`; ``DepthConfig`` runs the model on
     ``example_inputs`` (required), replaces its least influential residual blocks by ``Skip``
     and returns a :class:`DepthResult`.
+
+    ``calibration`` (batches of ``(inputs, targets)``, or a data split) feeds data criteria
+    (``taylor``, ``obd``, ``activation``, ``apoz``, ``wanda``); ``loss_fn(outputs, targets)``
+    replaces the default cross-entropy for gradient criteria.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -40,9 +47,16 @@ def prune_(
         ConfigError: for a config type this verb does not know.
     """
     if isinstance(config, UnstructuredConfig):
-        return prune_unstructured_(model, config)
+        return prune_unstructured_(model, config, calibration=calibration, loss_fn=loss_fn)
     if isinstance(config, StructuredConfig):
-        return prune_structured_(model, config, example_inputs, optimizer=optimizer)
+        return prune_structured_(
+            model,
+            config,
+            example_inputs,
+            optimizer=optimizer,
+            calibration=calibration,
+            loss_fn=loss_fn,
+        )
     if isinstance(config, DepthConfig):
         return prune_depth_(model, config, example_inputs)
     raise ConfigError(

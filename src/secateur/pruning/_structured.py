@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._config import check_int, check_range, config_from_dict, config_to_dict
+from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
 from .._inputs import call_model
 from ..errors import ConfigError, PruningError
 from ..graph import KINDS, DependencyGraph, Group, build_dependency_graph
 from ..graph._trace import output_shapes
-from ..importance import group_l2
+from ..importance import NORMALIZATIONS, create_criterion, group_scores, normalize
+from ..importance._statistics import LossFn
 from ._surgery import remove_units_
+from ._unstructured import Scope, check_per_layer, match_per_layer
 
 
 @dataclass(frozen=True)
 class StructuredConfig:
-    """Remove ``ratio`` of the channel units of every prunable group, by group L2 magnitude.
+    """Remove ``ratio`` of the channel units of the prunable groups, ranked by ``criterion``.
 
     Attributes:
-        ratio: fraction in [0, 1) of each group's units to remove (at least one unit is kept).
+        ratio: fraction in [0, 1) of each group's units to remove (at least one unit is kept);
+            with global scope, the fraction of all selected units.
         round_to: keep each group's width a multiple of this (rounded down, never below it),
             so kernels stay efficient; 1 disables rounding.
         ignore: fnmatch patterns of module names; a group touching any of them is left whole.
@@ -32,12 +35,27 @@ class StructuredConfig:
             ``head`` (whole attention heads; with grouped-query attention a unit is one key/value
             head and the query heads sharing it) and ``hidden`` (channels pooled by a
             LayerNorm/RMSNorm/GroupNorm or a reduction, such as a transformer's hidden size).
+        criterion: a registered criterion; a unit scores the sum of its weights' scores (the
+            square root for ``l2``), or its activations for ``activation``/``apoz``.
+        scope: ``layer`` removes ``ratio`` of every group; ``global`` ranks the units of all
+            groups together (after ``normalize``) and removes the lowest ``ratio`` of them, so
+            robust groups give more; no group loses more than ``max_ratio``.
+        normalize: per-group score normalisation for global ranking (``mean``, ``max``, ``sum``,
+            ``l2`` or ``none``).
+        max_ratio: with global scope, the largest fraction any one group may lose.
+        per_layer: fnmatch pattern → ratio for the groups whose producing layers it matches
+            (``Group.producers()``; the first matching pattern wins), pruned on their own.
     """
 
     ratio: float
     round_to: int = 1
     ignore: tuple[str, ...] = ()
     kinds: tuple[str, ...] = KINDS
+    criterion: str = "l2"
+    scope: Scope = Scope.LAYER
+    normalize: str = "mean"
+    max_ratio: float = 0.9
+    per_layer: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
@@ -50,6 +68,14 @@ class StructuredConfig:
                 f"kinds={list(kinds)} is not valid: choose one or more of {', '.join(KINDS)}"
             )
         object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "scope", coerce_enum("scope", Scope, self.scope))
+        object.__setattr__(self, "per_layer", check_per_layer(self.per_layer))
+        check_range("max_ratio", self.max_ratio, 0.0, 1.0, high_open=True)
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalize={self.normalize!r} is not known: choose one of {', '.join(NORMALIZATIONS)}"
+            )
+        create_criterion(self.criterion)  # validates the name now, not mid-run
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -96,26 +122,63 @@ def prune_structured_(
     example_inputs: Any,
     *,
     optimizer: torch.optim.Optimizer | None = None,
+    calibration: Any = None,
+    loss_fn: LossFn | None = None,
 ) -> StructuredResult:
-    """Trace, score and physically remove the lowest-scoring units of every group in place.
+    """Trace, score and physically remove the lowest-scoring units of the groups in place.
 
     Module attributes that the trace tied to a pruned width (head counts in a ``view``, split
     sizes) are updated and recorded in ``model.secateur_attributes`` so a saved model reloads.
+    ``calibration`` and ``loss_fn`` feed data criteria (see ``unstructured_masks``).
     """
     if example_inputs is None:
         raise ConfigError("structured pruning needs example_inputs: pass example_inputs=x")
     graph = build_dependency_graph(model, example_inputs)
+    chosen = [g for g in graph.groups if g.kind in config.kinds and not _ignored(g, config.ignore)]
+    criterion = create_criterion(config.criterion)
+    scores = group_scores(model, chosen, criterion, calibration=calibration, loss_fn=loss_fn)
+    counts = _removal_counts(chosen, scores, config)
     removals = []
-    for group in graph.groups:
-        if group.kind not in config.kinds or _ignored(group, config.ignore):
-            continue
-        keep = units_to_keep(group.size, config.ratio, math.lcm(config.round_to, group.multiple))
-        scores = group_l2(model, group)
-        order = torch.sort(scores, stable=True).indices
-        removals.append((group, order[: group.size - keep]))
+    for group, score, count in zip(chosen, scores, counts, strict=True):
+        order = torch.sort(score, stable=True).indices
+        removals.append((group, order[:count]))
     removals, refused = _apply_checked(model, graph, removals, example_inputs, optimizer)
     widths = [(g.size, g.size - len(u)) for g, u in removals]
     return StructuredResult(graph, tuple(widths), tuple(refused))
+
+
+def _removal_counts(
+    groups: list[Group], scores: list[torch.Tensor], config: StructuredConfig
+) -> list[int]:
+    """How many units each group loses: its own ratio (per_layer or layer scope), or its share
+    of the globally lowest normalised scores, then rounded to the group's width multiple."""
+    ratios: list[float | None] = []
+    for group in groups:
+        own = match_per_layer(group.producers(), config.per_layer)
+        ratios.append(config.ratio if own is None and config.scope is Scope.LAYER else own)
+    pool = [i for i, r in enumerate(ratios) if r is None]
+    if pool:
+        entries = []
+        for i in pool:
+            s = normalize(scores[i], config.normalize)
+            entries += [(float(v), i) for v in s]
+        entries.sort(key=lambda e: e[0])
+        budget = round(config.ratio * sum(groups[i].size for i in pool))
+        taken = dict.fromkeys(pool, 0)
+        cap = {i: int(config.max_ratio * groups[i].size) for i in pool}
+        for _, i in entries:
+            if budget <= 0:
+                break
+            if taken[i] < cap[i]:
+                taken[i] += 1
+                budget -= 1
+        for i in pool:
+            ratios[i] = taken[i] / groups[i].size
+    counts = []
+    for group, ratio in zip(groups, ratios, strict=True):
+        multiple = math.lcm(config.round_to, group.multiple)
+        counts.append(group.size - units_to_keep(group.size, float(ratio), multiple))
+    return counts
 
 
 def _apply_checked(model, graph, removals, example_inputs, optimizer):  # noqa: ANN001, ANN202

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 
 from .._config import check_range, coerce_enum, config_from_dict, config_to_dict
 from ..errors import ConfigError
-from ..importance import create_criterion
+from ..importance import NORMALIZATIONS, create_criterion, normalize, weight_scores
+from ..importance._statistics import LossFn
 from ._masks import MaskSet
 
 PRUNABLE_TYPES = (
@@ -41,19 +43,38 @@ class UnstructuredConfig:
         sparsity: fraction in [0, 1) of the selected weights to set to zero.
         scope: ``global`` ranks all selected weights together (layers end up with different
             sparsities); ``layer`` prunes each layer to ``sparsity`` on its own.
-        criterion: a registered importance criterion name (see ``importance.list_criteria``).
+        criterion: a registered importance criterion name (see ``importance.list_criteria``);
+            data criteria (``taylor``, ``obd``, ``wanda``, ...) need ``calibration=`` at prune time.
         exclude: fnmatch patterns of module names to leave dense, e.g. ``("fc3",)``.
+        normalize: with global scope, divide each layer's scores by their ``mean``, ``max``,
+            ``sum`` or ``l2`` norm before ranking them together (``none``: raw scores).
+        per_layer: fnmatch pattern → sparsity for the layers it matches (the first matching
+            pattern wins); those layers are pruned on their own, the rest as ``scope`` says.
+        nm: ``"N:M"`` semi-structured sparsity: in every run of M consecutive weights along a
+            layer's input features, only the N highest-scoring stay (``"2:4"`` is what sparse
+            tensor cores run). It replaces ``sparsity``, which becomes ``1 - N/M``.
     """
 
-    sparsity: float
+    sparsity: float = 0.5
     scope: Scope = Scope.GLOBAL
     criterion: str = "magnitude"
     exclude: tuple[str, ...] = ()
+    normalize: str = "none"
+    per_layer: dict[str, float] = field(default_factory=dict)
+    nm: str | None = None
 
     def __post_init__(self) -> None:
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         object.__setattr__(self, "scope", coerce_enum("scope", Scope, self.scope))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "per_layer", check_per_layer(self.per_layer))
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalize={self.normalize!r} is not known: choose one of {', '.join(NORMALIZATIONS)}"
+            )
+        if self.nm is not None:
+            n, m = parse_nm(self.nm)
+            object.__setattr__(self, "sparsity", 1.0 - n / m)
         create_criterion(self.criterion)  # validates the name now, not mid-run
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +83,36 @@ class UnstructuredConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UnstructuredConfig:
         return config_from_dict(cls, data)
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """``"2:4"`` → ``(2, 4)``; raises ConfigError unless ``0 < N < M``."""
+    try:
+        n, m = (int(part) for part in str(text).split(":"))
+    except ValueError:
+        raise ConfigError(f"nm={text!r} is not N:M: write e.g. '2:4' or '4:8'") from None
+    if not 0 < n < m:
+        raise ConfigError(f"nm={text!r} needs 0 < N < M: write e.g. '2:4' or '4:8'")
+    return n, m
+
+
+def check_per_layer(per_layer: Any) -> dict[str, float]:
+    """Validate a ``{pattern: fraction}`` mapping (fractions in [0, 1))."""
+    if not isinstance(per_layer, dict):
+        raise ConfigError(
+            f"per_layer must map layer name patterns to fractions, got {type(per_layer).__name__}"
+        )
+    for pattern, value in per_layer.items():
+        check_range(f"per_layer[{pattern!r}]", value, 0.0, 1.0, high_open=True)
+    return dict(per_layer)
+
+
+def match_per_layer(names: list[str], per_layer: dict[str, float]) -> float | None:
+    """The fraction of the first ``per_layer`` pattern matching any of ``names``, else None."""
+    for pattern, value in per_layer.items():
+        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            return value
+    return None
 
 
 def prunable_weights(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
@@ -84,29 +135,85 @@ def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view_as(scores)
 
 
-def unstructured_masks(model: nn.Module, config: UnstructuredConfig) -> dict[str, torch.Tensor]:
-    """Compute keep-masks for ``config`` without touching the model."""
+def nm_mask(scores: torch.Tensor, module: nn.Module, n: int, m: int, name: str) -> torch.Tensor:
+    """Keep-mask keeping the ``n`` best of every ``m`` consecutive input weights of each row.
+
+    Rows are output units; a Conv kernel's row is its ``in × k...`` slice (the layout sparse
+    kernels use), an HF Conv1D (stored ``in × out``) is transposed first.
+    """
+    transposed = type(module).__name__ == "Conv1D"
+    s = scores.t() if transposed else scores
+    rows = s.reshape(s.shape[0], -1)
+    if rows.shape[1] % m:
+        raise ConfigError(
+            f"{name} has {rows.shape[1]} inputs per row, not a multiple of {m}: "
+            f"exclude it with exclude=[...] or use another N:M"
+        )
+    runs = rows.float().reshape(rows.shape[0], -1, m)
+    best = runs.topk(n, dim=-1).indices
+    keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, best, True)
+    keep = keep.reshape(s.shape)
+    return keep.t() if transposed else keep
+
+
+def unstructured_masks(
+    model: nn.Module,
+    config: UnstructuredConfig,
+    *,
+    calibration: Any = None,
+    loss_fn: LossFn | None = None,
+    pruned: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Compute keep-masks for ``config`` without touching the model.
+
+    Args:
+        calibration: batches for data criteria (see ``secateur._calibration``).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` for gradient criteria (default:
+            cross-entropy of the logits).
+        pruned: earlier keep-masks; what they pruned stays pruned and counts toward the target,
+            so masks only ever grow (gradual and iterative schedules).
+    """
     layers = prunable_weights(model, config.exclude)
     if not layers:
         raise ConfigError("no Linear or Conv weights to prune: check the model and `exclude`")
     criterion = create_criterion(config.criterion)
-    scores = {name: criterion(m, m.weight) for name, m in layers.items()}
+    scores = weight_scores(model, criterion, layers, calibration=calibration, loss_fn=loss_fn)
+    pruned = pruned or {}
+
+    def fixed(name: str, s: torch.Tensor) -> torch.Tensor:
+        keep = pruned.get(name)
+        return s if keep is None else s.masked_fill(~keep.to(s.device), -math.inf)
+
+    if config.nm is not None:
+        n, m = parse_nm(config.nm)
+        return {k: nm_mask(fixed(k, s), layers[k], n, m, k) for k, s in scores.items()}
+    masks: dict[str, torch.Tensor] = {}
+    pooled = {}
     for name, s in scores.items():
-        if s.shape != layers[name].weight.shape:
-            raise ValueError(
-                f"criterion '{config.criterion}' returned shape {tuple(s.shape)} for {name}"
-            )
-    if config.scope is Scope.LAYER:
-        return {n: _lowest_k_mask(s, round(config.sparsity * s.numel())) for n, s in scores.items()}
-    flat = torch.cat([s.flatten().float().cpu() for s in scores.values()])
-    keep = _lowest_k_mask(flat, round(config.sparsity * flat.numel()))
-    masks, offset = {}, 0
-    for name, s in scores.items():
-        masks[name] = keep[offset : offset + s.numel()].view_as(s).to(s.device)
-        offset += s.numel()
-    return masks
+        own = match_per_layer([name.rsplit(".", 1)[0]], config.per_layer)
+        if own is None and config.scope is Scope.LAYER:
+            own = config.sparsity
+        if own is None:
+            pooled[name] = fixed(name, normalize(s, config.normalize))
+        else:
+            masks[name] = _lowest_k_mask(fixed(name, s), round(own * s.numel()))
+    if pooled:
+        flat = torch.cat([s.flatten().float().cpu() for s in pooled.values()])
+        keep = _lowest_k_mask(flat, round(config.sparsity * flat.numel()))
+        offset = 0
+        for name, s in pooled.items():
+            masks[name] = keep[offset : offset + s.numel()].view_as(s).to(s.device)
+            offset += s.numel()
+    return {name: masks[name] for name in scores}
 
 
-def prune_unstructured_(model: nn.Module, config: UnstructuredConfig) -> MaskSet:
+def prune_unstructured_(
+    model: nn.Module,
+    config: UnstructuredConfig,
+    *,
+    calibration: Any = None,
+    loss_fn: LossFn | None = None,
+) -> MaskSet:
     """Zero the weights chosen by ``config`` in place and return their masks."""
-    return MaskSet(model, unstructured_masks(model, config))
+    masks = unstructured_masks(model, config, calibration=calibration, loss_fn=loss_fn)
+    return MaskSet(model, masks)
