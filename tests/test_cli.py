@@ -309,7 +309,7 @@ def test_compress_structured_end_to_end(
 
     report = (out / "report.md").read_text(encoding="utf-8")
     assert _report_row(report, "method")[1] == "structured"
-    assert "ratio 0.5 of each channel group" in _report_row(report, "pruning")[1]
+    assert "l2 criterion, layer scope, ratio 0.5" in _report_row(report, "pruning")[1]
     assert _report_row(report, "parameters")[1:3] == ["266,610", "125,810"]
     assert _report_row(report, "MACs (dense kernels)")[1:3] == ["266,200", "125,600"]
     disk = [f"{base_metrics['disk_bytes']:,} B", f"{metrics['disk_bytes']:,} B"]
@@ -514,17 +514,37 @@ BAD_INPUT: list[Any] = [
     ),
     pytest.param(
         _flag("--method", "structured", "--sparsity", "0.5"),
-        ["--sparsity applies to --method unstructured only", "--ratio"],
+        ["--sparsity applies to --method unstructured or sparsegpt only", "--method unstructured"],
         id="sparsity-with-structured",
     ),
     pytest.param(
-        _flag("--method", "structured", "--scope", "layer"),
-        ["--scope applies to --method unstructured only"],
-        id="scope-with-structured",
+        _flag("--method", "sparsegpt", "--scope", "layer"),
+        ["--scope applies to --method unstructured or structured only"],
+        id="scope-with-sparsegpt",
+    ),
+    pytest.param(
+        _flag("--method", "structured", "--nm", "2:4"),
+        ["--nm applies to --method unstructured or sparsegpt only"],
+        id="nm-with-structured",
+    ),
+    pytest.param(
+        _flag("--nm", "2-4"),
+        ["nm='2-4'", "2:4"],
+        id="nm-malformed",
+    ),
+    pytest.param(
+        _flag("--method", "structured", "--prune-schedule", "gradual"),
+        ["gradual works with method unstructured only"],
+        id="gradual-with-structured",
+    ),
+    pytest.param(
+        _flag("--recovery", "distill", "--alpha", "2"),
+        ["alpha=2"],
+        id="alpha-out-of-range",
     ),
     pytest.param(
         _flag("--ratio", "0.3"),
-        ["--ratio applies to --method structured only", "--sparsity"],
+        ["--ratio applies to --method structured only", "--method structured"],
         id="ratio-with-unstructured",
     ),
     pytest.param(
@@ -534,7 +554,7 @@ BAD_INPUT: list[Any] = [
     ),
     pytest.param(
         _recipe("compress:\n  method: pruned\n"),
-        ["method='pruned'", "unstructured, structured"],
+        ["method='pruned'", "unstructured, structured, sparsegpt"],
         id="yaml-unknown-method",
     ),
     pytest.param(
@@ -544,7 +564,7 @@ BAD_INPUT: list[Any] = [
     ),
     pytest.param(
         _recipe("compress:\n  method: structured\n  sparsity: 0.5\n"),
-        ["'sparsity'", "method unstructured only", "set method: unstructured"],
+        ["'sparsity'", "method unstructured or sparsegpt only", "set method: unstructured"],
         id="yaml-sparsity-with-structured",
     ),
     pytest.param(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
+from . import _distill, _sensitivity
 
 
 @dataclass(frozen=True)
@@ -22,4 +23,7 @@ class Command:
     run: Callable[[argparse.Namespace, Console], int]
 
 
-COMMANDS: dict[str, Command] = {}
+COMMANDS: dict[str, Command] = {
+    "distill": Command(_distill.add, _distill.run),
+    "sensitivity": Command(_sensitivity.add, _sensitivity.run),
+}

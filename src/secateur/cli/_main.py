@@ -12,14 +12,9 @@ import yaml
 from rich.console import Console
 
 from ..errors import ConfigError, SecateurError
-from ..importance import list_criteria
-from ..recipes import (
-    STRUCTURED_ONLY,
-    UNSTRUCTURED_ONLY,
-    CompressConfig,
-    CompressMethod,
-    run_compress,
-)
+from ..importance import NORMALIZATIONS, list_criteria
+from ..pruning import PruneSchedule
+from ..recipes import METHOD_SETTINGS, CompressConfig, CompressMethod, Recovery, run_compress
 from ..zoo import list_models
 from ._commands import COMMANDS
 
@@ -49,7 +44,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         description="With no options: train LeNet-5 on Fashion-MNIST (or reuse a cached one), "
         "prune 85%% of its weights by global magnitude, fine-tune, and report before/after. "
         "--method structured removes whole channels instead (--ratio, --round-to), so the model "
-        "itself gets smaller; --sparsity, --scope and --criterion apply only to unstructured.",
+        "itself gets smaller; --method sparsegpt zeros weights with layer-wise reconstruction. "
+        "Each flag's help says which methods read it.",
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument(
@@ -60,25 +56,37 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         choices=[m.value for m in CompressMethod],
-        help="zero single weights, or remove whole channels/neurons (default unstructured)",
+        help="zero single weights by a criterion, zero them with SparseGPT reconstruction, or "
+        "remove whole channels/neurons (default unstructured)",
     )
     p.add_argument(
         "--sparsity",
         type=float,
-        help="unstructured: fraction of weights to zero, in [0, 1) (default 0.85)",
+        help="unstructured/sparsegpt: fraction of weights to zero, in [0, 1) (default 0.85)",
+    )
+    p.add_argument(
+        "--nm", metavar="N:M", help="unstructured/sparsegpt: keep N of every M weights, e.g. 2:4"
+    )
+    p.add_argument(
+        "--criterion",
+        help=f"unstructured/structured: importance criterion: {', '.join(list_criteria())} "
+        "(default magnitude for weights, l2 for channels)",
     )
     p.add_argument(
         "--scope",
         choices=["global", "layer"],
-        help="unstructured: threshold scope (default global)",
+        help="unstructured/structured: rank all layers together or each alone "
+        "(default global for weights, layer for channels)",
     )
     p.add_argument(
-        "--criterion", help=f"unstructured: importance criterion: {', '.join(list_criteria())}"
+        "--normalize",
+        choices=list(NORMALIZATIONS),
+        help="unstructured/structured: per-layer score normalisation for global ranking",
     )
     p.add_argument(
         "--ratio",
         type=float,
-        help="structured: fraction of each channel group to remove, in [0, 1) (default 0.5)",
+        help="structured: fraction of the channel units to remove, in [0, 1) (default 0.5)",
     )
     p.add_argument(
         "--round-to",
@@ -86,6 +94,31 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         dest="round_to",
         metavar="N",
         help="structured: keep each group's width a multiple of N (default 1)",
+    )
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        dest="calibration_batches",
+        metavar="N",
+        help="training batches read by data criteria and SparseGPT (default 8)",
+    )
+    p.add_argument(
+        "--prune-schedule",
+        dest="prune_schedule",
+        choices=[k.value for k in PruneSchedule],
+        help="prune at once, in prune/recover rounds, or gradually (AGP) while fine-tuning",
+    )
+    p.add_argument(
+        "--prune-steps", type=int, dest="prune_steps", help="iterative rounds (default 3)"
+    )
+    p.add_argument(
+        "--recovery",
+        choices=[r.value for r in Recovery],
+        help="fine-tune, or distil from the unpruned baseline (default finetune)",
+    )
+    p.add_argument("--temperature", type=float, help="distillation temperature (default 4)")
+    p.add_argument(
+        "--alpha", type=float, help="distillation: weight of the soft loss, in [0, 1] (default 0.9)"
     )
     p.add_argument("--epochs", type=int, help="baseline training epochs (default 8)")
     p.add_argument("--finetune-epochs", type=int, dest="finetune_epochs", help="(default 5)")
@@ -132,28 +165,24 @@ def _flag(key: str) -> str:
 def _check_method_settings(
     method: CompressMethod, flags: dict[str, Any], recipe: dict[str, Any], recipe_path: str | None
 ) -> None:
-    """Reject a setting given for the method that is not running, rather than ignore it."""
-    if method is CompressMethod.STRUCTURED:
-        other, hint = "unstructured", "--ratio and --round-to"
-        misplaced = UNSTRUCTURED_ONLY
-    else:
-        other, hint = "structured", "--sparsity, --scope and --criterion"
-        misplaced = STRUCTURED_ONLY
-    for key in misplaced:
+    """Reject a setting given for a method that does not read it, rather than ignore it."""
+    for key, methods in METHOD_SETTINGS.items():
+        if method in methods:
+            continue
+        users = " or ".join(m.value for m in methods)
         if key in flags:
             raise ConfigError(
-                f"{_flag(key)} applies to --method {other} only: with --method {method.value} "
-                f"use {hint}, or pass --method {other}"
+                f"{_flag(key)} applies to --method {users} only: drop it, or pass --method "
+                f"{methods[0].value}"
             )
-    for key in misplaced:
         if key in recipe:
             if "method" in flags:
                 fix = f"remove '{key}' from the recipe or drop --method {method.value}"
             else:
-                fix = f"remove '{key}' or set method: {other}"
+                fix = f"remove '{key}' or set method: {methods[0].value}"
             raise ConfigError(
-                f"recipe {recipe_path} sets '{key}', which applies to method {other} only, but the "
-                f"method is {method.value}: {fix}"
+                f"recipe {recipe_path} sets '{key}', which applies to method {users} only, but "
+                f"the method is {method.value}: {fix}"
             )
 
 

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..importance._statistics import LossFn
 from ._depth import DepthConfig, DepthResult, prune_depth_
 from ._masks import MaskSet
+from ._sparsegpt import SparseGPTConfig, prune_sparsegpt_
 from ._structured import StructuredConfig, StructuredResult, prune_structured_
 from ._unstructured import UnstructuredConfig, prune_unstructured_
 
@@ -28,6 +29,8 @@ def prune_(
     """Prune ``model`` in place as ``config`` says and return what was removed.
 
     ``UnstructuredConfig`` zeros weights and returns their :class:`MaskSet`;
+    ``SparseGPTConfig`` zeros them layer by layer and updates the rest to reconstruct each
+    layer's output on ``calibration`` (required), returning the :class:`MaskSet`;
     ``StructuredConfig`` traces the model on ``example_inputs`` (required), physically removes
     channels and returns a :class:`StructuredResult`; ``DepthConfig`` runs the model on
     ``example_inputs`` (required), replaces its least influential residual blocks by ``Skip``
@@ -57,8 +60,11 @@ def prune_(
             calibration=calibration,
             loss_fn=loss_fn,
         )
+    if isinstance(config, SparseGPTConfig):
+        return prune_sparsegpt_(model, config, calibration)
     if isinstance(config, DepthConfig):
         return prune_depth_(model, config, example_inputs)
     raise ConfigError(
-        f"prune_ does not know {type(config).__name__}: pass an UnstructuredConfig, StructuredConfig or DepthConfig"
+        f"prune_ does not know {type(config).__name__}: pass an UnstructuredConfig, "
+        "SparseGPTConfig, StructuredConfig or DepthConfig"
     )

@@ -22,12 +22,20 @@ from ..data import DataSplits, load_fashion_mnist
 from ..errors import ArtifactError
 from ..export import load_model, save_model, update_metadata
 from ..measure import Metrics, measure, measure_latencies
-from ..pruning import MaskSet, StructuredResult, prune_
-from ..recovery import finetune
+from ..pruning import (
+    GradualPruner,
+    MaskSet,
+    PruneSchedule,
+    ScheduleConfig,
+    StructuredResult,
+    prune_,
+    prune_iteratively_,
+)
+from ..recovery import distill, finetune
 from ..report import comparison_table, conditions, markdown_report
-from ..training import fit, resolve_device
+from ..training import TrainConfig, fit, resolve_device
 from ..zoo import create_model
-from ._compress_config import CompressConfig, CompressMethod
+from ._compress_config import CompressConfig, CompressMethod, Recovery
 
 DISK_NOTE = (
     "The weights file is dense safetensors: a zero takes as many bytes as any other value, so "
@@ -157,60 +165,155 @@ def _structured_notes(before: Metrics, after: Metrics) -> list[str]:
     return notes
 
 
-def _structured_summary(result: StructuredResult) -> str:
-    """One line: how many units went from how many groups, and what was left whole."""
-    total = sum(before for before, _ in result.widths)
-    line = (
-        f"removed {result.removed_units:,} of {total:,} channels/neurons "
-        f"in {len(result.widths)} group(s)"
-    )
+def _structured_summary(result: StructuredResult, before: list[int] | None = None) -> str:
+    """One line: how many units went from how many groups (``before``: the original widths,
+    when several rounds pruned), and what was left whole."""
+    total = sum(before) if before else sum(b for b, _ in result.widths)
+    removed = total - sum(after for _, after in result.widths)
+    line = f"removed {removed:,} of {total:,} channels/neurons in {len(result.widths)} group(s)"
     if result.graph.blocked:
         kept = "; ".join(f"{names} ({reason})" for names, reason in result.graph.blocked)
         line += f"; left whole: {kept}"
     return line
 
 
-def _finetune(
-    pruned: nn.Module, data: DataSplits, config: CompressConfig, masks: MaskSet | None
+def _calibration(config: CompressConfig, data: DataSplits, device: torch.device) -> list:
+    """The first ``calibration_batches`` shuffled training batches, for data criteria."""
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    batches = data.train.batches(
+        config.batch_size, shuffle=True, generator=generator, device=device
+    )
+    return [b for _, b in zip(range(config.calibration_batches), batches, strict=False)]
+
+
+def _recover(
+    pruned: nn.Module,
+    baseline: nn.Module,
+    data: DataSplits,
+    config: CompressConfig,
+    constraint: Any,
+    epochs: int | None = None,
 ) -> None:
+    """Fine-tune or distil ``pruned`` for ``epochs`` (default ``finetune_epochs``) while
+    ``constraint`` (masks, or a gradual pruner) holds."""
+    train = config.finetuning()
+    if epochs is not None:
+        train = TrainConfig.from_dict({**train.to_dict(), "epochs": epochs})
     # finetune_epochs=0 means "measure the pruned model as it is"; the training loop's cosine
     # schedule cannot be built for zero steps, so the loop is not entered at all.
-    if config.finetune_epochs > 0:
-        finetune(pruned, data, config.finetuning(), masks, progress=config.progress)
+    if train.epochs == 0:
+        return
+    if config.recovery is Recovery.DISTILL:
+        distill(
+            pruned,
+            baseline,
+            data,
+            train,
+            config.distillation(),
+            constraint,
+            progress=config.progress,
+        )
+    else:
+        finetune(pruned, data, train, constraint, progress=config.progress)
+
+
+def _describe(config: CompressConfig) -> str:
+    """The report's one-line account of schedule and recovery."""
+    schedule = config.prune_schedule.value
+    if config.prune_schedule is PruneSchedule.ITERATIVE:
+        schedule += f" ({config.prune_steps} prune/recover rounds)"
+    if config.prune_schedule is PruneSchedule.GRADUAL:
+        schedule += " (cubic AGP during fine-tuning)"
+    recovery = config.recovery.value
+    if config.recovery is Recovery.DISTILL:
+        recovery += f" from the baseline (T={config.temperature}, alpha={config.alpha})"
+    return f"schedule {schedule}; recovery {recovery}"
 
 
 def _prune_and_finetune(
-    pruned: nn.Module, config: CompressConfig, data: DataSplits, device: torch.device
+    pruned: nn.Module,
+    baseline: nn.Module,
+    config: CompressConfig,
+    data: DataSplits,
+    device: torch.device,
 ) -> tuple[str, str]:
-    """Prune ``pruned`` in place as ``config.method`` says and fine-tune it.
+    """Prune ``pruned`` in place as ``config`` says (method, schedule) and recover it.
 
     Returns the report's description of the pruning and a one-line summary for the console.
     """
     example = data.example_input.to(device)
+    calib = _calibration(config, data, device)
+    iterative = config.prune_schedule is PruneSchedule.ITERATIVE
+    per_round = max(1, config.finetune_epochs // config.prune_steps)
+
+    def recover_round(model: nn.Module, masks: MaskSet | None) -> None:
+        _recover(model, baseline, data, config, masks, epochs=per_round)
+
     if config.method is CompressMethod.STRUCTURED:
-        result = prune_(pruned, config.structured_pruning(), example_inputs=example)
-        assert isinstance(result, StructuredResult)
-        summary = _structured_summary(result)
-        # No masks: the removed units are gone from the tensors, nothing can regrow them.
-        _finetune(pruned, data, config, None)
+        cfg = config.structured_pruning()
+        if iterative:
+            rounds = prune_iteratively_(
+                pruned,
+                cfg,
+                steps=config.prune_steps,
+                recover=recover_round,
+                example_inputs=example,
+                calibration=calib,
+            )
+            before = [w for w, _ in rounds[0].widths]
+            result = rounds[-1]
+            summary = _structured_summary(result, before)
+        else:
+            result = prune_(pruned, cfg, example_inputs=example, calibration=calib)
+            assert isinstance(result, StructuredResult)
+            summary = _structured_summary(result)
+            # No masks: the removed units are gone from the tensors, nothing can regrow them.
+            _recover(pruned, baseline, data, config, None)
         rounding = (
             f"widths rounded down to multiples of {config.round_to}"
             if config.round_to > 1
             else "no width rounding"
         )
         described = (
-            f"structured, group L2 magnitude, ratio {config.ratio} of each channel group, "
-            f"{rounding}; {summary}"
+            f"structured, {cfg.criterion} criterion, {cfg.scope.value} scope, ratio "
+            f"{config.ratio}, {rounding}; {_describe(config)}; {summary}"
         )
         return described, summary
-    masks = prune_(pruned, config.unstructured_pruning(), example_inputs=example)
+    if config.method is CompressMethod.SPARSEGPT:
+        cfg = config.sparsegpt_pruning()
+        masks = prune_(pruned, cfg, calibration=calib)
+        _recover(pruned, baseline, data, config, masks)
+        what = f"pattern {cfg.nm}" if cfg.nm else f"sparsity {cfg.sparsity}"
+        described = f"SparseGPT reconstruction, {what}; {_describe(config)}"
+    else:
+        cfg = config.unstructured_pruning()
+        if iterative:
+            masks = prune_iteratively_(
+                pruned, cfg, steps=config.prune_steps, recover=recover_round, calibration=calib
+            )[-1]
+        elif config.prune_schedule is PruneSchedule.GRADUAL:
+            steps = config.finetune_epochs * (len(data.train) // config.batch_size)
+            start, stop = ScheduleConfig(kind="gradual").step_range(max(1, steps))
+            gradual = GradualPruner(
+                pruned,
+                cfg,
+                start_step=start,
+                end_step=stop,
+                frequency=max(1, (stop - start) // 20),
+                calibration=calib,
+            )
+            _recover(pruned, baseline, data, config, gradual)
+            masks = gradual.masks_
+        else:
+            masks = prune_(pruned, cfg, calibration=calib)
+            _recover(pruned, baseline, data, config, masks)
+        what = f"pattern {cfg.nm}" if cfg.nm else f"sparsity {cfg.sparsity}"
+        described = (
+            f"unstructured {cfg.criterion}, {cfg.scope.value} scope, {what}; {_describe(config)}"
+        )
     assert isinstance(masks, MaskSet)
     summary = f"pruned {len(masks.masks)} layers to {masks.sparsity():.1%} of their weights"
-    _finetune(pruned, data, config, masks)
     masks.make_permanent()
-    described = (
-        f"unstructured {config.criterion}, {config.scope.value} scope, sparsity {config.sparsity}"
-    )
     return described, summary
 
 
@@ -240,7 +343,7 @@ def run_compress(config: CompressConfig, *, console: Console | None = None) -> C
 
     pruned = copy.deepcopy(baseline)
     console.print(f"pruning method: {config.method.value}")
-    described, summary = _prune_and_finetune(pruned, config, data, device)
+    described, summary = _prune_and_finetune(pruned, baseline, config, data, device)
     console.print(summary)
     pruned_path = save_model(
         pruned, out / "pruned.safetensors", metadata={**meta, "pruning": config.pruning().to_dict()}

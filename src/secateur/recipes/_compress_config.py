@@ -8,33 +8,66 @@ from typing import Any
 
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
 from ..errors import ConfigError
-from ..pruning import Scope, StructuredConfig, UnstructuredConfig
+from ..pruning import (
+    PruneSchedule,
+    Scope,
+    SparseGPTConfig,
+    StructuredConfig,
+    UnstructuredConfig,
+)
+from ..recovery import DistillConfig
 from ..training import LRSchedule, TrainConfig
 from ..zoo import list_models
 
 
 class CompressMethod(str, enum.Enum):
-    """How ``compress`` prunes: zero single weights, or remove whole channels and neurons."""
+    """How ``compress`` prunes: zero single weights (by a criterion, or by SparseGPT's
+    reconstruction), or remove whole channels and neurons."""
 
     UNSTRUCTURED = "unstructured"
     STRUCTURED = "structured"
+    SPARSEGPT = "sparsegpt"
 
 
-#: Settings read only by one method; the CLI rejects those given for the other method.
-UNSTRUCTURED_ONLY = ("sparsity", "scope", "criterion")
-STRUCTURED_ONLY = ("ratio", "round_to")
+class Recovery(str, enum.Enum):
+    """How the pruned model wins accuracy back: plain fine-tuning, or distillation from the
+    unpruned baseline (KL on temperature-softened logits plus cross-entropy)."""
+
+    FINETUNE = "finetune"
+    DISTILL = "distill"
+
+
+#: Settings each method reads; the CLI rejects a setting given for a method that ignores it.
+METHOD_SETTINGS: dict[str, tuple[CompressMethod, ...]] = {
+    "sparsity": (CompressMethod.UNSTRUCTURED, CompressMethod.SPARSEGPT),
+    "nm": (CompressMethod.UNSTRUCTURED, CompressMethod.SPARSEGPT),
+    "criterion": (CompressMethod.UNSTRUCTURED, CompressMethod.STRUCTURED),
+    "scope": (CompressMethod.UNSTRUCTURED, CompressMethod.STRUCTURED),
+    "normalize": (CompressMethod.UNSTRUCTURED, CompressMethod.STRUCTURED),
+    "ratio": (CompressMethod.STRUCTURED,),
+    "round_to": (CompressMethod.STRUCTURED,),
+}
 
 
 @dataclass(frozen=True)
 class CompressConfig:
     """Train (or load) a baseline, prune it, fine-tune it, measure both and save the result.
 
-    ``method="unstructured"`` (the default) zeros ``sparsity`` of the weights by ``criterion``
-    with a ``scope`` threshold and fine-tunes with the masks held; the model keeps its shape.
-    ``method="structured"`` removes ``ratio`` of the units of every coupled channel group (by
-    group L2 magnitude, each group's width kept a multiple of ``round_to``), so the saved model
-    is physically smaller, then fine-tunes without masks. Each method ignores the other's
-    settings (``UNSTRUCTURED_ONLY`` / ``STRUCTURED_ONLY``); all of them are still validated.
+    ``method="unstructured"`` (the default) zeros ``sparsity`` of the weights (or an ``nm``
+    pattern such as ``"2:4"``) by ``criterion`` with a ``scope`` threshold and fine-tunes with
+    the masks held; the model keeps its shape. ``method="sparsegpt"`` zeros them layer by layer
+    and reconstructs the remaining weights from calibration data. ``method="structured"``
+    removes ``ratio`` of the units of the coupled channel groups (``scope`` layer: of each group;
+    global: of all, ranked together), each group's width kept a multiple of ``round_to``, so the
+    saved model is physically smaller, then fine-tunes without masks. ``criterion``, ``scope``
+    and ``normalize`` left at ``None`` take the method's default (magnitude, global, none for
+    weights; l2, layer, mean for channels). Settings a method ignores are listed in
+    ``METHOD_SETTINGS``; all of them are still validated.
+
+    Data criteria and SparseGPT read ``calibration_batches`` training batches. ``prune_schedule``
+    is ``oneshot``, ``iterative`` (``prune_steps`` prune/recover rounds, the fine-tuning epochs
+    split between them) or ``gradual`` (unstructured only: cubic AGP during fine-tuning).
+    ``recovery="distill"`` fine-tunes by distillation from the baseline.
 
     ``data=None`` reads Fashion-MNIST from the Debian package's folder. ``baseline`` names a
     checkpoint saved by secateur to prune instead of training one. ``cache=True`` reuses a
@@ -45,18 +78,26 @@ class CompressConfig:
         ConfigError: one line naming the field and what is allowed, for any bad value.
 
     Example:
-        >>> CompressConfig(method="structured", ratio=0.5).pruning()
-        StructuredConfig(ratio=0.5, round_to=1, ignore=())
+        >>> CompressConfig(method="structured", ratio=0.5, criterion="taylor").pruning().criterion
+        'taylor'
     """
 
     model: str = "lenet5"
     data: str | None = None
     method: CompressMethod = CompressMethod.UNSTRUCTURED
     sparsity: float = 0.85
-    scope: Scope = Scope.GLOBAL
-    criterion: str = "magnitude"
+    nm: str | None = None
+    scope: Scope | None = None
+    criterion: str | None = None
+    normalize: str | None = None
     ratio: float = 0.5
     round_to: int = 1
+    calibration_batches: int = 8
+    prune_schedule: PruneSchedule = PruneSchedule.ONESHOT
+    prune_steps: int = 3
+    recovery: Recovery = Recovery.FINETUNE
+    temperature: float = 4.0
+    alpha: float = 0.9
     epochs: int = 8
     finetune_epochs: int = 5
     batch_size: int = 128
@@ -78,7 +119,32 @@ class CompressConfig:
             names = ", ".join(list_models())
             raise ConfigError(f"unknown model '{self.model}': choose one of {names}")
         object.__setattr__(self, "method", coerce_enum("method", CompressMethod, self.method))
-        object.__setattr__(self, "scope", coerce_enum("scope", Scope, self.scope))
+        if self.scope is not None:
+            object.__setattr__(self, "scope", coerce_enum("scope", Scope, self.scope))
+        object.__setattr__(
+            self,
+            "prune_schedule",
+            coerce_enum("prune_schedule", PruneSchedule, self.prune_schedule),
+        )
+        object.__setattr__(self, "recovery", coerce_enum("recovery", Recovery, self.recovery))
+        check_int("calibration_batches", self.calibration_batches, 1)
+        check_int("prune_steps", self.prune_steps, 1)
+        self.distillation()  # validates temperature and alpha
+        if (
+            self.prune_schedule is PruneSchedule.GRADUAL
+            and self.method is not CompressMethod.UNSTRUCTURED
+        ):
+            raise ConfigError(
+                f"prune_schedule gradual works with method unstructured only, not {self.method.value}: "
+                "use prune_schedule oneshot or iterative"
+            )
+        if (
+            self.method is CompressMethod.SPARSEGPT
+            and self.prune_schedule is not PruneSchedule.ONESHOT
+        ):
+            raise ConfigError("method sparsegpt is one-shot by design: use prune_schedule oneshot")
+        if self.nm is not None and self.prune_schedule is not PruneSchedule.ONESHOT:
+            raise ConfigError("an nm pattern is applied at once: use prune_schedule oneshot")
         object.__setattr__(self, "schedule", coerce_enum("schedule", LRSchedule, self.schedule))
         check_int("finetune_epochs", self.finetune_epochs, 0)
         check_range("finetune_lr", self.finetune_lr, 0.0, low_open=True)
@@ -87,23 +153,37 @@ class CompressConfig:
             check_int("limit", self.limit, 10)
         if self.threads is not None:
             check_int("threads", self.threads, 1)
-        self.unstructured_pruning()  # validates sparsity and criterion
+        self.unstructured_pruning()  # validates sparsity, nm and criterion
         self.structured_pruning()  # validates ratio and round_to
+        self.sparsegpt_pruning()
         self.baseline_training()  # validates epochs, batch_size, lr
 
-    def pruning(self) -> UnstructuredConfig | StructuredConfig:
+    def pruning(self) -> UnstructuredConfig | StructuredConfig | SparseGPTConfig:
         """The config handed to ``prune_`` for this job's ``method``."""
         if self.method is CompressMethod.STRUCTURED:
             return self.structured_pruning()
+        if self.method is CompressMethod.SPARSEGPT:
+            return self.sparsegpt_pruning()
         return self.unstructured_pruning()
 
+    def _given(self, **defaults: Any) -> dict[str, Any]:
+        """criterion/scope/normalize as set, the method's defaults where left at None."""
+        given = {"criterion": self.criterion, "scope": self.scope, "normalize": self.normalize}
+        return {k: v for k, v in given.items() if v is not None} | {
+            k: v for k, v in defaults.items() if given[k] is None
+        }
+
     def unstructured_pruning(self) -> UnstructuredConfig:
-        return UnstructuredConfig(
-            sparsity=self.sparsity, scope=self.scope, criterion=self.criterion
-        )
+        return UnstructuredConfig(sparsity=self.sparsity, nm=self.nm, **self._given())
 
     def structured_pruning(self) -> StructuredConfig:
-        return StructuredConfig(ratio=self.ratio, round_to=self.round_to)
+        return StructuredConfig(ratio=self.ratio, round_to=self.round_to, **self._given())
+
+    def sparsegpt_pruning(self) -> SparseGPTConfig:
+        return SparseGPTConfig(sparsity=self.sparsity, nm=self.nm)
+
+    def distillation(self) -> DistillConfig:
+        return DistillConfig(temperature=self.temperature, alpha=self.alpha)
 
     def baseline_training(self) -> TrainConfig:
         return TrainConfig(

@@ -1,7 +1,17 @@
-"""report/: tables and text from ``Metrics`` values; computes nothing itself."""
+"""report/: tables, text and plots from measured values; computes nothing itself."""
 
+from ._plots import plot_sensitivity as plot_sensitivity
 from ._render import comparison_table as comparison_table
 from ._render import conditions as conditions
 from ._render import markdown_report as markdown_report
+from ._sensitivity import sensitivity_markdown as sensitivity_markdown
+from ._sensitivity import sensitivity_table as sensitivity_table
 
-__all__ = ["comparison_table", "conditions", "markdown_report"]
+__all__ = [
+    "comparison_table",
+    "conditions",
+    "markdown_report",
+    "plot_sensitivity",
+    "sensitivity_markdown",
+    "sensitivity_table",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -94,6 +94,7 @@ def fit(
     *,
     constraint: OptimizerConstraint | None = None,
     loss_fn: LossFn | None = None,
+    extra_parameters: Iterable[nn.Parameter] = (),
     description: str = "train",
     progress: bool = True,
 ) -> list[EpochRecord]:
@@ -103,6 +104,8 @@ def fit(
         constraint: held across every optimizer step (pruning masks keep pruned weights at 0).
         loss_fn: ``loss_fn(logits, targets, inputs)``; defaults to cross-entropy with the
             configured label smoothing. Distillation passes its own.
+        extra_parameters: optimized with the model's parameters but not part of it (e.g.
+            distillation's feature adapters, read by ``loss_fn``).
         progress: draw a progress bar over all steps.
 
     Returns:
@@ -115,7 +118,7 @@ def fit(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        [*model.parameters(), *extra_parameters],
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,

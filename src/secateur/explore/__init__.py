@@ -1,0 +1,27 @@
+"""explore/: questions asked of a trained model before pruning it for real: how sensitive is
+each layer, and which per-layer ratios meet a global target at the least predicted cost.
+
+Sits above ``pruning`` and ``measure`` (it uses both); nothing below imports it.
+"""
+
+from ._allocate import allocate_ratios as allocate_ratios
+from ._allocate import predicted_drop as predicted_drop
+from ._allocate import predicted_savings as predicted_savings
+from ._sensitivity import DEFAULT_RATIOS as DEFAULT_RATIOS
+from ._sensitivity import LayerCurve as LayerCurve
+from ._sensitivity import SensitivityMethod as SensitivityMethod
+from ._sensitivity import SensitivityResult as SensitivityResult
+from ._sensitivity import check_ratios as check_ratios
+from ._sensitivity import sensitivity_scan as sensitivity_scan
+
+__all__ = [
+    "DEFAULT_RATIOS",
+    "LayerCurve",
+    "SensitivityMethod",
+    "SensitivityResult",
+    "allocate_ratios",
+    "check_ratios",
+    "predicted_drop",
+    "predicted_savings",
+    "sensitivity_scan",
+]

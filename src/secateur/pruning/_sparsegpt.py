@@ -1,0 +1,557 @@
+"""SparseGPT: one-shot pruning that repairs each layer as it prunes (Frantar & Alistarh, 2023).
+
+For a layer with weight ``W`` (``rows × cols``, columns = input features) and calibration inputs
+``X`` (``cols × samples``), SparseGPT minimises ``‖WX − ŴX‖²`` over sparse ``Ŵ``. With
+``H = 2·X·Xᵀ`` it walks the columns left to right; for each column it zeros the pruned weights
+and spreads their error over the columns not yet visited by the optimal-brain-surgeon update,
+read off one row of the upper Cholesky factor of ``H⁻¹``. Columns go in blocks of
+``blocksize``: the mask is chosen inside the block just before the block is processed (so it
+sees the updates of earlier blocks), and the accumulated error reaches the later columns in one
+matmul after the block (the lazy batch update).
+
+Layers handled: ``nn.Linear``; ``nn.Conv1d``/``Conv2d``/``Conv3d`` with ``groups == 1`` (their
+input is unfolded with the conv's kernel, stride, padding, padding mode and dilation, so that
+the columns are ``C_in·k₁·k₂…`` in the order of ``weight.reshape(out, -1)``); and Hugging Face
+``Conv1D`` (recognised by its class name, weight ``(in, out)``). Grouped and depthwise convs,
+transposed convs and every other module are left dense. Layers that never run on the
+calibration inputs are left dense too, with a warning. A weight shared with another module
+(a language model's head tied to its embedding) is pruned for both: exclude such a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._calibration import iter_calibration
+from .._config import check_int, check_range, config_from_dict, config_to_dict
+from .._inputs import call_model
+from .._progress import make_progress
+from ..errors import ConfigError
+from ._masks import MaskSet
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _parse_nm(nm: Any) -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``; anything but ``"N:M"`` with ``0 < N < M`` raises ConfigError."""
+    match = _NM_RE.match(nm) if isinstance(nm, str) else None
+    if match is None or not 0 < int(match[1]) < int(match[2]):
+        raise ConfigError(
+            f"nm={nm!r} is not an N:M pattern: pass a string 'N:M' with 0 < N < M, e.g. '2:4'"
+        )
+    return int(match[1]), int(match[2])
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    """How :func:`prune_sparsegpt_` prunes.
+
+    Attributes:
+        sparsity: fraction in [0, 1) of each layer's weights to zero (unstructured).
+        nm: ``"N:M"`` (``0 < N < M``, e.g. ``"2:4"``): in every row, each run of ``M``
+            consecutive input columns (aligned at multiples of ``M``) keeps ``N`` weights, as
+            sparse tensor cores and ``UnstructuredConfig(nm=...)`` count it.
+            When set it replaces ``sparsity``; every pruned layer's input width must then be a
+            multiple of ``M`` (the block size is rounded down to a multiple of ``M``, at least
+            ``M``, so that no run straddles two blocks).
+        blocksize: columns per block of the lazy batch update.
+        damp: added to the diagonal of ``H`` as ``damp × mean(diag H)``; > 0.
+        exclude: fnmatch patterns of module names to leave dense (not in the returned masks).
+        per_layer: fnmatch pattern → unstructured sparsity in [0, 1) for the layers it matches;
+            the first matching pattern wins and overrides ``sparsity`` and ``nm`` there. A layer
+            at 0 is left as it is (its mask keeps everything).
+        max_batches: read at most this many calibration batches per layer (``None``: all).
+    """
+
+    sparsity: float = 0.5
+    nm: str | None = None
+    blocksize: int = 128
+    damp: float = 0.01
+    exclude: tuple[str, ...] = ()
+    per_layer: dict[str, float] = field(default_factory=dict)
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        if self.nm is not None:
+            _parse_nm(self.nm)
+        check_int("blocksize", self.blocksize, 1)
+        check_range("damp", self.damp, 0.0, low_open=True)
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise ConfigError(
+                f"exclude={self.exclude!r} must be a sequence of fnmatch patterns, e.g. ('fc3',)"
+            )
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.per_layer, Mapping):
+            raise ConfigError(
+                f"per_layer={self.per_layer!r} must map fnmatch patterns to sparsities, e.g. {{'fc3': 0.3}}"
+            )
+        for pattern, value in self.per_layer.items():
+            if not isinstance(pattern, str):
+                raise ConfigError(f"per_layer key {pattern!r} must be a string fnmatch pattern")
+            check_range(f"per_layer[{pattern!r}]", value, 0.0, 1.0, high_open=True)
+        object.__setattr__(self, "per_layer", dict(self.per_layer))
+        if self.max_batches is not None:
+            check_int("max_batches", self.max_batches, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; :meth:`from_dict` reads it back to an equal config."""
+        out = config_to_dict(self)
+        out["per_layer"] = dict(self.per_layer)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparseGPTConfig:
+        """Build a config from :meth:`to_dict`'s form; unknown keys raise ConfigError."""
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What one layer is pruned to: unstructured ``sparsity`` when ``m == 0``, else ``n:m``."""
+
+    sparsity: float
+    n: int = 0
+    m: int = 0
+
+
+class _StopForward(Exception):
+    """Raised in a forward pre-hook once the layers of the current step have seen their inputs."""
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+    )
+
+
+def _prunable(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, nn.Module]:
+    """``{module name: module}`` of every layer SparseGPT handles, ``exclude`` left out."""
+    out = {}
+    for name, module in model.named_modules():
+        ok = isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+        ok = ok or (isinstance(module, _CONVS) and module.groups == 1)
+        if ok and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            out[name] = module
+    return out
+
+
+def _target(name: str, config: SparseGPTConfig) -> _Target:
+    for pattern, sparsity in config.per_layer.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return _Target(float(sparsity))
+    if config.nm is not None:
+        n, m = _parse_nm(config.nm)
+        return _Target(1.0 - n / m, n, m)
+    return _Target(float(config.sparsity))
+
+
+def _width(module: nn.Module) -> int:
+    """Number of input columns of the layer's weight matrix."""
+    if _is_hf_conv1d(module):
+        return module.weight.shape[0]
+    return module.weight[0].numel()
+
+
+def _weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as a float32 ``(rows, cols)`` copy, columns = input features."""
+    weight = module.weight.detach()
+    if _is_hf_conv1d(module):
+        weight = weight.t()
+    return weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True)
+
+
+def _to_weight_shape(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    if _is_hf_conv1d(module):
+        return matrix.t()
+    return matrix.reshape(module.weight.shape)
+
+
+def _conv_padding(conv: nn.Module) -> list[tuple[int, int]]:
+    """``(left, right)`` padding per spatial dim, as the conv itself applies it."""
+    dims = len(conv.kernel_size)
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return [(0, 0)] * dims
+        if conv.padding == "same":
+            pads = []
+            for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            return pads
+        raise ConfigError(
+            f"conv padding={conv.padding!r} is not understood: use 'same', 'valid' or integers, or exclude the layer"
+        )
+    return [(p, p) for p in conv.padding]
+
+
+def _conv_columns(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unfold a conv input to ``(positions, C_in·k₁·k₂…)`` rows, matching the weight's layout."""
+    dims = len(conv.kernel_size)
+    if x.dim() == dims + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    x = x.to(torch.float32)
+    pads = _conv_padding(conv)
+    if any(left or right for left, right in pads):
+        flat = [p for left_right in reversed(pads) for p in left_right]
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, flat, mode=mode)
+    for i in range(dims):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window as the last dim
+        if d > 1:
+            x = x[..., ::d]
+    # (B, C, L₁…, k₁…) -> (B, L₁…, C, k₁…)
+    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    return x.permute(order).reshape(-1, _width(conv))
+
+
+def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as float32 rows of ``cols`` features each."""
+    if isinstance(module, _CONVS):
+        return _conv_columns(module, x)
+    return x.reshape(-1, x.shape[-1]).to(torch.float32)
+
+
+def _input_key(module: nn.Module) -> tuple:
+    """Layers with equal keys fed the same tensor have the same ``H``."""
+    if isinstance(module, _CONVS):
+        return (
+            "conv",
+            module.in_channels,
+            tuple(module.kernel_size),
+            tuple(module.stride),
+            tuple(_conv_padding(module)),
+            tuple(module.dilation),
+            module.padding_mode,
+        )
+    return ("dense", _width(module))
+
+
+def _param_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
+
+
+def _layer_input(args: tuple, kwargs: dict[str, Any]) -> Any:
+    if args:
+        return args[0]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+# --- the per-layer solver --------------------------------------------------------------------
+
+
+class _Hessian:
+    """Running ``H = 2/n · Σ xxᵀ`` over the rows fed to one or more layers of a step."""
+
+    def __init__(self, cols: int, device: torch.device) -> None:
+        self.sum = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self.rows = 0
+        self.last: Any = None  # the tensor added last, so shared inputs are counted once
+
+    def add(self, module: nn.Module, x: torch.Tensor) -> None:
+        if x is self.last:
+            return
+        self.last = x
+        cols = _columns(module, x).to(self.sum.device)
+        self.sum.addmm_(cols.t(), cols)
+        self.rows += cols.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.sum * (2.0 / self.rows)
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool tensor of ``scores``' shape, True at exactly its ``k`` lowest entries."""
+    out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        out[torch.sort(scores.flatten(), stable=True).indices[:k]] = True
+    return out.view_as(scores)
+
+
+def _inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of the dampened ``H⁻¹``; zeros ``w``'s columns of dead inputs."""
+    fix = f"raise damp (e.g. damp=0.1) or check the calibration data of layer {name} for inf/NaN"
+    if not bool(torch.isfinite(h).all()):
+        raise ConfigError(f"layer {name}: its input Hessian holds inf/NaN: {fix}")
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if int(info) == 0:
+            return upper
+    raise ConfigError(f"layer {name}: its input Hessian is not positive definite: {fix}")
+
+
+def _sparsegpt_matrix(
+    w: torch.Tensor, h: torch.Tensor, target: _Target, blocksize: int, damp: float, name: str
+) -> torch.Tensor:
+    """Prune ``w`` (float32 ``rows × cols``, edited in place) against ``H``; return the pruned
+    positions (bool, ``rows × cols``)."""
+    rows, cols = w.shape
+    u = _inverse_factor(h.clone(), w, damp, name)
+    n, m = target.n, target.m
+    if m:
+        blocksize = max(m, blocksize - blocksize % m)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    done = 0
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        u1 = u[i1:i2, i1:i2]
+        d = torch.diagonal(u1)
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        if m:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        else:
+            # cumulative rounding: the per-block counts add up to exactly round(sparsity·numel)
+            k = round(target.sparsity * rows * i2) - done
+            k = min(max(k, 0), w1.numel())
+            mask1 = _lowest(w1**2 / d**2, k)
+            done += k
+        for i in range(i2 - i1):
+            if m and i % m == 0:
+                saliency = w1[:, i : i + m] ** 2 / d[i : i + m] ** 2
+                lowest = torch.topk(saliency, m - n, dim=1, largest=False).indices
+                mask1[:, i : i + m].scatter_(1, lowest, True)
+            col = w1[:, i]
+            q = col.masked_fill(mask1[:, i], 0.0)
+            err = (col - q) / d[i]
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            q1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = q1
+        pruned[:, i1:i2] = mask1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return pruned
+
+
+# --- the sequential driver -------------------------------------------------------------------
+
+
+def _hooked(
+    modules: Mapping[str, nn.Module], hook: Callable[[str, nn.Module, Any], None]
+) -> list[Any]:
+    handles = []
+    for name, module in modules.items():
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict, _name: str = name) -> None:
+            hook(_name, mod, _layer_input(args, kwargs))
+
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    return handles
+
+
+def _record_steps(
+    model: nn.Module, layers: dict[str, nn.Module], first_batch: Any
+) -> tuple[list[list[str]], dict[str, int]]:
+    """Run one batch; return the layers in execution order, grouped into steps, and how often
+    each was called. Consecutive layers called once on the very same tensor share a step."""
+    events: list[tuple[str, bool]] = []
+    calls: dict[str, int] = {}
+    last: list[Any] = [None]
+
+    def hook(name: str, _module: nn.Module, x: Any) -> None:
+        events.append((name, x is not None and x is last[0]))
+        calls[name] = calls.get(name, 0) + 1
+        last[0] = x
+
+    handles = _hooked(layers, hook)
+    try:
+        call_model(model, first_batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        last[0] = None
+    steps: list[list[str]] = []
+    placed: set[str] = set()
+    for j, (name, same_input) in enumerate(events):
+        if name in placed:
+            continue  # a later call of a layer already placed
+        placed.add(name)
+        joins = same_input and steps and events[j - 1][0] in steps[-1]
+        if joins and calls[name] == 1 and all(calls[s] == 1 for s in steps[-1]):
+            steps[-1].append(name)
+        else:
+            steps.append([name])
+    return steps, calls
+
+
+def _accumulate(
+    model: nn.Module,
+    step: dict[str, nn.Module],
+    calls: dict[str, int],
+    calibration: Any,
+    device: torch.device,
+    max_batches: int | None,
+) -> dict[str, _Hessian]:
+    """``H`` of every layer of ``step`` (layers on one input share one), each forward pass
+    stopped once all of them have seen their inputs."""
+    shared: dict[tuple, _Hessian] = {}
+    hessians: dict[str, _Hessian] = {}
+    for name, module in step.items():
+        key = _input_key(module)
+        if key not in shared:
+            shared[key] = _Hessian(_width(module), module.weight.device)
+        hessians[name] = shared[key]
+    seen = dict.fromkeys(step, 0)
+
+    def hook(name: str, module: nn.Module, x: Any) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"layer {name} was called without a tensor input: exclude it")
+        hessians[name].add(module, x)
+        seen[name] += 1
+        if all(seen[n] >= calls[n] for n in step):
+            raise _StopForward
+
+    handles = _hooked(step, hook)
+    try:
+        for inputs, _ in iter_calibration(calibration, device=device, max_batches=max_batches):
+            seen.update(dict.fromkeys(step, 0))
+            with contextlib.suppress(_StopForward):
+                call_model(model, inputs)
+            for h in shared.values():
+                h.last = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def prune_sparsegpt_(
+    model: nn.Module, config: SparseGPTConfig, calibration: Any, *, progress: bool = False
+) -> MaskSet:
+    """Prune ``model`` in place with SparseGPT and return the keep-masks of the pruned weights.
+
+    Layers are pruned one step at a time in the order the model runs them (recorded on the
+    first calibration batch); layers fed the very same tensor (q/k/v projections) share a step.
+    Each step's ``H`` is built from the calibration data passed through the model as pruned so
+    far, each forward pass being cut short once the step's layers have seen their inputs; only
+    that step's ``H`` is held in memory and no activation is stored. The model runs in eval
+    mode under ``torch.no_grad`` on its parameters' device; every module's training flag is
+    restored afterwards. Arithmetic is float32; weights are written back in their own dtype.
+
+    Args:
+        model: the network; its Linear, Conv (groups=1) and HF ``Conv1D`` layers are pruned.
+        config: what to prune and how (:class:`SparseGPTConfig`).
+        calibration: a re-iterable set of batches, as :func:`secateur._calibration.iter_calibration`
+            reads it (a list of ``(inputs, targets)`` pairs or bare inputs, tensors, tuples or
+            dicts of keyword tensors, or a data ``Split``).
+        progress: show a progress bar, one tick per layer.
+
+    Returns:
+        A :class:`MaskSet` keyed ``"<module>.weight"`` (``True`` = kept) over the pruned layers;
+        layers at sparsity 0 get an all-True mask. Excluded layers, grouped convs and layers
+        that never ran are absent.
+
+    Raises:
+        ConfigError: no calibration data, or a one-shot iterator; a bad config; an ``N:M``
+            whose ``M`` does not divide a layer's input width (raised before anything changes);
+            no prunable layer left; a layer whose ``H`` is not positive definite (earlier layers
+            stay pruned).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> masks = prune_sparsegpt_(net, SparseGPTConfig(nm="2:4"), [torch.randn(64, 16)])
+        >>> round(masks.sparsity(), 2)
+        0.5
+    """
+    if not isinstance(config, SparseGPTConfig):
+        raise ConfigError(f"config must be a SparseGPTConfig, not {type(config).__name__}")
+    layers = _prunable(model, config.exclude)
+    if not layers:
+        raise ConfigError(
+            "no Linear, Conv (groups=1) or HF Conv1D weights to prune: check the model and `exclude`"
+        )
+    targets = {name: _target(name, config) for name in layers}
+    for name, module in layers.items():
+        m = targets[name].m
+        if m and _width(module) % m:
+            raise ConfigError(
+                f"layer {name} has {_width(module)} input columns, not a multiple of M={m} "
+                f"of nm={config.nm!r}: exclude it (exclude=({name!r},)) or set per_layer={{{name!r}: 0.5}}"
+            )
+    if isinstance(calibration, Iterator):
+        raise ConfigError(
+            "calibration must be re-iterable (SparseGPT reads it once per layer): pass a list of batches or a data split"
+        )
+    device = next(iter(layers.values())).weight.device
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _prune(model, config, calibration, layers, targets, device, progress)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _prune(
+    model: nn.Module,
+    config: SparseGPTConfig,
+    calibration: Any,
+    layers: dict[str, nn.Module],
+    targets: dict[str, _Target],
+    device: torch.device,
+    progress: bool,
+) -> MaskSet:
+    first = next(iter(iter_calibration(calibration, device=device, max_batches=1)), None)
+    if first is None:
+        raise ConfigError("calibration holds no batch: pass at least one batch of inputs")
+    steps, calls = _record_steps(model, layers, first[0])
+    del first
+    idle = [name for name in layers if name not in calls]
+    if len(idle) == len(layers):
+        raise ConfigError(
+            "none of the prunable layers ran on the calibration inputs: check the inputs and `exclude`"
+        )
+    masks: dict[str, torch.Tensor] = {}
+    for name in layers:
+        if name in calls and targets[name].sparsity == 0.0:
+            masks[_param_name(name)] = torch.ones_like(layers[name].weight, dtype=torch.bool)
+    steps = [[n for n in step if targets[n].sparsity > 0.0] for step in steps]
+    steps = [step for step in steps if step]
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task("SparseGPT", total=sum(len(s) for s in steps), status="")
+        for step in steps:
+            modules = {name: layers[name] for name in step}
+            hessians = _accumulate(model, modules, calls, calibration, device, config.max_batches)
+            for name, module in modules.items():
+                bar.update(task, status=name)
+                if hessians[name].rows == 0:
+                    idle.append(name)
+                else:
+                    w = _weight_matrix(module)
+                    h = hessians[name].value()
+                    pruned = _sparsegpt_matrix(
+                        w, h, targets[name], config.blocksize, config.damp, name
+                    )
+                    module.weight.copy_(_to_weight_shape(module, w).to(module.weight.dtype))
+                    masks[_param_name(name)] = _to_weight_shape(module, ~pruned)
+                bar.advance(task)
+            del hessians
+    if idle:
+        warnings.warn(
+            f"SparseGPT left {', '.join(idle)} dense: never run on the calibration inputs",
+            stacklevel=3,
+        )
+    return MaskSet(model, masks)
