@@ -680,3 +680,61 @@ def test_console_script_bad_sparsity(tmp_path: Path) -> None:
     assert "sparsity=2.0" in err
     assert "Traceback" not in result.stderr + result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "described", "sparsity"),
+    [
+        (("--criterion", "taylor", "--sparsity", "0.8"), "unstructured taylor, global", 0.8),
+        (("--criterion", "wanda", "--nm", "2:4"), "pattern 2:4", 0.5),
+        (("--method", "sparsegpt", "--sparsity", "0.6"), "SparseGPT reconstruction", 0.6),
+        (("--prune-schedule", "iterative", "--prune-steps", "2"), "iterative (2 prune", 0.85),
+        (
+            (
+                "--prune-schedule",
+                "gradual",
+            ),
+            "cubic AGP",
+            0.85,
+        ),
+        (("--recovery", "distill", "--temperature", "2"), "distill from the baseline (T=2.0", 0.85),
+    ],
+    ids=["taylor", "wanda-2:4", "sparsegpt", "iterative", "gradual", "distill"],
+)
+def test_compress_criteria_schedules_and_recovery(
+    digits_idx_dir: Path, tmp_path: Path, flags: tuple[str, ...], described: str, sparsity: float
+) -> None:
+    out = tmp_path / "out"
+    argv = _base(digits_idx_dir, out, "--finetune-epochs", "2", "--limit", "300", *flags)
+    assert main(argv) == 0
+    loaded = load_model(out / "pruned.safetensors")
+    weights = [p for n, p in loaded.model.named_parameters() if n.endswith("weight")]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(sparsity, abs=0.01)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert described in _report_row(report, "pruning")[1]
+
+
+def test_compress_structured_with_a_data_criterion_and_global_scope(
+    digits_idx_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    argv = _base(
+        digits_idx_dir,
+        out,
+        "--method",
+        "structured",
+        "--criterion",
+        "taylor",
+        "--scope",
+        "global",
+        "--ratio",
+        "0.5",
+        "--limit",
+        "300",
+    )
+    assert main(argv) == 0
+    model = load_model(out / "pruned.safetensors").model
+    assert model.fc1.out_features + model.fc2.out_features == 200
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "taylor criterion, global scope" in _report_row(report, "pruning")[1]
