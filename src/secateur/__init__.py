@@ -1,7 +1,7 @@
 """secateur: make trained PyTorch networks smaller and faster, and prove it with measurements.
 
 The flow, one way: data/zoo (inputs) → graph → importance → pruning → recovery → export → measure →
-report, with recipes/ and cli/ wiring them together. ``training/`` is the shared loop below it all.
+report, with explore/ (sensitivity) above them and recipes/ and cli/ wiring them together. ``training/`` is the shared loop below it all.
 
 Example:
     >>> import torch
@@ -26,6 +26,7 @@ from .measure import measure as measure
 from .pruning import DepthConfig as DepthConfig
 from .pruning import MaskSet as MaskSet
 from .pruning import Scope as Scope
+from .pruning import SparseGPTConfig as SparseGPTConfig
 from .pruning import StructuredConfig as StructuredConfig
 from .pruning import UnstructuredConfig as UnstructuredConfig
 from .pruning import prune_ as prune_
@@ -45,6 +46,7 @@ __all__ = [
     "PruningError",
     "Scope",
     "SecateurError",
+    "SparseGPTConfig",
     "StructuredConfig",
     "UnstructuredConfig",
     "create_model",
