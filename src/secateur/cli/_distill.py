@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
-import yaml
 from rich.console import Console
 
 from ..errors import ConfigError
 from ..recipes import DistillJobConfig, run_distill
 from ..zoo import list_models
+from ._recipe import read_recipe
 
 SECTION = "distill"
 
@@ -94,25 +92,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _read_recipe(path: str) -> dict[str, Any]:
-    """The settings of a YAML recipe: its ``distill:`` section, or the whole mapping."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read recipe {path}: {exc.strerror}: pass an existing YAML file"
-        ) from None
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"recipe {path} is not valid YAML ({first}): fix the file") from None
-    section = data.get(SECTION, data) if isinstance(data, dict) else data
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of settings, e.g. 'alpha: 0.5'")
-    return section
-
-
 def _feature_pairs(flags: list[str]) -> list[list[str]]:
     pairs = []
     for flag in flags:
@@ -130,7 +109,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     settings = vars(args).copy()
     settings.pop("command")
     recipe_path = settings.pop("recipe", None)
-    recipe = _read_recipe(recipe_path) if recipe_path else {}
+    recipe = read_recipe(recipe_path, SECTION) if recipe_path else {}
     if "features" in settings:
         settings["features"] = _feature_pairs(settings["features"])
     run_distill(DistillJobConfig.from_dict({**recipe, **settings}), console=console)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
 from ..errors import ConfigError, SecateurError
@@ -17,24 +15,7 @@ from ..pruning import PruneSchedule
 from ..recipes import METHOD_SETTINGS, CompressConfig, CompressMethod, Recovery, run_compress
 from ..zoo import list_models
 from ._commands import COMMANDS
-
-
-def _read_recipe(path: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read recipe {path}: {exc.strerror}: pass an existing YAML file"
-        ) from None
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"recipe {path} is not valid YAML ({first}): fix the file") from None
-    section = data.get("compress", data) if isinstance(data, dict) else data
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of settings, e.g. 'sparsity: 0.9'")
-    return section
+from ._recipe import read_recipe
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> None:
@@ -190,7 +171,7 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
     settings = vars(args).copy()
     settings.pop("command")
     recipe_path = settings.pop("recipe", None)
-    recipe = _read_recipe(recipe_path) if recipe_path else {}
+    recipe = read_recipe(recipe_path, "compress") if recipe_path else {}
     config = CompressConfig.from_dict({**recipe, **settings})
     _check_method_settings(config.method, settings, recipe, recipe_path)
     run_compress(config, console=console)

@@ -4,10 +4,7 @@ per-layer ratios meet a global target."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
-import yaml
 from rich.console import Console
 
 from ..errors import ConfigError
@@ -15,6 +12,7 @@ from ..explore import SensitivityMethod
 from ..importance import list_criteria
 from ..recipes import SensitivityConfig, run_sensitivity
 from ..zoo import list_models
+from ._recipe import read_recipe
 
 SECTION = "sensitivity"
 
@@ -87,25 +85,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _read_recipe(path: str) -> dict[str, Any]:
-    """The settings of a YAML recipe: its ``sensitivity:`` section, or the whole mapping."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read recipe {path}: {exc.strerror}: pass an existing YAML file"
-        ) from None
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"recipe {path} is not valid YAML ({first}): fix the file") from None
-    section = data.get(SECTION, data) if isinstance(data, dict) else data
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of settings, e.g. 'method: structured'")
-    return section
-
-
 def parse_ratios(text: str) -> list[float]:
     """``"0.1,0.5"`` → ``[0.1, 0.5]``. Raises ConfigError naming the bad item."""
     out = []
@@ -124,7 +103,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     settings = vars(args).copy()
     settings.pop("command")
     recipe_path = settings.pop("recipe", None)
-    recipe = _read_recipe(recipe_path) if recipe_path else {}
+    recipe = read_recipe(recipe_path, SECTION) if recipe_path else {}
     if "ratios" in settings:
         settings["ratios"] = parse_ratios(settings["ratios"])
     merged = {**recipe, **settings}
