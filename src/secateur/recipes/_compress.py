@@ -317,14 +317,10 @@ def _prune_and_finetune(
     return described, summary
 
 
-def run_compress(config: CompressConfig, *, console: Console | None = None) -> CompressResult:
-    """Run the compress job described by ``config`` and return both measurements and paths.
-
-    Raises:
-        SecateurError: subclasses, one line each, for bad data, checkpoints or output folders;
-        nothing half-written is left in ``config.out``.
-    """
-    console = console or Console()
+def _start_job(config: Any, console: Console) -> tuple[Path, torch.device, DataSplits]:
+    """What every job does first: check the output folder, pick the device and threads, load
+    the data and say so. ``config`` has ``out``, ``device``, ``threads``, ``data``, ``seed``
+    and ``limit``."""
     out = ensure_writable_dir(config.out)
     device = resolve_device(config.device)
     if config.threads is not None:
@@ -334,6 +330,43 @@ def run_compress(config: CompressConfig, *, console: Console | None = None) -> C
         f"data: {data.source}: {len(data.train):,} train / {len(data.val):,} val / "
         f"{len(data.test):,} test images; device {device}, {torch.get_num_threads()} threads"
     )
+    return out, device, data
+
+
+def _measure_pair(
+    before: Metrics,
+    reference: nn.Module,
+    reference_path: Path,
+    model: nn.Module,
+    model_path: Path,
+    data: DataSplits,
+    device: torch.device,
+    config: Any,
+) -> tuple[Metrics, Metrics]:
+    """Measure the saved ``model``, time both models interleaved in one loop (so the ratio is
+    fair on a noisy machine), and write each one's metrics into its manifest."""
+    after = _measure_saved(model, model_path, data, device, config.progress)
+    lat_before, lat_after = measure_latencies(
+        [reference, model],
+        data.example_input.to(device),
+        runs=config.latency_runs,
+        progress=config.progress,
+    )
+    before, after = before.replace(latency=lat_before), after.replace(latency=lat_after)
+    update_metadata(model_path, {"metrics": after.to_dict()})
+    update_metadata(reference_path, {"metrics": before.to_dict()})
+    return before, after
+
+
+def run_compress(config: CompressConfig, *, console: Console | None = None) -> CompressResult:
+    """Run the compress job described by ``config`` and return both measurements and paths.
+
+    Raises:
+        SecateurError: subclasses, one line each, for bad data, checkpoints or output folders;
+        nothing half-written is left in ``config.out``.
+    """
+    console = console or Console()
+    out, device, data = _start_job(config, console)
 
     baseline, source = _baseline(config, data, device, console)
     console.print(f"baseline {config.model}: {source}")
@@ -348,16 +381,9 @@ def run_compress(config: CompressConfig, *, console: Console | None = None) -> C
     pruned_path = save_model(
         pruned, out / "pruned.safetensors", metadata={**meta, "pruning": config.pruning().to_dict()}
     )
-    after = _measure_saved(pruned, pruned_path, data, device, config.progress)
-    lat_before, lat_after = measure_latencies(
-        [baseline, pruned],
-        data.example_input.to(device),
-        runs=config.latency_runs,
-        progress=config.progress,
+    before, after = _measure_pair(
+        before, baseline, baseline_path, pruned, pruned_path, data, device, config
     )
-    before, after = before.replace(latency=lat_before), after.replace(latency=lat_after)
-    update_metadata(pruned_path, {"metrics": after.to_dict()})
-    update_metadata(baseline_path, {"metrics": before.to_dict()})
 
     if config.method is CompressMethod.STRUCTURED:
         notes = _structured_notes(before, after)

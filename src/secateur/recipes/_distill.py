@@ -16,17 +16,24 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .._atomic import atomic_write_text, ensure_writable_dir
+from .._atomic import atomic_write_text
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
-from ..data import DataSplits, load_fashion_mnist
+from ..data import DataSplits
 from ..errors import ConfigError
-from ..export import save_model, update_metadata
-from ..measure import Metrics, measure_latencies
+from ..export import save_model
+from ..measure import Metrics
 from ..recovery import DistillConfig, check_feature_names, distill
 from ..report import comparison_table, conditions, markdown_report
-from ..training import EpochRecord, LRSchedule, TrainConfig, resolve_device
+from ..training import EpochRecord, LRSchedule, TrainConfig
 from ..zoo import create_model, list_models
-from ._compress import _baseline, _data_metadata, _measure_saved, _model_kwargs
+from ._compress import (
+    _baseline,
+    _data_metadata,
+    _measure_pair,
+    _measure_saved,
+    _model_kwargs,
+    _start_job,
+)
 from ._compress_config import CompressConfig
 
 
@@ -203,15 +210,7 @@ def run_distill(config: DistillJobConfig, *, console: Console | None = None) -> 
         output folders; nothing half-written is left in ``config.out``.
     """
     console = console or Console()
-    out = ensure_writable_dir(config.out)
-    device = resolve_device(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    data = load_fashion_mnist(config.data, seed=config.seed, limit=config.limit)
-    console.print(
-        f"data: {data.source}: {len(data.train):,} train / {len(data.val):,} val / "
-        f"{len(data.test):,} test images; device {device}, {torch.get_num_threads()} threads"
-    )
+    out, device, data = _start_job(config, console)
     student = _student(config, data, device)
     if config.features and config.teacher_checkpoint is None:
         # A bad module name is caught before minutes of teacher training, not after.
@@ -240,16 +239,9 @@ def run_distill(config: DistillJobConfig, *, console: Console | None = None) -> 
         out / "student.safetensors",
         metadata={**meta, "distillation": distill_cfg.to_dict()},
     )
-    after = _measure_saved(student, student_path, data, device, config.progress)
-    lat_before, lat_after = measure_latencies(
-        [teacher, student],
-        data.example_input.to(device),
-        runs=config.latency_runs,
-        progress=config.progress,
+    before, after = _measure_pair(
+        before, teacher, teacher_path, student, student_path, data, device, config
     )
-    before, after = before.replace(latency=lat_before), after.replace(latency=lat_after)
-    update_metadata(student_path, {"metrics": after.to_dict()})
-    update_metadata(teacher_path, {"metrics": before.to_dict()})
 
     notes = _notes(before, after, history, distill_cfg)
     title = f"secateur distill: {teacher_name} → {config.student}"

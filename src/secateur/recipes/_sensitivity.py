@@ -18,9 +18,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .._atomic import atomic_write_text, ensure_writable_dir
+from .._atomic import atomic_write_text
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
-from ..data import DataSplits, load_fashion_mnist
+from ..data import DataSplits
 from ..errors import ConfigError
 from ..explore import (
     DEFAULT_RATIOS,
@@ -35,8 +35,8 @@ from ..explore import (
 from ..measure import count_macs
 from ..pruning import StructuredConfig, UnstructuredConfig, prune_
 from ..report import plot_sensitivity, sensitivity_markdown, sensitivity_table
-from ..training import LRSchedule, evaluate, resolve_device
-from ._compress import _baseline
+from ..training import LRSchedule, evaluate
+from ._compress import _baseline, _start_job
 from ._compress_config import CompressConfig
 
 SCORE_LABEL = "validation top-1 accuracy (%)"
@@ -251,15 +251,7 @@ def run_sensitivity(
         raise ConfigError(
             "the sensitivity job plots its curves with matplotlib: pip install 'secateur[plot]'"
         )
-    out = ensure_writable_dir(config.out)
-    device = resolve_device(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    data = load_fashion_mnist(config.data, seed=config.seed, limit=config.limit)
-    console.print(
-        f"data: {data.source}: {len(data.train):,} train / {len(data.val):,} val / "
-        f"{len(data.test):,} test images; device {device}, {torch.get_num_threads()} threads"
-    )
+    out, device, data = _start_job(config, console)
     model, source = _baseline(config.baseline_config(), data, device, console)
     console.print(f"baseline {config.model}: {source}")
 
