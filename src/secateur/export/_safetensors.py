@@ -263,6 +263,40 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def rebuild_model(
+    manifest: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path
+) -> nn.Module:
+    """Build the zoo model a manifest names, replay its edits, resize it and load ``tensors``.
+
+    ``manifest`` holds ``model`` (zoo name and kwargs) and optionally ``edits`` and ``tied``;
+    ``tensors`` are the state-dict tensors (tied aliases omitted). Shared by every artifact
+    format. Raises ``ArtifactError`` naming ``source`` when anything does not fit.
+    """
+    spec = manifest["model"]
+    try:
+        model = create_model(str(spec.get("name")), **spec["kwargs"])
+    except ConfigError as exc:
+        raise ArtifactError(
+            f"checkpoint {source} names a model secateur cannot build: {exc}"
+        ) from None
+    try:
+        apply_edits_(model, manifest.get("edits", {}))
+        tied = _check_tied(manifest.get("tied", {}), tensors)
+    except ValueError as exc:
+        raise ArtifactError(f"checkpoint {source} has a bad manifest ({exc}): {_FIX}") from None
+    state = {**tensors, **{alias: tensors[source_name] for alias, source_name in tied.items()}}
+    try:
+        resize_to_state_(model, state)  # structurally pruned widths come from the tensors
+        _retie_(model, tied)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(
+            f"checkpoint {source} does not fit its model ({first}): {_FIX}"
+        ) from None
+    return model
+
+
 def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> LoadedModel:
     """Rebuild the model saved at ``path`` (the ``.safetensors`` file) on ``device``.
 
@@ -287,28 +321,7 @@ def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> LoadedMo
         raise ArtifactError(
             f"checkpoint {weights} is not valid safetensors ({exc}): {_FIX}"
         ) from None
-    spec = manifest["model"]
-    try:
-        model = create_model(str(spec.get("name")), **spec["kwargs"])
-    except ConfigError as exc:
-        raise ArtifactError(
-            f"checkpoint {weights} names a model secateur cannot build: {exc}"
-        ) from None
-    try:
-        apply_edits_(model, manifest.get("edits", {}))
-        tied = _check_tied(manifest.get("tied", {}), tensors)
-    except ValueError as exc:
-        raise ArtifactError(f"checkpoint {weights} has a bad manifest ({exc}): {_FIX}") from None
-    state = {**tensors, **{alias: tensors[source] for alias, source in tied.items()}}
-    try:
-        resize_to_state_(model, state)  # structurally pruned widths come from the tensors
-        _retie_(model, tied)
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ArtifactError(
-            f"checkpoint {weights} does not fit its model ({first}): {_FIX}"
-        ) from None
+    model = rebuild_model(manifest, tensors, weights)
     model.to(device).eval()
     metadata = manifest.get("metadata")
     return LoadedModel(
