@@ -19,12 +19,23 @@ def digits_idx_dir(tmp_path: Path) -> Path:
     (grayscale). The first 1500 are the training set, the other 297 the test set. Half the
     files are gzipped (with a ``.gz`` suffix) so that both storage forms are exercised.
     """
+    return make_digits_idx(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def digits_idx_shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`digits_idx_dir`, written once per session, for module-scoped fixtures; read only."""
+    return make_digits_idx(tmp_path_factory.mktemp("digits"))
+
+
+def make_digits_idx(parent: Path) -> Path:
+    """Write the folder :func:`digits_idx_dir` describes under ``parent``; return it."""
     digits = load_digits()
     small = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     big = np.kron(small, np.ones((1, 3, 3), dtype=np.uint8))
     images = np.pad(big, ((0, 0), (2, 2), (2, 2)))
     labels = digits.target.astype(np.uint8)
-    folder = tmp_path / "digits-idx"
+    folder = parent / "digits-idx"
     folder.mkdir()
     write_idx(folder / "train-images-idx3-ubyte.gz", images[:1500], compress=True)
     write_idx(folder / "train-labels-idx1-ubyte", labels[:1500])

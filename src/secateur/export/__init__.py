@@ -6,6 +6,8 @@ from ._compressed import compressed_bytes as compressed_bytes
 from ._compressed import load_compressed as load_compressed
 from ._compressed import read_compressed_header as read_compressed_header
 from ._compressed import save_compressed as save_compressed
+from ._onnx import OnnxExport as OnnxExport
+from ._onnx import export_onnx as export_onnx
 from ._safetensors import MANIFEST_FORMAT as MANIFEST_FORMAT
 from ._safetensors import LoadedModel as LoadedModel
 from ._safetensors import load_model as load_model
@@ -25,6 +27,8 @@ __all__ = [
     "save_compressed",
     "MANIFEST_FORMAT",
     "LoadedModel",
+    "OnnxExport",
+    "export_onnx",
     "load_model",
     "manifest_path_for",
     "save_model",

@@ -68,9 +68,14 @@ def relative_codes(positions: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def decode_relative(data: bytes, bits: int, count: int, numel: int, nnz: int) -> np.ndarray:
-    """Flat positions from ``count`` gap codes; checks they stay inside the tensor."""
-    codes = unpack_bits(data, bits, count).astype(np.int64)
+def decode_relative(
+    data: bytes, bits: int, count: int, numel: int, nnz: int, width: int | None = None
+) -> np.ndarray:
+    """Flat positions from ``count`` gap codes stored ``width`` bits apiece (default ``bits``);
+    checks that every code fits ``bits`` and that the positions stay inside the tensor."""
+    codes = unpack_bits(data, width or bits, count).astype(np.int64)
+    if codes.size and int(codes.max()) >= 1 << bits:
+        raise ValueError(f"an index code does not fit in {bits} bits")
     steps = np.where(codes == 0, (1 << bits) - 1, codes)
     ends = np.cumsum(steps) - 1
     positions = ends[codes != 0]

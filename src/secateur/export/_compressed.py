@@ -45,7 +45,7 @@ from .._atomic import atomic_write_bytes
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
 from ..errors import ArtifactError, ConfigError
 from ..quantization._codebook import CodebookConfig
-from ._codec import best_relative_bits, encode_bitmask
+from ._codec import best_relative_bits, encode_bitmask, pack_bits, relative_codes
 from ._safetensors import LoadedModel, _tensors_to_save, model_edits, rebuild_model
 from ._tensor_codec import decode_tensor, encode_values, tensor_bytes
 
@@ -136,30 +136,62 @@ def _weight_names(model: nn.Module) -> dict[str, str]:
 
 
 class _Payload:
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.size = 0
+    """Segments gathered in streams of like data (index codes, value codes, floats), because
+    an entropy coder models each stream's statistics better alone than mixed. Segment offsets
+    point into the concatenation of the streams, in ``STREAMS`` order."""
 
-    def add(self, data: bytes) -> list[int]:
-        self.chunks.append(data)
-        self.size += len(data)
-        return [self.size - len(data), len(data)]
+    STREAMS = ("index", "codes", "floats")
+
+    def __init__(self, aligned: bool) -> None:
+        self.aligned = aligned  # codes one per byte, for the entropy coder to model
+        self.streams: dict[str, list[bytes]] = {s: [] for s in self.STREAMS}
+        self.sizes = dict.fromkeys(self.STREAMS, 0)
+        self.segments: list[tuple[str, list[int]]] = []
+
+    def add(self, data: bytes, stream: str = "floats") -> list[int]:
+        segment = [self.sizes[stream], len(data)]
+        self.streams[stream].append(data)
+        self.sizes[stream] += len(data)
+        self.segments.append((stream, segment))
+        return segment
+
+    def codes(self, codes: np.ndarray, bits: int, stream: str) -> tuple[list[int], int]:
+        """Add ``bits``-bit codes, bit-packed or one per byte; return (segment, width)."""
+        width = 8 if self.aligned else bits
+        return self.add(pack_bits(codes, width), stream), width
+
+    def finish(self) -> list[bytes]:
+        """The raw bytes of each stream; every segment's offset becomes global."""
+        base, start = {}, 0
+        for name in self.STREAMS:
+            base[name] = start
+            start += self.sizes[name]
+        for stream, segment in self.segments:
+            segment[0] += base[stream]
+        return [b"".join(self.streams[name]) for name in self.STREAMS]
 
 
 def _index_entry(flat: np.ndarray, choice: IndexCoding, payload: _Payload) -> dict[str, Any]:
-    from ._codec import pack_bits, relative_codes
-
     positions = np.flatnonzero(flat)
     bits, count = best_relative_bits(positions)
+    if payload.aligned:  # one code per byte anyway: the widest gaps need the fewest fillers
+        bits = 8
+        count = relative_codes(positions, bits).size
     bitmask_bytes = (flat.size + 7) // 8
     relative_bytes = (count * bits + 7) // 8
     use_relative = choice is IndexCoding.RELATIVE or (
         choice is IndexCoding.AUTO and relative_bytes < bitmask_bytes
     )
     if use_relative:
-        data = pack_bits(relative_codes(positions, bits), bits)
-        return {"code": "relative", "bits": bits, "count": count, "segment": payload.add(data)}
-    return {"code": "bitmask", "segment": payload.add(encode_bitmask(flat != 0))}
+        segment, width = payload.codes(relative_codes(positions, bits), bits, "index")
+        return {
+            "code": "relative",
+            "bits": bits,
+            "width": width,
+            "count": count,
+            "segment": segment,
+        }
+    return {"code": "bitmask", "segment": payload.add(encode_bitmask(flat != 0), "index")}
 
 
 def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any]) -> bytes:
@@ -168,7 +200,7 @@ def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any
         raise ConfigError("model has no secateur_spec: build it with secateur.zoo.create_model")
     tensors, tied = _tensors_to_save(model)
     weights = _weight_names(model)
-    payload = _Payload()
+    payload = _Payload(aligned=config.entropy is Entropy.ZSTD)
     entries = []
     for name, tensor in tensors.items():
         t = tensor.detach().cpu().contiguous()
@@ -177,7 +209,8 @@ def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any
         shared = name in weights and t.is_floating_point() and t.dim() >= 2
         if not shared:
             entry["layout"] = "dense"
-            entry["values"] = {"code": "exact", "segments": {"data": payload.add(tensor_bytes(t))}}
+            segment = payload.add(tensor_bytes(t))
+            entry["values"] = {"code": "exact", "segments": {"data": segment}}
             entries.append(entry)
             continue
         flat = t.reshape(-1)
@@ -192,15 +225,16 @@ def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any
             entry["layout"] = "dense"
             positions = torch.arange(flat.numel())
         bits = config.bits_for(weights[name])
-        values, segments = encode_values(t, positions, config.values.value, bits)
-        entry["values"] = {**values, "segments": {k: payload.add(v) for k, v in segments.items()}}
+        entry["values"] = encode_values(t, positions, config.values.value, bits, payload)
         entries.append(entry)
-    raw = b"".join(payload.chunks)
-    stored = (
-        zstandard.ZstdCompressor(level=config.level).compress(raw)
-        if config.entropy is Entropy.ZSTD
-        else raw
-    )
+    raws = payload.finish()
+    if config.entropy is Entropy.ZSTD:
+        coder = zstandard.ZstdCompressor(level=config.level)
+        frames = [coder.compress(raw) for raw in raws]
+    else:
+        frames = [b"".join(raws)]
+        raws = frames
+    stored = b"".join(frames)
     header = {
         "format": FORMAT,
         "model": spec,
@@ -212,7 +246,8 @@ def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any
         "payload": {
             "entropy": config.entropy.value,
             "bytes": len(stored),
-            "raw_bytes": len(raw),
+            "raw_bytes": sum(len(raw) for raw in raws),
+            "frames": [[len(f), len(r)] for f, r in zip(frames, raws, strict=True)],
             "sha256": hashlib.sha256(stored).hexdigest(),
         },
     }
@@ -304,13 +339,29 @@ def _payload(header: dict[str, Any], stored: bytes, path: Path) -> bytes:
         raise _fail(path, f"truncated or padded (payload has {len(stored)} bytes, header {size})")
     if hashlib.sha256(stored).hexdigest() != info.get("sha256"):
         raise _fail(path, "corrupt (payload SHA-256 mismatch)")
+    frames = info.get("frames")
+    ok = isinstance(frames, list) and all(
+        isinstance(f, list) and len(f) == 2 and all(type(v) is int and v >= 0 for v in f)
+        for f in frames
+    )
+    if not ok or sum(f[0] for f in frames) != size or sum(f[1] for f in frames) != raw_size:
+        raise _fail(path, "corrupt (frame table does not add up to the payload size)")
     if info.get("entropy") == Entropy.NONE.value:
         raw = stored
     elif info.get("entropy") == Entropy.ZSTD.value:
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_size)
-        except zstandard.ZstdError as exc:
-            raise _fail(path, f"corrupt (zstd: {exc})") from None
+        parts, start = [], 0
+        decoder = zstandard.ZstdDecompressor()
+        for stored_len, raw_len in frames:
+            frame = stored[start : start + stored_len]
+            start += stored_len
+            try:
+                part = decoder.decompress(frame, max_output_size=raw_len) if raw_len else b""
+            except zstandard.ZstdError as exc:
+                raise _fail(path, f"corrupt (zstd: {exc})") from None
+            if len(part) != raw_len:
+                raise _fail(path, "corrupt (a zstd frame decompresses to the wrong size)")
+            parts.append(part)
+        raw = b"".join(parts)
     else:
         raise _fail(path, f"encoded with an unknown entropy coder {info.get('entropy')!r}")
     if len(raw) != raw_size:

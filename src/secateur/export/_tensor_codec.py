@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..quantization._codebook import kmeans_1d
-from ._codec import decode_bitmask, decode_relative, pack_bits, unpack_bits
+from ._codec import decode_bitmask, decode_relative, unpack_bits
 
 DTYPES = {
     name: getattr(torch, name)
@@ -51,14 +51,16 @@ def _from_bytes(data: bytes, dtype: torch.dtype, count: int) -> torch.Tensor:
 
 
 def encode_values(
-    t: torch.Tensor, positions: torch.Tensor, coding: str, bits: int
-) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Encode ``t.reshape(-1)[positions]`` as ``coding``; return (header fields, segments)."""
+    t: torch.Tensor, positions: torch.Tensor, coding: str, bits: int, payload: Any
+) -> dict[str, Any]:
+    """Encode ``t.reshape(-1)[positions]`` as ``coding`` into ``payload`` (the container's
+    segment store); return the entry's ``values`` header fields."""
     values = t.reshape(-1)[positions]
     if coding == "exact":
-        return {"code": "exact"}, {"data": tensor_bytes(values)}
+        return {"code": "exact", "segments": {"data": payload.add(tensor_bytes(values))}}
     if coding == "float16":
-        return {"code": "float16"}, {"data": tensor_bytes(values.to(torch.float16))}
+        data = payload.add(tensor_bytes(values.to(torch.float16)))
+        return {"code": "float16", "segments": {"data": data}}
     if coding == "int8":
         rows = max(1, t.shape[0])
         row_of = positions // max(1, t.numel() // rows)
@@ -67,13 +69,21 @@ def encode_values(
         )
         scales = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
         codes = torch.round(values.float() / scales[row_of]).clamp(-127, 127).to(torch.int8)
-        return {"code": "int8"}, {"scales": tensor_bytes(scales), "data": tensor_bytes(codes)}
+        segments = {
+            "scales": payload.add(tensor_bytes(scales)),
+            "data": payload.add(tensor_bytes(codes), "codes"),
+        }
+        return {"code": "int8", "segments": segments}
     if coding == "codebook":
         centroids, codes = kmeans_1d(values, 1 << bits)
-        fields = {"code": "codebook", "bits": bits, "clusters": int(centroids.numel())}
-        return fields, {
-            "centroids": tensor_bytes(centroids),
-            "data": pack_bits(codes.numpy().astype(np.uint8), bits),
+        table = payload.add(tensor_bytes(centroids))
+        data, width = payload.codes(codes.numpy().astype(np.uint8), bits, "codes")
+        return {
+            "code": "codebook",
+            "bits": bits,
+            "width": width,
+            "clusters": int(centroids.numel()),
+            "segments": {"centroids": table, "data": data},
         }
     raise ValueError(f"unknown value coding {coding!r}")
 
@@ -104,8 +114,9 @@ def _positions(entry: dict[str, Any], numel: int, nnz: int, raw: bytes) -> np.nd
         return decode_bitmask(data, numel, nnz)
     if index.get("code") == "relative":
         bits = _int(index, "bits", 1, 8)
+        width = _int(index, "width", bits, 8)
         count = _int(index, "count", 0, 8 * len(raw))
-        return decode_relative(data, bits, count, numel, nnz)
+        return decode_relative(data, bits, count, numel, nnz, width)
     raise ValueError(f"unknown index code {index.get('code')!r}")
 
 
@@ -127,9 +138,10 @@ def _values(
         return (codes * scales[row_of]).to(dtype)
     if code == "codebook":
         bits = _int(fields, "bits", 1, 8)
+        width = _int(fields, "width", bits, 8)
         clusters = _int(fields, "clusters", 0, 1 << bits)
         table = _from_bytes(_segment(segments, "centroids", raw), torch.float32, clusters)
-        codes = torch.from_numpy(unpack_bits(data, bits, count).astype(np.int64))
+        codes = torch.from_numpy(unpack_bits(data, width, count).astype(np.int64))
         if codes.numel() and int(codes.max()) >= clusters:
             raise ValueError(f"a code points past the {clusters}-entry codebook")
         return table[codes].to(dtype)

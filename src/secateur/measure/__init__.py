@@ -13,6 +13,7 @@ from ._metrics import Accuracy as Accuracy
 from ._metrics import Latency as Latency
 from ._metrics import LayerSparsity as LayerSparsity
 from ._metrics import Metrics as Metrics
+from ._onnx import OnnxRunner as OnnxRunner
 from ._params import count_params as count_params
 from ._params import layer_sparsity as layer_sparsity
 
@@ -22,6 +23,7 @@ __all__ = [
     "Latency",
     "MacCount",
     "Metrics",
+    "OnnxRunner",
     "count_macs",
     "count_params",
     "layer_sparsity",

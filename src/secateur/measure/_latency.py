@@ -1,4 +1,4 @@
-"""Latency of PyTorch forward passes, measured here and now.
+"""Latency of PyTorch forward passes (and of ONNX Runtime sessions), measured here and now.
 
 Machines are noisy, so models that will be compared are timed *interleaved*: run i of every model
 happens before run i+1 of any, and a burst of load from elsewhere hits all of them alike.
@@ -16,6 +16,7 @@ from torch import nn
 from .._progress import make_progress
 from ..errors import ConfigError
 from ._metrics import Latency
+from ._onnx import OnnxRunner
 
 MIN_RUNS = 20
 
@@ -31,8 +32,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _runtime(model: nn.Module | OnnxRunner, device: torch.device) -> tuple[str, int, str]:
+    """(runtime, threads, device) that a :class:`Latency` of ``model`` reports."""
+    if isinstance(model, OnnxRunner):
+        return model.runtime, model.threads, model.device
+    return f"pytorch {torch.__version__} eager", torch.get_num_threads(), str(device)
+
+
 def measure_latencies(
-    models: Sequence[nn.Module],
+    models: Sequence[nn.Module | OnnxRunner],
     example_inputs: Inputs,
     *,
     runs: int = 50,
@@ -42,8 +50,11 @@ def measure_latencies(
     """Time ``model(*example_inputs)`` for each model, interleaved, in eval mode, no grad.
 
     Runs ``warmup`` untimed rounds, then ``runs`` timed rounds (at least 20); one round calls each
-    model once. CUDA is synchronised around every call. Inputs and models must share a device.
-    Returns one :class:`Latency` per model, with batch size, threads, device and runtime.
+    model once. CUDA is synchronised around every call. Inputs and models must share a device;
+    an :class:`OnnxRunner` takes any (CUDA inputs are copied to the host inside its timed call).
+    Returns one :class:`Latency` per model, with batch size, threads, device and runtime: for a
+    runner, its own runtime string (e.g. ``onnxruntime 1.31.1 CPUExecutionProvider``), threads
+    and device.
 
     Raises:
         ConfigError: if ``runs`` < 20 or ``warmup`` < 0.
@@ -74,7 +85,8 @@ def measure_latencies(
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
     out = []
-    for samples in times:
+    for model, samples in zip(models, times, strict=True):
+        runtime, threads, where = _runtime(model, device)
         samples.sort()
         out.append(
             Latency(
@@ -83,9 +95,9 @@ def measure_latencies(
                 runs=runs,
                 warmup=warmup,
                 batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
-                threads=torch.get_num_threads(),
-                device=str(device),
-                runtime=f"pytorch {torch.__version__} eager",
+                threads=threads,
+                device=where,
+                runtime=runtime,
             )
         )
     return out

@@ -59,7 +59,8 @@ class Metrics:
 
     ``macs`` counts dense multiply-accumulates of one sample (zeros included, since dense kernels
     compute them); ``nonzero_macs`` counts only those whose weight is non-zero, i.e. the work a
-    sparse kernel would do. ``None`` means "not measured", never "zero".
+    sparse kernel would do. ``latency`` times the PyTorch model, ``onnx_latency`` its ONNX file
+    in ONNX Runtime (timed interleaved with it). ``None`` means "not measured", never "zero".
     """
 
     params: int
@@ -70,6 +71,7 @@ class Metrics:
     latency: Latency | None = None
     disk_bytes: int | None = None
     accuracy: Accuracy | None = None
+    onnx_latency: Latency | None = None
 
     @property
     def sparsity(self) -> float:
@@ -87,6 +89,7 @@ class Metrics:
         """Inverse of :meth:`to_dict`; raises ``KeyError``/``TypeError`` on a malformed dict."""
         lat = data.get("latency")
         acc = data.get("accuracy")
+        onnx_lat = data.get("onnx_latency")
         return cls(
             params=int(data["params"]),
             nonzero_params=int(data["nonzero_params"]),
@@ -96,4 +99,5 @@ class Metrics:
             latency=Latency(**lat) if lat is not None else None,
             disk_bytes=data.get("disk_bytes"),
             accuracy=Accuracy(**acc) if acc is not None else None,
+            onnx_latency=Latency(**onnx_lat) if onnx_lat is not None else None,
         )

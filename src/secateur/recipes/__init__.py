@@ -10,12 +10,22 @@ from ._compress_config import Recovery as Recovery
 from ._distill import DistillJobConfig as DistillJobConfig
 from ._distill import DistillResult as DistillResult
 from ._distill import run_distill as run_distill
+from ._export import ExportResult as ExportResult
+from ._export import run_export as run_export
+from ._export_config import FORMAT_SETTINGS as FORMAT_SETTINGS
+from ._export_config import ExportConfig as ExportConfig
+from ._export_config import ExportFormat as ExportFormat
 from ._sensitivity import AllocationCheck as AllocationCheck
 from ._sensitivity import SensitivityConfig as SensitivityConfig
 from ._sensitivity import SensitivityJobResult as SensitivityJobResult
 from ._sensitivity import run_sensitivity as run_sensitivity
 
 __all__ = [
+    "FORMAT_SETTINGS",
+    "ExportConfig",
+    "ExportFormat",
+    "ExportResult",
+    "run_export",
     "METHOD_SETTINGS",
     "AllocationCheck",
     "CompressConfig",

@@ -1,5 +1,9 @@
 """report/: tables, text and plots from measured values; computes nothing itself."""
 
+from ._export import VariantFigures as VariantFigures
+from ._export import export_markdown as export_markdown
+from ._export import export_table as export_table
+from ._export import stages_table as stages_table
 from ._plots import plot_sensitivity as plot_sensitivity
 from ._render import comparison_table as comparison_table
 from ._render import conditions as conditions
@@ -8,6 +12,10 @@ from ._sensitivity import sensitivity_markdown as sensitivity_markdown
 from ._sensitivity import sensitivity_table as sensitivity_table
 
 __all__ = [
+    "VariantFigures",
+    "export_markdown",
+    "export_table",
+    "stages_table",
     "comparison_table",
     "conditions",
     "markdown_report",

@@ -43,6 +43,11 @@ ROWS = (
     Row("weights file on disk", lambda m: m.disk_bytes, lambda v: f"{int(v):,} B"),
     Row("latency, median", lambda m: m.latency.median_ms if m.latency else None, _ms),
     Row("latency, p90", lambda m: m.latency.p90_ms if m.latency else None, _ms),
+    Row(
+        "latency, ONNX Runtime median",
+        lambda m: m.onnx_latency.median_ms if m.onnx_latency else None,
+        _ms,
+    ),
 )
 
 

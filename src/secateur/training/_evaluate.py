@@ -19,9 +19,12 @@ def evaluate(
 ) -> float:
     """Return top-1 accuracy in [0, 1] of ``model`` on ``split``, on the model's device.
 
-    The model is put in eval mode and restored to its previous mode afterwards.
+    The model is put in eval mode and restored to its previous mode afterwards. ``model`` may
+    also be any callable with ``training``/``eval()``/``train()`` and no ``parameters()``, e.g. a
+    ``secateur.measure.OnnxRunner``: it is fed CPU batches.
     """
-    device = next(model.parameters()).device
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = first.device if first is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     correct = 0

@@ -1,0 +1,330 @@
+"""Export a PyTorch model to an ONNX file, checked against PyTorch in ONNX Runtime.
+
+The TorchScript exporter is used (``torch.onnx.export(..., dynamo=False)``): the dynamo exporter
+needs ``onnxscript``, which secateur does not depend on. It traces one forward pass, so
+data-dependent Python control flow is frozen at the example's values; the check below runs the
+file on the example batch and, with a dynamic batch, on a batch twice as large, which catches a
+batch size baked into the graph.
+
+Names in the file: inputs are ``input`` (one tensor), ``input_0``, ``input_1``, ... (a sequence of
+tensors) or the keys of a dict of keyword tensors (HF style, e.g. ``input_ids``, which is what
+ONNX Runtime users of such models expect); outputs are ``output`` (one tensor) or ``output_0``,
+``output_1``, ... in the order the model returns them (a HF ``ModelOutput`` gives its non-``None``
+fields in order, e.g. ``logits`` first). Axis 0 of every input and output is named ``batch``.
+
+Hugging Face models: BERT-like encoders export as they are; for decoders (GPT-2, Llama) the copy
+that is exported has ``config.use_cache = False``, because the KV cache the model returns
+otherwise (a ``DynamicCache`` object) cannot be a traced output. Only the batch axis is dynamic,
+so such a file takes the example's sequence length.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._atomic import atomic_write_bytes, ensure_writable_dir
+from ..errors import ArtifactError, ConfigError
+
+DEFAULT_OPSET = 17
+_MIN_OPSET = 9
+_MAX_OPSET = 20  # the TorchScript exporter's highest (torch.onnx._constants)
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` wrote.
+
+    ``max_abs_diff`` is the largest absolute difference between ONNX Runtime's and PyTorch's
+    outputs over the checked batches, or ``None`` when the export was not checked.
+    """
+
+    path: Path
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    max_abs_diff: float | None
+
+
+class _Flat(nn.Module):
+    """Calls ``model`` with positional or keyword tensors and returns a flat tuple of tensors."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.keys is None:
+            out = self.model(*tensors)
+        else:
+            out = self.model(**dict(zip(self.keys, tensors, strict=True)))
+        return tuple(_flatten(out))
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if out is None:
+        return []
+    if isinstance(out, Mapping):  # includes HF ModelOutput, whose values() skip None fields
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _flatten(item)]
+    raise ConfigError(
+        f"the model returns a {type(out).__name__}, which ONNX cannot hold: "
+        "export a wrapper module that returns tensors"
+    )
+
+
+def _split(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
+    """(tensors, keyword names or None) of ``example_inputs``."""
+    if isinstance(example_inputs, torch.Tensor):
+        tensors: tuple[Any, ...] = (example_inputs,)
+        keys = None
+    elif isinstance(example_inputs, Mapping):
+        keys = tuple(str(k) for k in example_inputs)
+        tensors = tuple(example_inputs.values())
+    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        tensors, keys = tuple(example_inputs), None
+    else:
+        tensors, keys = (), None
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise ConfigError(
+            "example_inputs must be a tensor, a sequence of tensors or a dict of tensors"
+        )
+    return tuple(t.detach().cpu() for t in tensors), keys
+
+
+def _input_names(count: int, keys: tuple[str, ...] | None) -> tuple[str, ...]:
+    if keys is not None:
+        return keys
+    return ("input",) if count == 1 else tuple(f"input_{i}" for i in range(count))
+
+
+def _output_names(count: int) -> tuple[str, ...]:
+    return ("output",) if count == 1 else tuple(f"output_{i}" for i in range(count))
+
+
+def _check_args(path: Path, opset: int, rtol: float, atol: float) -> None:
+    if path.suffix != ".onnx":
+        raise ConfigError(f"ONNX path {path} must end in .onnx: rename it, e.g. {path.stem}.onnx")
+    if (
+        isinstance(opset, bool)
+        or not isinstance(opset, int)
+        or not _MIN_OPSET <= opset <= _MAX_OPSET
+    ):
+        raise ConfigError(
+            f"opset={opset!r} is not supported: use an integer {_MIN_OPSET}..{_MAX_OPSET}"
+        )
+    if not (rtol >= 0 and atol >= 0):
+        raise ConfigError(f"rtol={rtol} and atol={atol} must be >= 0")
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError(
+            "checking an ONNX export needs onnxruntime: pip install 'secateur[onnx]' or pass check=False"
+        ) from None
+    return onnxruntime
+
+
+def _to_onnx_bytes(
+    flat: _Flat,
+    tensors: tuple[torch.Tensor, ...],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    opset: int,
+    dynamic_batch: bool,
+) -> bytes:
+    kwargs: dict[str, Any] = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False
+    if dynamic_batch:
+        kwargs["dynamic_axes"] = {name: {0: "batch"} for name in input_names + output_names}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # the legacy exporter's deprecation notice, and tracer warnings that the check makes moot
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
+        try:
+            torch.onnx.export(
+                flat,
+                tensors,
+                buffer,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                opset_version=opset,
+                do_constant_folding=True,
+                **kwargs,
+            )
+        except ConfigError:
+            raise
+        except Exception as exc:  # an operator or construct the exporter cannot convert
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(
+                f"cannot export {type(flat.model).__name__} to ONNX (opset {opset}): {first}: "
+                "try another opset or replace the unsupported operation"
+            ) from exc
+    return buffer.getvalue()
+
+
+def _ort_outputs(session: Any, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> list:
+    feed = {n: t.numpy() for n, t in zip(names, tensors, strict=True)}
+    return session.run(None, feed)
+
+
+def _compare(
+    session: Any,
+    flat: _Flat,
+    tensors: tuple[torch.Tensor, ...],
+    input_names: tuple[str, ...],
+    rtol: float,
+    atol: float,
+    what: str,
+) -> float:
+    with torch.no_grad():
+        expected = [t.numpy() for t in flat(*tensors)]
+    try:
+        got = _ort_outputs(session, input_names, tensors)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(
+            f"ONNX Runtime cannot run the export on {what}: {first}: "
+            "pass dynamic_batch=False if the model fixes its batch size"
+        ) from None
+    worst = 0.0
+    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+        if e.shape != g.shape:
+            raise ArtifactError(
+                f"ONNX output {i} has shape {g.shape}, PyTorch {e.shape} on {what}: "
+                "the traced graph fixes a size; pass dynamic_batch=False or simplify forward()"
+            )
+        if e.size == 0:
+            continue
+        diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
+        worst = max(worst, float(diff.max()))
+        if not np.all(diff <= atol + rtol * np.abs(e.astype(np.float64))):
+            raise ArtifactError(
+                f"ONNX output {i} differs from PyTorch by up to {float(diff.max()):.3g} on {what} "
+                f"(rtol={rtol}, atol={atol}): check the model for untraceable control flow, "
+                "or raise the tolerance"
+            )
+    return worst
+
+
+def _check(
+    data: bytes,
+    flat: _Flat,
+    tensors: tuple[torch.Tensor, ...],
+    input_names: tuple[str, ...],
+    dynamic_batch: bool,
+    rtol: float,
+    atol: float,
+) -> float:
+    ort = _import_onnxruntime()
+    try:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(
+            f"ONNX Runtime cannot load the export: {first}: try another opset"
+        ) from None
+    worst = _compare(session, flat, tensors, input_names, rtol, atol, "the example inputs")
+    if dynamic_batch and all(t.dim() > 0 for t in tensors):
+        doubled = tuple(torch.cat([t, t]) for t in tensors)
+        batch = doubled[0].shape[0]
+        worst = max(
+            worst, _compare(session, flat, doubled, input_names, rtol, atol, f"a batch of {batch}")
+        )
+    return worst
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+) -> OnnxExport:
+    """Write ``model`` as an ONNX file at ``path`` (atomically) and check it in ONNX Runtime.
+
+    A CPU copy of the model is exported in eval mode; ``model`` itself, its device and its mode
+    are untouched. With ``check``, ONNX Runtime (CPU) runs the file on ``example_inputs`` (and, if
+    ``dynamic_batch``, on those inputs repeated to twice the batch) and every output must satisfy
+    ``|ort - torch| <= atol + rtol * |torch|``; otherwise nothing is written. Models of several
+    GiB (over protobuf's 2 GiB limit) are not supported.
+
+    Args:
+        model: any module whose forward takes tensors and returns tensors (or a tuple, list, dict
+            or HF ``ModelOutput`` of them).
+        example_inputs: a tensor, a sequence of positional tensors, or a dict of keyword tensors
+            (HF style), batch first, on any device.
+        path: the ``.onnx`` file to write; missing parent folders are created.
+        opset: ONNX opset, 9..20.
+        dynamic_batch: name axis 0 of every input and output ``batch`` so any batch size runs.
+
+    Returns:
+        An :class:`OnnxExport` with the names used and the measured ``max_abs_diff``.
+
+    Raises:
+        ConfigError: ``path`` does not end in ``.onnx``, a bad opset or tolerance, inputs or
+            outputs that are not tensors, or onnxruntime missing while ``check`` is set.
+        OutputError: the folder of ``path`` cannot be written.
+        ArtifactError: the exporter cannot convert the model, or ONNX Runtime's outputs differ
+            from PyTorch's beyond tolerance (nothing is left on disk).
+
+    Example:
+        >>> from secateur.zoo import create_model
+        >>> out = export_onnx(create_model("lenet5"), torch.zeros(1, 1, 28, 28), "lenet5.onnx")
+        >>> out.input_names, out.output_names
+        (('input',), ('output',))
+    """
+    target = Path(path)
+    _check_args(target, opset, rtol, atol)
+    ensure_writable_dir(target.parent)  # fail before the (possibly long) export
+    tensors, keys = _split(example_inputs)
+    if check:
+        _import_onnxruntime()
+    clone = copy.deepcopy(model).cpu().eval()
+    config = getattr(clone, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False  # a returned KV cache object cannot be traced
+    flat = _Flat(clone, keys).eval()
+    with torch.no_grad():
+        outputs = flat(*tensors)
+    if not outputs:
+        raise ConfigError("the model returns no tensor: export a module that returns its output")
+    input_names = _input_names(len(tensors), keys)
+    output_names = _output_names(len(outputs))
+    data = _to_onnx_bytes(flat, tensors, input_names, output_names, opset, dynamic_batch)
+    worst = None
+    if check:
+        worst = _check(data, flat, tensors, input_names, dynamic_batch, rtol, atol)
+    atomic_write_bytes(target, data)
+    return OnnxExport(
+        path=target,
+        opset=opset,
+        input_names=input_names,
+        output_names=output_names,
+        max_abs_diff=worst,
+    )

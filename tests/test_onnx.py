@@ -1,0 +1,226 @@
+"""ONNX export checked against PyTorch, the ONNX Runtime runner, and ONNX latency in Metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from secateur import create_model
+from secateur.errors import ArtifactError, ConfigError, OutputError
+from secateur.export import OnnxExport, export_onnx
+from secateur.measure import Metrics, OnnxRunner, measure, measure_latencies
+from secateur.pruning import StructuredConfig, prune_
+from secateur.report._rows import cells
+from secateur.training import evaluate
+
+pytest.importorskip("onnxruntime")
+
+ATOL = 1e-4  # fp32 ONNX Runtime vs PyTorch: same maths, different summation order
+
+
+def _inputs(name: str, batch: int) -> torch.Tensor:
+    shape = (1, 28, 28) if name.startswith("lenet") else (3, 32, 32)
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("lenet"):
+        return create_model(name).eval()
+    base = name.removeprefix("pruned_")
+    model = create_model(base, in_channels=3, image_size=32).eval()
+    if name.startswith("pruned_"):
+        prune_(model, StructuredConfig(ratio=0.5), example_inputs=_inputs(base, 2))
+    return model
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "pruned_resnet20"])
+def test_round_trip_equals_pytorch_at_another_batch(tmp_path, name: str) -> None:
+    model = _model(name)
+    out = export_onnx(model, _inputs(name, 1), tmp_path / "m.onnx")
+    assert out == OnnxExport(tmp_path / "m.onnx", 17, ("input",), ("output",), out.max_abs_diff)
+    assert out.max_abs_diff is not None and 0 <= out.max_abs_diff < ATOL
+    x = _inputs(name, 3)  # exported at batch 1, run at batch 3
+    with torch.no_grad():
+        expected = model(x)
+    got = OnnxRunner(out.path, threads=1)(x)
+    assert got.shape == (3, 10)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=ATOL)
+
+
+def test_pruned_export_is_smaller_than_dense(tmp_path) -> None:
+    dense = export_onnx(_model("resnet20"), _inputs("resnet20", 1), tmp_path / "d.onnx")
+    pruned = export_onnx(_model("pruned_resnet20"), _inputs("resnet20", 1), tmp_path / "p.onnx")
+    ratio = pruned.path.stat().st_size / dense.path.stat().st_size
+    assert 0.2 < ratio < 0.35  # half the channels of both convs in a block: about a quarter
+
+
+@pytest.mark.filterwarnings("ignore:Exporting aten")  # aten::index on positions, never < 0
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_tiny_hf_models_export_with_keyword_inputs(tmp_path, family: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    if family == "bert":
+        options = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+        config = transformers.AutoConfig.for_model(
+            "bert", vocab_size=100, intermediate_size=64, num_labels=3, **options
+        )
+        auto = transformers.AutoModelForSequenceClassification
+    else:
+        config = transformers.AutoConfig.for_model(
+            "gpt2", vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16
+        )
+        auto = transformers.AutoModelForCausalLM
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = auto.from_config(config).eval()
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = export_onnx(model, x, tmp_path / f"{family}.onnx")
+    assert out.input_names == ("input_ids", "attention_mask")
+    assert out.output_names == ("output",)  # the logits; no KV cache
+    assert out.max_abs_diff is not None and out.max_abs_diff < ATOL
+    assert getattr(model.config, "use_cache", True)  # only the exported copy lost its cache
+    more = torch.randint(1, 100, (5, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=more, attention_mask=torch.ones_like(more)).logits
+    got = OnnxRunner(out.path)(input_ids=more, attention_mask=torch.ones_like(more))
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=ATOL)
+
+
+class TwoInTwoOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sum": self.fc(a + b), "diff": self.fc(a - b)}
+
+
+def test_tuple_inputs_and_several_outputs(tmp_path) -> None:
+    model = TwoInTwoOut().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    out = export_onnx(model, (a, b), tmp_path / "two.onnx")
+    assert (out.input_names, out.output_names) == (("input_0", "input_1"), ("output_0", "output_1"))
+    assert model.training  # the user's model keeps its mode and weights
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    runner = OnnxRunner(out.path)
+    a3, b3 = torch.randn(3, 4), torch.randn(3, 4)
+    got_sum, got_diff = runner(a3, b3)
+    expected = model(a3, b3)
+    torch.testing.assert_close(got_sum, expected["sum"], rtol=1e-3, atol=ATOL)
+    torch.testing.assert_close(got_diff, expected["diff"], rtol=1e-3, atol=ATOL)
+    with pytest.raises(ConfigError, match="needs input 'input_1'"):
+        runner(a3)
+
+
+class Noisy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.rand_like(x)  # a fresh draw in each runtime: outputs cannot agree
+
+
+class FixedBatch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(int(x.shape[0]), dtype=x.dtype)[:, None]  # int(): a constant
+
+
+def test_failed_check_leaves_nothing_on_disk(tmp_path) -> None:
+    with pytest.raises(ArtifactError, match="differs from PyTorch") as info:
+        export_onnx(Noisy(), torch.zeros(2, 3), tmp_path / "noisy.onnx")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ArtifactError, match="batch of 4"):
+        export_onnx(FixedBatch(), torch.zeros(2, 3), tmp_path / "fixed.onnx")
+    assert list(tmp_path.iterdir()) == []
+    # the same graph is correct at its own batch size
+    out = export_onnx(FixedBatch(), torch.zeros(2, 3), tmp_path / "fixed.onnx", dynamic_batch=False)
+    assert out.max_abs_diff == 0.0
+    assert [p.name for p in tmp_path.iterdir()] == ["fixed.onnx"]
+
+
+def test_bad_paths_and_options(tmp_path) -> None:
+    model, x = nn.Linear(3, 2), torch.zeros(1, 3)
+    with pytest.raises(ConfigError, match=r"must end in \.onnx"):
+        export_onnx(model, x, tmp_path / "model.pt")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match="cannot write"):
+        export_onnx(model, x, blocker / "m.onnx")
+    with pytest.raises(ConfigError, match="opset"):
+        export_onnx(model, x, tmp_path / "m.onnx", opset=99)
+    with pytest.raises(ConfigError, match="example_inputs"):
+        export_onnx(model, "text", tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+@pytest.fixture
+def lenet_onnx(tmp_path):
+    model = create_model("lenet5").eval()
+    return model, export_onnx(model, torch.zeros(1, 1, 28, 28), tmp_path / "lenet5.onnx").path
+
+
+def test_runner_rejects_missing_truncated_and_corrupt_files(tmp_path, lenet_onnx) -> None:
+    _, path = lenet_onnx
+    data = path.read_bytes()
+    truncated, corrupt = tmp_path / "truncated.onnx", tmp_path / "corrupt.onnx"
+    truncated.write_bytes(data[: len(data) // 2])
+    corrupt.write_bytes(b"\x07not an onnx model" * 64)
+    for bad, message in [
+        (tmp_path / "missing.onnx", "no ONNX file"),
+        (truncated, "truncated or corrupt"),
+        (corrupt, "truncated or corrupt"),
+    ]:
+        with pytest.raises(ArtifactError, match=message) as info:
+            OnnxRunner(bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="threads"):
+        OnnxRunner(path, threads=0)
+    with pytest.raises(ConfigError, match="rejects these inputs"):
+        OnnxRunner(path)(torch.zeros(1, 3, 28, 28))
+
+
+def test_runner_describes_itself_and_works_with_evaluate(lenet_onnx) -> None:
+    from secateur.data import Split
+
+    model, path = lenet_onnx
+    runner = OnnxRunner(path, threads=1)
+    assert runner.runtime.startswith("onnxruntime ")
+    assert runner.runtime.endswith(" CPUExecutionProvider")
+    assert (runner.threads, runner.device, runner.path) == (1, "cpu", path)
+    assert runner.eval() is runner and runner.train(True) is runner and not runner.training
+    assert OnnxRunner(path).threads == torch.get_num_threads()
+    images = torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        labels = model(images).argmax(dim=1)  # PyTorch's answers as the labels
+    split = Split(images, labels)
+    assert evaluate(runner, split, batch_size=16) == pytest.approx(evaluate(model, split), abs=0.05)
+    assert evaluate(runner, split, batch_size=16) >= 0.95
+
+
+def test_interleaved_latencies_mix_modules_and_runners(lenet_onnx) -> None:
+    model, path = lenet_onnx
+    runner = OnnxRunner(path, threads=1)
+    torch_lat, ort_lat = measure_latencies([model, runner], torch.zeros(4, 1, 28, 28), runs=20)
+    assert torch_lat.runtime.startswith("pytorch ")
+    assert torch_lat.threads == torch.get_num_threads()
+    assert (ort_lat.runtime, ort_lat.threads, ort_lat.device) == (runner.runtime, 1, "cpu")
+    assert ort_lat.batch_size == torch_lat.batch_size == 4
+    assert 0 < ort_lat.median_ms <= ort_lat.p90_ms
+
+
+def test_measure_fills_onnx_latency_and_round_trips(lenet_onnx) -> None:
+    model, path = lenet_onnx
+    metrics = measure(model, torch.zeros(2, 1, 28, 28), latency_runs=20, onnx_path=path)
+    assert metrics.latency is not None and metrics.onnx_latency is not None
+    assert metrics.onnx_latency.runtime == OnnxRunner(path).runtime
+    assert metrics.onnx_latency.batch_size == 2 and metrics.onnx_latency.runs == 20
+    again = Metrics.from_dict(json.loads(json.dumps(metrics.to_dict())))
+    assert again == metrics
+    assert measure(model, torch.zeros(2, 1, 28, 28), latency_runs=20).onnx_latency is None
+    rows = {label: (b, a) for label, b, a, _ in cells(metrics, metrics.replace(onnx_latency=None))}
+    labels = list(rows)
+    assert labels.index("latency, ONNX Runtime median") == labels.index("latency, p90") + 1
+    assert rows["latency, ONNX Runtime median"][0].endswith(" ms")
+    assert rows["latency, ONNX Runtime median"][1] == "–"
