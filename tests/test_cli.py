@@ -19,6 +19,7 @@ import secateur.recipes._compress as compress_module
 from secateur import create_model, load_model, save_model
 from secateur.cli._main import main
 from secateur.errors import ConfigError
+from secateur.export import load_compressed
 from secateur.pruning import StructuredConfig, UnstructuredConfig
 from secateur.pruning._unstructured import PRUNABLE_TYPES
 from secateur.recipes import CompressConfig, CompressMethod
@@ -28,6 +29,7 @@ OUTPUT_FILES = [
     "baseline.safetensors",
     "pruned.json",
     "pruned.safetensors",
+    "pruned.secz",
     "report.md",
 ]
 
@@ -112,6 +114,13 @@ def test_compress_end_to_end_then_reuses_cached_baseline(
     # Biases are not pruned.
     biases = [m.bias for m in loaded.model.modules() if isinstance(m, nn.Linear)]
     assert all(int((b == 0).sum()) == 0 for b in biases)
+
+    # The lossless compressed copy reloads bit-identical and is far smaller than the dense file.
+    secz = out / "pruned.secz"
+    restored = load_compressed(secz).model.state_dict()
+    assert all(torch.equal(t, restored[k]) for k, t in loaded.model.state_dict().items())
+    assert secz.stat().st_size < 0.3 * pruned_path.stat().st_size
+    assert f"{secz.stat().st_size:,} B on disk" in (out / "report.md").read_text()
 
     params = sum(p.numel() for p in loaded.model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in loaded.model.parameters())

@@ -1,0 +1,206 @@
+"""Sparse vs dense Linear on CPU: from which sparsity on do CSR and BSR kernels beat dense?
+
+For each Linear shape (in -> out) and batch size, the weight is pruned to each sparsity of the
+sweep with two masks: ``unstructured`` (random single weights, what magnitude pruning leaves) and
+``block`` (whole b x b blocks zeroed, b = the largest power of two <= --blocksize dividing both
+dimensions: what BSR is made for). The dense ``nn.Linear``, secateur's ``SparseLinear`` as CSR and
+as BSR (b x b blocks) are then timed interleaved (run i of each before run i+1 of any) and their
+medians compared. Crossover = lowest swept sparsity from which on the sparse kernel is faster than
+dense at that and every higher swept sparsity ("-": never).
+
+A last table times a 2:4-masked Linear (dense kernel, half its weights zero) against its dense
+original, and as CSR: CPU kernels have no 2:4 path, so the mask alone gains nothing.
+
+Run (about 3-4 minutes at 1 thread on a 2-core VM):
+
+    .venv/bin/python benchmarks/sparse_crossover.py --threads 1 --runs 15 --out /tmp/runtime_results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from secateur import UnstructuredConfig, prune_
+from secateur._atomic import atomic_write_text
+from secateur.runtime import SparseLinear
+
+SHAPES = ["784x300", "300x100", "1024x1024", "4096x1024"]  # in x out (LeNet-300-100 first)
+BATCHES = [1, 64, 256]
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
+MASKS = ["unstructured", "block"]
+LAYOUTS = ["csr", "bsr"]
+
+
+def time_interleaved(
+    layers: Sequence[nn.Module], x: torch.Tensor, runs: int, warmup: int
+) -> list[float]:
+    """Median ms of ``layer(x)`` for each layer, run i of every one before run i+1 of any."""
+    samples: list[list[float]] = [[] for _ in layers]
+    for i in range(warmup + runs):
+        for k, layer in enumerate(layers):
+            start = time.perf_counter()
+            layer(x)
+            if i >= warmup:
+                samples[k].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(s) for s in samples]
+
+
+def block_of(inp: int, out: int, wanted: int) -> int:
+    b = 1
+    while b * 2 <= wanted and inp % (b * 2) == 0 and out % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def masked_linear(inp: int, out: int, sparsity: float, mask: str, block: int) -> nn.Linear:
+    """A Linear with exactly round(sparsity * units) zeroed units (weights, or b x b blocks)."""
+    layer = nn.Linear(inp, out)
+    rows, cols = (out, inp) if mask == "unstructured" else (out // block, inp // block)
+    keep = torch.ones(rows * cols, dtype=torch.bool)
+    keep[torch.randperm(rows * cols)[: round(sparsity * rows * cols)]] = False
+    keep = keep.view(rows, cols)
+    if mask == "block":
+        keep = keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    with torch.no_grad():
+        layer.weight.mul_(keep)
+    return layer
+
+
+def crossover(dense: list[float], sparse: list[float | None]) -> str:
+    """Lowest swept sparsity from which on sparse is faster at every higher one too."""
+    found = "-"
+    for s, d, t in reversed(list(zip(SPARSITIES, dense, sparse, strict=True))):
+        if t is None or t >= d:
+            break
+        found = f"{s:g}"
+    return found
+
+
+def sweep(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    table = [
+        "| shape in→out | batch | mask | block | dense ms | "
+        + " | ".join(f"s={s:g} CSR× / BSR×" for s in SPARSITIES)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(SPARSITIES),
+    ]
+    cross = [
+        "| shape in→out | batch | CSR, unstructured | BSR, unstructured | CSR, block | BSR, block |",
+        "|---|---|---|---|---|---|",
+    ]
+    x_all = {b: torch.randn(b, 4096) for b in args.batches}
+    for shape in args.shapes:
+        inp, out = (int(v) for v in shape.split("x"))
+        block = block_of(inp, out, args.blocksize)
+        for batch in args.batches:
+            x = x_all[batch][:, :inp].contiguous()
+            found = {}
+            for mask in MASKS:
+                dense_ms, sparse_ms = [], {layout: [] for layout in LAYOUTS}
+                for sparsity in SPARSITIES:
+                    dense = masked_linear(inp, out, sparsity, mask, block)
+                    layers: list[nn.Module] = [dense]
+                    for layout in LAYOUTS:
+                        s = SparseLinear.from_dense(dense, layout=layout, blocksize=block)
+                        torch.testing.assert_close(s(x), dense(x), rtol=1e-4, atol=1e-4)
+                        layers.append(s)
+                    times = time_interleaved(layers, x, args.runs, args.warmup)
+                    dense_ms.append(times[0])
+                    for layout, t in zip(LAYOUTS, times[1:], strict=True):
+                        sparse_ms[layout].append(t)
+                cells = [
+                    f"{d / c:.2f} / {d / b:.2f}"
+                    for d, c, b in zip(dense_ms, sparse_ms["csr"], sparse_ms["bsr"], strict=True)
+                ]
+                table.append(
+                    f"| {inp}→{out} | {batch} | {mask} | {block} | "
+                    f"{statistics.median(dense_ms):.4f} | " + " | ".join(cells) + " |"
+                )
+                for layout in LAYOUTS:
+                    found[(layout, mask)] = crossover(dense_ms, sparse_ms[layout])
+                print(table[-1], file=sys.stderr, flush=True)
+            cross.append(
+                f"| {inp}→{out} | {batch} | {found[('csr', 'unstructured')]} | "
+                f"{found[('bsr', 'unstructured')]} | {found[('csr', 'block')]} | "
+                f"{found[('bsr', 'block')]} |"
+            )
+    return table, cross
+
+
+def two_four(args: argparse.Namespace) -> list[str]:
+    lines = [
+        "| shape in→out | batch | dense ms | 2:4-masked dense ms | masked ÷ dense | CSR of 2:4 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shape in args.shapes:
+        inp, out = (int(v) for v in shape.split("x"))
+        for batch in args.batches:
+            dense = nn.Linear(inp, out)
+            masked = nn.Linear(inp, out)
+            masked.load_state_dict(dense.state_dict())
+            prune_(masked, UnstructuredConfig(nm="2:4"))
+            csr = SparseLinear.from_dense(masked, layout="csr")
+            x = torch.randn(batch, inp)
+            d, m, c = time_interleaved([dense, masked, csr], x, args.runs, args.warmup)
+            lines.append(f"| {inp}→{out} | {batch} | {d:.4f} | {m:.4f} | {m / d:.2f} | {c:.4f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--blocksize", type=int, default=16)
+    parser.add_argument("--shapes", nargs="*", default=SHAPES, help="in x out, e.g. 784x300")
+    parser.add_argument("--batches", nargs="*", type=int, default=BATCHES)
+    parser.add_argument("--machine", default=f"{platform.machine()} CPU")
+    parser.add_argument("--out", help="also write the Markdown section to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        table, cross = sweep(args)
+        nm = two_four(args)
+    minutes = (time.perf_counter() - start) / 60
+    command = shlex.join([".venv/bin/python", "benchmarks/sparse_crossover.py", *sys.argv[1:]])
+    lines = [
+        "## Sparse execution on CPU: CSR/BSR crossover (benchmarks/sparse_crossover.py)",
+        "",
+        f"`{command}` on {args.machine}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"python {platform.python_version()}, float32, median of {args.runs} interleaved runs "
+        f"after {args.warmup} warm-up, sweep took {minutes:.1f} min.",
+        "",
+        "Speedup = dense ms ÷ sparse ms (> 1: sparse is faster). `block` zeroes whole "
+        "b x b blocks (b in the block column, also the BSR block size).",
+        "",
+        *table,
+        "",
+        "Crossover sparsity: lowest swept sparsity from which on the sparse kernel beats dense "
+        "at every higher swept sparsity too (- = never in the sweep).",
+        "",
+        *cross,
+        "",
+        "2:4 on CPU: a dense Linear against the same Linear 2:4-masked (run by the same dense "
+        "kernel), and the 2:4 weight as CSR (50% sparse).",
+        "",
+        *nm,
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
