@@ -100,6 +100,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--latency-runs", type=int, dest="latency_runs", help="timed runs, >= 20 (default 50)"
     )
     p.add_argument(
+        "--latency-batch",
+        type=int,
+        dest="latency_batch",
+        help="batch size the latency is timed at (default 1)",
+    )
+    p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide progress bars"
     )
 

@@ -225,7 +225,10 @@ def run_export(config: ExportConfig, *, console: Console | None = None) -> Expor
     else:
         rows, notes, timed = _onnx(model, config, data, path)
     latencies = measure_latencies(
-        [model, *timed], data.example_input, runs=config.latency_runs, progress=config.progress
+        [model, *timed],
+        data.test.images[: config.latency_batch],
+        runs=config.latency_runs,
+        progress=config.progress,
     )
     variants = [base, *rows]
     variants = [

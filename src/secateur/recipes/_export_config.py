@@ -62,7 +62,7 @@ class ExportConfig:
 
     The test split (Fashion-MNIST from ``data``, or the Debian package's folder) gives the
     accuracy of the checkpoint and of the artifact, each on its own runtime; latencies are
-    timed interleaved with ``latency_runs`` runs at batch size 1.
+    timed interleaved with ``latency_runs`` runs on the first ``latency_batch`` test images.
 
     Raises:
         ConfigError: one line naming the field and what is allowed, for any bad value.
@@ -89,6 +89,7 @@ class ExportConfig:
     device: str = "auto"
     threads: int | None = None
     latency_runs: int = 50
+    latency_batch: int = 1
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -110,6 +111,7 @@ class ExportConfig:
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0)
         check_int("latency_runs", self.latency_runs, 20)
+        check_int("latency_batch", self.latency_batch, 1)
         if self.limit is not None:
             check_int("limit", self.limit, 1)
         if self.threads is not None:
