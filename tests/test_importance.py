@@ -263,6 +263,20 @@ def test_nm_masks_keep_the_best_n_of_every_m_inputs() -> None:
         UnstructuredConfig(nm="4")
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "l2", "taylor", "obd", "wanda", "random"])
+@pytest.mark.parametrize(("pattern", "n", "m"), [("2:4", 2, 4), ("4:8", 4, 8)])
+def test_nm_patterns_hold_for_every_criterion(criterion: str, pattern: str, n: int, m: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    calib = [(torch.randn(8, 16), torch.randint(0, 8, (8,))) for _ in range(2)]
+    masks = unstructured_masks(
+        model, UnstructuredConfig(nm=pattern, criterion=criterion), calibration=calib
+    )
+    assert set(masks) == {"0.weight", "2.weight"}
+    for key, keep in masks.items():
+        assert torch.all(keep.reshape(keep.shape[0], -1, m).sum(-1) == n), key
+
+
 def test_monotone_masks_keep_earlier_pruning() -> None:
     model = tiny_cnn()
     first = unstructured_masks(model, UnstructuredConfig(sparsity=0.3, criterion="random"))

@@ -1,7 +1,9 @@
 """secateur: make trained PyTorch networks smaller and faster, and prove it with measurements.
 
-The flow, one way: data/zoo (inputs) → graph → importance → pruning → recovery → export → measure →
-report, with explore/ (sensitivity) above them and recipes/ and cli/ wiring them together. ``training/`` is the shared loop below it all.
+The flow, one way: data/zoo (inputs) → graph → importance → pruning → recovery → quantization/
+export (and runtime/, which runs pruned models faster) → measure → report, with explore/
+(sensitivity) above them and recipes/ and cli/ wiring them together. ``training/`` is the shared
+loop below it all.
 
 Example:
     >>> import torch
