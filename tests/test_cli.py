@@ -133,6 +133,8 @@ def test_compress_end_to_end_then_reuses_cached_baseline(
     assert metrics["params"] == params
     assert metrics["nonzero_params"] == nonzero
     assert metrics["disk_bytes"] == pruned_path.stat().st_size
+    assert metrics["onnx_latency"]["runtime"].startswith("onnxruntime")  # timed beside PyTorch
+    assert "latency, ONNX Runtime median" in (out / "report.md").read_text()
     assert metrics["accuracy"]["split"] == "test"
     assert metrics["accuracy"]["samples"] == 297
     assert metrics["accuracy"]["top1"] > 0.5

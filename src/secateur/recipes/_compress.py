@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,16 @@ from torch import nn
 
 from .._atomic import atomic_write_text, ensure_writable_dir
 from ..data import DataSplits, load_fashion_mnist
-from ..errors import ArtifactError
-from ..export import CompressionConfig, load_model, save_compressed, save_model, update_metadata
-from ..measure import Metrics, measure, measure_latencies
+from ..errors import ArtifactError, ConfigError
+from ..export import (
+    CompressionConfig,
+    export_onnx,
+    load_model,
+    save_compressed,
+    save_model,
+    update_metadata,
+)
+from ..measure import Metrics, OnnxRunner, measure, measure_latencies
 from ..pruning import (
     GradualPruner,
     MaskSet,
@@ -347,6 +355,19 @@ def _start_job(config: Any, console: Console) -> tuple[Path, torch.device, DataS
     return out, device, data
 
 
+def _onnx_runners(models: list[nn.Module], example: torch.Tensor, folder: Path) -> list[OnnxRunner]:
+    """ONNX Runtime sessions of ``models``, or none: on CUDA (ONNX Runtime here runs on CPU, so
+    its figure would not sit fairly beside PyTorch's) or when a model does not export."""
+    if example.device.type != "cpu":
+        return []
+    try:
+        for i, model in enumerate(models):
+            export_onnx(model, example, folder / f"{i}.onnx")
+        return [OnnxRunner(folder / f"{i}.onnx") for i in range(len(models))]
+    except (ArtifactError, ConfigError):
+        return []
+
+
 def _measure_pair(
     before: Metrics,
     reference: nn.Module,
@@ -358,15 +379,23 @@ def _measure_pair(
     config: Any,
 ) -> tuple[Metrics, Metrics]:
     """Measure the saved ``model``, time both models interleaved in one loop (so the ratio is
-    fair on a noisy machine), and write each one's metrics into its manifest."""
+    fair on a noisy machine), and write each one's metrics into its manifest.
+
+    On CPU both models are also exported to ONNX (in a temporary folder) and their ONNX Runtime
+    sessions timed in the same loop, so ONNX Runtime latency sits beside PyTorch's."""
     after = _measure_saved(model, model_path, data, device, config.progress)
-    lat_before, lat_after = measure_latencies(
-        [reference, model],
-        data.example_input.to(device),
-        runs=config.latency_runs,
-        progress=config.progress,
-    )
-    before, after = before.replace(latency=lat_before), after.replace(latency=lat_after)
+    example = data.example_input.to(device)
+    with tempfile.TemporaryDirectory() as folder:
+        runners = _onnx_runners([reference, model], example, Path(folder))
+        lat = measure_latencies(
+            [reference, model, *runners],
+            example,
+            runs=config.latency_runs,
+            progress=config.progress,
+        )
+    before, after = before.replace(latency=lat[0]), after.replace(latency=lat[1])
+    if runners:
+        before, after = before.replace(onnx_latency=lat[2]), after.replace(onnx_latency=lat[3])
     update_metadata(model_path, {"metrics": after.to_dict()})
     update_metadata(reference_path, {"metrics": before.to_dict()})
     return before, after

@@ -30,6 +30,10 @@ def conditions(metrics: Metrics) -> list[str]:
     lines = []
     if metrics.latency is not None:
         lines.append(f"latency: {metrics.latency.conditions()}")
+    if metrics.onnx_latency is not None:
+        lines.append(
+            f"ONNX Runtime latency: {metrics.onnx_latency.conditions()}, timed in the same loop"
+        )
     if metrics.accuracy is not None:
         lines.append(
             f"accuracy: top-1 on {metrics.accuracy.samples:,} {metrics.accuracy.split} images"
