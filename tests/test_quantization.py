@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from secateur import create_model
+from secateur import StructuredConfig, create_model, prune_
 from secateur.data import DataSplits, load_fashion_mnist, write_idx
 from secateur.errors import ArtifactError, ConfigError
 from secateur.export import export_onnx
@@ -131,3 +131,23 @@ def test_torch_dynamic_int8_is_a_close_cpu_copy(digits: DataSplits, trained) -> 
     assert float((got - expected).norm() / expected.norm()) < REL_ERROR
     with pytest.raises(ConfigError, match="no nn.Linear"):
         quantize_dynamic_torch(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
+
+
+def test_prune_finetune_quantize_composes(tmp_path, digits: DataSplits) -> None:
+    """Structurally pruned and fine-tuned, then int8: the narrower graph quantizes and runs."""
+    torch.manual_seed(0)
+    model = create_model("lenet5")
+    fit(model, digits, TrainConfig(epochs=1, batch_size=64, lr=0.05), progress=False)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=digits.example_input)
+    fit(model, digits, TrainConfig(epochs=1, batch_size=64, lr=0.01), progress=False)
+    model.eval()
+    fp32 = export_onnx(model, digits.example_input, tmp_path / "pruned.onnx").path
+    dense = export_onnx(create_model("lenet5"), digits.example_input, tmp_path / "dense.onnx").path
+    assert fp32.stat().st_size < 0.5 * dense.stat().st_size  # the channels are really gone
+    out = quantize_onnx(
+        fp32, tmp_path / "pruned.int8.onnx", mode="static", calibration=digits.train
+    )
+    runner = OnnxRunner(out)
+    expected, got = _logits(model, digits), _logits(runner, digits)
+    assert float((expected.argmax(1) == got.argmax(1)).float().mean()) >= AGREEMENT
+    assert evaluate(runner, digits.test) >= evaluate(model, digits.test) - 0.03
