@@ -9,7 +9,7 @@ from rich.console import Console
 from ..errors import ConfigError
 from ..recipes import DistillJobConfig, run_distill
 from ..zoo import list_models
-from ._recipe import read_recipe
+from ._recipe import given_settings
 
 SECTION = "distill"
 
@@ -106,10 +106,7 @@ def _feature_pairs(flags: list[str]) -> list[list[str]]:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Build the config from the recipe and the flags (flags win) and run the job."""
-    settings = vars(args).copy()
-    settings.pop("command")
-    recipe_path = settings.pop("recipe", None)
-    recipe = read_recipe(recipe_path, SECTION) if recipe_path else {}
+    settings, recipe, _ = given_settings(args, SECTION)
     if "features" in settings:
         settings["features"] = _feature_pairs(settings["features"])
     run_distill(DistillJobConfig.from_dict({**recipe, **settings}), console=console)

@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..quantization import QuantMode
 from ..recipes import FORMAT_SETTINGS, ExportConfig, ExportFormat, run_export
 from ..recipes._export import check_format_settings
-from ._recipe import read_recipe
+from ._recipe import given_settings
 
 SECTION = "export"
 
@@ -129,10 +129,7 @@ def parse_layer_bits(text: str) -> dict[str, int]:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Build the config from the recipe and the flags (flags win) and run the job."""
-    settings = vars(args).copy()
-    settings.pop("command")
-    recipe_path = settings.pop("recipe", None)
-    recipe = read_recipe(recipe_path, SECTION) if recipe_path else {}
+    settings, recipe, _ = given_settings(args, SECTION)
     if "per_layer_bits" in settings:
         settings["per_layer_bits"] = parse_layer_bits(settings["per_layer_bits"])
     merged = {**recipe, **settings}

@@ -15,7 +15,7 @@ from ..pruning import PruneSchedule
 from ..recipes import METHOD_SETTINGS, CompressConfig, CompressMethod, Recovery, run_compress
 from ..zoo import list_models
 from ._commands import COMMANDS
-from ._recipe import read_recipe
+from ._recipe import given_settings
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> None:
@@ -168,10 +168,7 @@ def _check_method_settings(
 
 
 def _compress(args: argparse.Namespace, console: Console) -> int:
-    settings = vars(args).copy()
-    settings.pop("command")
-    recipe_path = settings.pop("recipe", None)
-    recipe = read_recipe(recipe_path, "compress") if recipe_path else {}
+    settings, recipe, recipe_path = given_settings(args, "compress")
     config = CompressConfig.from_dict({**recipe, **settings})
     _check_method_settings(config.method, settings, recipe, recipe_path)
     run_compress(config, console=console)

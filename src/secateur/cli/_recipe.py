@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,17 @@ def read_recipe(path: str, section: str) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise ConfigError(f"recipe {path} must be a mapping of settings, e.g. 'seed: 1'")
     return settings
+
+
+def given_settings(
+    args: argparse.Namespace, section: str
+) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """Split a subcommand's parsed flags into (flags given, recipe settings, recipe path).
+
+    Parsers use ``argument_default=argparse.SUPPRESS``, so only flags the user gave are present.
+    """
+    settings = vars(args).copy()
+    settings.pop("command")
+    recipe_path = settings.pop("recipe", None)
+    recipe = read_recipe(recipe_path, section) if recipe_path else {}
+    return settings, recipe, recipe_path

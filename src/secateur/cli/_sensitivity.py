@@ -12,7 +12,7 @@ from ..explore import SensitivityMethod
 from ..importance import list_criteria
 from ..recipes import SensitivityConfig, run_sensitivity
 from ..zoo import list_models
-from ._recipe import read_recipe
+from ._recipe import given_settings
 
 SECTION = "sensitivity"
 
@@ -100,10 +100,7 @@ def parse_ratios(text: str) -> list[float]:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Build the config from the recipe and the flags (flags win) and run the job."""
-    settings = vars(args).copy()
-    settings.pop("command")
-    recipe_path = settings.pop("recipe", None)
-    recipe = read_recipe(recipe_path, SECTION) if recipe_path else {}
+    settings, recipe, _ = given_settings(args, SECTION)
     if "ratios" in settings:
         settings["ratios"] = parse_ratios(settings["ratios"])
     merged = {**recipe, **settings}

@@ -44,6 +44,7 @@ from torch import nn
 from .._atomic import atomic_write_bytes
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
 from ..errors import ArtifactError, ConfigError
+from ..pruning._unstructured import PRUNABLE_TYPES
 from ..quantization._codebook import CodebookConfig
 from ._codec import best_relative_bits, encode_bitmask, pack_bits, relative_codes
 from ._safetensors import LoadedModel, _tensors_to_save, model_edits, rebuild_model
@@ -57,16 +58,7 @@ _PREFIX = struct.Struct("<4sIQ32s")
 MAX_HEADER_BYTES = 64 << 20
 MAX_PAYLOAD_BYTES = 1 << 36
 _FIX = "pass a file written by secateur export --format compressed"
-_WEIGHT_TYPES = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Embedding,
-)
+_WEIGHT_TYPES = (*PRUNABLE_TYPES, nn.Embedding)
 
 
 class ValueCoding(str, enum.Enum):

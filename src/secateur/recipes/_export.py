@@ -25,7 +25,7 @@ from ..measure import Accuracy, OnnxRunner, measure_latencies
 from ..quantization import CodebookConfig, cluster_weights_, quantize_dynamic_torch, quantize_onnx
 from ..report import VariantFigures, export_markdown, export_table, stages_table
 from ..training import TrainConfig, evaluate, fit, resolve_device
-from ._compress import _check_fits_data
+from ._compress import _calibration, _check_fits_data
 from ._export_config import ExportConfig, ExportFormat
 
 PYTORCH = f"PyTorch {torch.__version__} eager"
@@ -47,12 +47,6 @@ def _accuracy(model: Any, data: DataSplits, progress: bool, what: str) -> Accura
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
-
-
-def _calibration(config: ExportConfig, data: DataSplits) -> list:
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    batches = data.train.batches(config.batch_size, shuffle=True, generator=generator)
-    return [b for _, b in zip(range(config.calibration_batches), batches, strict=False)]
 
 
 def _trained_codebooks(
@@ -145,7 +139,9 @@ def _onnx(
             fp32_path,
             path,
             mode=config.quantize,
-            calibration=_calibration(config, data) if config.quantize.value == "static" else None,
+            calibration=_calibration(config, data, torch.device("cpu"))
+            if config.quantize.value == "static"
+            else None,
             per_channel=config.per_channel,
         )
         runners.append(OnnxRunner(path))
