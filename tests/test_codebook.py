@@ -72,3 +72,17 @@ def test_centroid_fine_tuning_keeps_sharing_and_recovers_accuracy(digits_idx_dir
         assert weight[weight != 0].unique().numel() <= 4
     assert torch.equal(net.fc1.weight == 0, zeros)
     assert after >= before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_snapping_is_stable_in_every_precision(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(1000, 1000)).to(dtype)
+    with torch.no_grad():
+        layer[0].weight.uniform_(0.01, 0.03)
+    books = cluster_weights_(layer, CodebookConfig(bits=1))
+    start = books.centroids("0.weight").clone()
+    for _ in range(50):
+        books.snap()
+    assert torch.equal(books.centroids("0.weight"), start)
+    assert float(start.min()) > 0.01

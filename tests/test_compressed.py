@@ -254,3 +254,76 @@ def test_missing_file_is_an_artifact_error(tmp_path: Path) -> None:
 def test_compressed_bytes_is_deterministic() -> None:
     net = _pruned()
     assert compressed_bytes(net) == compressed_bytes(net)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h: h["tensors"][1].update(shape=[1 << 30], dtype="float64"), "does not hold"),
+        (lambda h: [t.update(shape=[1 << 30]) for t in h["tensors"][:3]], "limit"),
+        (lambda h: h["model"]["kwargs"].update(num_classes=10**12), "cannot build"),
+    ],
+    ids=["dense-bias-huge", "total-huge", "huge-model"],
+)
+def test_hostile_sizes_fail_before_allocating(tmp_path: Path, edit, message: str) -> None:
+    path, blob = _saved(tmp_path)
+    path.write_bytes(_with_header(blob, edit))
+    with pytest.raises(ArtifactError, match=message):
+        load_compressed(path)
+
+
+def test_zstd_frame_declaring_another_size_is_rejected(tmp_path: Path) -> None:
+    def shrink(header: dict) -> None:
+        frames = header["payload"]["frames"]
+        frames[0][1] -= 1
+        header["payload"]["raw_bytes"] -= 1
+
+    path, blob = _saved(tmp_path)
+    path.write_bytes(_with_header(blob, shrink))
+    with pytest.raises(ArtifactError, match="declares the wrong size"):
+        load_compressed(path)
+
+
+def test_malformed_header_json_is_an_artifact_error(tmp_path: Path) -> None:
+    import hashlib
+
+    text = b"[" * 100_000
+    prefix = struct.pack("<4sIQ32s", b"SECZ", 1, len(text), hashlib.sha256(text).digest())
+    path = tmp_path / "deep.secz"
+    path.write_bytes(prefix + text)
+    with pytest.raises(ArtifactError, match="not JSON"):
+        load_compressed(path)
+
+
+def test_zero_row_weight_and_half_precision_round_trip(tmp_path: Path) -> None:
+    net = _pruned().half()
+    loaded = load_compressed(save_compressed(net, tmp_path / "h.secz", CompressionConfig("exact")))
+    assert _same_state(net, loaded.model)
+    assert loaded.model.fc1.weight.dtype == torch.float16
+    from secateur.export._tensor_codec import decode_tensor, encode_values
+
+    class _Store:
+        def __init__(self) -> None:
+            self.raw = b""
+
+        def add(self, data: bytes, stream: str = "floats") -> list[int]:
+            self.raw += data
+            return [len(self.raw) - len(data), len(data)]
+
+    store, empty = _Store(), torch.zeros(0, 5)
+    fields = encode_values(empty, torch.zeros(0, dtype=torch.long), "int8", 5, store)
+    entry = {"name": "w", "dtype": "float32", "shape": [0, 5], "layout": "dense", "values": fields}
+    assert decode_tensor(entry, store.raw)[1].shape == (0, 5)
+
+
+def test_non_finite_weights_refuse_lossy_codes(tmp_path: Path) -> None:
+    net = _pruned()
+    with torch.no_grad():
+        net.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        save_compressed(net, tmp_path / "m.secz", CompressionConfig(values="int8"))
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        cluster_weights_(net)
+    loaded = load_compressed(save_compressed(net, tmp_path / "m.secz", CompressionConfig("exact")))
+    assert torch.isnan(loaded.model.fc1.weight[0, 0])
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())

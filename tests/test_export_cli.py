@@ -104,6 +104,8 @@ def test_recipe_section_and_flag_override(checkpoint, tmp_path: Path) -> None:
         (["export", "model.pt"], "not a .safetensors file"),
         (["export", "x.safetensors", "--format", "onnx", "--bits", "4"], "--bits applies to"),
         (["export", "x.safetensors", "--quantize", "dynamic"], "--quantize applies to"),
+        (["export", "x.safetensors", "--per-tensor"], "--per-tensor applies to"),
+        (["export", "x.safetensors", "--format", "onnx", "--layer-bits", "f*=8"], "--layer-bits"),
         (["export", "x.safetensors", "--out", "m.onnx"], "does not end in .secz"),
         (["export", "x.safetensors", "--bits", "12"], "bits=12"),
         (["export", "x.safetensors", "--layer-bits", "fc1"], "PATTERN=BITS"),

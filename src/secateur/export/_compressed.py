@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from ..pruning._unstructured import PRUNABLE_TYPES
 from ..quantization._codebook import CodebookConfig
 from ._codec import best_relative_bits, encode_bitmask, pack_bits, relative_codes
 from ._safetensors import LoadedModel, _tensors_to_save, model_edits, rebuild_model
-from ._tensor_codec import decode_tensor, encode_values, tensor_bytes
+from ._tensor_codec import MAX_ELEMENTS, decode_tensor, encode_values, tensor_bytes
 
 MAGIC = b"SECZ"
 VERSION = 1
@@ -313,7 +314,7 @@ def _read_header(blob: bytes, path: Path) -> tuple[dict[str, Any], bytes]:
         raise _fail(path, "corrupt (header SHA-256 mismatch)")
     try:
         header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError covers JSONDecodeError
         raise _fail(path, "corrupt (header is not JSON)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _fail(path, f"not a {FORMAT} file")
@@ -347,6 +348,9 @@ def _payload(header: dict[str, Any], stored: bytes, path: Path) -> bytes:
             frame = stored[start : start + stored_len]
             start += stored_len
             try:
+                # zstandard allocates what a frame declares, whatever max_output_size says
+                if raw_len and zstandard.frame_content_size(frame) != raw_len:
+                    raise _fail(path, "corrupt (a zstd frame declares the wrong size)")
                 part = decoder.decompress(frame, max_output_size=raw_len) if raw_len else b""
             except zstandard.ZstdError as exc:
                 raise _fail(path, f"corrupt (zstd: {exc})") from None
@@ -374,6 +378,13 @@ def _read(path: Path) -> bytes:
         raise ArtifactError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
 
 
+def _declared_elements(entry: Any) -> int:
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
+        return math.prod(shape)
+    return 0  # malformed: decode_tensor reports it
+
+
 def load_compressed(path: str | os.PathLike[str], *, device: str = "cpu") -> LoadedModel:
     """Rebuild the model stored at ``path`` by :func:`save_compressed`, in eval mode.
 
@@ -392,10 +403,13 @@ def load_compressed(path: str | os.PathLike[str], *, device: str = "cpu") -> Loa
     if not isinstance(entries, list):
         raise _fail(source, "missing its tensor table")
     tensors: dict[str, torch.Tensor] = {}
+    declared = sum(_declared_elements(e) for e in entries)
+    if declared > MAX_ELEMENTS:
+        raise _fail(source, f"declaring {declared:,} elements, over the {MAX_ELEMENTS:,} limit")
     for entry in entries:
         try:
             name, tensor = decode_tensor(entry, raw)
-        except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        except (ValueError, TypeError, KeyError, RuntimeError, ZeroDivisionError) as exc:
             raise _fail(source, f"corrupt ({exc})") from None
         tensors[name] = tensor
     for key in ("edits", "tied"):

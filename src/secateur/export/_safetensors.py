@@ -263,6 +263,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _match_dtypes_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        saved = state.get(name)
+        if saved is not None and saved.is_floating_point() and saved.dtype != tensor.dtype:
+            tensor.data = tensor.data.to(saved.dtype)
+
+
 def rebuild_model(
     manifest: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path
 ) -> nn.Module:
@@ -275,7 +282,7 @@ def rebuild_model(
     spec = manifest["model"]
     try:
         model = create_model(str(spec.get("name")), **spec["kwargs"])
-    except ConfigError as exc:
+    except (ConfigError, RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
         raise ArtifactError(
             f"checkpoint {source} names a model secateur cannot build: {exc}"
         ) from None
@@ -287,6 +294,7 @@ def rebuild_model(
     state = {**tensors, **{alias: tensors[source_name] for alias, source_name in tied.items()}}
     try:
         resize_to_state_(model, state)  # structurally pruned widths come from the tensors
+        _match_dtypes_(model, state)  # a half-precision model reloads in half precision
         _retie_(model, tied)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:

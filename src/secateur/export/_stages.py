@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
@@ -32,19 +33,26 @@ def _values_label(config: CompressionConfig) -> str:
     return f"+ {config.values.value} values"
 
 
-def compression_stages(model: nn.Module, config: CompressionConfig) -> list[StageSize]:
+def compression_stages(
+    model: nn.Module, config: CompressionConfig, *, metadata: dict[str, Any] | None = None
+) -> list[StageSize]:
     """Sizes of: dense safetensors → sparse index + exact values → + quantized values → + zstd.
 
     The quantized stage is left out when ``config.values`` is ``exact``, the zstd stage when
-    ``config.entropy`` is ``none``.
+    ``config.entropy`` is ``none``. Pass the ``metadata`` the file will be saved with, since
+    the header holds it.
     """
     tensors, _ = _tensors_to_save(model)
     stages = [StageSize("dense weights (safetensors)", len(save_safetensors_bytes(tensors)))]
     raw = dataclasses.replace(config, entropy=Entropy.NONE)
     exact = dataclasses.replace(raw, values=ValueCoding.EXACT)
-    stages.append(StageSize("sparse index + exact values", len(compressed_bytes(model, exact))))
+
+    def size(cfg: CompressionConfig) -> int:
+        return len(compressed_bytes(model, cfg, metadata=metadata))
+
+    stages.append(StageSize("sparse index + exact values", size(exact)))
     if config.values is not ValueCoding.EXACT:
-        stages.append(StageSize(_values_label(config), len(compressed_bytes(model, raw))))
+        stages.append(StageSize(_values_label(config), size(raw)))
     if config.entropy is Entropy.ZSTD:
-        stages.append(StageSize("+ zstd", len(compressed_bytes(model, config))))
+        stages.append(StageSize("+ zstd", size(config)))
     return stages

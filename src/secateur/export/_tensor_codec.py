@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..quantization._codebook import kmeans_1d
 from ._codec import decode_bitmask, decode_relative, unpack_bits
 
@@ -32,7 +33,7 @@ DTYPES = {
         "bool",
     )
 }
-MAX_ELEMENTS = 1 << 31  # per tensor; a hostile header cannot make the loader allocate more
+MAX_ELEMENTS = 1 << 31  # per file; a hostile header cannot make the loader allocate more
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -56,14 +57,19 @@ def encode_values(
     """Encode ``t.reshape(-1)[positions]`` as ``coding`` into ``payload`` (the container's
     segment store); return the entry's ``values`` header fields."""
     values = t.reshape(-1)[positions]
+    if coding != "exact" and not bool(torch.isfinite(values).all()):
+        raise ConfigError(
+            "a weight holds NaN or inf, which lossy value codes cannot represent: fix the model "
+            "or save with values='exact'"
+        )
     if coding == "exact":
         return {"code": "exact", "segments": {"data": payload.add(tensor_bytes(values))}}
     if coding == "float16":
         data = payload.add(tensor_bytes(values.to(torch.float16)))
         return {"code": "float16", "segments": {"data": data}}
     if coding == "int8":
-        rows = max(1, t.shape[0])
-        row_of = positions // max(1, t.numel() // rows)
+        rows = t.shape[0]
+        row_of = positions // max(1, t.numel() // max(1, rows))
         peak = torch.zeros(rows).scatter_reduce_(
             0, row_of, values.abs().float(), "amax", include_self=True
         )
@@ -121,10 +127,12 @@ def _positions(entry: dict[str, Any], numel: int, nnz: int, raw: bytes) -> np.nd
 
 
 def _values(
-    fields: dict[str, Any], raw: bytes, dtype: torch.dtype, shape: list[int], pos: np.ndarray
+    fields: dict[str, Any], raw: bytes, dtype: torch.dtype, shape: list[int], pos: np.ndarray | None
 ) -> torch.Tensor:
+    """The stored values, one per position (``pos=None``: every entry of a dense tensor)."""
     segments = fields.get("segments")
-    code, count = fields.get("code"), pos.size
+    code = fields.get("code")
+    count = math.prod(shape) if pos is None else pos.size
     data = _segment(segments, "data", raw)
     if code == "exact":
         return _from_bytes(data, dtype, count)
@@ -134,7 +142,8 @@ def _values(
         rows = shape[0]
         scales = _from_bytes(_segment(segments, "scales", raw), torch.float32, rows)
         codes = _from_bytes(data, torch.int8, count).float()
-        row_of = torch.from_numpy(pos // max(1, math.prod(shape) // rows))
+        flat = torch.arange(count) if pos is None else torch.from_numpy(pos)
+        row_of = flat // max(1, math.prod(shape) // max(1, rows))
         return (codes * scales[row_of]).to(dtype)
     if code == "codebook":
         bits = _int(fields, "bits", 1, 8)
@@ -167,7 +176,7 @@ def decode_tensor(entry: Any, raw: bytes) -> tuple[str, torch.Tensor]:
         raise ValueError(f"tensor {name} lacks its values")
     layout = entry.get("layout")
     if layout == "dense":
-        positions = np.arange(numel)
+        positions = None  # every entry; segment lengths are checked before anything is allocated
     elif layout == "sparse":
         nnz = _int(entry, "nnz", 0, numel)
         positions = _positions(entry, numel, nnz, raw)

@@ -112,6 +112,15 @@ def _check_bits(name: str, bits: Any) -> None:
         raise ConfigError(f"{name}={bits} is out of range: codes take 1 to {MAX_BITS} bits")
 
 
+def _cluster_means(values: torch.Tensor, codes: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Each value replaced by its cluster's mean, summed in float64 so that neither half
+    precision (a count of 500k is inf in fp16) nor repeated rounding drifts the centroids."""
+    sums = torch.zeros(clusters, dtype=torch.float64, device=values.device)
+    sums.index_add_(0, codes, values.double())
+    counts = torch.bincount(codes, minlength=clusters).clamp_min(1).double()
+    return (sums / counts)[codes].to(values.dtype)
+
+
 @dataclass
 class _Shared:
     param: nn.Parameter
@@ -148,24 +157,16 @@ class Codebooks:
         for s in self._shared.values():
             flat = s.param.detach().reshape(-1)
             kept = s.codes >= 0
-            codes = s.codes[kept]
-            sums = torch.zeros(s.clusters, dtype=flat.dtype, device=flat.device)
-            sums.index_add_(0, codes, flat[kept])
-            counts = torch.bincount(codes, minlength=s.clusters).clamp_min(1).to(flat.dtype)
             snapped = torch.zeros_like(flat)
-            snapped[kept] = (sums / counts)[codes]
+            snapped[kept] = _cluster_means(flat[kept], s.codes[kept], s.clusters)
             s.param.copy_(snapped.view_as(s.param))
 
     @staticmethod
     def _share_gradient(grad: torch.Tensor, s: _Shared) -> torch.Tensor:
         flat = grad.reshape(-1)
         kept = s.codes >= 0
-        codes = s.codes[kept]
-        sums = torch.zeros(s.clusters, dtype=flat.dtype, device=flat.device)
-        sums.index_add_(0, codes, flat[kept])
-        counts = torch.bincount(codes, minlength=s.clusters).clamp_min(1).to(flat.dtype)
         out = torch.zeros_like(flat)
-        out[kept] = (sums / counts)[codes]
+        out[kept] = _cluster_means(flat[kept], s.codes[kept], s.clusters)
         return out.view_as(grad)
 
     @contextlib.contextmanager
@@ -208,6 +209,11 @@ def cluster_weights_(model: nn.Module, config: CodebookConfig | None = None) -> 
         name = f"{module_name}.weight" if module_name else "weight"
         param = module.weight
         flat = param.detach().reshape(-1)
+        if not bool(torch.isfinite(flat).all()):
+            raise ConfigError(
+                f"{name} holds NaN or inf weights, which k-means cannot share: fix the model "
+                "(or exclude the layer) before clustering"
+            )
         kept = flat != 0
         b = config.bits_for(module_name)
         centroids, codes = kmeans_1d(flat[kept].cpu(), 1 << b)

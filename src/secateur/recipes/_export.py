@@ -29,6 +29,8 @@ from ._compress import _calibration, _check_fits_data
 from ._export_config import ExportConfig, ExportFormat
 
 PYTORCH = f"PyTorch {torch.__version__} eager"
+#: Config fields whose CLI flag is not the field's name with dashes.
+FLAGS = {"per_channel": "--per-tensor", "per_layer_bits": "--layer-bits"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def _trained_codebooks(
     note = (
         f"Weights were clustered by k-means (test top-1 {before:.2%}) and the centroids "
         f"fine-tuned for {config.finetune_epochs} epoch(s) at lr {config.finetune_lr} "
-        f"({after:.2%}); the file stores the fine-tuned codebooks exactly."
+        f"({after:.2%})."
     )
     return clustered.cpu().eval(), [note]
 
@@ -94,8 +96,9 @@ def _compressed(
     source = model
     if compression.values.value == "codebook" and config.finetune_epochs > 0:
         source, notes = _trained_codebooks(model, config, data, console)
-    stages = [(s.name, s.bytes) for s in compression_stages(source, compression)]
-    save_compressed(source, path, compression, metadata={"source": config.checkpoint})
+    metadata = {"source": config.checkpoint}
+    stages = [(s.name, s.bytes) for s in compression_stages(source, compression, metadata=metadata)]
+    save_compressed(source, path, compression, metadata=metadata)
     restored = load_compressed(path).model
     exact = _same_state(source, restored)
     if compression.values.value == "exact":
@@ -108,7 +111,8 @@ def _compressed(
     else:
         notes.append(
             f"Values are quantized ({compression.values.value}): the restored weights differ "
-            "from the checkpoint by the quantization error; the sparsity pattern is exact."
+            "from the checkpoint by the quantization error; every zero stays zero, and a tiny "
+            "weight may round to zero."
         )
     row = VariantFigures(
         f"compressed ({compression.values.value})",
@@ -270,7 +274,7 @@ def check_format_settings(
     for key, formats in table.items():
         if key in given and fmt not in formats:
             users = " or ".join(f.value for f in formats)
-            flag = "--" + key.replace("_", "-")
+            flag = FLAGS.get(key, "--" + key.replace("_", "-"))
             raise ConfigError(
                 f"{flag} applies to --format {users} only: drop it, or pass --format "
                 f"{formats[0].value}"
