@@ -164,27 +164,26 @@ class _Payload:
         return [b"".join(self.streams[name]) for name in self.STREAMS]
 
 
-def _index_entry(flat: np.ndarray, choice: IndexCoding, payload: _Payload) -> dict[str, Any]:
-    positions = np.flatnonzero(flat)
-    bits, count = best_relative_bits(positions)
-    if payload.aligned:  # one code per byte anyway: the widest gaps need the fewest fillers
-        bits = 8
-        count = relative_codes(positions, bits).size
-    bitmask_bytes = (flat.size + 7) // 8
-    relative_bytes = (count * bits + 7) // 8
+def _index_entry(
+    nonzero: np.ndarray, positions: np.ndarray, choice: IndexCoding, payload: _Payload
+) -> dict[str, Any]:
+    # one code per byte when aligned anyway: then the widest gaps need the fewest fillers
+    bits = 8 if payload.aligned else best_relative_bits(positions)[0]
+    codes = relative_codes(positions, bits)
+    relative_bytes = (codes.size * bits + 7) // 8
     use_relative = choice is IndexCoding.RELATIVE or (
-        choice is IndexCoding.AUTO and relative_bytes < bitmask_bytes
+        choice is IndexCoding.AUTO and relative_bytes < (nonzero.size + 7) // 8
     )
     if use_relative:
-        segment, width = payload.codes(relative_codes(positions, bits), bits, "index")
+        segment, width = payload.codes(codes, bits, "index")
         return {
             "code": "relative",
             "bits": bits,
             "width": width,
-            "count": count,
+            "count": codes.size,
             "segment": segment,
         }
-    return {"code": "bitmask", "segment": payload.add(encode_bitmask(flat != 0), "index")}
+    return {"code": "bitmask", "segment": payload.add(encode_bitmask(nonzero), "index")}
 
 
 def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any]) -> bytes:
@@ -212,8 +211,9 @@ def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any
         entry["nnz"] = nnz
         if nnz < flat.numel():
             entry["layout"] = "sparse"
-            entry["index"] = _index_entry(nonzero, config.index, payload)
-            positions = torch.from_numpy(np.flatnonzero(nonzero))
+            found = np.flatnonzero(nonzero)
+            entry["index"] = _index_entry(nonzero, found, config.index, payload)
+            positions = torch.from_numpy(found)
         else:
             entry["layout"] = "dense"
             positions = torch.arange(flat.numel())
