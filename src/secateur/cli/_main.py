@@ -25,7 +25,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         description="With no options: train LeNet-5 on Fashion-MNIST (or reuse a cached one), "
         "prune 85%% of its weights by global magnitude, fine-tune, and report before/after. "
         "--method structured removes whole channels instead (--ratio, --round-to), so the model "
-        "itself gets smaller; --method sparsegpt zeros weights with layer-wise reconstruction. "
+        "itself gets smaller; --method depth removes whole residual blocks (--depth-ratio), "
+        "which --method structured can do first too; --method sparsegpt zeros weights with "
+        "layer-wise reconstruction. "
         "Each flag's help says which methods read it.",
         argument_default=argparse.SUPPRESS,
     )
@@ -37,8 +39,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         choices=[m.value for m in CompressMethod],
-        help="zero single weights by a criterion, zero them with SparseGPT reconstruction, or "
-        "remove whole channels/neurons (default unstructured)",
+        help="zero single weights by a criterion, zero them with SparseGPT reconstruction, "
+        "remove whole channels/neurons, or remove whole residual blocks (default unstructured)",
     )
     p.add_argument(
         "--sparsity",
@@ -75,6 +77,14 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         dest="round_to",
         metavar="N",
         help="structured: keep each group's width a multiple of N (default 1)",
+    )
+    p.add_argument(
+        "--depth-ratio",
+        type=float,
+        dest="depth_ratio",
+        help="depth/structured: fraction of the residual blocks (ResNet blocks, transformer "
+        "layers) to replace by a skip, in [0, 1); structured removes them before the channels "
+        "(default 0; depth needs it > 0)",
     )
     p.add_argument(
         "--calibration-batches",

@@ -31,13 +31,10 @@ from .._progress import make_progress
 from ..errors import ConfigError
 from ..graph import KINDS, Group, build_dependency_graph
 from ..measure import count_macs
-from ..pruning import (
-    StructuredConfig,
-    UnstructuredConfig,
-    prunable_weights,
-    unstructured_masks,
-)
-from ..pruning._structured import prune_structured_
+from ..importance import create_criterion, group_scores, weight_scores
+from ..pruning import StructuredConfig, UnstructuredConfig, prunable_weights
+from ..pruning._structured import remove_lowest_
+from ..pruning._unstructured import lowest_k_mask
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FORMAT_VERSION = 1
@@ -311,8 +308,8 @@ def sensitivity_scan(
         example_inputs: structured only: inputs to trace the model and count MACs on.
         calibration, loss_fn: for data-driven criteria, passed on to ``unstructured_masks`` /
             ``prune_structured_`` (see :func:`secateur._calibration.iter_calibration`). Such a
-            criterion gathers its statistics again at every point, so a scan costs one
-            calibration pass per (layer, ratio).
+            criterion gathers its statistics once, on the unpruned model, since every point
+            starts from it.
         exclude: fnmatch patterns of module names to leave out of the scan.
         kinds: structured only: the group kinds to scan (``channel``, ``head``, ``hidden``).
         score_label: what the score is, for tables and plots.
@@ -396,23 +393,21 @@ def _scan_unstructured(
     weights = prunable_weights(model, exclude)
     if not weights:
         raise ConfigError("no Linear or Conv weights to scan: check the model and `exclude`")
-    all_modules = [name.removesuffix(".weight") for name in prunable_weights(model)]
+    # Each point starts from the unpruned model, so every layer's scores are the same at every
+    # ratio: score all layers once (one calibration pass for data criteria), then cut.
+    ranked = weight_scores(model, create_criterion(criterion), weights, **extra)
     curves = []
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("sensitivity", total=len(weights) * len(ratios), status="")
         for param_name in weights:
             module_name = param_name.removesuffix(".weight")
-            others = tuple(_escape(n) for n in all_modules if n != module_name)
             weight = model.get_parameter(param_name)
             saved = weight.detach().clone()
             scores, removed = [], []
             bar.update(task, status=module_name)
             try:
                 for ratio in ratios:
-                    config = UnstructuredConfig(
-                        sparsity=ratio, scope="layer", criterion=criterion, exclude=others
-                    )
-                    keep = unstructured_masks(model, config, **extra)[param_name]
+                    keep = lowest_k_mask(ranked[param_name], round(ratio * weight.numel()))
                     with torch.no_grad():
                         weight.masked_fill_(~keep.to(weight.device), 0.0)
                     scores.append(_score(score_fn, model, f"with {module_name} pruned at {ratio}"))
@@ -487,6 +482,14 @@ def _scan_structured(
             entries[name] = [
                 g for g in eligible if any(fnmatch.fnmatchcase(p, key) for p in g.producers())
             ]
+    # Score every group once on the unpruned model; each point cuts a fresh copy by these scores.
+    unit_scores = dict(
+        zip(
+            map(id, eligible),
+            group_scores(model, eligible, create_criterion(criterion), **extra),
+            strict=True,
+        )
+    )
     dense = count_macs(model, example_inputs).dense
     curves = []
     with make_progress(enabled=progress) as bar:
@@ -497,7 +500,14 @@ def _scan_structured(
             for ratio in ratios:
                 pruned = copy.deepcopy(model)
                 config = _structured_config(ratio, _escape(name), criterion, exclude, kinds)
-                prune_structured_(pruned, config, example_inputs, **extra)
+                remove_lowest_(
+                    pruned,
+                    graph,
+                    groups,
+                    [unit_scores[id(g)] for g in groups],
+                    config,
+                    example_inputs,
+                )
                 scores.append(_score(score_fn, pruned, f"with {name} pruned at {ratio}"))
                 saved.append(dense - count_macs(pruned, example_inputs).dense)
                 del pruned

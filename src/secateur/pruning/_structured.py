@@ -137,9 +137,27 @@ def prune_structured_(
     chosen = [g for g in graph.groups if g.kind in config.kinds and not _ignored(g, config.ignore)]
     criterion = create_criterion(config.criterion)
     scores = group_scores(model, chosen, criterion, calibration=calibration, loss_fn=loss_fn)
-    counts = _removal_counts(chosen, scores, config)
+    return remove_lowest_(model, graph, chosen, scores, config, example_inputs, optimizer)
+
+
+def remove_lowest_(
+    model: nn.Module,
+    graph: DependencyGraph,
+    groups: list[Group],
+    scores: list[torch.Tensor],
+    config: StructuredConfig,
+    example_inputs: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> StructuredResult:
+    """Remove the lowest-scoring units of ``groups`` (of ``graph``, traced on this model or on
+    one it was deep-copied from) as ``config`` counts them, checking the forward pass.
+
+    ``scores`` holds one score per unit of each group (as from ``group_scores``). Splitting the
+    scoring from the removal lets a caller score once and cut many copies (sensitivity scans).
+    """
+    counts = _removal_counts(groups, scores, config)
     removals = []
-    for group, score, count in zip(chosen, scores, counts, strict=True):
+    for group, score, count in zip(groups, scores, counts, strict=True):
         order = torch.sort(score, stable=True).indices
         removals.append((group, order[:count]))
     removals, refused = _apply_checked(model, graph, removals, example_inputs, optimizer)

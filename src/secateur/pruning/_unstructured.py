@@ -125,7 +125,7 @@ def prunable_weights(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[st
     }
 
 
-def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask of ``scores``' shape with exactly its ``k`` lowest entries False."""
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
@@ -196,10 +196,10 @@ def unstructured_masks(
         if own is None:
             pooled[name] = fixed(name, normalize(s, config.normalize))
         else:
-            masks[name] = _lowest_k_mask(fixed(name, s), round(own * s.numel()))
+            masks[name] = lowest_k_mask(fixed(name, s), round(own * s.numel()))
     if pooled:
         flat = torch.cat([s.flatten().float().cpu() for s in pooled.values()])
-        keep = _lowest_k_mask(flat, round(config.sparsity * flat.numel()))
+        keep = lowest_k_mask(flat, round(config.sparsity * flat.numel()))
         offset = 0
         for name, s in pooled.items():
             masks[name] = keep[offset : offset + s.numel()].view_as(s).to(s.device)

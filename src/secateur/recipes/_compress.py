@@ -31,6 +31,7 @@ from ..export import (
 )
 from ..measure import Metrics, OnnxRunner, measure, measure_latencies
 from ..pruning import (
+    DepthResult,
     GradualPruner,
     MaskSet,
     PruneSchedule,
@@ -166,23 +167,40 @@ def _measure_saved(
     )
 
 
-def _structured_notes(before: Metrics, after: Metrics) -> list[str]:
-    """What structural pruning changed on disk and in latency, in measured figures only."""
+def _structured_notes(
+    before: Metrics, after: Metrics, *, channels: bool = True, blocks: bool = False
+) -> list[str]:
+    """What removing whole ``channels`` and/or residual ``blocks`` changed on disk and in
+    latency, in measured figures only."""
     disk = "not measured"
     if before.disk_bytes is not None and after.disk_bytes is not None:
         disk = f"{after.disk_bytes:,} B against {before.disk_bytes:,} B for the baseline"
+    if blocks and not channels:
+        what = "Whole residual blocks were replaced by an identity skip, so the model is shallower"
+        reloads = "with those blocks skipped"
+        smaller = "The shallower model does"
+    elif blocks:
+        what = (
+            "Whole residual blocks were replaced by an identity skip, then whole channels and "
+            "neurons were removed, so the model is shallower and its layers narrower"
+        )
+        reloads = "with those blocks skipped and at its pruned widths"
+        smaller = "The pruned model does"
+    else:
+        what = "Whole channels and neurons were removed, so the pruned layers are narrower"
+        reloads = "at its pruned widths"
+        smaller = "The narrower layers do"
     notes = [
-        "Whole channels and neurons were removed, so the pruned layers are narrower: the weights "
-        f"file (dense safetensors, measured on disk) is {disk}, and it reloads at its pruned "
-        "widths with secateur's load_model."
+        f"{what}: the weights file (dense safetensors, measured on disk) is {disk}, and it "
+        f"reloads {reloads} with secateur's load_model."
     ]
     if before.latency is not None and after.latency is not None:
         notes.append(
-            f"The narrower layers do {after.macs:,} MACs per sample against {before.macs:,}; "
+            f"{smaller} {after.macs:,} MACs per sample against {before.macs:,}; "
             f"the measured median latency is {after.latency.median_ms:.3f} ms against "
             f"{before.latency.median_ms:.3f} ms under the conditions above. Both models were "
             "timed interleaved in one loop; latency need not fall in proportion to MACs, since "
-            "each layer call also has fixed costs that narrowing does not remove."
+            "each layer call also has fixed costs that pruning does not remove."
         )
     return notes
 
@@ -197,6 +215,63 @@ def _structured_summary(result: StructuredResult, before: list[int] | None = Non
         kept = "; ".join(f"{names} ({reason})" for names, reason in result.graph.blocked)
         line += f"; left whole: {kept}"
     return line
+
+
+def _prunes_depth(config: CompressConfig) -> bool:
+    """Whether the job removes residual blocks (methods other than these ignore depth_ratio)."""
+    return config.depth_ratio > 0 and config.method in (
+        CompressMethod.DEPTH,
+        CompressMethod.STRUCTURED,
+    )
+
+
+def _depth_summary(result: DepthResult) -> str:
+    """One line: how many residual blocks went, and which."""
+    return (
+        f"removed {len(result.removed)} of {len(result.candidates)} residual blocks "
+        f"({', '.join(result.removed)})"
+    )
+
+
+def _prune_depth(model: nn.Module, config: CompressConfig, example: torch.Tensor) -> DepthResult:
+    """Replace ``config.depth_ratio`` of ``model``'s residual blocks by ``Skip``, in place.
+
+    Raises:
+        ConfigError: one line, when that removes no block: the model has none, ``depth_ratio``
+            is too small to reach one, or every block is the last of its stage.
+    """
+    result = prune_(model, config.depth_pruning(), example_inputs=example)
+    assert isinstance(result, DepthResult)
+    if result.removed:
+        return result
+    name = f"checkpoint {config.baseline}" if config.baseline else f"model {config.model}"
+    fix = (
+        "use --method structured or unstructured"
+        if config.method is CompressMethod.DEPTH
+        else "drop --depth-ratio"
+    )
+    found = len(result.candidates)
+    if not found:
+        raise ConfigError(f"{name} has no residual blocks to remove: {fix}")
+    if round(config.depth_ratio * found) == 0:
+        least = (50 // found + 1) / 100  # the least 2-decimal ratio with round(r * found) >= 1
+        raise ConfigError(
+            f"--depth-ratio {config.depth_ratio} removes none of the {found} residual blocks of "
+            f"{name}: pass --depth-ratio {least:g} or more"
+        )
+    raise ConfigError(
+        f"{name} cannot lose any of its {found} residual blocks, since each is the last real "
+        f"block of its stage: {fix}"
+    )
+
+
+def _check_depth(model: nn.Module, config: CompressConfig, data: DataSplits) -> None:
+    """Fail before any training when depth pruning would remove nothing. Which blocks exist and
+    how many go depends on the architecture only, so a copy of ``model`` (trained or not) is
+    pruned and thrown away."""
+    if _prunes_depth(config):
+        example = data.example_input.to(next(model.parameters()).device)
+        _prune_depth(copy.deepcopy(model), config, example)
 
 
 def _calibration(config: CompressConfig, data: DataSplits, device: torch.device) -> list:
@@ -271,6 +346,19 @@ def _prune_and_finetune(
     def recover_round(model: nn.Module, masks: MaskSet | None) -> None:
         _recover(model, baseline, data, config, masks, epochs=per_round)
 
+    depth = ""
+    if _prunes_depth(config):
+        # a real batch of training images ranks the blocks by their influence on the data
+        removed = _prune_depth(pruned, config, calib[0][0] if calib else example)
+        depth = _depth_summary(removed)
+    if config.method is CompressMethod.DEPTH:
+        # No masks: the removed blocks are gone from the model, nothing can regrow them.
+        _recover(pruned, baseline, data, config, None)
+        described = (
+            f"depth, blocks ranked by influence (1 - cosine similarity of input and output), "
+            f"depth_ratio {config.depth_ratio}; {_describe(config)}; {depth}"
+        )
+        return described, depth
     if config.method is CompressMethod.STRUCTURED:
         cfg = config.structured_pruning()
         if iterative:
@@ -296,6 +384,9 @@ def _prune_and_finetune(
             if config.round_to > 1
             else "no width rounding"
         )
+        if depth:
+            summary = f"{depth}, then {summary}"
+            rounding += f", after depth_ratio {config.depth_ratio}"
         described = (
             f"structured, {cfg.criterion} criterion, {cfg.scope.value} scope, ratio "
             f"{config.ratio}, {rounding}; {_describe(config)}; {summary}"
@@ -411,7 +502,11 @@ def run_compress(config: CompressConfig, *, console: Console | None = None) -> C
     console = console or Console()
     out, device, data = _start_job(config, console)
 
+    if config.baseline is None:  # before training: an architecture without blocks fails fast
+        _check_depth(create_model(config.model, **_model_kwargs(data)), config, data)
     baseline, source = _baseline(config, data, device, console)
+    if config.baseline is not None:
+        _check_depth(baseline, config, data)
     console.print(f"baseline {config.model}: {source}")
     meta = {"data": _data_metadata(data), "recipe": config.to_dict()}
     baseline_path = save_model(baseline, out / "baseline.safetensors", metadata=meta)
@@ -421,9 +516,10 @@ def run_compress(config: CompressConfig, *, console: Console | None = None) -> C
     console.print(f"pruning method: {config.method.value}")
     described, summary = _prune_and_finetune(pruned, baseline, config, data, device)
     console.print(summary)
-    pruned_path = save_model(
-        pruned, out / "pruned.safetensors", metadata={**meta, "pruning": config.pruning().to_dict()}
-    )
+    pruning_meta = {"pruning": config.pruning().to_dict()}
+    if config.method is CompressMethod.STRUCTURED and _prunes_depth(config):
+        pruning_meta["depth"] = config.depth_pruning().to_dict()  # applied before the channels
+    pruned_path = save_model(pruned, out / "pruned.safetensors", metadata={**meta, **pruning_meta})
     before, after = _measure_pair(
         before, baseline, baseline_path, pruned, pruned_path, data, device, config
     )
@@ -431,8 +527,13 @@ def run_compress(config: CompressConfig, *, console: Console | None = None) -> C
         pruned, out / "pruned.secz", CompressionConfig(values="exact"), metadata=meta
     )
 
-    if config.method is CompressMethod.STRUCTURED:
-        notes = _structured_notes(before, after)
+    if config.method in (CompressMethod.STRUCTURED, CompressMethod.DEPTH):
+        notes = _structured_notes(
+            before,
+            after,
+            channels=config.method is CompressMethod.STRUCTURED,
+            blocks=_prunes_depth(config),
+        )
     else:
         notes = [DISK_NOTE, LATENCY_NOTE]
     notes.insert(1, _compressed_note(compressed_path, before.disk_bytes))

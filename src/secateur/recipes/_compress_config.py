@@ -9,6 +9,7 @@ from typing import Any
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
 from ..errors import ConfigError
 from ..pruning import (
+    DepthConfig,
     PruneSchedule,
     Scope,
     SparseGPTConfig,
@@ -22,11 +23,12 @@ from ..zoo import list_models
 
 class CompressMethod(str, enum.Enum):
     """How ``compress`` prunes: zero single weights (by a criterion, or by SparseGPT's
-    reconstruction), or remove whole channels and neurons."""
+    reconstruction), remove whole channels and neurons, or remove whole residual blocks."""
 
     UNSTRUCTURED = "unstructured"
     STRUCTURED = "structured"
     SPARSEGPT = "sparsegpt"
+    DEPTH = "depth"
 
 
 class Recovery(str, enum.Enum):
@@ -46,6 +48,7 @@ METHOD_SETTINGS: dict[str, tuple[CompressMethod, ...]] = {
     "normalize": (CompressMethod.UNSTRUCTURED, CompressMethod.STRUCTURED),
     "ratio": (CompressMethod.STRUCTURED,),
     "round_to": (CompressMethod.STRUCTURED,),
+    "depth_ratio": (CompressMethod.STRUCTURED, CompressMethod.DEPTH),
 }
 
 
@@ -59,9 +62,12 @@ class CompressConfig:
     and reconstructs the remaining weights from calibration data. ``method="structured"``
     removes ``ratio`` of the units of the coupled channel groups (``scope`` layer: of each group;
     global: of all, ranked together), each group's width kept a multiple of ``round_to``, so the
-    saved model is physically smaller, then fine-tunes without masks. ``criterion``, ``scope``
-    and ``normalize`` left at ``None`` take the method's default (magnitude, global, none for
-    weights; l2, layer, mean for channels). Settings a method ignores are listed in
+    saved model is physically smaller, then fine-tunes without masks. ``method="depth"``
+    replaces ``depth_ratio`` of the model's residual blocks (ResNet blocks, transformer layers),
+    the least influential first, by an identity ``Skip`` and fine-tunes without masks;
+    ``structured`` with ``depth_ratio > 0`` removes those blocks first, then channels from what
+    is left. ``criterion``, ``scope`` and ``normalize`` left at ``None`` take the method's
+    default (magnitude, global, none for weights; l2, layer, mean for channels). Settings a method ignores are listed in
     ``METHOD_SETTINGS``; all of them are still validated.
 
     Data criteria and SparseGPT read ``calibration_batches`` training batches. ``prune_schedule``
@@ -92,6 +98,7 @@ class CompressConfig:
     normalize: str | None = None
     ratio: float = 0.5
     round_to: int = 1
+    depth_ratio: float = 0.0
     calibration_batches: int = 8
     prune_schedule: PruneSchedule = PruneSchedule.ONESHOT
     prune_steps: int = 3
@@ -127,6 +134,7 @@ class CompressConfig:
             coerce_enum("prune_schedule", PruneSchedule, self.prune_schedule),
         )
         object.__setattr__(self, "recovery", coerce_enum("recovery", Recovery, self.recovery))
+        check_range("depth_ratio", self.depth_ratio, 0.0, 1.0, high_open=True)
         check_int("calibration_batches", self.calibration_batches, 1)
         check_int("prune_steps", self.prune_steps, 1)
         self.distillation()  # validates temperature and alpha
@@ -143,6 +151,16 @@ class CompressConfig:
             and self.prune_schedule is not PruneSchedule.ONESHOT
         ):
             raise ConfigError("method sparsegpt is one-shot by design: use prune_schedule oneshot")
+        if self.method is CompressMethod.DEPTH:
+            if self.prune_schedule is not PruneSchedule.ONESHOT:
+                raise ConfigError(
+                    "method depth removes whole blocks at once: use prune_schedule oneshot"
+                )
+            if self.depth_ratio == 0:
+                raise ConfigError(
+                    "method depth removes depth_ratio of the residual blocks, which is 0: "
+                    "pass --depth-ratio (e.g. 0.25) or set depth_ratio in the recipe"
+                )
         if self.nm is not None and self.prune_schedule is not PruneSchedule.ONESHOT:
             raise ConfigError("an nm pattern is applied at once: use prune_schedule oneshot")
         object.__setattr__(self, "schedule", coerce_enum("schedule", LRSchedule, self.schedule))
@@ -155,13 +173,17 @@ class CompressConfig:
             check_int("threads", self.threads, 1)
         self.unstructured_pruning()  # validates sparsity, nm and criterion
         self.structured_pruning()  # validates ratio and round_to
+        self.depth_pruning()  # validates depth_ratio
         self.sparsegpt_pruning()
         self.baseline_training()  # validates epochs, batch_size, lr
 
-    def pruning(self) -> UnstructuredConfig | StructuredConfig | SparseGPTConfig:
-        """The config handed to ``prune_`` for this job's ``method``."""
+    def pruning(self) -> UnstructuredConfig | StructuredConfig | SparseGPTConfig | DepthConfig:
+        """The config handed to ``prune_`` for this job's ``method`` (for ``structured`` with
+        ``depth_ratio > 0``, the channel step; :meth:`depth_pruning` runs before it)."""
         if self.method is CompressMethod.STRUCTURED:
             return self.structured_pruning()
+        if self.method is CompressMethod.DEPTH:
+            return self.depth_pruning()
         if self.method is CompressMethod.SPARSEGPT:
             return self.sparsegpt_pruning()
         return self.unstructured_pruning()
@@ -178,6 +200,10 @@ class CompressConfig:
 
     def structured_pruning(self) -> StructuredConfig:
         return StructuredConfig(ratio=self.ratio, round_to=self.round_to, **self._given())
+
+    def depth_pruning(self) -> DepthConfig:
+        """The residual blocks to remove: ``depth_ratio`` of them (0 for none)."""
+        return DepthConfig(ratio=self.depth_ratio)
 
     def sparsegpt_pruning(self) -> SparseGPTConfig:
         return SparseGPTConfig(sparsity=self.sparsity, nm=self.nm)
