@@ -8,12 +8,18 @@ as BSR (b x b blocks) are then timed interleaved (run i of each before run i+1 o
 medians compared. Crossover = lowest swept sparsity from which on the sparse kernel is faster than
 dense at that and every higher swept sparsity ("-": never).
 
+The ``conv`` part does the same for 3x3 convs (``--conv-shapes``, in->out channels on an H x W
+input): dense ``nn.Conv2d`` against ``SparseConv2d`` as CSR (im2col + sparse matrix product), on
+unstructured masks, at batch 1 and 32 (``--conv-batches``).
+
 A last table times a 2:4-masked Linear (dense kernel, half its weights zero) against its dense
 original, and as CSR: CPU kernels have no 2:4 path, so the mask alone gains nothing.
 
 Run (about 3-4 minutes at 1 thread on a 2-core VM):
 
     .venv/bin/python benchmarks/sparse_crossover.py --threads 1 --runs 15 --out /tmp/runtime_results.md
+
+The conv part alone (under a minute): ``--parts conv``.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from torch import nn
 from secateur import UnstructuredConfig, create_model, prune_
 from secateur._atomic import atomic_write_text
 from secateur.measure import measure_latencies
-from secateur.runtime import SparseLinear, sparsify_
+from secateur.runtime import SparseConv2d, SparseLinear, sparsify_
 
 SHAPES = ["784x300", "300x100", "1024x1024", "4096x1024"]  # in x out (LeNet-300-100 first)
 BATCHES = [1, 64, 256]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
 MASKS = ["unstructured", "block"]
+CONV_SHAPES = ["64x64x16", "128x128x8"]  # in x out channels x H (= W) of the input, 3x3 kernel
+CONV_BATCHES = [1, 32]
 LAYOUTS = ["csr", "bsr"]
 
 
@@ -137,6 +145,40 @@ def sweep(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return table, cross
 
 
+def conv_sweep(args: argparse.Namespace) -> list[str]:
+    """Dense 3x3 ``nn.Conv2d`` (padding 1) against ``SparseConv2d`` as CSR, unstructured masks."""
+    lines = [
+        "| conv in→out, 3x3, input | batch | dense ms | "
+        + " | ".join(f"s={s:g} CSR×" for s in SPARSITIES)
+        + " | crossover |",
+        "|---|---|---|" + "---|" * len(SPARSITIES) + "---|",
+    ]
+    for shape in args.conv_shapes:
+        cin, cout, hw = (int(v) for v in shape.split("x"))
+        for batch in args.conv_batches:
+            x = torch.randn(batch, cin, hw, hw)
+            dense_ms, sparse_ms = [], []
+            for sparsity in SPARSITIES:
+                conv = nn.Conv2d(cin, cout, 3, padding=1)
+                keep = torch.ones(conv.weight.numel(), dtype=torch.bool)
+                keep[torch.randperm(keep.numel())[: round(sparsity * keep.numel())]] = False
+                with torch.no_grad():
+                    conv.weight.mul_(keep.view_as(conv.weight))
+                sparse = SparseConv2d.from_dense(conv, layout="csr")
+                torch.testing.assert_close(sparse(x), conv(x), rtol=1e-4, atol=1e-4)
+                d, t = time_interleaved([conv, sparse], x, args.runs, args.warmup)
+                dense_ms.append(d)
+                sparse_ms.append(t)
+            cells = [f"{d / t:.2f}" for d, t in zip(dense_ms, sparse_ms, strict=True)]
+            lines.append(
+                f"| {cin}→{cout}, {hw}x{hw} | {batch} | {statistics.median(dense_ms):.4f} | "
+                + " | ".join(cells)
+                + f" | {crossover(dense_ms, sparse_ms)} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
 def two_four(args: argparse.Namespace) -> list[str]:
     lines = [
         "| shape in→out | batch | dense ms | 2:4-masked dense ms | masked ÷ dense | CSR of 2:4 ms |",
@@ -191,15 +233,19 @@ def main() -> None:
     parser.add_argument("--machine", default=f"{platform.machine()} CPU")
     parser.add_argument("--out", help="also write the Markdown section to this file")
     parser.add_argument("--model-sparsity", type=float, default=0.95)
-    parser.add_argument("--parts", nargs="*", default=["sweep", "2:4", "model"])
+    parser.add_argument("--conv-shapes", nargs="*", default=CONV_SHAPES, help="in x out x H")
+    parser.add_argument("--conv-batches", nargs="*", type=int, default=CONV_BATCHES)
+    parser.add_argument("--parts", nargs="*", default=["sweep", "conv", "2:4", "model"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
-    table, cross, nm, model = [], [], [], []
+    table, cross, conv, nm, model = [], [], [], [], []
     with torch.no_grad():
         if "sweep" in args.parts:
             table, cross = sweep(args)
+        if "conv" in args.parts:
+            conv = conv_sweep(args)
         if "2:4" in args.parts:
             nm = two_four(args)
         if "model" in args.parts:
@@ -213,27 +259,45 @@ def main() -> None:
         f"python {platform.python_version()}, float32, median of {args.runs} interleaved runs "
         f"after {args.warmup} warm-up, sweep took {minutes:.1f} min.",
         "",
-        "Speedup = dense ms ÷ sparse ms (> 1: sparse is faster). `block` zeroes whole "
-        "b x b blocks (b in the block column, also the BSR block size).",
-        "",
-        *table,
-        "",
-        "Crossover sparsity: lowest swept sparsity from which on the sparse kernel beats dense "
-        "at every higher swept sparsity too (- = never in the sweep).",
-        "",
-        *cross,
-        "",
-        "2:4 on CPU: a dense Linear against the same Linear 2:4-masked (run by the same dense "
-        "kernel), and the 2:4 weight as CSR (50% sparse).",
-        "",
-        *nm,
-        "",
-        f"End to end: LeNet-300-100 (random init) pruned to {args.model_sparsity:.0%} by global "
-        "magnitude; sparsify_ replaces a layer only where its sparse kernel measured >= 1.1x "
-        "faster; then both whole models timed interleaved.",
-        "",
-        *model,
     ]
+    if table:
+        lines += [
+            "Speedup = dense ms ÷ sparse ms (> 1: sparse is faster). `block` zeroes whole "
+            "b x b blocks (b in the block column, also the BSR block size).",
+            "",
+            *table,
+            "",
+            "Crossover sparsity: lowest swept sparsity from which on the sparse kernel beats "
+            "dense at every higher swept sparsity too (- = never in the sweep).",
+            "",
+            *cross,
+            "",
+        ]
+    if conv:
+        lines += [
+            "3x3 convs (padding 1), unstructured masks: dense nn.Conv2d against SparseConv2d "
+            "as CSR (im2col + sparse matrix product). Speedup = dense ms ÷ sparse ms; crossover = "
+            "lowest swept sparsity from which on CSR beats dense at every higher one (- = never).",
+            "",
+            *conv,
+            "",
+        ]
+    if nm:
+        lines += [
+            "2:4 on CPU: a dense Linear against the same Linear 2:4-masked (run by the same "
+            "dense kernel), and the 2:4 weight as CSR (50% sparse).",
+            "",
+            *nm,
+            "",
+        ]
+    if model:
+        lines += [
+            f"End to end: LeNet-300-100 (random init) pruned to {args.model_sparsity:.0%} by "
+            "global magnitude; sparsify_ replaces a layer only where its sparse kernel measured "
+            ">= 1.1x faster; then both whole models timed interleaved.",
+            "",
+            *model,
+        ]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -1,7 +1,12 @@
-"""runtime/: sparse Linear/1x1-conv equal their dense originals, sparsify_ decides and reverts
-cleanly, 2:4 semi-structured checks (CPU error path, pattern, skip logic; conversion on a GPU)."""
+"""runtime/: sparse Linear/Conv2d equal their dense originals, sparsify_ decides (BSR block size
+too) and reverts cleanly, 2:4 semi-structured checks (CPU error path, pattern, skip logic;
+conversion on a GPU)."""
 
 from __future__ import annotations
+
+import itertools
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,9 +17,11 @@ from secateur.errors import ConfigError, PruningError
 from secateur.runtime import (
     LayerChoice,
     SparseConv1x1,
+    SparseConv2d,
     SparseLinear,
     SparsifyReport,
     _choose,
+    _sparse_linear,
     densify_,
     nm_pattern,
     semi_structured_plan,
@@ -97,28 +104,102 @@ def test_from_dense_errors() -> None:
         SparseLinear.from_dense(nn.Conv2d(3, 4, 1))
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("shape", [(1, 16, 5, 6), (3, 16, 5, 6), (16, 4, 4)])
+def sparse_conv(cin: int, cout: int, kernel, sparsity: float = 0.8, **kw) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, kernel, **kw)
+    with torch.no_grad():
+        conv.weight.masked_fill_(torch.rand_like(conv.weight) < sparsity, 0.0)
+    return conv
+
+
+@pytest.mark.parametrize("per_image", [False, True])
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
-def test_sparse_conv1x1_equals_dense(stride: int, shape: tuple[int, ...], layout: str) -> None:
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3), (1, 3), (2, 2), (5, 5)])
+def test_sparse_conv2d_equals_dense(
+    kernel: tuple[int, int], layout: str, per_image: bool, monkeypatch
+) -> None:
+    # both batch paths: one product over the whole batch, or image by image
+    monkeypatch.setattr(_sparse_linear, "PER_IMAGE_MIN", 1 if per_image else 2**62)
     torch.manual_seed(0)
-    conv = nn.Conv2d(16, 8, 1, stride=stride)
-    with torch.no_grad():
-        conv.weight.masked_fill_(torch.rand_like(conv.weight) < 0.8, 0.0)
-    sparse = SparseConv1x1.from_dense(conv, layout=layout, blocksize=4)
-    x = torch.randn(*shape)
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(x), conv(x), **TOL)
-    back = sparse.to_dense()
-    assert back.stride == conv.stride and back.kernel_size == (1, 1)
-    assert torch.equal(back.weight, conv.weight)
+    grid = itertools.product([1, 2], [0, 1, (2, 1), "same", "valid"], [1, (2, 1)], [True, False])
+    shapes = [(1, 4, 9, 11), (3, 4, 9, 11), (4, 9, 11)]
+    checked = 0
+    for stride, padding, dilation, bias in grid:
+        if padding == "same" and stride != 1:
+            continue  # nn.Conv2d refuses it
+        conv = sparse_conv(4, 8, kernel, stride=stride, padding=padding, dilation=dilation)
+        if not bias:
+            conv.bias = None
+        sparse = SparseConv2d.from_dense(conv, layout=layout, blocksize=4)
+        for shape in shapes:
+            x = torch.randn(*shape)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # 'same' + even kernel: a copy
+                got, want = sparse(x), conv(x)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, **TOL)
+            checked += 1
+        back = sparse.to_dense()
+        assert type(back) is nn.Conv2d
+        for attr in ("kernel_size", "stride", "padding", "dilation", "padding_mode"):
+            assert getattr(back, attr) == getattr(conv, attr), attr
+        assert torch.equal(back.weight, conv.weight)
+        assert (back.bias is None) == (conv.bias is None)
+        if bias:
+            assert torch.equal(back.bias, conv.bias)
+    assert checked == 3 * 2 * 2 * (2 * 5 - 1)
+    assert sparse.in_channels == 4 and sparse.out_channels == 8
+    assert sparse.blocksize == ((4, 4) if layout == "bsr" else None)
 
 
-def test_sparse_conv1x1_refuses_other_convs() -> None:
-    with pytest.raises(ConfigError, match=r"kernel \(3, 3\) is not 1x1"):
-        SparseConv1x1.from_dense(nn.Conv2d(4, 4, 3))
+def test_sparse_conv2d_input_gradient_and_inference_mode() -> None:
+    torch.manual_seed(0)
+    conv = sparse_conv(3, 4, 3, padding=1, stride=2)
+    sparse = SparseConv2d.from_dense(conv)
+    x = torch.randn(2, 3, 7, 7, requires_grad=True)
+    (grad,) = torch.autograd.grad(sparse(x).sum(), x)
+    (want,) = torch.autograd.grad(conv(x).sum(), x)
+    torch.testing.assert_close(grad, want, **TOL)
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x.detach()), conv(x.detach()), **TOL)
+
+
+def test_sparse_conv2d_refusals_and_old_name() -> None:
     with pytest.raises(ConfigError, match="groups=2"):
-        SparseConv1x1.from_dense(nn.Conv2d(4, 4, 1, groups=2))
+        SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ConfigError, match="padding_mode='reflect'.*only zero padding"):
+        SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ConfigError, match="not a plain nn.Conv2d"):
+        SparseConv2d.from_dense(nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match="not divisible into 16x16 blocks"):
+        SparseConv2d.from_dense(nn.Conv2d(4, 8, 3), layout="bsr", blocksize=16)
+    # without padding the mode changes nothing: still a candidate, and rebuilt with its mode
+    conv = sparse_conv(4, 4, 3, padding_mode="circular")
+    back = SparseConv2d.from_dense(conv).to_dense()
+    assert back.padding_mode == "circular" and torch.equal(back.weight, conv.weight)
+    assert SparseConv1x1 is SparseConv2d  # the former name keeps working
+
+
+def test_bsr_blocks_rule() -> None:
+    torch.manual_seed(0)
+    blocks = (32, 16, 8, 4)
+    # 99% unstructured 300x784 (LeNet fc1): only 4 divides both; most 4x4 blocks are empty
+    w = (torch.rand(300, 784) > 0.99).float()
+    assert _choose.bsr_blocks(w, blocks) == ([4], "")
+    assert _choose.bsr_blocks(w, (16,)) == ([], "bsr: 300x784 not divisible by 16")
+    # 90% unstructured: too few empty blocks at any size
+    kept, note = _choose.bsr_blocks((torch.rand(64, 64) > 0.9).float(), blocks)
+    assert (
+        kept == [] and note.startswith("bsr: ") and note.endswith("of 4x4 blocks all-zero (< 60%)")
+    )
+    # whole 16x16 blocks, 90% of them zero: 32 is too coarse (~66% zero), 16 halves its area,
+    # 8 and 4 store exactly what 16 does, so they are not timed
+    keep = (torch.rand(8, 8) > 0.9).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert keep.any()
+    w = torch.randn(128, 128) * keep
+    zero32 = _choose.zero_block_fraction(w, 32)
+    assert _choose.zero_block_fraction(w, 8) == _choose.zero_block_fraction(w, 16)
+    assert _choose.bsr_blocks(w, blocks) == (([32, 16] if zero32 >= 0.6 else [16]), "")
+    assert _choose.bsr_blocks(w, (8, 4)) == ([8], "")
 
 
 def test_sparsify_huge_min_speedup_replaces_nothing_and_reports() -> None:
@@ -142,7 +223,8 @@ def test_sparsify_huge_min_speedup_replaces_nothing_and_reports() -> None:
         assert row.speedup == pytest.approx(row.dense_ms / row.sparse_ms)
         assert "speedup below min_speedup=1e+09" in row.note
     assert report.layers[0].input_shape == (16, 64)
-    assert report.layers[2].note.startswith("bsr: 10x32 not divisible by 16")
+    assert report.layers[2].note.startswith("bsr: 10x32 not divisible by 32/16/8/4")
+    assert report.layers[0].note.startswith("bsr: ")  # 90% unstructured: BSR not worth timing
     text = report.render()
     assert str(report) == text
     assert "1 threads, cpu" in text and text.count("\n| ") == 4  # header + 3 layers
@@ -178,26 +260,122 @@ def test_sparsify_skips_dense_layers_and_unused_ones() -> None:
     assert rows["1.unused"].input_shape is None and not rows["1.unused"].replaced
 
 
-def test_sparsify_shared_layer_and_1x1_conv() -> None:
+def conv_net() -> nn.Sequential:
     torch.manual_seed(0)
+    return nn.Sequential(
+        sparse_conv(8, 16, 1, sparsity=0.9),
+        sparse_conv(16, 16, 3, sparsity=0.9, padding=1),
+        sparse_conv(16, 16, 3, sparsity=0.9, padding=1, groups=2),
+        sparse_conv(16, 16, 3, sparsity=0.9, padding=1, padding_mode="reflect"),
+        sparse_conv(16, 16, (3, 1), sparsity=0.9, stride=2, dilation=2),
+    )
+
+
+def test_sparsify_shared_layer_and_convs() -> None:
     shared = sparse_linear(16, 16, 0.9)
-    conv1, conv3 = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
-    with torch.no_grad():
-        conv1.weight.masked_fill_(torch.rand_like(conv1.weight) < 0.9, 0.0)
-        conv3.weight.masked_fill_(torch.rand_like(conv3.weight) < 0.9, 0.0)
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(2))  # (N, 16, 16)
-    net = nn.Sequential(conv1, conv3, pool, nn.Sequential(shared), shared)
-    x = torch.randn(2, 8, 6, 6)
+    net = conv_net()
+    net.extend([pool, nn.Sequential(shared), shared])
+    x = torch.randn(2, 8, 9, 9)
     before = net(x).detach()
     report = sparsify_(net, x, min_speedup=1e-9, runs=20, layouts=("csr",))
-    kinds = {r.name: r.kind for r in report.layers}
-    assert kinds == {"0": "Conv2d 1x1", "3.0": "Linear"}  # 3x3 conv is no candidate
-    assert isinstance(net[0], SparseConv1x1) and type(net[1]) is nn.Conv2d
-    assert isinstance(net[3][0], SparseLinear) and net[4] is net[3][0]
+    rows = {r.name: r for r in report.layers}
+    assert {n: r.kind for n, r in rows.items()} == {
+        "0": "Conv2d 1x1",
+        "1": "Conv2d 3x3",
+        "2": "Conv2d 3x3",
+        "3": "Conv2d 3x3",
+        "4": "Conv2d 3x1",
+        "6.0": "Linear",
+    }
+    assert report.replaced == ("0", "1", "4", "6.0")
+    assert rows["2"].note.startswith("groups=2") and rows["2"].dense_ms is None
+    assert rows["3"].note.startswith("padding_mode='reflect'") and rows["3"].dense_ms is None
+    assert rows["1"].input_shape == (2, 16, 9, 9) and rows["1"].layout == "csr"
+    assert all(isinstance(net[i], SparseConv2d) for i in (0, 1, 4))
+    assert type(net[2]) is nn.Conv2d and type(net[3]) is nn.Conv2d
+    assert isinstance(net[6][0], SparseLinear) and net[7] is net[6][0]
     with torch.no_grad():
         torch.testing.assert_close(net(x), before, **TOL)
-    assert densify_(net) == ["0", "3.0"]
-    assert type(net[0]) is nn.Conv2d and net[4] is net[3][0] and type(net[4]) is nn.Linear
+    (line,) = [t for t in report.render().splitlines() if t.startswith("| 2 |")]
+    assert line.startswith("| 2 | Conv2d 3x3 | - | 0.") and "| - | no | groups=2" in line
+    assert densify_(net) == ["0", "1", "4", "6.0"]
+    assert all(type(m) is nn.Conv2d for m in net[:5])
+    assert net[7] is net[6][0] and type(net[7]) is nn.Linear
+    torch.testing.assert_close(net(x), before, **TOL)
+
+
+def fake_timer(ms: dict):
+    """A stand-in for measure_latencies: each module's median is ``ms[its kind]``."""
+    calls = []
+
+    def measure(modules, x, runs, warmup):
+        calls.append([type(m).__name__ for m in modules])
+
+        def kind(m):
+            if isinstance(m, (SparseLinear, SparseConv2d)):
+                return m.layout if m.blocksize is None else f"bsr{m.blocksize[0]}"
+            return "dense"
+
+        return [SimpleNamespace(median_ms=ms[kind(m)]) for m in modules]
+
+    return measure, calls
+
+
+def test_sparsify_conv_follows_the_measurement(monkeypatch) -> None:
+    net = nn.Sequential(conv_net()[1])  # a 3x3 conv, 90% sparse
+    x = torch.randn(1, 16, 8, 8)
+    before = net(x).detach()
+    measure, calls = fake_timer({"dense": 1.0, "csr": 1.2})
+    monkeypatch.setattr(_choose, "measure_latencies", measure)
+    report = sparsify_(net, x, runs=20)  # default min_speedup 1.1: sparse measured slower
+    (row,) = report.layers
+    assert calls == [["Conv2d", "SparseConv2d"]]  # BSR not worth timing at 90% unstructured
+    assert not row.replaced and row.speedup == pytest.approx(1 / 1.2)
+    assert "speedup below min_speedup=1.1" in row.note and type(net[0]) is nn.Conv2d
+    measure, calls = fake_timer({"dense": 1.0, "csr": 0.5})
+    monkeypatch.setattr(_choose, "measure_latencies", measure)
+    report = sparsify_(net, x, runs=20)
+    assert report.replaced == ("0",) and report.layers[0].speedup == pytest.approx(2.0)
+    assert isinstance(net[0], SparseConv2d) and net[0].kernel_size == (3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, **TOL)
+    densify_(net)
+    assert type(net[0]) is nn.Conv2d and net[0].padding == (1, 1)
+
+
+def block_linear(inp: int, out: int, block: int, zero: float) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(inp, out)
+    keep = torch.rand(out // block, inp // block) >= zero
+    keep[0, 0] = True
+    with torch.no_grad():
+        layer.weight.mul_(keep.repeat_interleave(block, 0).repeat_interleave(block, 1))
+    return layer
+
+
+def test_sparsify_bsr_block_size_that_fits(monkeypatch) -> None:
+    # 48x40: 16 does not divide 40; 8x8 blocks, ~90% of them zero: BSR 8x8 is timed, not 4x4
+    net = nn.Sequential(block_linear(40, 48, 8, 0.9))
+    x = torch.randn(4, 40)
+    before = net(x).detach()
+    report = sparsify_(net, x, layouts=("bsr",), min_speedup=1e-9, runs=20)
+    (row,) = report.layers
+    assert row.replaced and row.layout == "bsr" and row.blocksize == 8
+    assert net[0].blocksize == (8, 8)
+    assert "| bsr 8x8 |" in report.render()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, **TOL)
+    densify_(net)
+    # with CSR and 4x4 (half the 8x8 block area gone), measurement picks: here the fake says 4x4
+    net = nn.Sequential(block_linear(40, 48, 4, 0.85))
+    measure, calls = fake_timer({"dense": 1.0, "csr": 0.8, "bsr8": 0.9, "bsr4": 0.6})
+    monkeypatch.setattr(_choose, "measure_latencies", measure)
+    kept, _ = _choose.bsr_blocks(net[0].weight.detach(), _choose.BSR_BLOCKS)
+    report = sparsify_(net, x, runs=20)
+    assert calls == [["Linear", "SparseLinear"] + ["SparseLinear"] * len(kept)]
+    assert 4 in kept and len(kept) <= _choose.MAX_BSR_TRIES
+    assert report.layers[0].blocksize == 4 and net[0].blocksize == (4, 4)
 
 
 def test_sparsify_reverts_everything_when_the_model_output_changes(monkeypatch) -> None:
@@ -221,6 +399,9 @@ def test_sparsify_config_errors() -> None:
         sparsify_(net, x, min_sparsity=1.5)
     with pytest.raises(ConfigError, match="min_speedup"):
         sparsify_(net, x, min_speedup=0)
+    for bad in (0, (), (16, "8"), 2.0):
+        with pytest.raises(ConfigError, match=r"blocksize=.*e\.g\. \(32, 16, 8, 4\)"):
+            sparsify_(net, x, blocksize=bad)
 
 
 def test_nm_pattern() -> None:

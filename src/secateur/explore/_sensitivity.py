@@ -30,8 +30,8 @@ from .._config import check_range, coerce_enum
 from .._progress import make_progress
 from ..errors import ConfigError
 from ..graph import KINDS, Group, build_dependency_graph
-from ..measure import count_macs
 from ..importance import create_criterion, group_scores, weight_scores
+from ..measure import count_macs
 from ..pruning import StructuredConfig, UnstructuredConfig, prunable_weights
 from ..pruning._structured import remove_lowest_
 from ..pruning._unstructured import lowest_k_mask

@@ -39,6 +39,7 @@ ELEMENTWISE = _words(
     """
     __add__ add add_ div div_ __iadd__ __imul__ __isub__ __itruediv__ lerp maximum minimum
     __mul__ mul mul_ __radd__ __rmul__ __rsub__ __rtruediv__ __sub__ sub sub_ __truediv__ where
+    masked_fill masked_fill_
     """
 )
 RESHAPE = {"flatten", "view", "reshape", "unsqueeze", "squeeze", "unflatten", "expand"}
@@ -104,6 +105,13 @@ class OpRules:
         if name in ("view", "reshape"):
             new, axis = self.info(out)
             self.note_literals(args, axis, out.shape[axis], new)
+        elif name == "unflatten" and len(args) > 2 and isinstance(args[1], int):
+            # x.unflatten(d, sizes): sizes spell the output axes d, d+1, ...
+            new, axis = self.info(out)
+            offset = args[1] % x.dim()
+            if offset <= axis < offset + len(args[2]):
+                shape = (0,) * offset + tuple(args[2])
+                self.note_literals((x, shape), axis, out.shape[axis], new)
         return True
 
     def _merge(self, x, layout, dim, out, a, b) -> None:  # noqa: ANN001

@@ -299,12 +299,16 @@ def apply_removals_(
 
 def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:
     edits: dict[str, dict[str, int]] = getattr(model, "secateur_attributes", {})
+    # Match against the values before any rewrite: with grouped-query attention num_heads may
+    # fall to the old num_kv_heads, and must not then be rewritten again as if it were that.
+    before: dict[str, dict[str, Any]] = {}
     for attr in graph.attributes:
         new = attr.new_value(kept)
         if new == attr.value:
             continue
         module = model.get_submodule(attr.module_name)
-        for name, value in vars(module).items():
+        original = before.setdefault(attr.module_name, dict(vars(module)))
+        for name, value in original.items():
             if name.startswith("_") or isinstance(value, bool) or value != attr.value:
                 continue
             if "head_dim" in name or "head_size" in name:
