@@ -227,10 +227,8 @@ def build(arch: Arch, seed: int) -> RandomTransformer:
 
 def heads_are_prunable(arch: Arch) -> bool:
     """Whether the engine is expected to find one head group per layer: a unit is one kv
-    head with its query heads, so one kv head (MQA) leaves nothing to remove, and
-    ``repeat_interleave`` has no channel rule (see the xfail test below)."""
-    sharing = arch.heads > arch.kv_heads
-    return arch.kv_heads >= 2 and not (sharing and arch.share == "repeat")
+    head with its query heads, so one kv head (MQA) leaves nothing to remove."""
+    return arch.kv_heads >= 2
 
 
 def silence_and_remove(arch: Arch, seed: int) -> None:
@@ -358,11 +356,6 @@ def test_gqa_keeping_as_many_query_heads_as_kv_heads_is_exact() -> None:
     silence_and_remove(replace(SMALL, heads=4, kv_heads=2), 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine gap: repeat_interleave has no channel rule, so GQA written with it blocks "
-    "its heads instead of pruning them",
-)
 def test_gqa_by_repeat_interleave_finds_head_groups() -> None:
     arch = replace(SMALL, heads=4, kv_heads=2, share="repeat")
     graph = build_dependency_graph(build(arch, 0), example_input(arch, 0))

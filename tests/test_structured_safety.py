@@ -1,5 +1,5 @@
 """The forward check after surgery: groups whose removal breaks the model are refused, the model
-is never left broken, and nn.MultiheadAttention prunes with its hidden size."""
+is never left broken, and nn.MultiheadAttention prunes its hidden size and its heads apart."""
 
 from __future__ import annotations
 
@@ -85,17 +85,21 @@ class TinyViT(nn.Module):
         return self.head(h[:, 0])
 
 
-def test_multihead_attention_shrinks_with_the_hidden_size_keeping_its_heads() -> None:
+def test_multihead_attention_prunes_hidden_size_and_heads_apart() -> None:
     torch.manual_seed(0)
     model, x = TinyViT().eval(), torch.randn(2, 5, 12)
     graph = build_dependency_graph(model, x)
     hidden = next(g for g in graph.groups if g.kind == "hidden")
-    assert hidden.multiple == 4 and any(m.tensor == "pos" for m in hidden.members)
+    assert hidden.multiple == 1 and any(m.tensor == "pos" for m in hidden.members)
+    heads = next(g for g in graph.groups if g.kind == "head")
+    assert heads.size == 4 and heads.module_names() == ["attn", "attn.out_proj"]
     macs = count_macs(model, x).dense
     prune_(model, StructuredConfig(ratio=0.3), example_inputs=x)
     attn = model.attn
-    assert attn.num_heads == 4 and attn.embed_dim % 4 == 0 and attn.embed_dim < 32
-    assert attn.in_proj_weight.shape == (3 * attn.embed_dim, attn.embed_dim)
+    assert attn.num_heads == 3 and attn.head_dim == 8  # whole heads went
+    assert attn.embed_dim < 32  # the hidden size shrank on its own, not by num_heads steps
+    assert attn.in_proj_weight.shape == (3 * 3 * 8, attn.embed_dim)
+    assert attn.out_proj.weight.shape == (attn.embed_dim, 3 * 8)
     assert model.pos.shape == (1, 5, attn.embed_dim)
     assert model(x).shape == (2, 3)
     assert count_macs(model, x).dense < macs

@@ -7,9 +7,14 @@ Layout for ``save_model(model, "out/pruned.safetensors")``:
   ``"edits"`` when the architecture was changed beyond widths, e.g.
   ``"edits": {"skipped": ["layer1.2"]}`` for blocks that depth pruning replaced by ``Skip``, or
   ``"edits": {"attributes": {"transformer.h.0.attn": {"split_size": 32}}}`` for module attributes
-  that structural pruning tied to a pruned width; plus ``"tied"`` when parameters are shared,
-  e.g. ``"tied": {"lm_head.weight": "transformer.wte.weight"}``: the weights file holds a shared
-  tensor once, under its first state-dict name, and loading shares it again.
+  that structural pruning tied to a pruned width, or
+  ``"edits": {"attention": {"encoder.layers.0.self_attention": {"num_heads": 3}}}`` for
+  ``nn.MultiheadAttention`` modules that structural pruning switched to
+  ``PrunedMultiheadAttention`` (whole heads removed, or the hidden size pruned: the loader
+  rebuilds them with that head count, their ``head_dim`` unchanged); plus ``"tied"`` when
+  parameters are shared, e.g. ``"tied": {"lm_head.weight": "transformer.wte.weight"}``: the
+  weights file holds a shared tensor once, under its first state-dict name, and loading shares
+  it again.
 
 The model is rebuilt from the zoo by name and keyword arguments, its edits are replayed (each
 kind of edit is one entry of ``_EDITS``), its Conv/Linear/norm/Embedding modules are resized to
@@ -37,6 +42,7 @@ from torch import nn
 
 from .._atomic import atomic_write_bytes, atomic_write_text
 from ..errors import ArtifactError, ConfigError
+from ..pruning._attention import PrunedMultiheadAttention, set_num_heads_
 from ..pruning._depth import replace_with_skip_, skipped_modules
 from ..pruning._surgery import resize_to_state_
 from ..zoo import create_model
@@ -97,10 +103,47 @@ def _apply_attributes(model: nn.Module, edits: Any) -> None:
     model.secateur_attributes = {m: dict(attrs) for m, attrs in edits.items()}
 
 
+def _attention(model: nn.Module) -> dict[str, dict[str, int]]:
+    return {
+        name: {"num_heads": int(m.num_heads)}
+        for name, m in model.named_modules()
+        if isinstance(m, PrunedMultiheadAttention)
+    }
+
+
+def _apply_attention(model: nn.Module, edits: Any) -> None:
+    """Rebuild each named ``nn.MultiheadAttention`` as ``PrunedMultiheadAttention`` with the
+    saved head count (its head_dim is the built model's: whole heads go); the hidden width
+    then follows the saved tensors like every other module's."""
+    if not isinstance(edits, dict) or not all(isinstance(a, dict) for a in edits.values()):
+        raise ValueError("'attention' must map module names to {\"num_heads\": count}")
+    for module_name, entry in edits.items():
+        if set(entry) != {"num_heads"}:
+            raise ValueError(
+                f"attention edit {module_name!r} must hold exactly 'num_heads', got {sorted(entry)}"
+            )
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(
+                f"attention edit names module {module_name!r}, which does not exist"
+            ) from None
+        if not isinstance(module, nn.MultiheadAttention):
+            raise ValueError(
+                f"attention edit names {module_name!r}, a {type(module).__name__}, not an "
+                "nn.MultiheadAttention"
+            )
+        try:
+            set_num_heads_(module, entry["num_heads"])
+        except ValueError as exc:
+            raise ValueError(f"attention edit {module_name!r}: {exc}") from None
+
+
 # kind of edit -> (what a model holds of it, JSON-able and falsy when none; how to replay it)
 _EDITS: dict[str, tuple[Callable[[nn.Module], Any], Callable[[nn.Module, Any], None]]] = {
     "skipped": (skipped_modules, _apply_skipped),
     "attributes": (_attributes, _apply_attributes),
+    "attention": (_attention, _apply_attention),
 }
 
 

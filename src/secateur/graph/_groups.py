@@ -63,7 +63,7 @@ class Group:
     size: int
     members: tuple[Member, ...]
     kind: str = "channel"
-    multiple: int = 1  # widths must stay multiples of this (heads of an nn.MultiheadAttention)
+    multiple: int = 1  # widths must stay multiples of this (from "multiple:N" space flags)
 
     def feature_indices(self, member: Member, units: torch.Tensor) -> torch.Tensor:
         """Indices along ``member``'s sliced dims of the given ``units`` (a 1-D long tensor)."""

@@ -147,6 +147,19 @@ class OpRules:
         self.set(out, tuple(coarse), a)
         return True
 
+    def repeat_interleave(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        """``x.repeat_interleave(r, dim=d)`` with an int ``r``: along the channel axis each unit
+        is repeated ``r`` times in a row (grouped-query attention spreading a kv head over its
+        query heads); along another axis the channels pass through."""
+        repeats = kwargs.get("repeats", args[1] if len(args) > 1 else None)
+        axis = _dim_arg(args, kwargs, 2)
+        if not isinstance(repeats, int) or axis is None:
+            return False  # per-index repeats, or a flattening repeat: no channel mapping
+        if int(axis) % x.dim() != dim:
+            return self.pointwise(x, layout, dim, out)
+        self.set(out, tuple(Segment(s.space, s.factor * repeats) for s in layout), dim)
+        return True
+
     def permute(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
         nd = x.dim()
         if name == "permute":

@@ -229,6 +229,10 @@ class _Tracer(OpRules, TorchFunctionMode):
                 lambda: self.linear_fn(args, kwargs, x, layout, dim, out),
             ),
             (name == "expand_as" and single, lambda: self.pointwise(x, layout, dim, out)),
+            (
+                name == "repeat_interleave" and single,
+                lambda: self.repeat_interleave(x, args, kwargs, layout, dim, out),
+            ),
         )
         for applies, rule in rules:
             if applies and rule():
@@ -341,10 +345,12 @@ class _Tracer(OpRules, TorchFunctionMode):
         return False
 
     def multihead(self, module, name, args, info, out) -> bool:  # noqa: ANN001
-        """``nn.MultiheadAttention`` ties its inner width to ``embed_dim``, the width it reads and
-        writes, so its heads shrink only with the hidden size: the graph prunes the hidden
-        channels (in multiples of ``num_heads``) and surgery then drops the same number of
-        within-head dims from every head (see ``pruning._surgery``)."""
+        """``nn.MultiheadAttention`` with packed q/k/v weights: its input and output are hidden
+        channels (``in_proj_weight`` columns, ``out_proj`` rows), and its inner width is a space
+        of its own, one unit per head: the q, k and v rows of a head (offsets 0, inner and
+        2 * inner of ``in_proj_weight`` and ``in_proj_bias``), its ``out_proj`` columns and its
+        ``bias_k``/``bias_v`` entries. Surgery switches a pruned module to
+        ``pruning.PrunedMultiheadAttention``, whose inner width is free of ``embed_dim``."""
         layout, dim = info
         q, k, v = (args + (None, None))[:3]
         if not module._qkv_same_embed_dim or dim != q.dim() - 1 or module.in_proj_weight is None:
@@ -353,15 +359,26 @@ class _Tracer(OpRules, TorchFunctionMode):
             if t is not q and (self.info(t) is None or self.unify(layout, self.info(t)[0]) is None):
                 return False
         self.table.add_member(layout, name, "param", tensor="in_proj_weight", dim=1)
-        for seg in layout:
-            self.table.flag(seg.space, f"multiple:{module.num_heads}")
         result = out[0] if isinstance(out, tuple) else out
         self.fresh(result, -1)
         out_layout = self.layouts[id(result)][0]
         self.table.add_member(out_layout, f"{name}.out_proj", "linear_out")
-        for seg in out_layout:
-            self.table.flag(seg.space, f"multiple:{module.num_heads}")
         self.called[name] += [s.space for s in out_layout]
+        head_dim = module.head_dim
+        inner = module.in_proj_weight.shape[0] // 3
+        if head_dim < 1 or inner != module.num_heads * head_dim:
+            return True  # widths this module cannot have: its heads stay as they are
+        fine = self.table.new(inner)
+        qkv = (Segment(fine),) * 3  # the same channels at offsets 0, inner and 2 * inner
+        self.table.add_member(qkv, name, "param_out", tensor="in_proj_weight", dim=0)
+        if module.in_proj_bias is not None:
+            self.table.add_member(qkv, name, "param", tensor="in_proj_bias", dim=0)
+        for tensor in ("bias_k", "bias_v"):
+            if getattr(module, tensor, None) is not None:
+                self.table.add_member((Segment(fine),), name, "param", tensor=tensor, dim=2)
+        self.table.add_member((Segment(fine),), f"{name}.out_proj", "linear_in")
+        self.table.flag(self.table.coarsen(fine, head_dim), "heads")
+        self.called[name].append(fine)  # a second call blocks the heads too
         return True
 
     def producer(self, name, layout, out, consumer_role, producer_role, dim) -> bool:  # noqa: ANN001
@@ -407,6 +424,7 @@ def _is_leaf(module: nn.Module) -> bool:
             ),
         )
         or type(module) in (nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention)
+        or getattr(type(module), "_secateur_leaf", False)  # pruning.PrunedMultiheadAttention
         or is_hf_conv1d(module)
     )
 

@@ -9,6 +9,10 @@ per weight element per output position it is applied at:
 * Conv: ``out_channels * (in_channels / groups) * prod(kernel)`` per output spatial position;
 * ConvTranspose: ``in_channels * (out_channels / groups) * prod(kernel)`` per *input* position.
 
+* ``nn.MultiheadAttention`` (which reads its projection weights directly, so its ``out_proj``
+  module never runs): its q, k and v projections per row of query, key and value, and its
+  output projection per row of query, each ``in * out`` as for a Linear.
+
 Bias additions, normalisation, activations, pooling, element-wise ops and products between two
 activations (attention scores) are not counted, the convention of ptflops/fvcore "MACs". Totals are divided by the batch size (first dimension of the
 first example input), so figures are per sample. ``nonzero`` counts only MACs whose weight is
@@ -37,6 +41,26 @@ class MacCount:
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() else 0
+
+
+def _attention_macs(module: nn.MultiheadAttention, args: tuple) -> tuple[int, int]:
+    """q/k/v projections per row of query/key/value, and the output projection per query row."""
+    query = args[0]
+    key = args[1] if len(args) > 1 else query
+    value = args[2] if len(args) > 2 else key
+    if module.in_proj_weight is not None:
+        weights = module.in_proj_weight.detach().chunk(3)
+    else:
+        weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+    pairs = [*zip((query, key, value), weights, strict=True)]
+    pairs.append((query, module.out_proj.weight))
+    dense = sum(_rows(x) * w.numel() for x, w in pairs)
+    nonzero = sum(_rows(x) * int((w.detach() != 0).sum()) for x, w in pairs)
+    return dense, nonzero
 
 
 def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
@@ -68,14 +92,18 @@ def count_macs(
     totals = [0, 0]
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        dense, nonzero = _layer_macs(module, args[0], out)
+        if isinstance(module, nn.MultiheadAttention):
+            dense, nonzero = _attention_macs(module, args)
+        else:
+            dense, nonzero = _layer_macs(module, args[0], out)
         totals[0] += dense
         totals[1] += nonzero
 
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, *_CONVS, *_TRANSPOSED)) or _is_conv1d(m)
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention, *_CONVS, *_TRANSPOSED))
+        or _is_conv1d(m)
     ]
     try:
         with torch.no_grad():

@@ -3,6 +3,7 @@ or physical removal of channels (structured) or of whole residual blocks (depth)
 iterative or gradual (AGP) schedules."""
 
 from ._api import prune_ as prune_
+from ._attention import PrunedMultiheadAttention as PrunedMultiheadAttention
 from ._depth import DepthConfig as DepthConfig
 from ._depth import DepthResult as DepthResult
 from ._depth import Skip as Skip
@@ -29,6 +30,7 @@ __all__ = [
     "GradualPruner",
     "MaskSet",
     "PruneSchedule",
+    "PrunedMultiheadAttention",
     "ScheduleConfig",
     "Spacing",
     "agp_sparsity",

@@ -263,7 +263,8 @@ class _Snapshot:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.modules = [
-            (m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in model.modules()
+            (m, m.__class__, dict(vars(m)), dict(m._parameters), dict(m._buffers))
+            for m in model.modules()
         ]
         self.optimizer = optimizer
         if optimizer is not None:
@@ -271,7 +272,8 @@ class _Snapshot:
             self.params = [list(g["params"]) for g in optimizer.param_groups]
 
     def restore(self) -> None:
-        for module, attrs, params, buffers in self.modules:
+        for module, cls, attrs, params, buffers in self.modules:
+            module.__class__ = cls  # surgery may have switched it (PrunedMultiheadAttention)
             module.__dict__.clear()
             module.__dict__.update(attrs)
             module._parameters = dict(params)  # copies: the snapshot may be restored again

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..graph import Group, member_slices
 from ..graph._trace import is_hf_conv1d
+from ._attention import PrunedMultiheadAttention, decouple_heads_
 
 _RESIZABLE = (
     nn.Linear,
@@ -65,8 +66,11 @@ def _assign(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) 
 def _channel_dims(module: nn.Module, tensor_name: str, ndim: int) -> set[int]:
     if isinstance(module, nn.Embedding):
         return {1}
+    if isinstance(module, PrunedMultiheadAttention):
+        # its head count (the inner width) came from the manifest's "attention" edit already
+        return {1} if tensor_name == "in_proj_weight" else set()
     if isinstance(module, nn.MultiheadAttention):
-        return set(range(ndim))  # its inner and outer widths shrink together
+        return set(range(ndim))  # saved before heads were decoupled: both widths shrank together
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
         return {0}  # grouped: dim 1 holds one group's inputs, which never changes
     if (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_hf_conv1d(module)) and (
@@ -112,7 +116,10 @@ def _fix_attributes(module: nn.Module, dropped: int = 0) -> None:
             module.out_channels, module.in_channels = w.shape[0], module.groups * w.shape[1]
         else:
             module.out_channels, module.in_channels = w.shape[0], w.shape[1]
-    elif isinstance(module, nn.MultiheadAttention):
+    elif isinstance(module, PrunedMultiheadAttention):  # whole heads go: head_dim stays
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+        module.num_heads = module.in_proj_weight.shape[0] // (3 * module.head_dim)
+    elif isinstance(module, nn.MultiheadAttention):  # a model saved before heads were decoupled
         width = module.in_proj_weight.shape[1]
         module.embed_dim = module.kdim = module.vdim = width
         module.head_dim = width // module.num_heads
@@ -160,11 +167,14 @@ def remove_units_(
                 touched[member.module_name] += len(idx)
             for tensor_name, dim in member_slices(member):
                 drop[(member.module_name, tensor_name, dim)].update(idx)
-    for (module_name, tensor_name, _dim), indices in list(drop.items()):
+    for module_name in list(touched):
+        parent = module_name.rpartition(".")[0] if module_name.endswith(".out_proj") else ""
+        if parent and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+            touched.setdefault(parent, 0)  # its output width changed
+    for module_name in touched:
         module = model.get_submodule(module_name)
-        if isinstance(module, nn.MultiheadAttention) and tensor_name == "in_proj_weight":
-            for key, inner in _attention_inner_drops(module, module_name, len(indices)).items():
-                drop[key].update(inner)
+        if isinstance(module, nn.MultiheadAttention):
+            decouple_heads_(module)  # inner width and embed_dim now differ
     per_tensor: dict[int, list] = {}
     owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
     for (module_name, tensor_name, dim), indices in drop.items():
@@ -201,30 +211,6 @@ def remove_units_(
         _fix_attributes(model.get_submodule(module_name), dropped)
     if optimizer is not None:
         _slice_optimizer_state(optimizer, replaced)
-
-
-def _attention_inner_drops(
-    module: nn.MultiheadAttention, name: str, removed: int
-) -> dict[tuple[str, str, int], list[int]]:
-    """Inner dims an ``nn.MultiheadAttention`` must lose when ``removed`` of its ``embed_dim``
-    input channels go: the same count from every head (its inner width must equal its input
-    width), the dims with the least q/k/v/out weight energy first."""
-    heads, width = module.num_heads, module.embed_dim
-    per_head = removed // heads
-    w = module.in_proj_weight.detach().float()
-    energy = w.view(3, width, -1).pow(2).sum(dim=(0, 2))
-    energy += module.out_proj.weight.detach().float().pow(2).sum(dim=0)
-    head_dim = width // heads
-    order = energy.view(heads, head_dim).argsort(dim=1, stable=True)[:, :per_head]
-    inner = (order + torch.arange(heads)[:, None] * head_dim).flatten().tolist()
-    drops = {
-        (name, "in_proj_weight", 0): [i + k * width for k in range(3) for i in inner],
-        (name, "in_proj_bias", 0): [i + k * width for k in range(3) for i in inner],
-        (f"{name}.out_proj", "weight", 1): inner,
-        (name, "bias_k", 2): inner,
-        (name, "bias_v", 2): inner,
-    }
-    return drops
 
 
 def _merge_cuts(cuts: list[tuple[int, set[int]]]) -> dict[int, set[int]]:
