@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings

@@ -102,8 +102,7 @@ def count_macs(
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.MultiheadAttention, *_CONVS, *_TRANSPOSED))
-        or _is_conv1d(m)
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention, *_CONVS, *_TRANSPOSED)) or _is_conv1d(m)
     ]
     try:
         with torch.no_grad():
