@@ -60,6 +60,14 @@ def ours_channels(
     return ours(model, x, ratio, kinds=("channel",))
 
 
+def ours_channels_heads(
+    model: torch.nn.Module, x: torch.Tensor, ratio: float
+) -> tuple[float, float, str]:
+    """MLP width and whole attention heads; the hidden size stays (what Torch-Pruning's
+    ``prune_num_heads=True`` asks for)."""
+    return ours(model, x, ratio, kinds=("channel", "head"))
+
+
 def theirs(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> tuple[float, float, str]:
     import torch_pruning as tp
 
@@ -117,6 +125,7 @@ def main() -> None:
         tools = [("secateur", ours), ("torch-pruning", theirs)]
         if name.startswith("vit"):
             tools.insert(1, ("secateur kinds=channel", ours_channels))
+            tools.insert(2, ("secateur kinds=channel,head", ours_channels_heads))
         for tool, fn in tools:
             model = copy.deepcopy(dense)
             try:

@@ -464,3 +464,13 @@ def test_semi_structured_gpu_mlp() -> None:
     assert converted == ["0", "2"]
     assert type(net[0].weight).__name__.startswith("SparseSemiStructuredTensor")
     torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2)
+
+
+def test_min_shape_falls_back_to_documented_shapes_without_the_private_table(monkeypatch) -> None:
+    from secateur.runtime import _semi_structured as semi
+
+    backend = semi._backend()
+    expected = min_shape(torch.float16)
+    monkeypatch.delattr(backend, "_DTYPE_SHAPE_CONSTRAINTS")
+    assert semi.min_shape(torch.float16) == expected
+    assert semi.min_shape(torch.float32) is None or backend.__name__.endswith("CUTLASS")

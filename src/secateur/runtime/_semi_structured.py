@@ -63,15 +63,28 @@ def _backend() -> type:
     from torch.sparse import SparseSemiStructuredTensor as Base
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
-    if Base._FORCE_CUTLASS or not torch.backends.cusparselt.is_available():
+    # private flag, read defensively: a PyTorch without it has no forced-CUTLASS mode
+    if getattr(Base, "_FORCE_CUTLASS", False) or not torch.backends.cusparselt.is_available():
         return SparseSemiStructuredTensorCUTLASS
     return SparseSemiStructuredTensorCUSPARSELT
+
+
+#: The documented minimum shapes per backend (PyTorch 2.4-2.14), used when a PyTorch build no
+#: longer exposes its private ``_DTYPE_SHAPE_CONSTRAINTS`` table.
+_FALLBACK_MIN_SHAPES = {
+    "SparseSemiStructuredTensorCUSPARSELT": {torch.float16: (16, 16), torch.bfloat16: (16, 16)},
+    "SparseSemiStructuredTensorCUTLASS": {torch.float16: (32, 64), torch.bfloat16: (32, 64)},
+}
 
 
 def min_shape(dtype: torch.dtype) -> tuple[int, int] | None:
     """``(rows, cols)`` that a weight's shape must be a multiple of for ``dtype`` on the active
     backend, or ``None`` if the backend lacks the dtype."""
-    config = getattr(_backend(), "_DTYPE_SHAPE_CONSTRAINTS", {}).get(dtype)
+    backend = _backend()
+    table = getattr(backend, "_DTYPE_SHAPE_CONSTRAINTS", None)
+    if not isinstance(table, dict):
+        return _FALLBACK_MIN_SHAPES.get(backend.__name__, {}).get(dtype)
+    config = table.get(dtype)
     return None if config is None else (config.sparse_min_rows, config.sparse_min_cols)
 
 
