@@ -192,10 +192,31 @@ def unstructured(args: argparse.Namespace, data: DataSplits) -> None:
         "secateur wanda global (mean-normalised)": UnstructuredConfig(
             criterion="wanda", normalize="mean"
         ),
+        "secateur magnitude global, gradual AGP": "agp",
     }
     for sparsity in args.sparsities:
         for name, config in methods.items():
             model = copy.deepcopy(dense)
+            if config == "agp":
+                # the same epochs, with the sparsity raised along the cubic AGP curve over the
+                # first 60% of the steps instead of all at once (no "pruned" column: it is gradual)
+                budget = ft_config(args)
+                steps = budget.epochs * math.floor(len(data.train) / budget.batch_size)
+                gradual = GradualPruner(
+                    model,
+                    UnstructuredConfig(sparsity=sparsity),
+                    start_step=0,
+                    end_step=int(0.6 * steps),
+                    frequency=50,
+                )
+                fit(model, data, budget, constraint=gradual, progress=False)
+                acc = evaluate(model, data.test)
+                print(
+                    f"| {sparsity:.0%} | {name} | {nonzero_reduction(model):.1f}x | - | "
+                    f"{acc:.2%} | {100 * (base_acc - acc):+.2f} pt |",
+                    flush=True,
+                )
+                continue
             if config is None:
                 tnu_global_l1(model, sparsity)
                 masks = None
