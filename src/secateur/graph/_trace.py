@@ -12,6 +12,7 @@ ViT position embedding, a ConvNeXt layer scale) become members of the space they
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,22 @@ class WidthNote:
     module_name: str
     value: int
     layout: Layout
+    names: frozenset[str] = frozenset()  # what the module's running code refers to
+
+
+def _names_in_use(module: nn.Module) -> frozenset[str]:
+    """Every name the code now running on ``module`` refers to: ``co_names`` of each frame on
+    the call stack whose ``self`` is the module (its forward and any helper method it called).
+    An attribute holding a width can only have reached a reshape through one of these, so an
+    attribute that merely holds the same value (GPT-2's unused ``embed_dim`` beside its
+    ``split_size``) is left alone. Empty when no such frame is found."""
+    names: set[str] = set()
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is module:
+            names.update(frame.f_code.co_names)
+        frame = frame.f_back
+    return frozenset(names)
 
 
 @dataclass
@@ -88,6 +105,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.keepalive: list[torch.Tensor] = []  # ids stay unique while tracing
         self.depth = 0
         self.stack: list[str] = []
+        self.running: list[nn.Module] = []  # the modules of ``stack``
         self.notes: list[WidthNote] = []
         self.called: dict[str, list[int]] = {}
         self.names = {m: n for n, m in model.named_modules()}
@@ -144,7 +162,8 @@ class _Tracer(OpRules, TorchFunctionMode):
 
     def note_width(self, value: int, layout: Layout) -> None:
         if self.stack:
-            self.notes.append(WidthNote(self.stack[-1], int(value), layout))
+            names = _names_in_use(self.running[-1])
+            self.notes.append(WidthNote(self.stack[-1], int(value), layout, names))
 
     def note_literals(self, args: tuple, axis: int, value: int, layout: Layout) -> None:
         """Note ``value`` when the reshape's shape argument spells it at ``axis`` (not -1)."""
@@ -242,9 +261,11 @@ class _Tracer(OpRules, TorchFunctionMode):
     # -- modules -----------------------------------------------------------------------------
     def enter(self, module: nn.Module, args: tuple) -> None:
         self.stack.append(self.names[module])
+        self.running.append(module)
 
     def leave(self, module: nn.Module, args: tuple, out: Any) -> None:
         self.stack.pop()
+        self.running.pop()
 
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
         self.depth += 1

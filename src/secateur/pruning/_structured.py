@@ -313,6 +313,8 @@ def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int,
         for name, value in original.items():
             if name.startswith("_") or isinstance(value, bool) or value != attr.value:
                 continue
+            if attr.names and name not in attr.names:
+                continue  # holds the same value, but the code at the reshape never read it
             if "head_dim" in name or "head_size" in name:
                 continue  # within-head sizes never change: whole heads go
             setattr(module, name, new)
