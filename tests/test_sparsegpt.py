@@ -175,6 +175,37 @@ def test_mlp_output_closer_to_dense_than_magnitude(nm: str | None) -> None:
     _assert_masks_match(model, masks)
 
 
+@pytest.mark.parametrize("nm", [None, "2:4"])
+def test_dense_targets_bring_the_output_closer_to_dense(nm: str | None) -> None:
+    """Reconstructing the dense model's layer outputs lets later layers correct the error of
+    earlier ones: the network's output ends closer to the dense one's than with plain
+    SparseGPT, at the same sparsity."""
+    dense = _mlp()
+    calibration = [_correlated(256, 64, seed=s) for s in (5, 6)]
+    held_out = _correlated(256, 64, seed=7)
+    plain, corrected = _mlp(), _mlp()
+    prune_sparsegpt_(plain, SparseGPTConfig(sparsity=0.6, nm=nm), calibration)
+    masks = prune_sparsegpt_(
+        corrected, SparseGPTConfig(sparsity=0.6, nm=nm, dense_targets=True), calibration
+    )
+    assert _output_gap(corrected, dense, held_out) < 0.95 * _output_gap(plain, dense, held_out)
+    assert masks.sparsity() == pytest.approx(0.6 if nm is None else 0.5, abs=1e-3)
+    _assert_masks_match(corrected, masks)
+
+
+def test_dense_targets_leave_a_single_layer_as_plain_sparsegpt() -> None:
+    """With nothing pruned before it, a layer's dense and pruned inputs coincide (C = H): the
+    retarget leaves W as it is, so the result is plain SparseGPT's."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    twin = nn.Linear(32, 16)
+    twin.load_state_dict(layer.state_dict())
+    calibration = [_correlated(128, 32, seed=1)]
+    prune_sparsegpt_(layer, SparseGPTConfig(sparsity=0.5), calibration)
+    prune_sparsegpt_(twin, SparseGPTConfig(sparsity=0.5, dense_targets=True), calibration)
+    torch.testing.assert_close(twin.weight, layer.weight)
+
+
 def test_cnn_with_split_calibration_beats_magnitude(digits_idx_dir: Path) -> None:
     splits = load_fashion_mnist(digits_idx_dir, limit=600)
     dense = _cnn()
@@ -408,6 +439,7 @@ def test_config_round_trip() -> None:
         {"per_layer": {"fc*": 1.5}},
         {"per_layer": [("fc", 0.5)]},
         {"max_batches": 0},
+        {"dense_targets": "yes"},
     ],
 )
 def test_bad_config_values_raise(kwargs: dict) -> None:

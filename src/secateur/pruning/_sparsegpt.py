@@ -21,6 +21,7 @@ calibration inputs are left dense too, with a warning. A weight shared with anot
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import re
 import warnings
@@ -72,6 +73,13 @@ class SparseGPTConfig:
             the first matching pattern wins and overrides ``sparsity`` and ``nm`` there. A layer
             at 0 is left as it is (its mask keeps everything).
         max_batches: read at most this many calibration batches per layer (``None``: all).
+        dense_targets: reconstruct each layer's output in the *dense* model (on the dense
+            model's inputs) instead of its own output on the pruned model's inputs, so that
+            later layers also correct the error earlier ones left (asymmetric calibration, as
+            in GPTAQ). The weights are first moved to the least-squares optimum for that, kept
+            near ``W`` by a ridge term: ``W + W·(C − H)·(H + λI)⁻¹`` with
+            ``C = 2/n·X_denseᵀ·X_pruned``; then they are pruned against ``H`` as usual.
+            Costs a dense copy of the model and a second, equally short forward per batch.
     """
 
     sparsity: float = 0.5
@@ -81,6 +89,7 @@ class SparseGPTConfig:
     exclude: tuple[str, ...] = ()
     per_layer: dict[str, float] = field(default_factory=dict)
     max_batches: int | None = None
+    dense_targets: bool = False
 
     def __post_init__(self) -> None:
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
@@ -104,6 +113,8 @@ class SparseGPTConfig:
         object.__setattr__(self, "per_layer", dict(self.per_layer))
         if self.max_batches is not None:
             check_int("max_batches", self.max_batches, 1)
+        if not isinstance(self.dense_targets, bool):
+            raise ConfigError(f"dense_targets={self.dense_targets!r} must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; :meth:`from_dict` reads it back to an equal config."""
@@ -257,23 +268,36 @@ def _layer_input(args: tuple, kwargs: dict[str, Any]) -> Any:
 
 
 class _Hessian:
-    """Running ``H = 2/n · Σ xxᵀ`` over the rows fed to one or more layers of a step."""
+    """Running ``H = 2/n · Σ xxᵀ`` over the rows fed to one or more layers of a step, and with
+    ``cross`` the running ``C = 2/n · Σ x_dense xᵀ`` against the dense model's rows."""
 
-    def __init__(self, cols: int, device: torch.device) -> None:
+    def __init__(self, cols: int, device: torch.device, cross: bool = False) -> None:
         self.sum = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self.cross = torch.zeros_like(self.sum) if cross else None
         self.rows = 0
         self.last: Any = None  # the tensor added last, so shared inputs are counted once
 
-    def add(self, module: nn.Module, x: torch.Tensor) -> None:
+    def add(self, module: nn.Module, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         if x is self.last:
             return
         self.last = x
         cols = _columns(module, x).to(self.sum.device)
         self.sum.addmm_(cols.t(), cols)
+        if self.cross is not None:
+            if dense is None or dense.shape != x.shape:
+                raise ConfigError(
+                    "dense_targets: the dense model fed a layer a different input shape than "
+                    "the pruned one: leave dense_targets off for this model"
+                )
+            self.cross.addmm_(_columns(module, dense).to(self.sum.device).t(), cols)
         self.rows += cols.shape[0]
 
     def value(self) -> torch.Tensor:
         return self.sum * (2.0 / self.rows)
+
+    def cross_value(self) -> torch.Tensor:
+        assert self.cross is not None
+        return self.cross * (2.0 / self.rows)
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -299,6 +323,21 @@ def _inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float, name: str) ->
         if int(info) == 0:
             return upper
     raise ConfigError(f"layer {name}: its input Hessian is not positive definite: {fix}")
+
+
+def _retarget(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """``W + W·(C − H)·(H + λI)⁻¹``: the weights that best map the pruned model's inputs of a
+    layer to the dense model's outputs of it, with a ridge term ``λ·‖Ŵ − W‖²`` (``λ`` as in
+    :func:`_inverse_factor`) so that directions the calibration inputs never span keep ``W``.
+    Equal to ``W`` when the inputs did not drift (``C = H``)."""
+    h = h.double()
+    drift = w.double() @ (cross.double() - h)
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    # (W (C - H) H⁻¹)ᵀ = H⁻¹ ((C - H)ᵀ Wᵀ), H symmetric
+    return (w.double() + torch.linalg.solve(h, drift.t()).t()).to(w.dtype)
 
 
 def _sparsegpt_matrix(
@@ -403,30 +442,47 @@ def _accumulate(
     calibration: Any,
     device: torch.device,
     max_batches: int | None,
+    reference: nn.Module | None = None,
 ) -> dict[str, _Hessian]:
     """``H`` of every layer of ``step`` (layers on one input share one), each forward pass
-    stopped once all of them have seen their inputs."""
+    stopped once all of them have seen their inputs. With a dense ``reference`` model, each
+    batch runs through it first (just as far) so that ``C`` pairs its inputs with the pruned
+    model's, call for call."""
     shared: dict[tuple, _Hessian] = {}
     hessians: dict[str, _Hessian] = {}
     for name, module in step.items():
         key = _input_key(module)
         if key not in shared:
-            shared[key] = _Hessian(_width(module), module.weight.device)
+            shared[key] = _Hessian(_width(module), module.weight.device, reference is not None)
         hessians[name] = shared[key]
     seen = dict.fromkeys(step, 0)
+    dense_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in step}
 
     def hook(name: str, module: nn.Module, x: Any) -> None:
         if not isinstance(x, torch.Tensor):
             raise ConfigError(f"layer {name} was called without a tensor input: exclude it")
-        hessians[name].add(module, x)
+        dense = dense_inputs[name][seen[name]] if reference is not None else None
+        hessians[name].add(module, x, dense)
         seen[name] += 1
         if all(seen[n] >= calls[n] for n in step):
             raise _StopForward
 
+    def dense_hook(name: str, _module: nn.Module, x: Any) -> None:
+        dense_inputs[name].append(x)
+        if all(len(dense_inputs[n]) >= calls[n] for n in step):
+            raise _StopForward
+
     handles = _hooked(step, hook)
+    if reference is not None:
+        handles += _hooked({n: reference.get_submodule(n) for n in step}, dense_hook)
     try:
         for inputs, _ in iter_calibration(calibration, device=device, max_batches=max_batches):
             seen.update(dict.fromkeys(step, 0))
+            if reference is not None:
+                for found in dense_inputs.values():
+                    found.clear()
+                with contextlib.suppress(_StopForward):
+                    call_model(reference, inputs)
             with contextlib.suppress(_StopForward):
                 call_model(model, inputs)
             for h in shared.values():
@@ -530,11 +586,14 @@ def _prune(
             masks[_param_name(name)] = torch.ones_like(layers[name].weight, dtype=torch.bool)
     steps = [[n for n in step if targets[n].sparsity > 0.0] for step in steps]
     steps = [step for step in steps if step]
+    reference = copy.deepcopy(model) if config.dense_targets else None
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("SparseGPT", total=sum(len(s) for s in steps), status="")
         for step in steps:
             modules = {name: layers[name] for name in step}
-            hessians = _accumulate(model, modules, calls, calibration, device, config.max_batches)
+            hessians = _accumulate(
+                model, modules, calls, calibration, device, config.max_batches, reference
+            )
             for name, module in modules.items():
                 bar.update(task, status=name)
                 if hessians[name].rows == 0:
@@ -542,6 +601,8 @@ def _prune(
                 else:
                     w = _weight_matrix(module)
                     h = hessians[name].value()
+                    if reference is not None:
+                        w = _retarget(w, h, hessians[name].cross_value(), config.damp)
                     pruned = _sparsegpt_matrix(
                         w, h, targets[name], config.blocksize, config.damp, name
                     )
