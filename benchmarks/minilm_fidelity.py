@@ -20,12 +20,15 @@ model (masks held) under a wall-clock budget.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import importlib
 import platform
 import random
 import re
+import sysconfig
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -99,6 +102,36 @@ def sentences(seed: int = 0) -> list[str]:
     return ordered
 
 
+def _split_sentences(doc: str) -> list[str]:
+    return [
+        part
+        for part in re.split(r"(?<=[.!?])\s+", " ".join(doc.split()))
+        if 40 <= len(part) <= 220 and part[0].isupper() and ">>>" not in part
+    ]
+
+
+def more_sentences(exclude: set[str], seed: int = 1) -> list[str]:
+    """Docstring sentences of every module in the standard library's folder, read with ``ast``
+    (nothing is imported), minus ``exclude``; shuffled with a fixed seed. Distillation text only."""
+    found: set[str] = set()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    found.update(_split_sentences(doc))
+    ordered = sorted(found - exclude)
+    random.Random(seed).shuffle(ordered)
+    return ordered
+
+
 def embed(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     hidden = model(**inputs).last_hidden_state
     mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -134,6 +167,13 @@ def main() -> None:
         help="sentences per calibration batch (1: no padding tokens in the statistics)",
     )
     parser.add_argument("--train", type=int, default=2048, help="distillation sentences")
+    parser.add_argument(
+        "--extra-train",
+        type=int,
+        default=0,
+        help="add this many docstring sentences of the whole standard library (read with ast, "
+        "evaluation sentences left out) to the distillation text",
+    )
     parser.add_argument("--eval", type=int, default=512, help="evaluation sentences")
     parser.add_argument("--distill-seconds", type=float, default=150.0)
     parser.add_argument(
@@ -142,6 +182,12 @@ def main() -> None:
         default=["sparsegpt 50%", "sparsegpt 2:4", "wanda 2:4", "magnitude 2:4"],
     )
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help='one-shot rows to run, e.g. "sparsegpt+dense 50%%" (default: all)',
+    )
     parser.add_argument(
         "--dense-targets",
         nargs="*",
@@ -159,7 +205,12 @@ def main() -> None:
     evaluation = batches(tokenizer, texts[: args.eval], 64)
     rest = texts[args.eval :]
     calibration = batches(tokenizer, rest[: args.calibration], args.calibration_batch)
-    training = batches(tokenizer, rest[: args.train], 32)
+    train_text = rest[: args.train]
+    if args.extra_train:
+        extra = more_sentences(set(texts[: args.eval]) | set(train_text))[: args.extra_train]
+        train_text = train_text + extra
+        random.Random(2).shuffle(train_text)
+    training = batches(tokenizer, train_text, 32)
     with torch.no_grad():
         reference = torch.cat([embed(dense, b) for b in evaluation])
     print(
@@ -167,7 +218,7 @@ def main() -> None:
         f"{transformers.__version__}, python {platform.python_version()}, {platform.machine()}, "
         f"{args.threads} threads; {len(texts)} stdlib docstring sentences: {args.eval} evaluation, "
         f"{args.calibration} calibration (batches of {args.calibration_batch}), "
-        f"{min(args.train, len(rest))} distillation (disjoint from evaluation)\n"
+        f"{len(train_text)} distillation (disjoint from evaluation)\n"
     )
     print("| method | pattern | sparsity of encoder Linears | one-shot s | mean cosine |")
     print("|---|---|---|---|---|")
@@ -187,6 +238,8 @@ def main() -> None:
                 sparsity=0.5, nm=nm, exclude=exclude, dense_targets=True
             )
         for name, config in configs.items():
+            if args.only is not None and f"{name} {pattern}" not in args.only:
+                continue
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             masks = prune_(model, config, calibration=calibration)
