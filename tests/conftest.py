@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from torch import nn
 
+import secateur.recipes._compress as compress_module
 from secateur.data import write_idx
 
 
@@ -42,3 +46,17 @@ def make_digits_idx(parent: Path) -> Path:
     write_idx(folder / "t10k-images-idx3-ubyte", images[1500:])
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels[1500:], compress=True)
     return folder
+
+
+@pytest.fixture
+def saved(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, nn.Module]]:
+    """The very module objects the job saves, by file name, to compare them with the reload."""
+    models: dict[str, nn.Module] = {}
+    real_save = compress_module.save_model
+
+    def spy(model: nn.Module, path: Any, **kwargs: Any) -> Path:
+        models[Path(path).name] = model
+        return real_save(model, path, **kwargs)
+
+    monkeypatch.setattr(compress_module, "save_model", spy)
+    yield models

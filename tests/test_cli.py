@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-import secateur.recipes._compress as compress_module
 from secateur import create_model, load_model, save_model
 from secateur.cli._main import main
 from secateur.errors import ConfigError
@@ -263,17 +262,8 @@ def test_compress_structured_end_to_end(
     digits_idx_dir: Path,
     cache_dir: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    saved: dict[str, nn.Module],
 ) -> None:
-    # Keep a handle on the very module objects the job saves, to compare them with the reload.
-    saved: dict[str, nn.Module] = {}
-    real_save = compress_module.save_model
-
-    def spy(model: nn.Module, path: Any, **kwargs: Any) -> Path:
-        saved[Path(path).name] = model
-        return real_save(model, path, **kwargs)
-
-    monkeypatch.setattr(compress_module, "save_model", spy)
     out = tmp_path / "out"
     argv = [
         *_base(digits_idx_dir, out),

@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-import secateur.recipes._compress as compress_module
 from secateur import create_model, load_model, save_model
 from secateur.cli._main import main
 from secateur.errors import ConfigError
@@ -35,20 +32,6 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cache_dir(shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SECATEUR_CACHE", str(shared_cache))
     return shared_cache
-
-
-@pytest.fixture
-def saved(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, nn.Module]]:
-    """The very module objects the job saves, by file name, to compare them with the reload."""
-    models: dict[str, nn.Module] = {}
-    real_save = compress_module.save_model
-
-    def spy(model: nn.Module, path: Any, **kwargs: Any) -> Path:
-        models[Path(path).name] = model
-        return real_save(model, path, **kwargs)
-
-    monkeypatch.setattr(compress_module, "save_model", spy)
-    yield models
 
 
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
