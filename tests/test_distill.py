@@ -26,8 +26,9 @@ from secateur.recovery import (
     distill,
     distill_embeddings,
     distillation_loss,
+    schedule_factor,
 )
-from secateur.training import TrainConfig, fit
+from secateur.training import LRSchedule, TrainConfig, fit
 
 
 @pytest.fixture
@@ -309,6 +310,85 @@ def test_distill_embeddings_rejects_bad_requests() -> None:
         distill_embeddings(student, teacher, [], steps=1, progress=False)
     with pytest.raises(ConfigError, match="steps=0"):
         distill_embeddings(student, teacher, batch, steps=0, progress=False)
+    with pytest.raises(ConfigError, match="lr_schedule='step' is not allowed"):
+        distill_embeddings(student, teacher, batch, steps=1, lr_schedule="step", progress=False)
+
+
+def test_schedule_factors_match_their_definition_and_torchs_one_cycle() -> None:
+    assert schedule_factor(LRSchedule.CONSTANT, 0.7) == 1.0
+    assert schedule_factor(LRSchedule.COSINE, 0.0) == 1.0
+    assert schedule_factor(LRSchedule.COSINE, 0.5) == pytest.approx(0.5)
+    assert schedule_factor(LRSchedule.COSINE, 1.0) == pytest.approx(0.0)
+    assert schedule_factor(LRSchedule.COSINE, 1.5) == pytest.approx(0.0)  # clamped
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    total = 1001  # OneCycleLR ends its rise at step 0.3 * total - 1, not 0.3 * (total - 1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=total)
+    for i in range(total):
+        want = optimizer.param_groups[0]["lr"]
+        assert schedule_factor(LRSchedule.ONE_CYCLE, i / (total - 1)) == pytest.approx(
+            want, abs=5e-3
+        ), i
+        optimizer.step()
+        if i < total - 1:
+            scheduler.step()
+
+
+@pytest.mark.parametrize(
+    ("schedule", "train_mode", "want_lrs"),
+    [
+        ("cosine", False, [0.1 * schedule_factor(LRSchedule.COSINE, i / 4) for i in range(4)]),
+        ("constant", True, [0.1] * 4),
+    ],
+)
+def test_distill_embeddings_follows_the_schedule_and_mode(
+    monkeypatch: pytest.MonkeyPatch, schedule: str, train_mode: bool, want_lrs: list[float]
+) -> None:
+    teacher, student = _mlp(), _mlp()
+    student.train()
+    modes: list[bool] = []
+    student[0].register_forward_hook(lambda module, args, out: modes.append(module.training))
+    lrs: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    distill_embeddings(
+        student,
+        teacher,
+        [torch.randn(4, 16)],
+        steps=4,
+        lr=0.1,
+        lr_schedule=schedule,
+        train_mode=train_mode,
+        progress=False,
+    )
+    assert lrs == pytest.approx(want_lrs)
+    assert modes == [train_mode] * 4
+    assert student.training  # given back
+
+
+def test_distill_embeddings_anneals_over_a_wall_clock_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter(range(100))  # every perf_counter call advances one "second"
+    monkeypatch.setattr("secateur.recovery._distill.time.perf_counter", lambda: next(clock))
+    lrs: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    distill_embeddings(_mlp(), _mlp(), [torch.randn(4, 16)], max_seconds=10, lr=1.0, progress=False)
+    assert 3 <= len(lrs) <= 10
+    assert lrs[0] < 1.0  # time had passed before the first step
+    assert lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] < 0.2
 
 
 def test_default_embed_mean_pools_over_the_attention_mask() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from . import _distill, _export, _sensitivity
+from . import _distill, _encoder, _export, _sensitivity
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "distill": Command(_distill.add, _distill.run),
+    "encoder": Command(_encoder.add, _encoder.run),
     "export": Command(_export.add, _export.run),
     "sensitivity": Command(_sensitivity.add, _sensitivity.run),
 }

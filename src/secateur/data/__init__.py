@@ -9,3 +9,5 @@ from ._fashion_mnist import Split as Split
 from ._fashion_mnist import load_fashion_mnist as load_fashion_mnist
 from ._idx import read_idx as read_idx
 from ._idx import write_idx as write_idx
+from ._text import read_sentences as read_sentences
+from ._text import tokenize_batches as tokenize_batches

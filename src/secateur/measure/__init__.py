@@ -1,9 +1,12 @@
-"""measure/: params, non-zero params, MACs, latency, bytes on disk and accuracy → one ``Metrics``.
+"""measure/: params, non-zero params, MACs, latency, bytes on disk and accuracy → one ``Metrics``;
+and the embedding fidelity of a compressed encoder to its original.
 
 Imports none of the techniques (pruning, recovery, export); only the foundation packages
 ``data`` and ``training`` (for the evaluation loop).
 """
 
+from ._fidelity import embed_batches as embed_batches
+from ._fidelity import embedding_fidelity as embedding_fidelity
 from ._latency import measure_latencies as measure_latencies
 from ._latency import measure_latency as measure_latency
 from ._macs import MacCount as MacCount
@@ -26,6 +29,8 @@ __all__ = [
     "OnnxRunner",
     "count_macs",
     "count_params",
+    "embed_batches",
+    "embedding_fidelity",
     "layer_sparsity",
     "measure",
     "measure_latencies",

@@ -1,0 +1,379 @@
+"""The ``encoder`` job: a local transformers encoder (e.g. a sentence-transformers model folder)
+and a text file → one-shot pruning on calibration sentences → optional embedding distillation
+from the original → embedding fidelity on held-out sentences → save → measure → report.
+
+Nothing is downloaded: the model and its tokenizer are read from the given folder only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from .._atomic import atomic_write_text, ensure_writable_dir
+from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
+from ..data import read_sentences, tokenize_batches
+from ..errors import ArtifactError, ConfigError, DatasetError, OutputError
+from ..measure import Metrics, embed_batches, embedding_fidelity, measure, measure_latencies
+from ..pruning import MaskSet, SparseGPTConfig, UnstructuredConfig, prune_
+from ..recovery import distill_embeddings
+from ..report import comparison_table, conditions, markdown_report
+from ..training import LRSchedule, resolve_device
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Prune a local transformers encoder one-shot and win its embeddings back by distillation.
+
+    ``model`` is a folder holding a transformers model and its tokenizer (``config.json``,
+    weights, tokenizer files), e.g. a sentence-transformers model; ``text`` a UTF-8 file with one
+    sentence per line. The sentences are shuffled with ``seed``; the first ``eval_sentences``
+    are held out to measure fidelity (mean cosine between the original's and the pruned model's
+    mean-pooled embeddings), the next ``calibration`` feed the pruning criterion one sentence
+    per batch, and all but the held-out ones are the distillation text.
+
+    Every Linear layer except those matching ``exclude`` is pruned to ``sparsity`` (or the
+    ``nm`` pattern, e.g. ``"2:4"``) with ``method``: ``sparsegpt`` (OBS reconstruction;
+    ``dense_targets`` reconstructs the original's layer outputs), ``wanda`` or ``magnitude``
+    (per layer). Then, if ``distill_seconds`` or ``distill_steps`` is given, the pruned model is
+    distilled towards the original's embeddings (masks held) with
+    :func:`secateur.recovery.distill_embeddings`: ``lr``, ``lr_schedule``, batches of
+    ``batch_size`` sentences of similar length.
+
+    Raises:
+        ConfigError: one line naming the field and what is allowed, for any bad value.
+
+    Example:
+        >>> EncoderConfig(model="minilm", text="s.txt", nm="2:4").pruning().nm
+        (2, 4)
+    """
+
+    model: str | None = None
+    text: str | None = None
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    nm: str | None = None
+    dense_targets: bool = False
+    exclude: tuple[str, ...] = ("pooler*",)
+    eval_sentences: int = 256
+    calibration: int = 128
+    distill_seconds: float | None = None
+    distill_steps: int | None = None
+    lr: float = 1e-4
+    lr_schedule: LRSchedule = LRSchedule.COSINE
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+    device: str = "auto"
+    out: str = "secateur-encoder"
+    threads: int | None = None
+    latency_runs: int = 50
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError(
+                "no model folder given: pass one holding a transformers model and its tokenizer, "
+                "e.g. secateur encoder path/to/all-MiniLM-L6-v2 --text sentences.txt"
+            )
+        if not self.text:
+            raise ConfigError(
+                "no text given: pass --text FILE, a UTF-8 file with one sentence per line"
+            )
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"method={self.method!r} is not allowed: choose one of {', '.join(METHODS)}"
+            )
+        if self.dense_targets and self.method != "sparsegpt":
+            raise ConfigError("dense_targets applies to method=sparsegpt only: drop it")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(
+            self, "lr_schedule", coerce_enum("lr_schedule", LRSchedule, self.lr_schedule)
+        )
+        check_int("eval_sentences", self.eval_sentences, 1)
+        check_int("calibration", self.calibration, 1)
+        if self.distill_seconds is not None:
+            check_range("distill_seconds", self.distill_seconds, 0.0, low_open=True)
+        if self.distill_steps is not None:
+            check_int("distill_steps", self.distill_steps, 1)
+        check_range("lr", self.lr, 0.0, low_open=True)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("max_length", self.max_length, 2)
+        check_int("latency_runs", self.latency_runs, 20)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
+        self.pruning()  # validates sparsity and nm
+
+    def pruning(self) -> UnstructuredConfig | SparseGPTConfig:
+        if self.method == "sparsegpt":
+            return SparseGPTConfig(
+                sparsity=self.sparsity,
+                nm=self.nm,
+                exclude=self.exclude,
+                dense_targets=self.dense_targets,
+            )
+        return UnstructuredConfig(
+            sparsity=self.sparsity,
+            nm=self.nm,
+            scope="layer",
+            criterion=self.method,
+            exclude=self.exclude,
+        )
+
+    @property
+    def distills(self) -> bool:
+        return self.distill_seconds is not None or self.distill_steps is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = config_to_dict(self)
+        out["exclude"] = list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class EncoderResult:
+    original: Metrics
+    pruned: Metrics
+    fidelity_one_shot: float
+    fidelity: float
+    distill_steps: int
+    model_path: Path
+    report_path: Path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load(folder: str, device: torch.device) -> tuple[nn.Module, Any]:
+    """The model and tokenizer of ``folder``, from local files only, in eval mode on ``device``."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "the encoder job needs transformers: pip install 'secateur[hf]'"
+        ) from None
+    if not (Path(folder) / "config.json").is_file():
+        raise ArtifactError(
+            f"{folder} holds no config.json: pass the folder of a transformers model "
+            "(config.json, weights and tokenizer files)"
+        )
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ArtifactError(
+            f"cannot load a transformers model from {folder} ({_first_line(exc)}): pass a "
+            "folder with config.json, weights and tokenizer files"
+        ) from None
+    return model.to(device).eval(), tokenizer
+
+
+def _split(sentences: list[str], config: EncoderConfig) -> tuple[list[str], list[str], list[str]]:
+    """(held-out, calibration, distillation) sentences."""
+    if len(sentences) <= config.eval_sentences:
+        raise DatasetError(
+            f"{config.text} has {len(sentences)} distinct sentences, but eval_sentences="
+            f"{config.eval_sentences} are held out and some must remain: add text or lower "
+            "--eval-sentences"
+        )
+    shuffled = list(sentences)
+    random.Random(config.seed).shuffle(shuffled)
+    held_out, rest = shuffled[: config.eval_sentences], shuffled[config.eval_sentences :]
+    return held_out, rest[: config.calibration], rest
+
+
+def _save_folder(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    """Write ``model`` and ``tokenizer`` with ``save_pretrained`` into a temp folder beside
+    ``target``, then move it into place: ``target`` is never left half-written."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    old = target.parent / f".{target.name}.old"
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {target}: {exc.strerror or type(exc).__name__}: choose a writable "
+            "--out folder"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _measure_both(
+    original: nn.Module,
+    pruned: nn.Module,
+    example: torch.Tensor,
+    files: tuple[Path | None, Path],
+    config: EncoderConfig,
+) -> tuple[Metrics, Metrics]:
+    """Count both models, then time them interleaved in one loop (fair ratios when noisy)."""
+    before = measure(original, (example,), saved_file=files[0], latency_runs=None)
+    after = measure(pruned, (example,), saved_file=files[1], latency_runs=None)
+    latencies = measure_latencies(
+        [original, pruned], (example,), runs=config.latency_runs, progress=config.progress
+    )
+    return (
+        dataclasses.replace(before, latency=latencies[0]),
+        dataclasses.replace(after, latency=latencies[1]),
+    )
+
+
+def _example(tokenizer: Any, held_out: list[str], config: EncoderConfig, device: torch.device):  # noqa: ANN202
+    """``(1, T)`` token ids of the held-out sentence of median token length."""
+    ids = tokenizer(held_out, truncation=True, max_length=config.max_length)["input_ids"]
+    median = sorted(ids, key=len)[len(ids) // 2]
+    return torch.tensor([median], device=device)
+
+
+def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> EncoderResult:
+    """Run the encoder job described by ``config``; return the measurements and paths.
+
+    Writes ``model/`` (the pruned model and its tokenizer, ``save_pretrained`` format, loadable
+    by transformers and sentence-transformers' ``Transformer`` module), ``report.md`` and
+    ``report.json`` to ``config.out``.
+
+    Raises:
+        SecateurError: subclasses, one line each, for a bad model folder, text file or output
+            folder; nothing half-written is left in ``config.out``.
+    """
+    console = console or Console()
+    assert config.model is not None and config.text is not None  # checked by the config
+    out = ensure_writable_dir(config.out)
+    device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    held_out, calibration_text, train_text = _split(read_sentences(config.text), config)
+    original, tokenizer = _load(config.model, device)
+    console.print(
+        f"{config.model}: {type(original).__name__}; {config.text}: {len(held_out)} held out, "
+        f"{len(calibration_text)} calibration, {len(train_text)} distillation sentences; "
+        f"device {device}, {torch.get_num_threads()} threads"
+    )
+    evaluation = tokenize_batches(tokenizer, held_out, 64, max_length=config.max_length)
+    reference = embed_batches(original, evaluation)
+    pruned = copy.deepcopy(original)
+
+    start = time.perf_counter()
+    calibration = tokenize_batches(tokenizer, calibration_text, 1, max_length=config.max_length)
+    masks = prune_(pruned, config.pruning(), calibration=calibration)
+    assert isinstance(masks, MaskSet)
+    prune_seconds = time.perf_counter() - start
+    one_shot = embedding_fidelity(pruned, reference, evaluation)
+    console.print(
+        f"{config.method} to {masks.sparsity():.1%} of the pruned layers' weights in "
+        f"{prune_seconds:.1f} s: mean cosine {one_shot:.4f}"
+    )
+    fidelity, steps, distill_seconds = one_shot, 0, 0.0
+    if config.distills:
+        training = tokenize_batches(
+            tokenizer,
+            train_text,
+            config.batch_size,
+            max_length=config.max_length,
+            by_length=True,
+            seed=config.seed,
+        )
+        start = time.perf_counter()
+        losses = distill_embeddings(
+            pruned,
+            original,
+            training,
+            steps=config.distill_steps,
+            max_seconds=config.distill_seconds,
+            lr=config.lr,
+            lr_schedule=config.lr_schedule,
+            masks=masks,
+            progress=config.progress,
+        )
+        distill_seconds = time.perf_counter() - start
+        steps = len(losses)
+        fidelity = embedding_fidelity(pruned, reference, evaluation)
+        console.print(
+            f"distilled {steps} steps in {distill_seconds:.0f} s: mean cosine {fidelity:.4f}"
+        )
+
+    model_path = out / "model"
+    _save_folder(pruned, tokenizer, model_path)
+    source_file = Path(config.model) / WEIGHTS_FILE
+    example = _example(tokenizer, held_out, config, device)
+    before, after = _measure_both(
+        original,
+        pruned,
+        example,
+        (source_file if source_file.is_file() else None, model_path / WEIGHTS_FILE),
+        config,
+    )
+    figures = {
+        "sparsity_of_pruned_layers": masks.sparsity(),
+        "prune_seconds": prune_seconds,
+        "fidelity_one_shot": one_shot,
+        "distill_steps": steps,
+        "distill_seconds": distill_seconds,
+        "fidelity": fidelity,
+        "held_out_sentences": len(held_out),
+        "original": before.to_dict(),
+        "pruned": after.to_dict(),
+    }
+    notes = [
+        f"Fidelity (mean cosine between the original's and the pruned model's mean-pooled "
+        f"embeddings of {len(held_out)} held-out sentences): {one_shot:.4f} one-shot"
+        + (
+            f", {fidelity:.4f} after {steps} distillation steps in {distill_seconds:.0f} s."
+            if steps
+            else "."
+        ),
+        "Unstructured zeros do not shrink the fp32 weights file or speed up dense kernels: "
+        "the file and latency rows show that honestly.",
+    ]
+    title = f"secateur encoder: {Path(config.model).name}, {config.method} {config.nm or f'{config.sparsity:.0%}'}"
+    setup = [
+        ("model", str(config.model)),
+        ("text", f"{config.text}: {len(held_out)} held out, {len(calibration_text)} calibration"),
+        ("pruning", f"{config.pruning()!r}"),
+        (
+            "distillation",
+            f"{steps} steps, lr {config.lr} {config.lr_schedule.value}, batch {config.batch_size}"
+            if steps
+            else "none",
+        ),
+        ("device", f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"),
+    ]
+    console.print(comparison_table(before, after, title=f"{title} (before = original)"))
+    for line in [*conditions(after), *notes]:
+        console.print(f"  {line}")
+    report_path = out / "report.md"
+    atomic_write_text(
+        out / "report.json",
+        json.dumps({"config": config.to_dict(), **figures}, indent=2) + "\n",
+    )
+    atomic_write_text(
+        report_path, markdown_report(before, after, title=title, setup=setup, notes=notes)
+    )
+    console.print(f"saved {model_path}/, {out / 'report.json'} and {report_path}")
+    return EncoderResult(before, after, one_shot, fidelity, steps, model_path, report_path)
