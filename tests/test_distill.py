@@ -299,6 +299,30 @@ def test_distill_embeddings_holds_masks_and_stops_on_time() -> None:
     assert not student.training  # its mode is given back
 
 
+@pytest.mark.parametrize("batches_type", [list, tuple])
+def test_distill_embeddings_runs_the_teacher_once_per_batch_of_a_list(
+    batches_type: type,
+) -> None:
+    torch.manual_seed(0)
+    teacher = _mlp()
+    calls: list[int] = []
+    teacher.register_forward_hook(lambda module, args, out: calls.append(1))
+    batches = batches_type(torch.randn(4, 16) for _ in range(3))
+    losses = {}
+    for cache in (True, False):
+        calls.clear()
+        torch.manual_seed(1)
+        student = _mlp()
+        losses[cache] = distill_embeddings(
+            student, teacher, batches, steps=10, cache_teacher=cache, progress=False
+        )
+        assert len(calls) == (3 if cache else 10)
+    assert losses[True] == losses[False]  # the same targets, only fewer teacher passes
+    calls.clear()
+    distill_embeddings(_mlp(), teacher, iter(batches), steps=2, progress=False)
+    assert len(calls) == 2  # an iterator is read once, never cached (and not cycled here)
+
+
 def test_distill_embeddings_rejects_bad_requests() -> None:
     teacher, student = _mlp(), _mlp()
     batch = [torch.randn(4, 16)]

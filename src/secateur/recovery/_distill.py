@@ -424,13 +424,14 @@ def _embedding_loss(
     return F.mse_loss(student, teacher)
 
 
-def _cycle(batches: Any, device: torch.device) -> Iterator[Any]:
-    """The inputs of ``batches``, over and over; an empty pass is an error, not a hang."""
+def _cycle(batches: Any, device: torch.device) -> Iterator[tuple[int, Any]]:
+    """``(position in the pass, inputs)`` of ``batches``, over and over; an empty pass is an
+    error, not a hang."""
     while True:
         empty = True
-        for inputs, _ in iter_calibration(batches, device=device):
+        for position, (inputs, _) in enumerate(iter_calibration(batches, device=device)):
             empty = False
-            yield inputs
+            yield position, inputs
         if empty:
             raise ConfigError(
                 "batches yielded no batch: pass a list of input batches (a generator can only "
@@ -452,6 +453,7 @@ def distill_embeddings(
     masks: MaskSet | None = None,
     lr_schedule: LRSchedule | str = "cosine",
     train_mode: bool = False,
+    cache_teacher: bool = True,
     progress: bool = True,
 ) -> list[float]:
     """Train ``student`` in place so that its embeddings match ``teacher``'s (no labels).
@@ -471,6 +473,11 @@ def distill_embeddings(
     ``"constant"``. Progress through the budget is the larger of ``step / steps`` and
     ``elapsed / max_seconds``, so a wall-clock budget anneals too.
 
+    With ``cache_teacher`` (default) and ``batches`` a list or tuple, each batch's teacher
+    embedding is computed on the first pass only and reused on later ones (the teacher is in
+    eval mode, so it would give the same values again): from the second pass on a step costs
+    the student alone. The batches must not change during the call.
+
     Args:
         batches: calibration-style batches (see :mod:`secateur._calibration`): a list of inputs
             (tensor, tuple or dict such as a tokenizer's output) or ``(inputs, targets)`` pairs
@@ -480,6 +487,7 @@ def distill_embeddings(
         masks: keeps the student's pruned weights exactly zero throughout.
         lr_schedule: ``"cosine"``, ``"onecycle"`` or ``"constant"``.
         train_mode: run the student in train mode (dropout on) during the steps.
+        cache_teacher: reuse the teacher's embeddings after the first pass over a list.
 
     Returns:
         The loss of every step, in order.
@@ -510,6 +518,9 @@ def distill_embeddings(
     was_training = student.training
     held = masks.hold(optimizer) if masks is not None else contextlib.nullcontext()
     source = _cycle(batches, device)
+    cache: dict[int, torch.Tensor] | None = (
+        {} if cache_teacher and isinstance(batches, (list, tuple)) else None
+    )
     start = time.perf_counter()
     student.train(train_mode)
     try:
@@ -522,9 +533,13 @@ def distill_embeddings(
                 done = _budget_fraction(len(losses), steps, elapsed, max_seconds)
                 for group in optimizer.param_groups:
                     group["lr"] = schedule_factor(schedule, done) * lr
-                inputs = next(source)
-                with torch.no_grad():
-                    target = embed(teacher, inputs)
+                position, inputs = next(source)
+                target = cache.get(position) if cache is not None else None
+                if target is None:
+                    with torch.no_grad():
+                        target = embed(teacher, inputs)
+                    if cache is not None:
+                        cache[position] = target
                 value = _embedding_loss(kind, embed(student, inputs), target)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
