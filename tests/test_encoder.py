@@ -128,6 +128,8 @@ def test_cli_prunes_distills_saves_and_reports(
     fidelity = embedding_fidelity(reloaded, embed_batches(original, batches), batches)
     assert fidelity == pytest.approx(report["fidelity"], abs=1e-5)
     assert not list(out.glob(".model*"))  # no temp folder left behind
+    for path in (out / "model", out / "model" / "model.safetensors"):  # readable as a report is
+        assert path.stat().st_mode & 0o044 == (out / "report.md").stat().st_mode & 0o044
 
 
 def test_python_api_prunes_to_two_of_four_with_wanda(

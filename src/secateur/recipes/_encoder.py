@@ -212,6 +212,11 @@ def _save_folder(model: nn.Module, tokenizer: Any, target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)  # mkdtemp and some writers make owner-only entries
+        for path in tmp.iterdir():
+            path.chmod(0o666 & ~mask)
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
