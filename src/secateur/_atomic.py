@@ -31,7 +31,9 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (os.umask can only be read by setting it: it is set
+    back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -47,7 +49,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved artifact should not be
+        os.fchmod(
+            fd, 0o666 & ~current_umask()
+        )  # mkstemp makes 0600; a saved artifact should not be
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

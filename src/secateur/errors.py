@@ -29,3 +29,10 @@ class OutputError(SecateurError):
 
 class PruningError(SecateurError):
     """Pruning could not be applied safely to this model; the model was left unchanged."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name if it has none), to quote a library's
+    error inside a one-line secateur error."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

@@ -14,14 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, first_line
 
 _FIX = "export it again with secateur.export.export_onnx"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _import_onnxruntime() -> Any:
@@ -106,7 +101,7 @@ class OnnxRunner:
             self._session = ort.InferenceSession(str(self.path), options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own types for every kind of bad file
             raise ArtifactError(
-                f"cannot load ONNX file {self.path} (truncated or corrupt?): {_first_line(exc)}: {_FIX}"
+                f"cannot load ONNX file {self.path} (truncated or corrupt?): {first_line(exc)}: {_FIX}"
             ) from None
         provider = self._session.get_providers()[0]
         self.runtime = f"onnxruntime {ort.__version__} {provider}"
@@ -154,9 +149,7 @@ class OnnxRunner:
         try:
             outputs = self._session.run(None, feed)
         except Exception as exc:  # wrong shape or dtype for the graph
-            raise ConfigError(
-                f"{self.path.name} rejects these inputs: {_first_line(exc)}"
-            ) from None
+            raise ConfigError(f"{self.path.name} rejects these inputs: {first_line(exc)}") from None
         first = next(iter(tensors), None)
         if first is None:
             first = next(iter(named.values()))

@@ -29,7 +29,7 @@ import torch
 
 from .._atomic import atomic_write_bytes, ensure_writable_dir
 from .._calibration import iter_calibration
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, first_line
 
 DEFAULT_MAX_BATCHES = 16
 
@@ -39,11 +39,6 @@ class QuantMode(str, enum.Enum):
 
     DYNAMIC = "dynamic"
     STATIC = "static"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _modules() -> tuple[Any, Any]:
@@ -62,7 +57,7 @@ def _graph_inputs(onnx: Any, src: Path) -> list[str]:
         model = onnx.load(str(src), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends for a damaged file
         raise ArtifactError(
-            f"cannot read ONNX file {src} (truncated or corrupt?): {_first_line(exc)}: "
+            f"cannot read ONNX file {src} (truncated or corrupt?): {first_line(exc)}: "
             "export it again with secateur.export.export_onnx"
         ) from None
     initializers = {t.name for t in model.graph.initializer}
@@ -218,7 +213,7 @@ def quantize_onnx(
             raise
         except Exception as exc:
             raise ArtifactError(
-                f"ONNX Runtime could not quantize {source}: {_first_line(exc)}: "
+                f"ONNX Runtime could not quantize {source}: {first_line(exc)}: "
                 "try the other mode or per_channel=False"
             ) from exc
         data = out.read_bytes()

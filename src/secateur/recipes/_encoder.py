@@ -23,10 +23,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .._atomic import atomic_write_text, ensure_writable_dir
+from .._atomic import atomic_write_text, current_umask, ensure_writable_dir
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
 from ..data import read_sentences, tokenize_batches
-from ..errors import ArtifactError, ConfigError, DatasetError, OutputError
+from ..errors import ArtifactError, ConfigError, DatasetError, OutputError, first_line
 from ..measure import Metrics, embed_batches, embedding_fidelity, measure, measure_latencies
 from ..pruning import MaskSet, SparseGPTConfig, UnstructuredConfig, prune_
 from ..recovery import distill_embeddings
@@ -161,11 +161,6 @@ class EncoderResult:
     report_path: Path
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _load(folder: str, device: torch.device) -> tuple[nn.Module, Any]:
     """The model and tokenizer of ``folder``, from local files only, in eval mode on ``device``."""
     try:
@@ -184,7 +179,7 @@ def _load(folder: str, device: torch.device) -> tuple[nn.Module, Any]:
         model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ArtifactError(
-            f"cannot load a transformers model from {folder} ({_first_line(exc)}): pass a "
+            f"cannot load a transformers model from {folder} ({first_line(exc)}): pass a "
             "folder with config.json, weights and tokenizer files"
         ) from None
     return model.to(device).eval(), tokenizer
@@ -212,14 +207,18 @@ def _save_folder(model: nn.Module, tokenizer: Any, target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
+        mask = current_umask()
         tmp.chmod(0o777 & ~mask)  # mkdtemp and some writers make owner-only entries
         for path in tmp.iterdir():
             path.chmod(0o666 & ~mask)
         if target.exists():
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old.exists():  # put the previous folder back
+                os.replace(old, target)
+            raise
     except OSError as exc:
         raise OutputError(
             f"cannot write {target}: {exc.strerror or type(exc).__name__}: choose a writable "
@@ -249,7 +248,9 @@ def _measure_both(
     )
 
 
-def _example(tokenizer: Any, held_out: list[str], config: EncoderConfig, device: torch.device):  # noqa: ANN202
+def _example(
+    tokenizer: Any, held_out: list[str], config: EncoderConfig, device: torch.device
+) -> torch.Tensor:
     """``(1, T)`` token ids of the held-out sentence of median token length."""
     ids = tokenizer(held_out, truncation=True, max_length=config.max_length)["input_ids"]
     median = sorted(ids, key=len)[len(ids) // 2]

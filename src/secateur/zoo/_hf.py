@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ._registry import HF_PREFIX, _plain
 
 DEFAULT_TASK = "base"
@@ -25,11 +25,6 @@ HF_TASKS = {
     "masked-lm": "AutoModelForMaskedLM",
     "sequence-classification": "AutoModelForSequenceClassification",
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _supports(auto_class: Any, config: Any) -> bool:
@@ -76,7 +71,7 @@ def hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         config = transformers.AutoConfig.for_model(model_type, **options)
     except Exception as exc:  # any rejection of user options is a config error
-        raise ConfigError(f"bad option for {name}: {_first_line(exc)}") from None
+        raise ConfigError(f"bad option for {name}: {first_line(exc)}") from None
     auto_class = getattr(transformers, HF_TASKS[task])
     if not _supports(auto_class, config):
         tasks = [t for t, cls in HF_TASKS.items() if _supports(getattr(transformers, cls), config)]
@@ -86,7 +81,7 @@ def hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         model = auto_class.from_config(config)
     except Exception as exc:  # e.g. a width not divisible by the head count
-        raise ConfigError(f"bad option for {name}: {_first_line(exc)}") from None
+        raise ConfigError(f"bad option for {name}: {first_line(exc)}") from None
     model.eval()
     model.secateur_spec = {"name": name, "kwargs": {"task": task, **options}}
     return model
