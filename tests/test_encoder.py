@@ -16,6 +16,7 @@ from secateur.data import read_sentences, tokenize_batches
 from secateur.errors import ConfigError, DatasetError
 from secateur.measure import embed_batches, embedding_fidelity
 from secateur.recipes import EncoderConfig, run_encoder
+from secateur.zoo import from_transformers
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,7 +109,11 @@ def test_cli_prunes_distills_saves_and_reports(
     pruned = report["pruned"]
     assert pruned["params"] == report["original"]["params"]
     assert pruned["nonzero_params"] < report["original"]["nonzero_params"]
-    assert pruned["disk_bytes"] == (out / "model" / "model.safetensors").stat().st_size
+    # The compressed file is the pruned model's artifact: smaller, and lossless by default.
+    assert pruned["disk_bytes"] == (out / "model.secz").stat().st_size
+    assert pruned["disk_bytes"] < 0.8 * report["original"]["disk_bytes"]
+    assert report["pretrained_folder_bytes"] == (out / "model" / "model.safetensors").stat().st_size
+    assert report["fidelity_of_file"] == pytest.approx(report["fidelity"], abs=1e-6)
     assert pruned["latency"]["runs"] == 20
     assert "Fidelity" in (out / "report.md").read_text()
 
@@ -143,11 +148,15 @@ def test_python_api_prunes_to_two_of_four_with_wanda(
         eval_sentences=32,
         calibration=8,
         out=str(tmp_path / "out"),
+        file_values="int8",
         latency_runs=20,
         progress=False,
     )
     result = run_encoder(config)
     assert result.distill_steps == 0 and result.fidelity == result.fidelity_one_shot
+    assert result.fidelity_of_file == pytest.approx(result.fidelity, abs=0.02)  # int8 values
+    assert result.fidelity_of_file != result.fidelity
+    assert result.pruned.disk_bytes == result.compressed_path.stat().st_size
     reloaded = transformers.AutoModel.from_pretrained(result.model_path, local_files_only=True)
     weight = reloaded.encoder.layer[0].intermediate.dense.weight
     assert torch.all((weight.reshape(-1, 4) != 0).sum(-1) <= 2)
@@ -255,3 +264,17 @@ def test_embedding_fidelity_is_one_for_the_same_model_and_checks_shapes() -> Non
     assert embedding_fidelity(model, reference, batches) == pytest.approx(-1.0)
     with pytest.raises(ConfigError, match="compute both from the same batches"):
         embedding_fidelity(model, reference[:4], batches)
+
+
+def test_from_transformers_rebuilds_the_same_model_with_a_spec(encoder_dir: Path) -> None:
+    original = transformers.AutoModel.from_pretrained(encoder_dir, local_files_only=True).eval()
+    twin = from_transformers(original)
+    assert twin.secateur_spec["name"] == "hf.bert"
+    assert twin.secateur_spec["kwargs"]["hidden_size"] == 32
+    ids = torch.randint(5, len(WORDS) + 5, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(twin(ids).last_hidden_state, original(ids).last_hidden_state)
+    with pytest.raises(ConfigError, match="has no transformers config"):
+        from_transformers(nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="pass task= naming the model's head"):
+        from_transformers(original, task="masked-lm")

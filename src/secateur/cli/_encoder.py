@@ -71,6 +71,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         choices=["cosine", "onecycle", "constant"],
         help="over the distillation budget (default cosine)",
     )
+    p.add_argument(
+        "--file-values",
+        dest="file_values",
+        choices=["exact", "float16", "int8"],
+        help="values in the compressed model.secz (default exact: lossless)",
+    )
     p.add_argument("--batch-size", type=int, dest="batch_size", help="(default 32)")
     p.add_argument(
         "--max-length", type=int, dest="max_length", help="tokens per sentence (default 128)"

@@ -7,6 +7,7 @@ weights, never downloaded).
 
 from __future__ import annotations
 
+from ._hf import from_transformers as from_transformers
 from ._lenet import LeNet5 as LeNet5
 from ._lenet import LeNet300100 as LeNet300100
 from ._lenet import lenet5 as lenet5

@@ -85,3 +85,44 @@ def hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     model.eval()
     model.secateur_spec = {"name": name, "kwargs": {"task": task, **options}}
     return model
+
+
+# Config keys that describe the file rather than the architecture.
+_FILE_KEYS = ("transformers_version", "architectures", "model_type")
+
+
+def from_transformers(model: nn.Module, *, task: str = DEFAULT_TASK) -> nn.Module:
+    """The ``hf.<model_type>`` twin of a loaded transformers ``model`` (e.g. one read with
+    ``from_pretrained`` from a local folder): built by :func:`create_model` from the model's
+    config, holding the same weights on the same device, in eval mode, with ``secateur_spec``
+    set, so that :func:`secateur.export.save_model` and ``save_compressed`` can save it and
+    rebuild it without transformers' own files.
+
+    ``task`` names the head, as for ``create_model`` (``"base"``: ``AutoModel``).
+
+    Raises:
+        ConfigError: ``model`` has no transformers config, or the twin's weights do not match it
+            (a head other than ``task``'s, or a config the auto classes rebuild differently).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_diff_dict"):
+        raise ConfigError(
+            f"{type(model).__name__} has no transformers config: pass a model loaded with "
+            "transformers' from_pretrained"
+        )
+    options = {
+        key: value
+        for key, value in config.to_diff_dict().items()
+        if key not in _FILE_KEYS and not key.startswith("_")
+    }
+    twin = hf_model(f"{HF_PREFIX}{config.model_type}", {"task": task, **options})
+    state = model.state_dict()
+    mismatch = set(twin.state_dict()) ^ set(state)
+    if mismatch:
+        raise ConfigError(
+            f"the hf.{config.model_type} {task} model rebuilt from this config has other weights "
+            f"(e.g. {sorted(mismatch)[0]!r}): pass task= naming the model's head"
+        )
+    twin.load_state_dict(state)
+    device = next(model.parameters()).device
+    return twin.to(device).eval()
