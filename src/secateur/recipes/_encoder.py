@@ -279,7 +279,8 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
     """Run the encoder job described by ``config``; return the measurements and paths.
 
     Writes ``model/`` (the pruned model and its tokenizer, ``save_pretrained`` format, loadable
-    by transformers and sentence-transformers' ``Transformer`` module), ``report.md`` and
+    by transformers and sentence-transformers' ``Transformer`` module), ``model.secz`` (the
+    compressed file, for :func:`secateur.export.load_compressed`), ``report.md`` and
     ``report.json`` to ``config.out``.
 
     Raises:
@@ -353,6 +354,7 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
     from_file = load_compressed(compressed_path, device=str(device)).model
     fidelity_of_file = embedding_fidelity(from_file, reference, evaluation)
     del from_file
+    folder_bytes = (model_path / WEIGHTS_FILE).stat().st_size
     source_file = Path(config.model) / WEIGHTS_FILE
     example = _example(tokenizer, held_out, config, device)
     before, after = _measure_both(
@@ -370,7 +372,7 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
         "distill_seconds": distill_seconds,
         "fidelity": fidelity,
         "fidelity_of_file": fidelity_of_file,
-        "pretrained_folder_bytes": (model_path / WEIGHTS_FILE).stat().st_size,
+        "pretrained_folder_bytes": folder_bytes,
         "held_out_sentences": len(held_out),
         "original": before.to_dict(),
         "pruned": after.to_dict(),
@@ -386,7 +388,7 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
         f"The file row compares the original's {WEIGHTS_FILE} with the pruned model's "
         f"{COMPRESSED_FILE} ({config.file_values} values); reloaded from that file, the pruned "
         f"model's fidelity is {fidelity_of_file:.4f}. Its save_pretrained folder keeps every "
-        f"zero: {(model_path / WEIGHTS_FILE).stat().st_size:,} B.",
+        f"zero: {folder_bytes:,} B.",
         "Unstructured zeros do not speed up dense kernels: the latency rows show it.",
     ]
     title = f"secateur encoder: {Path(config.model).name}, {config.method} {config.nm or f'{config.sparsity:.0%}'}"
