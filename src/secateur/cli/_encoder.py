@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 
 from ..recipes import EncoderConfig, run_encoder
-from ..recipes._encoder import METHODS
+from ..recipes._encoder import FILE_VALUES, METHODS
 from ._recipe import given_settings
 
 SECTION = "encoder"
@@ -23,7 +23,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         "downloaded) and sentences from a text file (one per line). Prune every Linear layer "
         "one-shot on calibration sentences, optionally distill the pruned model towards the "
         "original's embeddings, then measure the mean cosine between both models' embeddings "
-        "of held-out sentences, save the pruned model (save_pretrained format) and report.",
+        "of held-out sentences, save the pruned model (save_pretrained format, and as a "
+        "compressed model.secz file) and report.",
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="folder of a transformers model")
@@ -74,7 +75,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--file-values",
         dest="file_values",
-        choices=["exact", "float16", "int8"],
+        choices=FILE_VALUES,
         help="values in the compressed model.secz (default exact: lossless)",
     )
     p.add_argument("--batch-size", type=int, dest="batch_size", help="(default 32)")

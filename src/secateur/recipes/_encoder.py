@@ -29,7 +29,7 @@ from ..data import read_sentences, tokenize_batches
 from ..errors import ArtifactError, ConfigError, DatasetError, OutputError, first_line
 from ..export import CompressionConfig, load_compressed, save_compressed
 from ..measure import Metrics, embed_batches, embedding_fidelity, measure, measure_latencies
-from ..pruning import MaskSet, SparseGPTConfig, UnstructuredConfig, prune_
+from ..pruning import MaskSet, SparseGPTConfig, UnstructuredConfig, prune_, prune_sparsegpt_
 from ..recovery import distill_embeddings
 from ..report import comparison_table, conditions, markdown_report
 from ..training import LRSchedule, resolve_device
@@ -306,7 +306,11 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
 
     start = time.perf_counter()
     calibration = tokenize_batches(tokenizer, calibration_text, 1, max_length=config.max_length)
-    masks = prune_(pruned, config.pruning(), calibration=calibration)
+    pruning = config.pruning()
+    if isinstance(pruning, SparseGPTConfig):  # minutes on a real model: show its progress bar
+        masks = prune_sparsegpt_(pruned, pruning, calibration, progress=config.progress)
+    else:
+        masks = prune_(pruned, pruning, calibration=calibration)
     assert isinstance(masks, MaskSet)
     prune_seconds = time.perf_counter() - start
     one_shot = embedding_fidelity(pruned, reference, evaluation)
