@@ -358,6 +358,20 @@ def test_schedule_factors_match_their_definition_and_torchs_one_cycle() -> None:
             scheduler.step()
 
 
+@pytest.fixture
+def lrs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The learning rate of every AdamW step taken during the test, in order."""
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return seen
+
+
 @pytest.mark.parametrize(
     ("schedule", "train_mode", "want_lrs"),
     [
@@ -366,20 +380,12 @@ def test_schedule_factors_match_their_definition_and_torchs_one_cycle() -> None:
     ],
 )
 def test_distill_embeddings_follows_the_schedule_and_mode(
-    monkeypatch: pytest.MonkeyPatch, schedule: str, train_mode: bool, want_lrs: list[float]
+    lrs: list[float], schedule: str, train_mode: bool, want_lrs: list[float]
 ) -> None:
     teacher, student = _mlp(), _mlp()
     student.train()
     modes: list[bool] = []
     student[0].register_forward_hook(lambda module, args, out: modes.append(module.training))
-    lrs: list[float] = []
-    step = torch.optim.AdamW.step
-
-    def spy(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
-        lrs.append(self.param_groups[0]["lr"])
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
     distill_embeddings(
         student,
         teacher,
@@ -396,18 +402,10 @@ def test_distill_embeddings_follows_the_schedule_and_mode(
 
 
 def test_distill_embeddings_anneals_over_a_wall_clock_budget(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, lrs: list[float]
 ) -> None:
     clock = iter(range(100))  # every perf_counter call advances one "second"
     monkeypatch.setattr("secateur.recovery._distill.time.perf_counter", lambda: next(clock))
-    lrs: list[float] = []
-    step = torch.optim.AdamW.step
-
-    def spy(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
-        lrs.append(self.param_groups[0]["lr"])
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
     distill_embeddings(_mlp(), _mlp(), [torch.randn(4, 16)], max_seconds=10, lr=1.0, progress=False)
     assert 3 <= len(lrs) <= 10
     assert lrs[0] < 1.0  # time had passed before the first step
