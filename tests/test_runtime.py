@@ -474,3 +474,34 @@ def test_min_shape_falls_back_to_documented_shapes_without_the_private_table(mon
     monkeypatch.delattr(backend, "_DTYPE_SHAPE_CONSTRAINTS")
     assert semi.min_shape(torch.float16) == expected
     assert semi.min_shape(torch.float32) is None or backend.__name__.endswith("CUTLASS")
+
+
+def test_semi_structured_bookkeeping_with_stand_in_kernels(monkeypatch) -> None:
+    """The conversion loop on CPU, the CUDA kernel replaced by stand-ins and checked by the real
+    probe: a layer whose kernel agrees is converted (and frozen), one whose kernel fails or
+    disagrees stays dense and is named in the one warning, a dense layer is left alone."""
+    from secateur.runtime import _semi_structured as semi
+
+    rows, cols = min_shape(torch.float16)
+    net = nn.Sequential(*(nn.Linear(2 * cols, 2 * cols) for _ in range(3)), nn.Linear(2 * cols, 4))
+    prune_(net, UnstructuredConfig(nm="2:4", exclude=("3",)))
+    net.half()
+
+    def stand_in(weight: torch.Tensor) -> torch.Tensor:
+        if torch.equal(weight, net[1].weight):
+            raise RuntimeError("CUDA error: no kernel image\nsecond line")
+        if torch.equal(weight, net[2].weight):
+            return torch.zeros_like(weight)  # a kernel that computes something else
+        return weight.detach().clone()
+
+    monkeypatch.setattr(semi, "_check_devices", lambda linears: None)
+    monkeypatch.setattr(semi, "_convert", stand_in)
+    with pytest.warns(UserWarning) as caught:
+        converted = semi.to_semi_structured_(net)
+    assert converted == ["0"]
+    assert not net[0].weight.requires_grad and net[1].weight.requires_grad
+    (message,) = [str(w.message) for w in caught]
+    assert "1: kernel failed: CUDA error: no kernel image" in message
+    assert "second line" not in message
+    assert "2: kernel output differs from the dense product" in message
+    assert "3:" not in message  # not 2:4: silently dense
