@@ -59,7 +59,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         if isinstance(value, enum.Enum):
             value = value.value
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [v.value if isinstance(v, enum.Enum) else v for v in value]
         out[f.name] = value
     return out
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from . import _distill, _encoder, _export, _sensitivity
+from . import _distill, _encoder, _export, _sensitivity, _sweep
 
 
 @dataclass(frozen=True)
@@ -28,4 +28,5 @@ COMMANDS: dict[str, Command] = {
     "encoder": Command(_encoder.add, _encoder.run),
     "export": Command(_export.add, _export.run),
     "sensitivity": Command(_sensitivity.add, _sensitivity.run),
+    "sweep": Command(_sweep.add, _sweep.run),
 }

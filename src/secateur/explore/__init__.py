@@ -1,5 +1,6 @@
 """explore/: questions asked of a trained model before pruning it for real: how sensitive is
-each layer, and which per-layer ratios meet a global target at the least predicted cost.
+each layer, which per-layer ratios meet a global target at the least predicted cost, and what
+accuracy each pruning setting trades for bytes and latency (sweeps, Pareto front).
 
 Sits above ``pruning`` and ``measure`` (it uses both); nothing below imports it.
 """
@@ -13,15 +14,23 @@ from ._sensitivity import SensitivityMethod as SensitivityMethod
 from ._sensitivity import SensitivityResult as SensitivityResult
 from ._sensitivity import check_ratios as check_ratios
 from ._sensitivity import sensitivity_scan as sensitivity_scan
+from ._tradeoff import SweepResult as SweepResult
+from ._tradeoff import TradeoffPoint as TradeoffPoint
+from ._tradeoff import pareto_front as pareto_front
+from ._tradeoff import sweep as sweep
 
 __all__ = [
     "DEFAULT_RATIOS",
     "LayerCurve",
     "SensitivityMethod",
     "SensitivityResult",
+    "SweepResult",
+    "TradeoffPoint",
     "allocate_ratios",
     "check_ratios",
+    "pareto_front",
     "predicted_drop",
     "predicted_savings",
     "sensitivity_scan",
+    "sweep",
 ]

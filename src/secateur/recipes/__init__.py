@@ -22,6 +22,9 @@ from ._sensitivity import AllocationCheck as AllocationCheck
 from ._sensitivity import SensitivityConfig as SensitivityConfig
 from ._sensitivity import SensitivityJobResult as SensitivityJobResult
 from ._sensitivity import run_sensitivity as run_sensitivity
+from ._sweep import SweepConfig as SweepConfig
+from ._sweep import SweepJobResult as SweepJobResult
+from ._sweep import run_sweep as run_sweep
 
 __all__ = [
     "FORMAT_SETTINGS",
@@ -41,9 +44,12 @@ __all__ = [
     "Recovery",
     "SensitivityConfig",
     "SensitivityJobResult",
+    "SweepConfig",
+    "SweepJobResult",
     "default_cache_dir",
     "run_compress",
     "run_distill",
     "run_encoder",
     "run_sensitivity",
+    "run_sweep",
 ]

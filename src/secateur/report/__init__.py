@@ -10,6 +10,10 @@ from ._render import conditions as conditions
 from ._render import markdown_report as markdown_report
 from ._sensitivity import sensitivity_markdown as sensitivity_markdown
 from ._sensitivity import sensitivity_table as sensitivity_table
+from ._tradeoff import plot_tradeoff as plot_tradeoff
+from ._tradeoff import tradeoff_markdown as tradeoff_markdown
+from ._tradeoff import tradeoff_rows as tradeoff_rows
+from ._tradeoff import tradeoff_table as tradeoff_table
 
 __all__ = [
     "VariantFigures",
@@ -22,4 +26,8 @@ __all__ = [
     "plot_sensitivity",
     "sensitivity_markdown",
     "sensitivity_table",
+    "plot_tradeoff",
+    "tradeoff_markdown",
+    "tradeoff_rows",
+    "tradeoff_table",
 ]
