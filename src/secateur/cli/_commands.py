@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from . import _distill, _encoder, _export, _sensitivity, _sweep
+from . import _distill, _encoder, _export, _plan, _sensitivity, _sweep
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ COMMANDS: dict[str, Command] = {
     "distill": Command(_distill.add, _distill.run),
     "encoder": Command(_encoder.add, _encoder.run),
     "export": Command(_export.add, _export.run),
+    "plan": Command(_plan.add, _plan.run),
     "sensitivity": Command(_sensitivity.add, _sensitivity.run),
     "sweep": Command(_sweep.add, _sweep.run),
 }

@@ -18,6 +18,9 @@ from ._export import run_export as run_export
 from ._export_config import FORMAT_SETTINGS as FORMAT_SETTINGS
 from ._export_config import ExportConfig as ExportConfig
 from ._export_config import ExportFormat as ExportFormat
+from ._plan import PlanConfig as PlanConfig
+from ._plan import PlanJobResult as PlanJobResult
+from ._plan import run_plan as run_plan
 from ._sensitivity import AllocationCheck as AllocationCheck
 from ._sensitivity import SensitivityConfig as SensitivityConfig
 from ._sensitivity import SensitivityJobResult as SensitivityJobResult
@@ -32,6 +35,7 @@ __all__ = [
     "ExportFormat",
     "ExportResult",
     "run_export",
+    "run_plan",
     "METHOD_SETTINGS",
     "AllocationCheck",
     "CompressConfig",
@@ -41,6 +45,8 @@ __all__ = [
     "DistillResult",
     "EncoderConfig",
     "EncoderResult",
+    "PlanConfig",
+    "PlanJobResult",
     "Recovery",
     "SensitivityConfig",
     "SensitivityJobResult",

@@ -1,0 +1,509 @@
+"""A planner that meets a target device's budget, by measurement.
+
+A budget has two sides. **Compute** (``max_macs``, ``max_latency_ms``) and **runtime weight
+memory** (``max_params``: the loaded model is dense) only shrink when the model itself gets
+narrower, so they are met by structured pruning: the smallest channel ratio that meets them is
+found by bisection, each probe a pruned copy whose MACs and parameters are counted and whose
+latency is timed. **Storage** (``max_file_bytes``: the ``.secz`` file a device downloads or
+keeps in flash) is met more cheaply by zeroing weights and coding the values: for every value
+coding (exact, float16, int8, k-means codebooks) the smallest global sparsity whose file fits
+is bisected on the encoded bytes, each candidate is decoded back and scored, and the best score
+wins. :func:`apply_plan` then prunes for real, recovers after each stage, writes the file,
+reloads it and measures whether each limit is met. Nothing is estimated: a probe that does not
+fit is never taken, and the final figures come from the reloaded file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._config import check_int, check_range
+from ..errors import ConfigError
+from ..export import CompressionConfig, compressed_bytes, load_compressed, save_compressed
+from ..measure import Latency, count_macs, count_params, measure_latencies
+from ..pruning import StructuredConfig, UnstructuredConfig, prune_
+from ..quantization import CodebookConfig, cluster_weights_
+
+Score = Callable[[nn.Module], float]
+#: ``(model, constraint) -> None``: recover accuracy while ``constraint`` (masks, codebooks or
+#: ``None`` after structured pruning) holds; e.g. fine-tuning with ``fit(..., constraint=c)``.
+Recover = Callable[[nn.Module, Any], None]
+
+#: Value codings tried for a storage budget, most faithful first.
+DEFAULT_CODINGS = (
+    CompressionConfig(values="exact"),
+    CompressionConfig(values="float16"),
+    CompressionConfig(values="int8"),
+    CompressionConfig(values="codebook", bits=6),
+    CompressionConfig(values="codebook", bits=5),
+    CompressionConfig(values="codebook", bits=4),
+)
+_RATIO_STEPS = 8
+_SPARSITY_STEPS = 10
+MAX_SPARSITY = 0.99
+#: Sparsity added per step when a recovered model's file comes out over the byte budget.
+TIGHTEN_STEP = 0.005
+#: A latency probe fits only this far under ``max_latency_ms``: timing on a shared machine
+#: varies by a few percent between runs, and the final model is timed again.
+LATENCY_MARGIN = 0.05
+
+
+def coding_label(coding: CompressionConfig) -> str:
+    """``exact``, ``float16``, ``int8`` or ``codebook 5-bit``."""
+    values = coding.values.value
+    return f"codebook {coding.bits}-bit" if values == "codebook" else values
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits of a target device; ``None`` means no limit on that figure, at least one is set.
+
+    ``max_file_bytes`` bounds the stored ``.secz`` file (storage-bound); ``max_params`` the
+    parameters of the loaded, dense model (runtime weight memory: 4 bytes each in float32);
+    ``max_macs`` the dense multiply-accumulates per sample and ``max_latency_ms`` the median
+    latency on this machine at the example batch (compute-bound).
+
+    Raises:
+        ConfigError: no limit, or a limit that is not positive.
+    """
+
+    max_file_bytes: int | None = None
+    max_params: int | None = None
+    max_macs: int | None = None
+    max_latency_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_params", "max_macs"):
+            value = getattr(self, name)
+            if value is not None:
+                check_int(name, value, 1)
+        if self.max_latency_ms is not None:
+            check_range("max_latency_ms", self.max_latency_ms, 0.0, low_open=True)
+        if all(getattr(self, f) is None for f in self.limits()):
+            raise ConfigError(
+                "a budget needs at least one limit: max_file_bytes, max_params, max_macs or "
+                "max_latency_ms"
+            )
+
+    @staticmethod
+    def limits() -> tuple[str, ...]:
+        return ("max_file_bytes", "max_params", "max_macs", "max_latency_ms")
+
+    @property
+    def shape_bound(self) -> bool:
+        """True when a limit needs a narrower model (parameters, MACs or latency)."""
+        return any(v is not None for v in (self.max_params, self.max_macs, self.max_latency_ms))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.limits()}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What one model measured: score, parameters, dense MACs per sample, latency and the
+    size of its ``.secz`` file (``None`` where not measured)."""
+
+    score: float | None
+    params: int
+    nonzero_params: int
+    macs: int
+    latency: Latency | None
+    file_bytes: int | None
+
+    def value(self, limit: str) -> float | None:
+        """The figure a :class:`Budget` limit bounds."""
+        return {
+            "max_file_bytes": self.file_bytes,
+            "max_params": self.params,
+            "max_macs": self.macs,
+            "max_latency_ms": None if self.latency is None else self.latency.median_ms,
+        }[limit]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measured step of a search: a structured ratio, or a sparsity under a coding."""
+
+    stage: str
+    setting: float
+    coding: str | None
+    figures: Figures
+    fits: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`plan_for_budget` found. ``ratio``: structured channel ratio (0: none);
+    ``sparsity``: global weight sparsity after it; ``coding``: the file's value coding.
+    ``probes`` lists every measured step, ``candidates`` the best fitting point per coding
+    with its one-shot score (``None`` score: that coding cannot fit, even at 99% sparsity)."""
+
+    budget: Budget
+    ratio: float
+    sparsity: float
+    coding: CompressionConfig
+    baseline: Figures
+    probes: tuple[Probe, ...]
+    candidates: tuple[Probe, ...]
+    structured: StructuredConfig = field(default_factory=lambda: StructuredConfig(ratio=0.0))
+    weights: UnstructuredConfig = field(default_factory=lambda: UnstructuredConfig(sparsity=0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        def probe(p: Probe) -> dict[str, Any]:
+            return {
+                "stage": p.stage,
+                "setting": p.setting,
+                "coding": p.coding,
+                "fits": p.fits,
+                "figures": p.figures.to_dict(),
+            }
+
+        return {
+            "budget": self.budget.to_dict(),
+            "ratio": self.ratio,
+            "sparsity": self.sparsity,
+            "coding": coding_label(self.coding),
+            "compression": self.coding.to_dict(),
+            "structured": self.structured.to_dict() | {"ratio": self.ratio},
+            "weights": self.weights.to_dict() | {"sparsity": self.sparsity},
+            "baseline": self.baseline.to_dict(),
+            "probes": [probe(p) for p in self.probes],
+            "candidates": [probe(p) for p in self.candidates],
+        }
+
+
+def _figures(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    coding: CompressionConfig | None = None,
+    latency_runs: int | None = None,
+    score: float | None = None,
+) -> Figures:
+    total, nonzero = count_params(model)
+    latency = None
+    if latency_runs is not None:
+        latency = measure_latencies([model], example_inputs, runs=latency_runs)[0]
+    size = None if coding is None else len(compressed_bytes(model, coding))
+    return Figures(score, total, nonzero, count_macs(model, example_inputs).dense, latency, size)
+
+
+def _bound(budget: Budget, limit: str) -> float | None:
+    """The value a probe must not exceed: the limit, less the margin for latency."""
+    bound = getattr(budget, limit)
+    if bound is not None and limit == "max_latency_ms":
+        return bound * (1.0 - LATENCY_MARGIN)
+    return bound
+
+
+def _excess(figures: Figures, budget: Budget, limits: Sequence[str]) -> list[str]:
+    """``"macs 1.2e+05 > 1e+05"`` for each limit the figures break."""
+    out = []
+    for limit in limits:
+        bound, value = _bound(budget, limit), figures.value(limit)
+        if bound is not None and (value is None or value > bound):
+            out.append(f"{limit.removeprefix('max_')} {value:,.6g} > {bound:,.6g}")
+    return out
+
+
+def _fits(figures: Figures, budget: Budget, limits: Sequence[str]) -> bool:
+    return not _excess(figures, budget, limits)
+
+
+def _check_spec(model: nn.Module) -> None:
+    if getattr(model, "secateur_spec", None) is None:
+        raise ConfigError(
+            "a file-size budget needs the model's .secz file, which needs a secateur_spec: build "
+            "the model with zoo.create_model or wrap a transformers model with "
+            "zoo.from_transformers"
+        )
+
+
+def _search_ratio(
+    model: nn.Module,
+    budget: Budget,
+    structured: StructuredConfig,
+    example_inputs: Any,
+    calibration: Any,
+    latency_runs: int,
+    probes: list[Probe],
+) -> float:
+    """Smallest structured ratio whose pruned copy meets the shape-bound limits (bisection)."""
+    limits = ("max_params", "max_macs", "max_latency_ms")
+    timed = latency_runs if budget.max_latency_ms is not None else None
+
+    def probe(ratio: float) -> bool:
+        pruned = copy.deepcopy(model)
+        config = dataclasses.replace(structured, ratio=ratio)
+        prune_(pruned, config, example_inputs=example_inputs, calibration=calibration)
+        figures = _figures(pruned, example_inputs, latency_runs=timed)
+        fits = _fits(figures, budget, limits)
+        probes.append(Probe("structured", ratio, None, figures, fits))
+        return fits
+
+    if probe(0.0):
+        return 0.0
+    high = structured.max_ratio
+    if not probe(high):
+        reached = ", ".join(_excess(probes[-1].figures, budget, limits))
+        raise ConfigError(
+            f"budget out of reach: even structured ratio {high:g} leaves {reached}; raise that "
+            "limit or start from a smaller model"
+        )
+    low = 0.0
+    for _ in range(_RATIO_STEPS):
+        mid = (low + high) / 2
+        if probe(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def _search_sparsity(
+    model: nn.Module,
+    budget: Budget,
+    weights: UnstructuredConfig,
+    coding: CompressionConfig,
+    example_inputs: Any,
+    calibration: Any,
+    probes: list[Probe],
+) -> float | None:
+    """Smallest global sparsity whose file under ``coding`` fits ``max_file_bytes``, or
+    ``None`` if even :data:`MAX_SPARSITY` does not."""
+    label = coding_label(coding)
+
+    def probe(sparsity: float) -> bool:
+        pruned = copy.deepcopy(model)
+        if sparsity > 0:
+            config = dataclasses.replace(weights, sparsity=sparsity)
+            prune_(pruned, config, calibration=calibration).make_permanent()
+        figures = _figures(pruned, example_inputs, coding=coding)
+        fits = _fits(figures, budget, ("max_file_bytes",))
+        probes.append(Probe("weights", sparsity, label, figures, fits))
+        return fits
+
+    if probe(0.0):
+        return 0.0
+    if not probe(MAX_SPARSITY):
+        return None
+    low, high = 0.0, MAX_SPARSITY
+    for _ in range(_SPARSITY_STEPS):
+        mid = (low + high) / 2
+        if probe(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def _decoded(model: nn.Module, coding: CompressionConfig, folder: Path) -> nn.Module:
+    """``model`` written under ``coding`` and read back: what a device would run."""
+    path = save_compressed(model, folder / "candidate.secz", coding)
+    device = next(model.parameters()).device
+    return load_compressed(path, device=str(device)).model
+
+
+def plan_for_budget(
+    model: nn.Module,
+    budget: Budget,
+    *,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    score: Score,
+    calibration: Any = None,
+    structured: StructuredConfig | None = None,
+    weights: UnstructuredConfig | None = None,
+    codings: Sequence[CompressionConfig] = DEFAULT_CODINGS,
+    latency_runs: int = 50,
+) -> Plan:
+    """Find, by measurement, the least pruning that meets ``budget``; ``model`` is not changed.
+
+    Shape-bound limits (parameters, MACs, latency) pick the smallest ``structured`` ratio that
+    meets them (bisection over pruned copies, up to ``structured.max_ratio``; a latency probe
+    must come :data:`LATENCY_MARGIN` under the limit). A
+    ``max_file_bytes`` limit then picks, for each of ``codings``, the smallest ``weights``
+    sparsity whose ``.secz`` file fits, decodes each such file, scores it with ``score``
+    (higher is better; use held-out data) and keeps the best. No recovery runs here: candidates
+    are compared one-shot, and :func:`apply_plan` recovers the chosen one.
+
+    Args:
+        model: the trained model; it needs a ``secateur_spec`` for a file-size limit.
+        budget: the device's limits.
+        example_inputs: one batch on the model's device; latency is timed at its batch size.
+        score: ``model -> float`` for choosing between codings.
+        calibration: batches for data criteria.
+        structured: criterion, scope, ``round_to``, ``max_ratio`` of the channel stage
+            (default ``StructuredConfig(ratio=0)``; its ``ratio`` is ignored).
+        weights: criterion and scope of the sparsity stage (default global magnitude).
+        codings: value codings to try for a file-size limit.
+        latency_runs: timed runs per latency probe (>= 20).
+
+    Raises:
+        ConfigError: a limit that no probe can meet (the message says what the furthest probe
+            reached), no codings, or a file limit on a model without a spec.
+    """
+    structured = structured or StructuredConfig(ratio=0.0)
+    weights = weights or UnstructuredConfig(sparsity=0.0)
+    if budget.max_file_bytes is not None:
+        _check_spec(model)
+        if not codings:
+            raise ConfigError("codings is empty: pass at least one CompressionConfig")
+    exact = CompressionConfig(values="exact")
+    spec = getattr(model, "secateur_spec", None) is not None
+    baseline = _figures(
+        model,
+        example_inputs,
+        coding=exact if spec else None,
+        latency_runs=latency_runs,
+        score=float(score(model)),
+    )
+    probes: list[Probe] = []
+    ratio = 0.0
+    narrowed = model
+    if budget.shape_bound:
+        ratio = _search_ratio(
+            model, budget, structured, example_inputs, calibration, latency_runs, probes
+        )
+        if ratio > 0:
+            narrowed = copy.deepcopy(model)
+            config = dataclasses.replace(structured, ratio=ratio)
+            prune_(narrowed, config, example_inputs=example_inputs, calibration=calibration)
+    if budget.max_file_bytes is None:
+        return Plan(budget, ratio, 0.0, exact, baseline, tuple(probes), (), structured, weights)
+
+    candidates = []
+    with tempfile.TemporaryDirectory() as folder:
+        for coding in codings:
+            sparsity = _search_sparsity(
+                narrowed, budget, weights, coding, example_inputs, calibration, probes
+            )
+            if sparsity is None:
+                figures = probes[-1].figures
+                candidates.append(
+                    Probe("weights", MAX_SPARSITY, coding_label(coding), figures, False)
+                )
+                continue
+            pruned = copy.deepcopy(narrowed)
+            if sparsity > 0:
+                config = dataclasses.replace(weights, sparsity=sparsity)
+                prune_(pruned, config, calibration=calibration).make_permanent()
+            decoded = _decoded(pruned, coding, Path(folder))
+            figures = _figures(decoded, example_inputs, coding=coding, score=float(score(decoded)))
+            candidates.append(Probe("weights", sparsity, coding_label(coding), figures, True))
+    fitting = [(c, coding) for c, coding in zip(candidates, codings, strict=True) if c.fits]
+    if not fitting:
+        raise ConfigError(
+            f"budget out of reach: no coding gets the file under {budget.max_file_bytes:,} bytes "
+            f"even at {MAX_SPARSITY:.0%} sparsity (smallest: "
+            f"{min(c.figures.file_bytes or 0 for c in candidates):,} bytes); raise max_file_bytes"
+        )
+    best, coding = max(fitting, key=lambda pair: (pair[0].figures.score, -pair[0].setting))
+    return Plan(
+        budget,
+        ratio,
+        best.setting,
+        coding,
+        baseline,
+        tuple(probes),
+        tuple(candidates),
+        structured,
+        weights,
+    )
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    """The planned model, recovered, written to ``path`` and reloaded from it (``model``).
+
+    ``figures`` were measured on the reloaded model (``score`` by the caller's function,
+    latency timed interleaved with the baseline, whose time is ``baseline_latency``); ``met``
+    says for each set limit whether its figure is within it. ``sparsity`` is the final global
+    sparsity target: above the plan's when recovery grew the file and it was tightened.
+    """
+
+    model: nn.Module
+    path: Path
+    figures: Figures
+    baseline_latency: Latency
+    met: dict[str, bool]
+    sparsity: float
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    path: str | os.PathLike[str],
+    *,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    score: Score,
+    recover: Recover | None = None,
+    calibration: Any = None,
+    latency_runs: int = 50,
+    metadata: dict[str, Any] | None = None,
+) -> PlanOutcome:
+    """Carry ``plan`` out on a copy of ``model``: structured pruning, ``recover(m, None)``;
+    weight pruning, ``recover(m, masks)``; for a codebook coding, k-means clustering and
+    ``recover(m, codebooks)`` (centroid fine-tuning); then write the ``.secz`` file at ``path``
+    (atomically), and if it is over the byte budget, zero :data:`TIGHTEN_STEP` more of the
+    weights at a time (no further recovery) until it fits. The file is reloaded and measured.
+
+    Raises:
+        ConfigError: ``path`` does not end in ``.secz`` or the model has no spec.
+        OutputError: the folder cannot be written.
+    """
+    _check_spec(model)
+    pruned = copy.deepcopy(model)
+    if plan.ratio > 0:
+        config = dataclasses.replace(plan.structured, ratio=plan.ratio)
+        prune_(pruned, config, example_inputs=example_inputs, calibration=calibration)
+        if recover is not None:
+            recover(pruned, None)
+    sparsity = plan.sparsity
+    if sparsity > 0:
+        config = dataclasses.replace(plan.weights, sparsity=sparsity)
+        masks = prune_(pruned, config, calibration=calibration)
+        if recover is not None:
+            recover(pruned, masks)
+        masks.make_permanent()
+    if plan.coding.values.value == "codebook" and recover is not None:
+        books = cluster_weights_(pruned, CodebookConfig(bits=plan.coding.bits))
+        recover(pruned, books)
+    target = save_compressed(pruned, path, plan.coding, metadata=metadata)
+    limit = plan.budget.max_file_bytes
+    while limit is not None and target.stat().st_size > limit and sparsity < MAX_SPARSITY:
+        sparsity = min(MAX_SPARSITY, math.floor((sparsity + TIGHTEN_STEP) * 1000) / 1000)
+        config = dataclasses.replace(plan.weights, sparsity=sparsity)
+        prune_(pruned, config, calibration=calibration).make_permanent()
+        target = save_compressed(pruned, path, plan.coding, metadata=metadata)
+    device = next(model.parameters()).device
+    restored = load_compressed(target, device=str(device)).model
+    base_latency, latency = measure_latencies([model, restored], example_inputs, runs=latency_runs)
+    total, nonzero = count_params(restored)
+    figures = Figures(
+        float(score(restored)),
+        total,
+        nonzero,
+        count_macs(restored, example_inputs).dense,
+        latency,
+        target.stat().st_size,
+    )
+    met = {
+        limit: figures.value(limit) <= getattr(plan.budget, limit)  # type: ignore[operator]
+        for limit in Budget.limits()
+        if getattr(plan.budget, limit) is not None
+    }
+    return PlanOutcome(restored, target, figures, base_latency, met, sparsity)

@@ -1,0 +1,368 @@
+"""The ``plan`` job: data → baseline (trained or cached, as ``compress`` does) → the least
+pruning that meets a device's budget (``explore.plan_for_budget``, chosen on the validation
+split) → carried out with fine-tuning after each stage → ``model.secz``, ``plan.json`` and
+``plan.md``, with every limit checked on the reloaded file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from .._atomic import atomic_write_text
+from .._config import check_int, config_from_dict, config_to_dict
+from ..errors import ConfigError
+from ..explore import Budget, Plan, PlanOutcome, apply_plan, plan_for_budget
+from ..explore._plan import LATENCY_MARGIN, coding_label
+from ..export import CompressionConfig
+from ..pruning import StructuredConfig, UnstructuredConfig
+from ..report._render import _md_table
+from ..training import LRSchedule, evaluate
+from ._compress import _baseline, _calibration, _data_metadata, _recover, _start_job
+from ._compress_config import CompressConfig
+
+CODINGS = ("exact", "float16", "int8", "codebook6", "codebook5", "codebook4")
+LIMIT_NAMES = {
+    "max_file_bytes": ("file on disk (.secz)", "storage"),
+    "max_params": ("parameters (dense, in memory)", "memory"),
+    "max_macs": ("MACs per sample", "compute"),
+    "max_latency_ms": ("median latency (ms)", "compute"),
+}
+
+
+def _coding(name: str) -> CompressionConfig:
+    if name.startswith("codebook") and name[len("codebook") :].isdigit():
+        return CompressionConfig(values="codebook", bits=int(name[len("codebook") :]))
+    if name in ("exact", "float16", "int8"):
+        return CompressionConfig(values=name)
+    raise ConfigError(
+        f"unknown coding {name!r}: choose from exact, float16, int8 or codebookN with N bits "
+        "in 1..8, e.g. codebook5"
+    )
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Meet a target device's budget with the least pruning, found and checked by measurement.
+
+    Limits (at least one): ``max_file_bytes`` (the ``.secz`` file: storage), ``max_params``
+    (the loaded model's parameters: runtime weight memory), ``max_macs`` (per sample) and
+    ``max_latency_ms`` (median at batch 1 on this machine). Parameters, MACs and latency are met
+    by structured pruning (``criterion``, ``round_to``, ``max_ratio``); the file size by global
+    magnitude sparsity under the best of ``codings`` (``exact``, ``float16``, ``int8``,
+    ``codebookN``), chosen on the validation split. Each stage is fine-tuned for
+    ``finetune_epochs`` (codebooks: their centroids). Baseline and training settings mean what
+    they mean in :class:`CompressConfig`.
+
+    Raises:
+        ConfigError: one line naming the field and what is allowed, for any bad value.
+
+    Example:
+        >>> PlanConfig(max_macs=100_000).budget().max_macs
+        100000
+    """
+
+    max_file_bytes: int | None = None
+    max_params: int | None = None
+    max_macs: int | None = None
+    max_latency_ms: float | None = None
+    model: str = "lenet_300_100"
+    data: str | None = None
+    criterion: str | None = None
+    round_to: int = 1
+    max_ratio: float = 0.9
+    codings: tuple[str, ...] = CODINGS
+    calibration_batches: int = 8
+    finetune_epochs: int = 2
+    finetune_lr: float = 0.02
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.05
+    schedule: LRSchedule = LRSchedule.COSINE
+    seed: int = 0
+    device: str = "auto"
+    out: str = "secateur-plan"
+    baseline: str | None = None
+    cache: bool = True
+    limit: int | None = None
+    threads: int | None = None
+    latency_runs: int = 50
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        codings = self.codings
+        if isinstance(codings, str):
+            codings = tuple(c.strip() for c in codings.split(","))
+        if not isinstance(codings, list | tuple) or not codings:
+            raise ConfigError("codings must list one or more of " + ", ".join(CODINGS))
+        object.__setattr__(self, "codings", tuple(str(c) for c in codings))
+        self.compression()  # validates each coding
+        check_int("latency_runs", self.latency_runs, 20)
+        self.budget()
+        self.structured()
+        self.common()
+
+    def budget(self) -> Budget:
+        return Budget(self.max_file_bytes, self.max_params, self.max_macs, self.max_latency_ms)
+
+    def compression(self) -> list[CompressionConfig]:
+        return [_coding(c) for c in self.codings]
+
+    def structured(self) -> StructuredConfig:
+        extra = {} if self.criterion is None else {"criterion": self.criterion}
+        return StructuredConfig(
+            ratio=0.0, round_to=self.round_to, max_ratio=self.max_ratio, **extra
+        )
+
+    def common(self) -> CompressConfig:
+        """The baseline and fine-tuning settings, as a compress job."""
+        return CompressConfig(
+            model=self.model,
+            data=self.data,
+            calibration_batches=self.calibration_batches,
+            epochs=self.epochs,
+            finetune_epochs=self.finetune_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            finetune_lr=self.finetune_lr,
+            schedule=self.schedule,
+            seed=self.seed,
+            device=self.device,
+            out=self.out,
+            baseline=self.baseline,
+            cache=self.cache,
+            limit=self.limit,
+            threads=self.threads,
+            latency_runs=self.latency_runs,
+            progress=self.progress,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanConfig:
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class PlanJobResult:
+    plan: Plan
+    outcome: PlanOutcome
+    model_path: Path
+    json_path: Path
+    report_path: Path
+    baseline_source: str
+
+
+def _fmt(limit: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    if limit == "max_latency_ms":
+        return f"{value:.3f}"
+    return f"{int(value):,}"
+
+
+def _budget_rows(plan: Plan, outcome: PlanOutcome) -> list[list[str]]:
+    rows = []
+    base = plan.baseline
+    base_values = {
+        "max_file_bytes": base.file_bytes,
+        "max_params": base.params,
+        "max_macs": base.macs,
+        "max_latency_ms": outcome.baseline_latency.median_ms,
+    }
+    for limit, met in outcome.met.items():
+        what, kind = LIMIT_NAMES[limit]
+        rows.append(
+            [
+                f"{what} [{kind}]",
+                _fmt(limit, getattr(plan.budget, limit)),
+                _fmt(limit, base_values[limit]),
+                _fmt(limit, outcome.figures.value(limit)),
+                "met" if met else "NOT met",
+            ]
+        )
+    return rows
+
+
+def _plan_line(plan: Plan, sparsity: float) -> str:
+    """The plan in words; ``sparsity`` is the one carried out (above the plan's if tightened)."""
+    steps = []
+    if plan.ratio > 0:
+        steps.append(f"structured ratio {plan.ratio:.4f} ({plan.structured.criterion} criterion)")
+    if sparsity > 0:
+        tightened = (
+            f", tightened from {plan.sparsity:.2%} after recovery"
+            if sparsity > plan.sparsity
+            else ""
+        )
+        steps.append(f"global magnitude sparsity {sparsity:.2%}{tightened}")
+    steps.append(f"file values {coding_label(plan.coding)}")
+    return "; ".join(steps)
+
+
+def _candidate_rows(plan: Plan) -> list[list[str]]:
+    return [
+        [
+            c.coding or "",
+            f"{c.setting:.2%}" if c.fits else f"over even at {c.setting:.0%}",
+            f"{c.figures.file_bytes:,}" if c.figures.file_bytes is not None else "–",
+            f"{c.figures.score:.2f}" if c.figures.score is not None else "–",
+            "✓" if c.fits and c.coding == coding_label(plan.coding) else "",
+        ]
+        for c in plan.candidates
+    ]
+
+
+def _markdown(
+    config: PlanConfig,
+    plan: Plan,
+    outcome: PlanOutcome,
+    base_test: float,
+    setup: list[tuple[str, str]],
+) -> str:
+    lines = [f"# secateur plan: {config.model}", ""]
+    lines += _md_table(("setting", "value"), setup) + [""]
+    lines += ["## Budget", ""]
+    lines += _md_table(
+        ("limit", "budget", "baseline", "planned model (reloaded file)", ""),
+        _budget_rows(plan, outcome),
+    ) + [""]
+    lines += [f"Plan: {_plan_line(plan, outcome.sparsity)}.", ""]
+    figures = outcome.figures
+    lines += [
+        f"Test top-1 accuracy: baseline {base_test:.2f}% → planned model "
+        f"{figures.score:.2f}% (the reloaded `.secz` file). Non-zero parameters "
+        f"{figures.nonzero_params:,} of {figures.params:,}.",
+        "",
+    ]
+    if plan.candidates:
+        lines += [
+            "## Value codings for the file limit",
+            "",
+            "For each coding, the smallest global sparsity whose file fits (bisection on the "
+            "encoded bytes), and the validation accuracy of that file decoded, one-shot, "
+            "before any fine-tuning. The best one was carried out.",
+            "",
+        ]
+        lines += _md_table(
+            ("coding", "sparsity", "file bytes", "val top-1 (%)", "chosen"),
+            _candidate_rows(plan),
+        ) + [""]
+    structured = [p for p in plan.probes if p.stage == "structured"]
+    lines += [
+        "## Notes",
+        "",
+        f"- {len(plan.probes)} pruned copies were measured in the search "
+        f"({len(structured)} structured, {len(plan.probes) - len(structured)} for the file).",
+        "- Parameters, MACs and latency only fall when the model gets narrower, so those limits "
+        "are met by structured pruning; zeroed weights shrink only the compressed file (the "
+        "loaded model is dense again).",
+        f"- Latency: the planned model timed interleaved with the baseline "
+        f"({outcome.figures.latency.conditions()}): {outcome.figures.latency.median_ms:.3f} "
+        f"against {outcome.baseline_latency.median_ms:.3f} ms"
+        + (
+            f"; a latency probe had to come {LATENCY_MARGIN:.0%} under the limit."
+            if plan.budget.max_latency_ms is not None
+            else "."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _table(plan: Plan, outcome: PlanOutcome) -> Table:
+    table = Table(title="secateur plan: budget against measured figures")
+    for name in ("limit", "budget", "baseline", "planned (reloaded)", ""):
+        table.add_column(name, justify="left" if name == "limit" else "right")
+    for row in _budget_rows(plan, outcome):
+        table.add_row(*row)
+    return table
+
+
+def run_plan(config: PlanConfig, *, console: Console | None = None) -> PlanJobResult:
+    """Run the plan job described by ``config``; write ``model.secz``, ``plan.json`` and
+    ``plan.md`` to ``config.out`` (each atomically).
+
+    Raises:
+        SecateurError: subclasses, one line each, for bad data or checkpoints, a budget out of
+        reach (before any fine-tuning), or an unwritable output folder.
+    """
+    console = console or Console()
+    common = config.common()
+    out, device, data = _start_job(common, console)
+    model, source = _baseline(common, data, device, console)
+    console.print(f"baseline {config.model}: {source}")
+    example = data.example_input.to(device)
+    calibration = _calibration(common, data, device)
+
+    def val_score(m: nn.Module) -> float:
+        return 100.0 * evaluate(m, data.val)
+
+    def test_score(m: nn.Module) -> float:
+        return 100.0 * evaluate(m, data.test)
+
+    def recover(m: nn.Module, constraint: Any) -> None:
+        _recover(m, model, data, common, constraint)
+
+    console.print("searching: pruned copies are measured against the budget")
+    plan = plan_for_budget(
+        model,
+        config.budget(),
+        example_inputs=example,
+        score=val_score,
+        calibration=calibration,
+        structured=config.structured(),
+        weights=UnstructuredConfig(sparsity=0.0),
+        codings=config.compression(),
+        latency_runs=config.latency_runs,
+    )
+    console.print(f"plan: {_plan_line(plan, plan.sparsity)}")
+    model_path = out / "model.secz"
+    outcome = apply_plan(
+        model,
+        plan,
+        model_path,
+        example_inputs=example,
+        score=test_score,
+        recover=recover,
+        calibration=calibration,
+        latency_runs=config.latency_runs,
+        metadata={"data": _data_metadata(data), "recipe": config.to_dict()},
+    )
+    console.print(_table(plan, outcome))
+    base_test = test_score(model)
+    console.print(f"  test top-1: baseline {base_test:.2f}% → {outcome.figures.score:.2f}%")
+    json_path, report_path = out / "plan.json", out / "plan.md"
+    saved = {
+        "recipe": config.to_dict(),
+        "baseline_source": source,
+        "baseline_test_score": base_test,
+        "plan": plan.to_dict(),
+        "outcome": {
+            "path": str(model_path),
+            "sparsity": outcome.sparsity,
+            "figures": outcome.figures.to_dict(),
+            "baseline_latency_ms": outcome.baseline_latency.median_ms,
+            "met": outcome.met,
+        },
+    }
+    atomic_write_text(json_path, json.dumps(saved, indent=2) + "\n")
+    setup = [
+        ("model", config.model),
+        ("data", f"{data.source} ({len(data.train):,} train, {len(data.test):,} test)"),
+        ("baseline", source),
+        ("recovery", f"fine-tuning, {config.finetune_epochs} epoch(s) per stage"),
+        ("device", f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"),
+    ]
+    atomic_write_text(report_path, _markdown(config, plan, outcome, base_test, setup))
+    console.print(f"saved {model_path}, {json_path} and {report_path}")
+    return PlanJobResult(plan, outcome, model_path, json_path, report_path, source)

@@ -1,0 +1,275 @@
+"""The budget planner (``explore.plan_for_budget`` / ``apply_plan``) and ``secateur plan``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from secateur import create_model
+from secateur.cli._main import main
+from secateur.cli._plan import parse_quantity
+from secateur.errors import ConfigError
+from secateur.explore import Budget, apply_plan, plan_for_budget
+from secateur.explore._plan import MAX_SPARSITY
+from secateur.export import CompressionConfig, load_compressed
+from secateur.measure import count_macs, count_params
+from secateur.pruning import MaskSet
+from secateur.recipes import PlanConfig
+
+X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("lenet_300_100")
+
+
+def fidelity(reference: nn.Module):  # noqa: ANN201
+    """``score(m)`` = minus the mean squared distance to ``reference``'s outputs (0 at best)."""
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference(x)
+
+    def score(model: nn.Module) -> float:
+        with torch.no_grad():
+            return -float((model(x) - want).pow(2).mean())
+
+    return score
+
+
+def test_budget_validation() -> None:
+    assert Budget(max_macs=10).shape_bound and not Budget(max_file_bytes=10).shape_bound
+    assert Budget(max_params=5).to_dict() == {
+        "max_file_bytes": None,
+        "max_params": 5,
+        "max_macs": None,
+        "max_latency_ms": None,
+    }
+    with pytest.raises(ConfigError, match="at least one limit"):
+        Budget()
+    with pytest.raises(ConfigError, match="max_macs"):
+        Budget(max_macs=0)
+    with pytest.raises(ConfigError, match="max_file_bytes"):
+        Budget(max_file_bytes=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_latency_ms"):
+        Budget(max_latency_ms=-1.0)
+
+
+def test_compute_budget_takes_the_smallest_structured_ratio_that_fits(mlp: nn.Module) -> None:
+    dense = count_macs(mlp, X).dense
+    before = [p.detach().clone() for p in mlp.parameters()]
+    budget = Budget(max_macs=dense // 2)
+    plan = plan_for_budget(mlp, budget, example_inputs=X, score=fidelity(mlp), latency_runs=20)
+    assert 0 < plan.ratio < 0.9 and plan.sparsity == 0.0 and plan.candidates == ()
+    assert plan.baseline.macs == dense and plan.baseline.score == 0.0
+    # bisection: every probe that fits has a ratio >= the plan's, every one that does not, less
+    probes = [p for p in plan.probes if p.stage == "structured"]
+    assert all(p.setting >= plan.ratio for p in probes if p.fits)
+    assert all(p.setting < plan.ratio for p in probes if not p.fits)
+    assert all((p.figures.macs <= budget.max_macs) is p.fits for p in probes)
+    assert max(p.setting for p in probes if not p.fits) > plan.ratio - 0.01  # resolution 0.9/256
+    assert all(torch.equal(a, b) for a, b in zip(mlp.parameters(), before, strict=True))
+
+
+def test_file_budget_picks_the_best_scoring_coding(mlp: nn.Module) -> None:
+    budget = Budget(max_file_bytes=60_000)
+    codings = [
+        CompressionConfig(values="exact"),
+        CompressionConfig(values="int8"),
+        CompressionConfig(values="codebook", bits=5),
+    ]
+    plan = plan_for_budget(
+        mlp, budget, example_inputs=X, score=fidelity(mlp), codings=codings, latency_runs=20
+    )
+    assert plan.ratio == 0.0 and [c.coding for c in plan.candidates] == [
+        "exact",
+        "int8",
+        "codebook 5-bit",
+    ]
+    assert all(c.fits and c.figures.file_bytes <= 60_000 for c in plan.candidates)
+    # denser codings of the values need fewer zeros to fit
+    exact, int8, book = plan.candidates
+    assert exact.setting > int8.setting > book.setting
+    best = max(plan.candidates, key=lambda c: c.figures.score)
+    assert plan.coding == codings[plan.candidates.index(best)] and plan.sparsity == best.setting
+    for coding in ("exact", "int8", "codebook 5-bit"):
+        mine = [p for p in plan.probes if p.coding == coding]
+        chosen = next(c for c in plan.candidates if c.coding == coding).setting
+        assert all(p.setting >= chosen for p in mine if p.fits)
+        assert all(p.setting < chosen for p in mine if not p.fits)
+    json.dumps(plan.to_dict())
+
+
+def test_a_budget_the_baseline_meets_prunes_nothing(mlp: nn.Module, tmp_path: Path) -> None:
+    params, _ = count_params(mlp)
+    plan = plan_for_budget(
+        mlp,
+        Budget(max_params=params, max_file_bytes=10**7, max_latency_ms=1e4),
+        example_inputs=X,
+        score=fidelity(mlp),
+        latency_runs=20,
+    )
+    assert (plan.ratio, plan.sparsity, plan.coding.values.value) == (0.0, 0.0, "exact")
+    outcome = apply_plan(mlp, plan, tmp_path / "m.secz", example_inputs=X, score=fidelity(mlp))
+    assert all(outcome.met.values()) and set(outcome.met) == {
+        "max_file_bytes",
+        "max_params",
+        "max_latency_ms",
+    }
+    assert outcome.figures.score == 0.0  # exact values: the very same model
+
+
+def test_unreachable_budgets_and_models_without_a_spec(mlp: nn.Module) -> None:
+    with pytest.raises(ConfigError, match=r"budget out of reach: even structured ratio 0\.9"):
+        plan_for_budget(mlp, Budget(max_macs=10), example_inputs=X, score=fidelity(mlp))
+    with pytest.raises(ConfigError, match="no coding gets the file under 100 bytes"):
+        plan_for_budget(
+            mlp,
+            Budget(max_file_bytes=100),
+            example_inputs=X,
+            score=fidelity(mlp),
+            codings=[CompressionConfig(values="int8")],
+        )
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(ConfigError, match="needs a secateur_spec"):
+        plan_for_budget(plain, Budget(max_file_bytes=1000), example_inputs=X, score=lambda m: 0.0)
+    with pytest.raises(ConfigError, match="codings is empty"):
+        plan_for_budget(
+            mlp, Budget(max_file_bytes=10**5), example_inputs=X, score=fidelity(mlp), codings=[]
+        )
+
+
+def test_apply_plan_recovers_each_stage_and_tightens_an_overgrown_file(
+    mlp: nn.Module, tmp_path: Path
+) -> None:
+    budget = Budget(max_file_bytes=40_000, max_macs=count_macs(mlp, X).dense // 2)
+    codings = [CompressionConfig(values="codebook", bits=5)]
+    plan = plan_for_budget(
+        mlp, budget, example_inputs=X, score=fidelity(mlp), codings=codings, latency_runs=20
+    )
+    assert plan.ratio > 0 and plan.sparsity > 0
+    seen: list[str] = []
+
+    def recover(model: nn.Module, constraint: object) -> None:
+        seen.append(type(constraint).__name__)
+        if isinstance(constraint, MaskSet):
+            # a recovery that spreads the surviving values: k-means codes then compress worse
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1 + 0.5 * torch.rand_like(p))
+            constraint.apply()
+
+    path = tmp_path / "m.secz"
+    outcome = apply_plan(
+        mlp, plan, path, example_inputs=X, score=fidelity(mlp), recover=recover, latency_runs=20
+    )
+    assert seen == ["NoneType", "MaskSet", "Codebooks"]
+    assert outcome.met == {"max_file_bytes": True, "max_macs": True}
+    assert outcome.figures.file_bytes == path.stat().st_size <= 40_000
+    assert plan.sparsity <= outcome.sparsity <= MAX_SPARSITY
+    reloaded = load_compressed(path).model
+    assert count_macs(reloaded, X).dense == outcome.figures.macs <= budget.max_macs
+
+
+def test_parse_quantity() -> None:
+    assert parse_quantity("max_file_bytes", "30k", True) == 30_000
+    assert parse_quantity("max_macs", "1.5M", True) == 1_500_000
+    assert parse_quantity("max_params", "2G", True) == 2 * 10**9
+    assert parse_quantity("max_params", "1234", True) == 1234
+    assert parse_quantity("max_latency_ms", "0.25", False) == 0.25
+    assert parse_quantity("max_macs", 5000, True) == 5000  # from a recipe
+    with pytest.raises(ConfigError, match="--max-file-bytes 'lots' is not a number"):
+        parse_quantity("max_file_bytes", "lots", True)
+    with pytest.raises(ConfigError, match="--max-latency-ms '2k' is not a number"):
+        parse_quantity("max_latency_ms", "2k", False)
+    with pytest.raises(ConfigError, match="not finite"):
+        parse_quantity("max_macs", "infk", True)
+
+
+def test_plan_config() -> None:
+    config = PlanConfig(max_macs=1000, codings="int8, codebook5")
+    assert [c.values.value for c in config.compression()] == ["int8", "codebook"]
+    assert config.compression()[1].bits == 5
+    assert PlanConfig.from_dict(config.to_dict()) == config
+    for bad, message in [
+        ({}, "at least one limit"),
+        ({"max_macs": 10, "codings": ["zip"]}, "unknown coding 'zip'"),
+        ({"max_macs": 10, "codings": ["codebook9"]}, "bits"),
+        ({"max_macs": 10, "codings": []}, "codings must list"),
+        ({"max_macs": 10, "criterion": "nope"}, "unknown criterion 'nope'"),
+        ({"max_macs": 10, "model": "nonet"}, "unknown model 'nonet'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            PlanConfig(**bad)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SECATEUR_CACHE", str(folder))
+    return folder
+
+
+def _argv(data: Path, out: Path, *extra: str) -> list[str]:
+    argv = ["plan", "--data", str(data), "--limit", "300", "--epochs", "1", "--out", str(out)]
+    return argv + ["--threads", "1", "--no-progress", "--latency-runs", "20", *extra]
+
+
+def test_cli_end_to_end(digits_idx_dir: Path, tmp_path: Path, cache_dir: Path) -> None:
+    out = tmp_path / "out"
+    argv = _argv(digits_idx_dir, out, "--max-file-bytes", "40k", "--max-macs", "130k")
+    assert main([*argv, "--codings", "int8,codebook5", "--finetune-epochs", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.secz", "plan.json", "plan.md"]
+    saved = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+    assert saved["outcome"]["met"] == {"max_file_bytes": True, "max_macs": True}
+    assert saved["plan"]["budget"]["max_file_bytes"] == 40_000
+    assert saved["plan"]["coding"] in ("int8", "codebook 5-bit")
+    model = load_compressed(out / "model.secz").model
+    example = torch.zeros(1, 1, 28, 28)
+    assert count_macs(model, example).dense == saved["outcome"]["figures"]["macs"] <= 130_000
+    assert (out / "model.secz").stat().st_size == saved["outcome"]["figures"]["file_bytes"]
+    report = (out / "plan.md").read_text(encoding="utf-8")
+    assert "| MACs per sample [compute] | 130,000 |" in report and "| met |" in report
+    assert "## Value codings for the file limit" in report
+    # a recipe's plan: section, a flag winning over it
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("plan:\n  max_params: 50k\n  finetune_epochs: 0\n", encoding="utf-8")
+    again = tmp_path / "again"
+    assert main(_argv(digits_idx_dir, again, "--recipe", str(recipe), "--max-params", "60k")) == 0
+    second = json.loads((again / "plan.json").read_text(encoding="utf-8"))
+    assert second["plan"]["budget"]["max_params"] == 60_000
+    assert second["outcome"]["met"] == {"max_params": True}
+    assert "reused from cache" in second["baseline_source"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "at least one limit"),
+        (["--max-file-bytes", "lots"], "--max-file-bytes 'lots' is not a number"),
+        (["--max-macs", "1k", "--codings", "zip"], "unknown coding 'zip'"),
+        (["--max-macs", "10"], "budget out of reach"),
+        (["--max-file-bytes", "100"], "no coding gets the file under 100 bytes"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(
+    digits_idx_dir: Path,
+    tmp_path: Path,
+    cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "out"
+    assert main(_argv(digits_idx_dir, out, "--finetune-epochs", "0", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (out / "model.secz").exists() and not (out / "plan.json").exists()
