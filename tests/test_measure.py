@@ -163,6 +163,25 @@ def test_interleaved_latencies_one_per_model() -> None:
     assert b.median_ms > a.median_ms  # eight 512² layers take longer than one 8×8 layer
 
 
+def test_interleaved_rounds_rotate_which_model_goes_first() -> None:
+    calls: list[int] = []
+
+    class Tagged(nn.Module):
+        def __init__(self, tag: int) -> None:
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(self.tag)
+            return x
+
+    measure_latencies([Tagged(0), Tagged(1), Tagged(2)], torch.zeros(1), runs=20, warmup=10)
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == 30 and all(sorted(r) == [0, 1, 2] for r in rounds)
+    firsts = [r[0] for r in rounds]
+    assert [firsts.count(k) for k in range(3)] == [10, 10, 10]
+
+
 @pytest.mark.parametrize(("runs", "warmup"), [(19, 0), (20, -1)])
 def test_latency_rejects_too_few_runs(runs: int, warmup: int) -> None:
     with pytest.raises(ConfigError):

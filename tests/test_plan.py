@@ -273,3 +273,22 @@ def test_cli_bad_input_exits_2_with_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not (out / "model.secz").exists() and not (out / "plan.json").exists()
+
+
+def test_latency_probes_must_come_under_the_limit_by_the_margin() -> None:
+    from secateur.explore._plan import LATENCY_MARGIN, Figures, _excess
+    from secateur.measure import Latency
+
+    def timed(ms: float) -> Figures:
+        latency = Latency(ms, ms, 20, 10, 1, 1, "cpu", "pytorch")
+        return Figures(None, 10, 10, 10, latency, None)
+
+    budget = Budget(max_latency_ms=1.0)
+    limit = ("max_latency_ms",)
+    assert LATENCY_MARGIN == 0.05
+    assert _excess(timed(0.94), budget, limit) == []
+    (message,) = _excess(timed(0.97), budget, limit)  # under the limit, not under the margin
+    assert message == "latency_ms 0.97 > 0.95 (the limit 1 less the 5% timing margin)"
+    assert _excess(Figures(None, 10, 10, 10, None, None), budget, limit) == [
+        "latency_ms not measured > 0.95 (the limit 1 less the 5% timing margin)"
+    ]

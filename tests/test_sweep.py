@@ -268,7 +268,7 @@ def test_cli_end_to_end(digits_idx_dir: Path, tmp_path: Path, cache_dir: Path) -
         (["--methods", "unstructured,bogus"], "unknown method 'bogus' in methods"),
         (["--ratios", "0.5,x"], "--ratios item 'x' is not a number"),
         (["--ratios", "0.5,1.5"], "ratios item"),
-        (["--methods", "depth"], "has no residual blocks"),
+        (["--methods", "depth,structured"], "has no residual blocks to remove: drop depth from"),
         (["--criterion", "nope"], "unknown criterion 'nope'"),
     ],
 )

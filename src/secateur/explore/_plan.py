@@ -216,7 +216,13 @@ def _excess(figures: Figures, budget: Budget, limits: Sequence[str]) -> list[str
     for limit in limits:
         bound, value = _bound(budget, limit), figures.value(limit)
         if bound is not None and (value is None or value > bound):
-            out.append(f"{limit.removeprefix('max_')} {value:,.6g} > {bound:,.6g}")
+            shown = "not measured" if value is None else f"{value:,.6g}"
+            margin = (
+                f" (the limit {getattr(budget, limit):g} less the {LATENCY_MARGIN:.0%} timing margin)"
+                if limit == "max_latency_ms"
+                else ""
+            )
+            out.append(f"{limit.removeprefix('max_')} {shown} > {bound:,.6g}{margin}")
     return out
 
 

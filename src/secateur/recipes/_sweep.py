@@ -190,6 +190,19 @@ NOTES = [
 ]
 
 
+def _check_blocks(model: nn.Module, config: SweepConfig, data: Any) -> None:
+    """Depth pruning must find blocks to remove; the fix named is the sweep's own."""
+    deepest = max(
+        (p for p in config.points() if p.method is CompressMethod.DEPTH),
+        key=lambda p: p.depth_ratio,
+    )
+    try:
+        _check_depth(model, deepest, data)
+    except ConfigError as exc:
+        what = str(exc).split(": ")[0]
+        raise ConfigError(f"{what}: drop depth from methods (--methods)") from None
+
+
 def run_sweep(config: SweepConfig, *, console: Console | None = None) -> SweepJobResult:
     """Run the sweep job described by ``config``; write ``sweep.json``, ``sweep.png`` and
     ``sweep.md`` to ``config.out`` (each atomically) and return the measured points.
@@ -205,10 +218,10 @@ def run_sweep(config: SweepConfig, *, console: Console | None = None) -> SweepJo
     out, device, data = _start_job(base, console)
     depth = CompressMethod.DEPTH in config.methods
     if depth and config.baseline is None:  # before training: a model without blocks fails fast
-        _check_depth(create_model(config.model, **_model_kwargs(data)), config.points()[-1], data)
+        _check_blocks(create_model(config.model, **_model_kwargs(data)), config, data)
     model, source = _baseline(base, data, device, console)
     if depth and config.baseline is not None:
-        _check_depth(model, config.points()[-1], data)
+        _check_blocks(model, config, data)
     console.print(f"baseline {config.model}: {source}")
 
     def recover(pruned: nn.Module, masks: MaskSet | None) -> None:
