@@ -75,9 +75,7 @@ TERMINAL = (
     "score",
     "Δ score",
     "MACs",
-    ".secz",
     "smaller",
-    "latency",
     "faster",
     "Pareto",
 )
