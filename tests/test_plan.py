@@ -176,6 +176,57 @@ def test_apply_plan_recovers_each_stage_and_tightens_an_overgrown_file(
     assert count_macs(reloaded, X).dense == outcome.figures.macs <= budget.max_macs
 
 
+def test_the_files_metadata_counts_toward_the_limit(mlp: nn.Module, tmp_path: Path) -> None:
+    budget = Budget(max_file_bytes=50_000)
+    codings = [CompressionConfig(values="int8")]
+    metadata = {"note": "x" * 8000}  # a header this long must come out of the budget
+    plain = plan_for_budget(mlp, budget, example_inputs=X, score=fidelity(mlp), codings=codings)
+    padded = plan_for_budget(
+        mlp, budget, example_inputs=X, score=fidelity(mlp), codings=codings, metadata=metadata
+    )
+    assert padded.sparsity > plain.sparsity
+    outcome = apply_plan(
+        mlp,
+        padded,
+        tmp_path / "m.secz",
+        example_inputs=X,
+        score=fidelity(mlp),
+        metadata=metadata,
+        latency_runs=20,
+    )
+    assert outcome.sparsity == padded.sparsity  # no recovery, so no tightening was needed
+    assert outcome.figures.file_bytes <= 50_000 and outcome.met == {"max_file_bytes": True}
+
+
+def test_apply_plan_checks_its_path_before_any_work(mlp: nn.Module, tmp_path: Path) -> None:
+    plan = plan_for_budget(mlp, Budget(max_macs=10**9), example_inputs=X, score=fidelity(mlp))
+    calls = []
+    with pytest.raises(ConfigError, match=r"name the file \.secz"):
+        apply_plan(
+            mlp,
+            plan,
+            tmp_path / "m.bin",
+            example_inputs=X,
+            score=fidelity(mlp),
+            recover=lambda m, c: calls.append(c),
+        )
+    assert calls == [] and list(tmp_path.iterdir()) == []
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(ConfigError, match="apply_plan needs the model's .secz file"):
+        apply_plan(plain, plan, tmp_path / "m.secz", example_inputs=X, score=lambda m: 0.0)
+
+
+def test_weights_config_may_not_fix_the_sparsity(mlp: nn.Module) -> None:
+    from secateur import UnstructuredConfig
+
+    for weights in (UnstructuredConfig(nm="2:4"), UnstructuredConfig(per_layer={"fc1": 0.5})):
+        with pytest.raises(ConfigError, match="chooses the sparsity itself"):
+            plan_for_budget(
+                mlp, Budget(max_file_bytes=10**5), example_inputs=X, score=lambda m: 0.0,
+                weights=weights,
+            )  # fmt: skip
+
+
 def test_parse_quantity() -> None:
     assert parse_quantity("max_file_bytes", "30k", True) == 30_000
     assert parse_quantity("max_macs", "1.5M", True) == 1_500_000
@@ -248,6 +299,32 @@ def test_cli_end_to_end(digits_idx_dir: Path, tmp_path: Path, cache_dir: Path) -
     assert second["plan"]["budget"]["max_params"] == 60_000
     assert second["outcome"]["met"] == {"max_params": True}
     assert "reused from cache" in second["baseline_source"]
+
+
+def test_cli_exits_1_when_the_final_measurement_misses_a_limit(
+    digits_idx_dir: Path,
+    tmp_path: Path,
+    cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from secateur.recipes import _plan as job
+
+    real = job.apply_plan
+
+    def timed_slower(*args: object, **kwargs: object):  # noqa: ANN202
+        outcome = real(*args, **kwargs)  # as if the final timing came out over the limit
+        return dataclasses.replace(outcome, met={k: False for k in outcome.met})
+
+    monkeypatch.setattr(job, "apply_plan", timed_slower)
+    out = tmp_path / "out"
+    assert main(_argv(digits_idx_dir, out, "--max-params", "100k", "--finetune-epochs", "0")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_params not met on the final measurement" in err
+    assert "NOT met" in (out / "plan.md").read_text(encoding="utf-8")  # the files are there
+    assert json.loads((out / "plan.json").read_text())["outcome"]["met"] == {"max_params": False}
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,33 @@ def test_sweep_of_a_model_without_a_spec_has_no_compressed_file() -> None:
     assert point.metrics.latency.batch_size == 4
 
 
+def test_sweep_of_a_model_with_tied_weights() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.emb.weight  # tied, as language models do
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(ids))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 5))
+    result = sweep(
+        Tied(),
+        [UnstructuredConfig(sparsity=0.5)],
+        example_inputs=ids,
+        score=lambda m: 0.0,
+        latency_runs=20,
+        progress=False,
+    )
+    base, half = result.points
+    # the tied matrix is stored once: 10 x 8 float32 plus the safetensors header
+    assert 320 < base.metrics.disk_bytes < 320 + 200
+    assert half.metrics.nonzero_params == 40
+
+
 def test_sweep_rejects_bad_input() -> None:
     net = nn.Sequential(nn.Linear(4, 2))
     x = torch.zeros(1, 4)
@@ -269,6 +296,10 @@ def test_cli_end_to_end(digits_idx_dir: Path, tmp_path: Path, cache_dir: Path) -
         (["--ratios", "0.5,x"], "--ratios item 'x' is not a number"),
         (["--ratios", "0.5,1.5"], "ratios item"),
         (["--methods", "depth,structured"], "has no residual blocks to remove: drop depth from"),
+        (
+            ["--model", "resnet20", "--methods", "depth", "--ratios", "0.01,0.5"],
+            "depth at ratio 0.01 removes none of the",
+        ),
         (["--criterion", "nope"], "unknown criterion 'nope'"),
     ],
 )

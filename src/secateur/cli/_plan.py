@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from rich.console import Console
 
@@ -122,5 +123,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     for name, whole in QUANTITIES.items():
         if merged.get(name) is not None:
             merged[name] = parse_quantity(name, merged[name], whole)
-    run_plan(PlanConfig.from_dict(merged), console=console)
+    result = run_plan(PlanConfig.from_dict(merged), console=console)
+    missed = [limit for limit, met in result.outcome.met.items() if not met]
+    if missed:
+        sys.stderr.write(
+            f"secateur: {', '.join(missed)} not met on the final measurement: see "
+            f"{result.report_path}, or loosen the limit and run again\n"
+        )
+        return 1
     return 0

@@ -9,6 +9,7 @@ Sits above ``pruning`` and ``measure`` (it uses both); nothing below imports it.
 from ._allocate import allocate_ratios as allocate_ratios
 from ._allocate import predicted_drop as predicted_drop
 from ._allocate import predicted_savings as predicted_savings
+from ._plan import LATENCY_MARGIN as LATENCY_MARGIN
 from ._plan import Budget as Budget
 from ._plan import Plan as Plan
 from ._plan import PlanOutcome as PlanOutcome
@@ -26,6 +27,7 @@ from ._tradeoff import pareto_front as pareto_front
 from ._tradeoff import sweep as sweep
 
 __all__ = [
+    "LATENCY_MARGIN",
     "Budget",
     "Plan",
     "PlanOutcome",

@@ -59,12 +59,6 @@ TIGHTEN_STEP = 0.005
 LATENCY_MARGIN = 0.05
 
 
-def coding_label(coding: CompressionConfig) -> str:
-    """``exact``, ``float16``, ``int8`` or ``codebook 5-bit``."""
-    values = coding.values.value
-    return f"codebook {coding.bits}-bit" if values == "codebook" else values
-
-
 @dataclass(frozen=True)
 class Budget:
     """Limits of a target device; ``None`` means no limit on that figure, at least one is set.
@@ -176,7 +170,7 @@ class Plan:
             "budget": self.budget.to_dict(),
             "ratio": self.ratio,
             "sparsity": self.sparsity,
-            "coding": coding_label(self.coding),
+            "coding": self.coding.label,
             "compression": self.coding.to_dict(),
             "structured": self.structured.to_dict() | {"ratio": self.ratio},
             "weights": self.weights.to_dict() | {"sparsity": self.sparsity},
@@ -193,12 +187,13 @@ def _figures(
     coding: CompressionConfig | None = None,
     latency_runs: int | None = None,
     score: float | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Figures:
     total, nonzero = count_params(model)
     latency = None
     if latency_runs is not None:
         latency = measure_latencies([model], example_inputs, runs=latency_runs)[0]
-    size = None if coding is None else len(compressed_bytes(model, coding))
+    size = None if coding is None else len(compressed_bytes(model, coding, metadata=metadata))
     return Figures(score, total, nonzero, count_macs(model, example_inputs).dense, latency, size)
 
 
@@ -230,12 +225,11 @@ def _fits(figures: Figures, budget: Budget, limits: Sequence[str]) -> bool:
     return not _excess(figures, budget, limits)
 
 
-def _check_spec(model: nn.Module) -> None:
+def _check_spec(model: nn.Module, why: str) -> None:
     if getattr(model, "secateur_spec", None) is None:
         raise ConfigError(
-            "a file-size budget needs the model's .secz file, which needs a secateur_spec: build "
-            "the model with zoo.create_model or wrap a transformers model with "
-            "zoo.from_transformers"
+            f"{why} needs the model's .secz file, which needs a secateur_spec: build the model "
+            "with zoo.create_model or wrap a transformers model with zoo.from_transformers"
         )
 
 
@@ -268,7 +262,8 @@ def _search_ratio(
         reached = ", ".join(_excess(probes[-1].figures, budget, limits))
         raise ConfigError(
             f"budget out of reach: even structured ratio {high:g} leaves {reached}; raise that "
-            "limit or start from a smaller model"
+            "limit, allow a higher structured max_ratio (--max-ratio), or start from a smaller "
+            "model"
         )
     low = 0.0
     for _ in range(_RATIO_STEPS):
@@ -288,17 +283,18 @@ def _search_sparsity(
     example_inputs: Any,
     calibration: Any,
     probes: list[Probe],
+    metadata: dict[str, Any] | None,
 ) -> float | None:
     """Smallest global sparsity whose file under ``coding`` fits ``max_file_bytes``, or
     ``None`` if even :data:`MAX_SPARSITY` does not."""
-    label = coding_label(coding)
+    label = coding.label
 
     def probe(sparsity: float) -> bool:
         pruned = copy.deepcopy(model)
         if sparsity > 0:
             config = dataclasses.replace(weights, sparsity=sparsity)
             prune_(pruned, config, calibration=calibration).make_permanent()
-        figures = _figures(pruned, example_inputs, coding=coding)
+        figures = _figures(pruned, example_inputs, coding=coding, metadata=metadata)
         fits = _fits(figures, budget, ("max_file_bytes",))
         probes.append(Probe("weights", sparsity, label, figures, fits))
         return fits
@@ -317,9 +313,11 @@ def _search_sparsity(
     return high
 
 
-def _decoded(model: nn.Module, coding: CompressionConfig, folder: Path) -> nn.Module:
+def _decoded(
+    model: nn.Module, coding: CompressionConfig, folder: Path, metadata: dict[str, Any] | None
+) -> nn.Module:
     """``model`` written under ``coding`` and read back: what a device would run."""
-    path = save_compressed(model, folder / "candidate.secz", coding)
+    path = save_compressed(model, folder / "candidate.secz", coding, metadata=metadata)
     device = next(model.parameters()).device
     return load_compressed(path, device=str(device)).model
 
@@ -335,6 +333,7 @@ def plan_for_budget(
     weights: UnstructuredConfig | None = None,
     codings: Sequence[CompressionConfig] = DEFAULT_CODINGS,
     latency_runs: int = 50,
+    metadata: dict[str, Any] | None = None,
 ) -> Plan:
     """Find, by measurement, the least pruning that meets ``budget``; ``model`` is not changed.
 
@@ -357,15 +356,23 @@ def plan_for_budget(
         weights: criterion and scope of the sparsity stage (default global magnitude).
         codings: value codings to try for a file-size limit.
         latency_runs: timed runs per latency probe (>= 20).
+        metadata: the JSON metadata :func:`apply_plan` will store in the file; its header counts
+            toward the file limit, so probes are encoded with it.
 
     Raises:
         ConfigError: a limit that no probe can meet (the message says what the furthest probe
-            reached), no codings, or a file limit on a model without a spec.
+            reached), no codings, a ``weights`` config with ``nm`` or ``per_layer`` (both fix
+            the sparsity the search has to choose), or a file limit on a model without a spec.
     """
     structured = structured or StructuredConfig(ratio=0.0)
     weights = weights or UnstructuredConfig(sparsity=0.0)
+    if weights.nm is not None or weights.per_layer:
+        raise ConfigError(
+            "the planner chooses the sparsity itself: pass a weights config without nm or "
+            "per_layer (criterion, scope and exclude are used)"
+        )
     if budget.max_file_bytes is not None:
-        _check_spec(model)
+        _check_spec(model, "a file-size budget")
         if not codings:
             raise ConfigError("codings is empty: pass at least one CompressionConfig")
     exact = CompressionConfig(values="exact")
@@ -376,6 +383,7 @@ def plan_for_budget(
         coding=exact if spec else None,
         latency_runs=latency_runs,
         score=float(score(model)),
+        metadata=metadata,
     )
     probes: list[Probe] = []
     ratio = 0.0
@@ -395,27 +403,33 @@ def plan_for_budget(
     with tempfile.TemporaryDirectory() as folder:
         for coding in codings:
             sparsity = _search_sparsity(
-                narrowed, budget, weights, coding, example_inputs, calibration, probes
+                narrowed, budget, weights, coding, example_inputs, calibration, probes, metadata
             )
             if sparsity is None:
                 figures = probes[-1].figures
-                candidates.append(
-                    Probe("weights", MAX_SPARSITY, coding_label(coding), figures, False)
-                )
+                candidates.append(Probe("weights", MAX_SPARSITY, coding.label, figures, False))
                 continue
             pruned = copy.deepcopy(narrowed)
             if sparsity > 0:
                 config = dataclasses.replace(weights, sparsity=sparsity)
                 prune_(pruned, config, calibration=calibration).make_permanent()
-            decoded = _decoded(pruned, coding, Path(folder))
-            figures = _figures(decoded, example_inputs, coding=coding, score=float(score(decoded)))
-            candidates.append(Probe("weights", sparsity, coding_label(coding), figures, True))
+            decoded = _decoded(pruned, coding, Path(folder), metadata)
+            figures = _figures(
+                decoded,
+                example_inputs,
+                coding=coding,
+                score=float(score(decoded)),
+                metadata=metadata,
+            )
+            candidates.append(Probe("weights", sparsity, coding.label, figures, True))
     fitting = [(c, coding) for c, coding in zip(candidates, codings, strict=True) if c.fits]
     if not fitting:
         raise ConfigError(
             f"budget out of reach: no coding gets the file under {budget.max_file_bytes:,} bytes "
             f"even at {MAX_SPARSITY:.0%} sparsity (smallest: "
-            f"{min(c.figures.file_bytes or 0 for c in candidates):,} bytes); raise max_file_bytes"
+            f"{min(c.figures.file_bytes or 0 for c in candidates):,} bytes); raise "
+            "max_file_bytes (--max-file-bytes) or add a smaller coding such as 3-bit codebooks "
+            "(--codings codebook3)"
         )
     best, coding = max(fitting, key=lambda pair: (pair[0].figures.score, -pair[0].setting))
     return Plan(
@@ -461,17 +475,25 @@ def apply_plan(
     latency_runs: int = 50,
     metadata: dict[str, Any] | None = None,
 ) -> PlanOutcome:
-    """Carry ``plan`` out on a copy of ``model``: structured pruning, ``recover(m, None)``;
-    weight pruning, ``recover(m, masks)``; for a codebook coding, k-means clustering and
-    ``recover(m, codebooks)`` (centroid fine-tuning); then write the ``.secz`` file at ``path``
-    (atomically), and if it is over the byte budget, zero :data:`TIGHTEN_STEP` more of the
-    weights at a time (no further recovery) until it fits. The file is reloaded and measured.
+    """Carry ``plan`` out on a copy of ``model`` and write the result to ``path`` once.
+
+    Structured pruning, then ``recover(m, None)``; weight pruning, then ``recover(m, masks)``;
+    for a codebook coding, k-means clustering, then ``recover(m, codebooks)`` (centroid
+    fine-tuning). If the encoded file is then over the byte budget (recovery moves the values),
+    :data:`TIGHTEN_STEP` more of the weights are zeroed at a time, with no further recovery,
+    until it fits or :data:`MAX_SPARSITY` is reached. The file is written atomically, reloaded
+    and measured; ``met`` tells which limits its figures meet. Pass the ``metadata`` that
+    :func:`plan_for_budget` was given, so the header the probes counted is the one written.
 
     Raises:
-        ConfigError: ``path`` does not end in ``.secz`` or the model has no spec.
+        ConfigError: ``path`` does not end in ``.secz`` or the model has no spec (checked
+            before any work).
         OutputError: the folder cannot be written.
     """
-    _check_spec(model)
+    target = Path(path)
+    if target.suffix != ".secz":
+        raise ConfigError(f"cannot write the planned model to {target}: name the file .secz")
+    _check_spec(model, "apply_plan")
     pruned = copy.deepcopy(model)
     if plan.ratio > 0:
         config = dataclasses.replace(plan.structured, ratio=plan.ratio)
@@ -488,13 +510,14 @@ def apply_plan(
     if plan.coding.values.value == "codebook" and recover is not None:
         books = cluster_weights_(pruned, CodebookConfig(bits=plan.coding.bits))
         recover(pruned, books)
-    target = save_compressed(pruned, path, plan.coding, metadata=metadata)
     limit = plan.budget.max_file_bytes
-    while limit is not None and target.stat().st_size > limit and sparsity < MAX_SPARSITY:
+    size = len(compressed_bytes(pruned, plan.coding, metadata=metadata))
+    while limit is not None and size > limit and sparsity < MAX_SPARSITY:
         sparsity = min(MAX_SPARSITY, math.floor((sparsity + TIGHTEN_STEP) * 1000) / 1000)
         config = dataclasses.replace(plan.weights, sparsity=sparsity)
         prune_(pruned, config, calibration=calibration).make_permanent()
-        target = save_compressed(pruned, path, plan.coding, metadata=metadata)
+        size = len(compressed_bytes(pruned, plan.coding, metadata=metadata))
+    save_compressed(pruned, target, plan.coding, metadata=metadata)
     device = next(model.parameters()).device
     restored = load_compressed(target, device=str(device)).model
     base_latency, latency = measure_latencies([model, restored], example_inputs, runs=latency_runs)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .._progress import make_progress
 from ..errors import ConfigError
-from ..export import CompressionConfig, save_compressed
+from ..export import CompressionConfig, save_compressed, tensors_to_save
 from ..measure import Metrics, count_macs, count_params, layer_sparsity, measure_latencies
 from ..pruning import (
     DepthConfig,
@@ -161,7 +161,7 @@ def _label(config: PruningConfig) -> str:
 def _measure_files(model: nn.Module, folder: Path, index: int) -> tuple[int, int | None]:
     """Bytes of the dense safetensors file and of the lossless ``.secz`` file, both written."""
     dense = folder / f"{index}.safetensors"
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, _ = tensors_to_save(model)  # tied weights once, as save_model stores them
     save_file(state, str(dense))
     if getattr(model, "secateur_spec", None) is None:
         return dense.stat().st_size, None

@@ -13,6 +13,7 @@ from ._safetensors import LoadedModel as LoadedModel
 from ._safetensors import load_model as load_model
 from ._safetensors import manifest_path_for as manifest_path_for
 from ._safetensors import save_model as save_model
+from ._safetensors import tensors_to_save as tensors_to_save
 from ._safetensors import update_metadata as update_metadata
 from ._stages import StageSize as StageSize
 from ._stages import compression_stages as compression_stages
@@ -32,5 +33,6 @@ __all__ = [
     "load_model",
     "manifest_path_for",
     "save_model",
+    "tensors_to_save",
     "update_metadata",
 ]

@@ -48,7 +48,7 @@ from ..errors import ArtifactError, ConfigError
 from ..pruning._unstructured import PRUNABLE_TYPES
 from ..quantization._codebook import CodebookConfig
 from ._codec import best_relative_bits, encode_bitmask, pack_bits, relative_codes
-from ._safetensors import LoadedModel, _tensors_to_save, model_edits, rebuild_model
+from ._safetensors import LoadedModel, model_edits, rebuild_model, tensors_to_save
 from ._tensor_codec import MAX_ELEMENTS, decode_tensor, encode_values, tensor_bytes
 
 MAGIC = b"SECZ"
@@ -107,6 +107,12 @@ class CompressionConfig:
         CodebookConfig(bits=self.bits, per_layer=self.per_layer)  # validates bits
         check_int("level", self.level, 1)
         check_range("level", self.level, 1, 22)
+
+    @property
+    def label(self) -> str:
+        """``exact``, ``float16``, ``int8`` or ``codebook 5-bit``: the value coding in words."""
+        values = self.values.value
+        return f"codebook {self.bits}-bit" if values == "codebook" else values
 
     def bits_for(self, module_name: str) -> int:
         return CodebookConfig(bits=self.bits, per_layer=self.per_layer).bits_for(module_name)
@@ -190,7 +196,7 @@ def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any
     spec = getattr(model, "secateur_spec", None)
     if spec is None:
         raise ConfigError("model has no secateur_spec: build it with secateur.zoo.create_model")
-    tensors, tied = _tensors_to_save(model)
+    tensors, tied = tensors_to_save(model)
     weights = _weight_names(model)
     payload = _Payload(aligned=config.entropy is Entropy.ZSTD)
     entries = []

@@ -173,7 +173,7 @@ def apply_edits_(model: nn.Module, edits: Any) -> None:
             apply(model, edits[kind])
 
 
-def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state as plain CPU tensors, each shared tensor once; and ``{alias: saved name}``.
 
     safetensors refuses tensors that share memory: a tensor held under several names (tied
@@ -252,7 +252,7 @@ def save_model(
     weights = Path(path)
     if weights.suffix != ".safetensors":
         raise ConfigError(f"cannot save to {weights}: the weights path must end in .safetensors")
-    tensors, tied = _tensors_to_save(model)
+    tensors, tied = tensors_to_save(model)
     blob = save_safetensors_bytes(tensors)
     manifest = {
         "format": MANIFEST_FORMAT,

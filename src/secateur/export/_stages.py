@@ -15,7 +15,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from ._compressed import CompressionConfig, Entropy, ValueCoding, compressed_bytes
-from ._safetensors import _tensors_to_save
+from ._safetensors import tensors_to_save
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def compression_stages(
     ``config.entropy`` is ``none``. Pass the ``metadata`` the file will be saved with, since
     the header holds it.
     """
-    tensors, _ = _tensors_to_save(model)
+    tensors, _ = tensors_to_save(model)
     stages = [StageSize("dense weights (safetensors)", len(save_safetensors_bytes(tensors)))]
     raw = dataclasses.replace(config, entropy=Entropy.NONE)
     exact = dataclasses.replace(raw, values=ValueCoding.EXACT)

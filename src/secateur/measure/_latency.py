@@ -50,8 +50,9 @@ def measure_latencies(
     """Time ``model(*example_inputs)`` for each model, interleaved, in eval mode, no grad.
 
     Runs ``warmup`` untimed rounds, then ``runs`` timed rounds (at least 20); one round calls each
-    model once, each round starting one model further on, so no model holds the first place. CUDA is synchronised around every call. Inputs and models must share a device;
-    an :class:`OnnxRunner` takes any (CUDA inputs are copied to the host inside its timed call).
+    model once, each round starting one model further on, so no model always goes first. CUDA
+    is synchronised around every call. Inputs and models must share a device; an
+    :class:`OnnxRunner` takes any (CUDA inputs are copied to the host inside its timed call).
     Returns one :class:`Latency` per model, with batch size, threads, device and runtime: for a
     runner, its own runtime string (e.g. ``onnxruntime 1.31.1 CPUExecutionProvider``), threads
     and device.

@@ -5,6 +5,7 @@ and ratio, prune a copy one-shot and fine-tune it â†’ measure all copies alike â
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -20,14 +21,13 @@ from .._atomic import atomic_write_text
 from .._config import check_int, check_range, config_from_dict, config_to_dict
 from ..errors import ConfigError
 from ..explore import SweepResult, sweep
-from ..pruning import MaskSet
+from ..pruning import DepthConfig, DepthResult, MaskSet, prune_
 from ..report import plot_tradeoff, tradeoff_markdown, tradeoff_table
 from ..training import LRSchedule, evaluate
 from ..zoo import create_model
 from ._compress import (
     _baseline,
     _calibration,
-    _check_depth,
     _model_kwargs,
     _recover,
     _start_job,
@@ -193,16 +193,26 @@ NOTES = [
 
 
 def _check_blocks(model: nn.Module, config: SweepConfig, data: Any) -> None:
-    """Depth pruning must find blocks to remove; the fix named is the sweep's own."""
-    deepest = max(
-        (p for p in config.points() if p.method is CompressMethod.DEPTH),
-        key=lambda p: p.depth_ratio,
-    )
-    try:
-        _check_depth(model, deepest, data)
-    except ConfigError as exc:
-        what = str(exc).split(": ")[0]
-        raise ConfigError(f"{what}: drop depth from methods (--methods)") from None
+    """Fail before any training unless every depth ratio of the sweep removes a block. Which
+    blocks exist depends on the architecture only, so copies of ``model`` are pruned and
+    thrown away."""
+    name = f"checkpoint {config.baseline}" if config.baseline else f"model {config.model}"
+    example = data.example_input.to(next(model.parameters()).device)
+    lowest, highest = config.ratios[0], config.ratios[-1]
+    deepest = prune_(copy.deepcopy(model), DepthConfig(ratio=highest), example_inputs=example)
+    assert isinstance(deepest, DepthResult)
+    found = len(deepest.candidates)
+    if not deepest.removed:
+        what = "has no residual blocks" if not found else "cannot lose any residual block"
+        raise ConfigError(f"{name} {what} to remove: drop depth from methods (--methods)")
+    shallowest = prune_(copy.deepcopy(model), DepthConfig(ratio=lowest), example_inputs=example)
+    assert isinstance(shallowest, DepthResult)
+    if not shallowest.removed:
+        least = (50 // found + 1) / 100  # the least 2-decimal ratio with round(r * found) >= 1
+        raise ConfigError(
+            f"depth at ratio {lowest:g} removes none of the {found} residual blocks of {name}: "
+            f"use ratios of at least {least:g} (--ratios)"
+        )
 
 
 def run_sweep(config: SweepConfig, *, console: Console | None = None) -> SweepJobResult:
@@ -247,7 +257,6 @@ def run_sweep(config: SweepConfig, *, console: Console | None = None) -> SweepJo
     json_path, plot_path, report_path = (out / f"sweep.{s}" for s in ("json", "png", "md"))
     scored_on = f"top-1 accuracy on {len(data.test):,} test images"
     job = {"recipe": config.to_dict(), "scored_on": scored_on, "baseline_source": source}
-    atomic_write_text(json_path, json.dumps({**result.to_dict(), "job": job}, indent=2) + "\n")
     methods = ", ".join(m.value for m in config.methods)
     plot_tradeoff(
         result,
@@ -275,5 +284,7 @@ def run_sweep(config: SweepConfig, *, console: Console | None = None) -> SweepJo
             plot_name=plot_path.name,
         ),
     )
+    # last: a complete sweep.json means the job finished
+    atomic_write_text(json_path, json.dumps({**result.to_dict(), "job": job}, indent=2) + "\n")
     console.print(f"saved {json_path}, {plot_path} and {report_path}")
     return SweepJobResult(result, json_path, plot_path, report_path, source)

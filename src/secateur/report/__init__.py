@@ -4,6 +4,10 @@ from ._export import VariantFigures as VariantFigures
 from ._export import export_markdown as export_markdown
 from ._export import export_table as export_table
 from ._export import stages_table as stages_table
+from ._plan import budget_rows as budget_rows
+from ._plan import plan_markdown as plan_markdown
+from ._plan import plan_summary as plan_summary
+from ._plan import plan_table as plan_table
 from ._plots import plot_sensitivity as plot_sensitivity
 from ._render import comparison_table as comparison_table
 from ._render import conditions as conditions
@@ -27,6 +31,10 @@ __all__ = [
     "sensitivity_markdown",
     "sensitivity_table",
     "plot_tradeoff",
+    "budget_rows",
+    "plan_markdown",
+    "plan_summary",
+    "plan_table",
     "tradeoff_markdown",
     "tradeoff_rows",
     "tradeoff_table",

@@ -113,8 +113,8 @@ def tradeoff_markdown(
         "setting's smaller file (safetensors or the lossless `.secz`). `faster`: the baseline's "
         "median latency over the setting's, all models timed in one interleaved loop"
         + (f" ({lat.conditions()})" if lat is not None else "")
-        + ". Pareto ✓: no other row has a higher score, a smaller file and a lower latency "
-        "at once.",
+        + ". Pareto ✓: no other row is at least as good on score, stored bytes and latency "
+        "and better on one of them.",
         "",
     ]
     lines += _md_table(HEADER, tradeoff_rows(result)) + [""]
