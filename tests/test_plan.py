@@ -168,7 +168,8 @@ def test_apply_plan_recovers_each_stage_and_tightens_an_overgrown_file(
     outcome = apply_plan(
         mlp, plan, path, example_inputs=X, score=fidelity(mlp), recover=recover, latency_runs=20
     )
-    assert seen == ["NoneType", "MaskSet", "Codebooks"]
+    # the spreading recovery grew the file: tightened, then recovered once more
+    assert seen == ["NoneType", "MaskSet", "Codebooks", "MaskSet", "Codebooks"]
     assert outcome.met == {"max_file_bytes": True, "max_macs": True}
     assert outcome.figures.file_bytes == path.stat().st_size <= 40_000
     assert plan.sparsity <= outcome.sparsity <= MAX_SPARSITY

@@ -480,8 +480,9 @@ def apply_plan(
     Structured pruning, then ``recover(m, None)``; weight pruning, then ``recover(m, masks)``;
     for a codebook coding, k-means clustering, then ``recover(m, codebooks)`` (centroid
     fine-tuning). If the encoded file is then over the byte budget (recovery moves the values),
-    :data:`TIGHTEN_STEP` more of the weights are zeroed at a time, with no further recovery,
-    until it fits or :data:`MAX_SPARSITY` is reached. The file is written atomically, reloaded
+    :data:`TIGHTEN_STEP` more of the weights are zeroed at a time until it fits (or
+    :data:`MAX_SPARSITY` is reached), the weight stages are recovered once more at that
+    sparsity, and, should the file have grown again, zeroed further without recovery. The file is written atomically, reloaded
     and measured; ``met`` tells which limits its figures meet. Pass the ``metadata`` that
     :func:`plan_for_budget` was given, so the header the probes counted is the one written.
 
@@ -500,23 +501,39 @@ def apply_plan(
         prune_(pruned, config, example_inputs=example_inputs, calibration=calibration)
         if recover is not None:
             recover(pruned, None)
-    sparsity = plan.sparsity
-    if sparsity > 0:
-        config = dataclasses.replace(plan.weights, sparsity=sparsity)
-        masks = prune_(pruned, config, calibration=calibration)
-        if recover is not None:
-            recover(pruned, masks)
-        masks.make_permanent()
-    if plan.coding.values.value == "codebook" and recover is not None:
-        books = cluster_weights_(pruned, CodebookConfig(bits=plan.coding.bits))
-        recover(pruned, books)
     limit = plan.budget.max_file_bytes
-    size = len(compressed_bytes(pruned, plan.coding, metadata=metadata))
-    while limit is not None and size > limit and sparsity < MAX_SPARSITY:
-        sparsity = min(MAX_SPARSITY, math.floor((sparsity + TIGHTEN_STEP) * 1000) / 1000)
-        config = dataclasses.replace(plan.weights, sparsity=sparsity)
-        prune_(pruned, config, calibration=calibration).make_permanent()
+
+    def over() -> bool:
         size = len(compressed_bytes(pruned, plan.coding, metadata=metadata))
+        return limit is not None and size > limit
+
+    def recover_weights(sparsity: float) -> None:
+        """Weight pruning at ``sparsity`` with recovery under its masks, then codebooks."""
+        if sparsity > 0:
+            config = dataclasses.replace(plan.weights, sparsity=sparsity)
+            masks = prune_(pruned, config, calibration=calibration)
+            if recover is not None:
+                recover(pruned, masks)
+            masks.make_permanent()
+        if plan.coding.values.value == "codebook" and recover is not None:
+            books = cluster_weights_(pruned, CodebookConfig(bits=plan.coding.bits))
+            recover(pruned, books)
+
+    def tighten(sparsity: float) -> float:
+        """Zero more weights, no recovery, until the file fits; return the sparsity reached."""
+        while over() and sparsity < MAX_SPARSITY:
+            sparsity = min(MAX_SPARSITY, math.floor((sparsity + TIGHTEN_STEP) * 1000) / 1000)
+            config = dataclasses.replace(plan.weights, sparsity=sparsity)
+            prune_(pruned, config, calibration=calibration).make_permanent()
+        return sparsity
+
+    sparsity = plan.sparsity
+    recover_weights(sparsity)
+    if over():
+        sparsity = tighten(sparsity)
+        if recover is not None:  # one more recovery at the tightened sparsity, then re-check
+            recover_weights(sparsity)
+            sparsity = tighten(sparsity)
     save_compressed(pruned, target, plan.coding, metadata=metadata)
     device = next(model.parameters()).device
     restored = load_compressed(target, device=str(device)).model
