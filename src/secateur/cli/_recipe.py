@@ -46,3 +46,22 @@ def given_settings(
     recipe_path = settings.pop("recipe", None)
     recipe = read_recipe(recipe_path, section) if recipe_path else {}
     return settings, recipe, recipe_path
+
+
+def add_baseline_flags(p: argparse.ArgumentParser, *, out_default: str) -> None:
+    """The flags of every job that trains (or reuses, or loads) a Fashion-MNIST baseline the
+    way ``compress`` does: data, size limit, baseline epochs, output, device, seed, threads,
+    cache and progress bars."""
+    p.add_argument("--data", metavar="DIR", help="folder holding the four Fashion-MNIST IDX files")
+    p.add_argument("--limit", type=int, help="use only the first N train and test images")
+    p.add_argument("--epochs", type=int, help="baseline training epochs (default 8)")
+    p.add_argument("--out", metavar="DIR", help=f"output folder (default {out_default})")
+    p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--seed", type=int, help="(default 0)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--no-cache", dest="cache", action="store_false", help="always train the baseline anew"
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+    )

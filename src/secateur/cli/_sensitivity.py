@@ -12,7 +12,7 @@ from ..explore import SensitivityMethod
 from ..importance import list_criteria
 from ..recipes import SensitivityConfig, run_sensitivity
 from ..zoo import list_models
-from ._recipe import given_settings
+from ._recipe import add_baseline_flags, given_settings
 
 SECTION = "sensitivity"
 
@@ -38,7 +38,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--baseline", metavar="CKPT", help="scan this saved .safetensors model instead of training"
     )
-    p.add_argument("--data", metavar="DIR", help="folder holding the four Fashion-MNIST IDX files")
     p.add_argument(
         "--method",
         choices=[m.value for m in SensitivityMethod],
@@ -71,18 +70,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         dest="max_ratio",
         help="no layer's allocated ratio beyond this (default 0.95)",
     )
-    p.add_argument("--limit", type=int, help="use only the first N train and test images")
-    p.add_argument("--epochs", type=int, help="baseline training epochs (default 8)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default secateur-sensitivity)")
-    p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--seed", type=int, help="(default 0)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument(
-        "--no-cache", dest="cache", action="store_false", help="always train the baseline anew"
-    )
-    p.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
-    )
+    add_baseline_flags(p, out_default="secateur-sensitivity")
 
 
 def parse_ratios(text: str) -> list[float]:

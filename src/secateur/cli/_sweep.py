@@ -10,7 +10,7 @@ from rich.console import Console
 from ..importance import list_criteria
 from ..recipes import CompressMethod, SweepConfig, run_sweep
 from ..zoo import list_models
-from ._recipe import given_settings
+from ._recipe import add_baseline_flags, given_settings
 from ._sensitivity import parse_ratios
 
 SECTION = "sweep"
@@ -38,7 +38,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--baseline", metavar="CKPT", help="sweep this saved .safetensors model instead of training"
     )
-    p.add_argument("--data", metavar="DIR", help="folder holding the four Fashion-MNIST IDX files")
     p.add_argument(
         "--methods",
         metavar="M,M,...",
@@ -59,19 +58,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--finetune-lr", type=float, dest="finetune_lr", help="(default 0.02)")
     p.add_argument("--recovery", choices=["finetune", "distill"], help="(default finetune)")
-    p.add_argument("--limit", type=int, help="use only the first N train and test images")
-    p.add_argument("--epochs", type=int, help="baseline training epochs (default 8)")
     p.add_argument("--latency-runs", type=int, dest="latency_runs", help="(default 50)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default secateur-sweep)")
-    p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--seed", type=int, help="(default 0)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument(
-        "--no-cache", dest="cache", action="store_false", help="always train the baseline anew"
-    )
-    p.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
-    )
+    add_baseline_flags(p, out_default="secateur-sweep")
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
