@@ -316,3 +316,12 @@ def test_cli_bad_input_exits_2_with_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not any(out.glob("sweep.*"))
+
+
+def test_cli_passes_calibration_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from secateur.cli import _sweep
+
+    seen = {}
+    monkeypatch.setattr(_sweep, "run_sweep", lambda config, console: seen.setdefault("c", config))
+    assert main(["sweep", "--calibration-batches", "3", "--methods", "sparsegpt"]) == 0
+    assert seen["c"].calibration_batches == 3 and seen["c"].common().calibration_batches == 3

@@ -89,6 +89,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--round-to", type=int, dest="round_to", help="structured: width multiple")
     p.add_argument(
+        "--calibration-batches",
+        type=int,
+        dest="calibration_batches",
+        help="training batches for data criteria and SparseGPT (default 8)",
+    )
+    p.add_argument(
         "--max-ratio", type=float, dest="max_ratio", help="structured: at most (default 0.9)"
     )
     p.add_argument(

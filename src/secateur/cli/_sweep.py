@@ -54,6 +54,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", choices=["global", "layer"], help="(default: the method's)")
     p.add_argument("--round-to", type=int, dest="round_to", help="structured: width multiple")
     p.add_argument(
+        "--calibration-batches",
+        type=int,
+        dest="calibration_batches",
+        help="training batches for data criteria and SparseGPT (default 8)",
+    )
+    p.add_argument(
         "--finetune-epochs", type=int, dest="finetune_epochs", help="per setting (default 1)"
     )
     p.add_argument("--finetune-lr", type=float, dest="finetune_lr", help="(default 0.02)")
