@@ -6,6 +6,7 @@ happens before run i+1 of any, and a burst of load from elsewhere hits all of th
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ def measure_latencies(
     """Time ``model(*example_inputs)`` for each model, interleaved, in eval mode, no grad.
 
     Runs ``warmup`` untimed rounds, then ``runs`` timed rounds (at least 20); one round calls each
-    model once, each round starting one model further on, so no model always goes first. CUDA
+    model once, in a fresh (seeded) random order, so no model keeps a place or a predecessor. CUDA
     is synchronised around every call. Inputs and models must share a device; an
     :class:`OnnxRunner` takes any (CUDA inputs are copied to the host inside its timed call).
     Returns one :class:`Latency` per model, with batch size, threads, device and runtime: for a
@@ -68,6 +69,7 @@ def measure_latencies(
     device = inputs[0].device
     modes = [m.training for m in models]
     times: list[list[float]] = [[] for _ in models]
+    shuffler = random.Random(0)  # seeded: the same orders on every call
     try:
         for m in models:
             m.eval()
@@ -75,10 +77,12 @@ def measure_latencies(
             task = bar.add_task("time latency", total=warmup + runs, status="")
             for i in range(warmup + runs):
                 bar.update(task, advance=1)
-                # each round starts one model further on, so that no model always pays for
-                # being first after the loop's own bookkeeping (measured: ~1-5% on a 0.25 ms model)
-                for j in range(len(models)):
-                    k = (i + j) % len(models)
+                # a fresh order each round: a model timed right after a sibling (same runtime,
+                # same code paths) ran up to 38% faster than after another runtime, and always
+                # going first cost ~1-5%, so no model may keep a place or a predecessor
+                order = list(range(len(models)))
+                shuffler.shuffle(order)
+                for k in order:
                     model = models[k]
                     _sync(device)
                     start = time.perf_counter()
