@@ -217,8 +217,23 @@ def test_apply_plan_checks_its_path_before_any_work(mlp: nn.Module, tmp_path: Pa
         apply_plan(plain, plan, tmp_path / "m.secz", example_inputs=X, score=lambda m: 0.0)
 
 
+def test_coding_labels_and_counts_in_messages(mlp: nn.Module) -> None:
+    assert CompressionConfig(values="int8").label == "int8"
+    assert CompressionConfig(values="codebook", bits=5).label == "codebook 5-bit"
+    wide = CompressionConfig(values="codebook", bits=5, per_layer={"fc3": 8})
+    assert wide.label == "codebook 5-bit, fc3=8"
+    with pytest.raises(ConfigError, match=r"leaves params \d\d,\d\d\d > 1,000;"):
+        plan_for_budget(mlp, Budget(max_params=1000), example_inputs=X, score=fidelity(mlp))
+
+
 def test_weights_config_may_not_fix_the_sparsity(mlp: nn.Module) -> None:
-    from secateur import UnstructuredConfig
+    from secateur import StructuredConfig, UnstructuredConfig
+
+    with pytest.raises(ConfigError, match="chooses the structured ratio itself"):
+        plan_for_budget(
+            mlp, Budget(max_macs=10**5), example_inputs=X, score=lambda m: 0.0,
+            structured=StructuredConfig(ratio=0.0, per_layer={"fc1": 0.5}),
+        )  # fmt: skip
 
     for weights in (UnstructuredConfig(nm="2:4"), UnstructuredConfig(per_layer={"fc1": 0.5})):
         with pytest.raises(ConfigError, match="chooses the sparsity itself"):

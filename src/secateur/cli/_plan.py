@@ -92,7 +92,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--calibration-batches",
         type=int,
         dest="calibration_batches",
-        help="training batches for data criteria and SparseGPT (default 8)",
+        help="training batches for data criteria (default 8)",
     )
     p.add_argument(
         "--max-ratio", type=float, dest="max_ratio", help="structured: at most (default 0.9)"

@@ -50,8 +50,15 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="comma-separated ratios in (0, 1): sparsity, channel or block ratio by method "
         "(default 0.5,0.7,0.9)",
     )
-    p.add_argument("--criterion", help=f"importance criterion: {', '.join(list_criteria())}")
-    p.add_argument("--scope", choices=["global", "layer"], help="(default: the method's)")
+    p.add_argument(
+        "--criterion",
+        help=f"unstructured/structured: importance criterion: {', '.join(list_criteria())}",
+    )
+    p.add_argument(
+        "--scope",
+        choices=["global", "layer"],
+        help="unstructured/structured: (default: the method's)",
+    )
     p.add_argument("--round-to", type=int, dest="round_to", help="structured: width multiple")
     p.add_argument(
         "--calibration-batches",

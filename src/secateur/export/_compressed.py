@@ -110,9 +110,13 @@ class CompressionConfig:
 
     @property
     def label(self) -> str:
-        """``exact``, ``float16``, ``int8`` or ``codebook 5-bit``: the value coding in words."""
+        """``exact``, ``float16``, ``int8`` or ``codebook 5-bit`` (with any per-layer widths,
+        e.g. ``codebook 5-bit, fc3=8``): the value coding in words."""
         values = self.values.value
-        return f"codebook {self.bits}-bit" if values == "codebook" else values
+        if values != "codebook":
+            return values
+        layers = "".join(f", {pattern}={bits}" for pattern, bits in self.per_layer.items())
+        return f"codebook {self.bits}-bit{layers}"
 
     def bits_for(self, module_name: str) -> int:
         return CodebookConfig(bits=self.bits, per_layer=self.per_layer).bits_for(module_name)

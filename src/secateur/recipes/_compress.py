@@ -292,7 +292,7 @@ def _recover(
     epochs: int | None = None,
 ) -> None:
     """Fine-tune or distil ``pruned`` for ``epochs`` (default ``finetune_epochs``) while
-    ``constraint`` (masks, or a gradual pruner) holds."""
+    ``constraint`` (masks, a gradual pruner or codebooks; ``None`` for none) holds."""
     train = config.finetuning()
     if epochs is not None:
         train = TrainConfig.from_dict({**train.to_dict(), "epochs": epochs})

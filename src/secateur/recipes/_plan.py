@@ -218,6 +218,10 @@ def run_plan(config: PlanConfig, *, console: Console | None = None) -> PlanJobRe
         "recipe": config.to_dict(),
         "baseline_source": source,
         "baseline_test_score": base_test,
+        "scored_on": {
+            "plan": f"top-1 accuracy (%) on {len(data.val):,} validation images (search only)",
+            "outcome": f"top-1 accuracy (%) on {len(data.test):,} test images",
+        },
         "plan": plan.to_dict(),
         "outcome": {
             "path": str(model_path),
@@ -238,9 +242,12 @@ def run_plan(config: PlanConfig, *, console: Console | None = None) -> PlanJobRe
         "Parameters, MACs and latency only fall when the model gets narrower, so those limits "
         "are met by structured pruning; zeroed weights shrink only the compressed file (the "
         "loaded model is dense again).",
-        "The codings were compared on the validation split; the accuracies above are on the "
-        "test split.",
     ]
+    if plan.candidates:
+        notes.append(
+            "The codings were compared one-shot on the validation split; the accuracies of "
+            "the baseline and the planned model are on the test split."
+        )
     if plan.budget.max_latency_ms is not None:
         notes.append(
             f"A latency probe had to come {LATENCY_MARGIN:.0%} under the limit, since timing "
@@ -252,6 +259,7 @@ def run_plan(config: PlanConfig, *, console: Console | None = None) -> PlanJobRe
         title=f"secateur plan: {config.model}",
         baseline_score=base_test,
         score_label="Test top-1 accuracy (%)",
+        selection_label="one-shot val top-1 (%)",
         setup=setup,
         notes=notes,
     )

@@ -66,7 +66,8 @@ def plan_summary(plan: Plan, sparsity: float) -> str:
             if sparsity > plan.sparsity
             else ""
         )
-        steps.append(f"global magnitude sparsity {sparsity:.2%}{tightened}")
+        weights = f"{plan.weights.scope.value} {plan.weights.criterion}"
+        steps.append(f"{weights} sparsity {sparsity:.2%}{tightened}")
     steps.append(f"file values {plan.coding.label}")
     return "; ".join(steps)
 
@@ -91,11 +92,13 @@ def plan_markdown(
     title: str,
     baseline_score: float,
     score_label: str,
+    selection_label: str = "one-shot score",
     setup: Sequence[tuple[str, str]] = (),
     notes: Sequence[str] = (),
 ) -> str:
     """A Markdown report: set-up, the budget table, the plan in words, the score of both
-    models (``baseline_score`` beside the outcome's), the codings table and notes."""
+    models (``baseline_score`` beside the outcome's, both ``score_label``), the codings table
+    (their one-shot scores headed ``selection_label``, which may be another split) and notes."""
     lines = [f"# {title}", ""]
     if setup:
         lines += _md_table(("setting", "value"), setup) + [""]
@@ -122,7 +125,7 @@ def plan_markdown(
             "",
         ]
         lines += _md_table(
-            ("coding", "sparsity", "file bytes", "one-shot score", "chosen"),
+            ("coding", "sparsity", "file bytes", selection_label, "chosen"),
             _candidate_rows(plan),
         ) + [""]
     structured = [p for p in plan.probes if p.stage == "structured"]
