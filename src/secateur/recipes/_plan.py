@@ -212,7 +212,11 @@ def run_plan(config: PlanConfig, *, console: Console | None = None) -> PlanJobRe
     )
     console.print(plan_table(plan, outcome))
     base_test = test_score(model)
-    console.print(f"  test top-1: baseline {base_test:.2f}% → {outcome.figures.score:.2f}%")
+    console.print(
+        f"  test top-1 on {len(data.test):,} images: baseline {base_test:.2f}% → "
+        f"{outcome.figures.score:.2f}% (the reloaded {model_path.name}); latency: "
+        f"{outcome.figures.latency.conditions()}, timed interleaved with the baseline"
+    )
     json_path, report_path = out / "plan.json", out / "plan.md"
     saved = {
         "recipe": config.to_dict(),

@@ -254,6 +254,13 @@ def run_sweep(config: SweepConfig, *, console: Console | None = None) -> SweepJo
         progress=config.progress,
     )
     console.print(tradeoff_table(result))
+    latency = result.baseline.metrics.latency
+    console.print(
+        f"  score: test top-1 (%) on {len(data.test):,} images after {config.finetune_epochs} "
+        f"fine-tuning epoch(s); smaller: baseline safetensors bytes ÷ the smaller file; faster: "
+        f"baseline latency ÷ latency ({latency.conditions() if latency else 'not timed'}, "
+        "all models in one interleaved loop)"
+    )
     json_path, plot_path, report_path = (out / f"sweep.{s}" for s in ("json", "png", "md"))
     scored_on = f"top-1 accuracy on {len(data.test):,} test images"
     job = {"recipe": config.to_dict(), "scored_on": scored_on, "baseline_source": source}
