@@ -66,9 +66,11 @@ def test_compute_budget_takes_the_smallest_structured_ratio_that_fits(mlp: nn.Mo
     budget = Budget(max_macs=dense // 2)
     plan = plan_for_budget(mlp, budget, example_inputs=X, score=fidelity(mlp), latency_runs=20)
     assert 0 < plan.ratio < 0.9 and plan.sparsity == 0.0 and plan.candidates == ()
+    assert plan.shape_method == "channels"  # an MLP has no residual block
+    assert [p.stage for p in plan.shapes] == ["channels"] and plan.shapes[0].setting == plan.ratio
     assert plan.baseline.macs == dense and plan.baseline.score == 0.0
     # bisection: every probe that fits has a ratio >= the plan's, every one that does not, less
-    probes = [p for p in plan.probes if p.stage == "structured"]
+    probes = [p for p in plan.probes if p.stage == "channels"]
     assert all(p.setting >= plan.ratio for p in probes if p.fits)
     assert all(p.setting < plan.ratio for p in probes if not p.fits)
     assert all((p.figures.macs <= budget.max_macs) is p.fits for p in probes)
@@ -125,7 +127,10 @@ def test_a_budget_the_baseline_meets_prunes_nothing(mlp: nn.Module, tmp_path: Pa
 
 
 def test_unreachable_budgets_and_models_without_a_spec(mlp: nn.Module) -> None:
-    with pytest.raises(ConfigError, match=r"budget out of reach: even structured ratio 0\.9"):
+    with pytest.raises(
+        ConfigError,
+        match=r"out of reach: the most pruned probes still miss it \(channels at ratio 0\.9: macs",
+    ):
         plan_for_budget(mlp, Budget(max_macs=10), example_inputs=X, score=fidelity(mlp))
     with pytest.raises(ConfigError, match="no coding gets the file under 100 bytes"):
         plan_for_budget(
@@ -222,7 +227,7 @@ def test_coding_labels_and_counts_in_messages(mlp: nn.Module) -> None:
     assert CompressionConfig(values="codebook", bits=5).label == "codebook 5-bit"
     wide = CompressionConfig(values="codebook", bits=5, per_layer={"fc3": 8})
     assert wide.label == "codebook 5-bit, fc3=8"
-    with pytest.raises(ConfigError, match=r"leaves params \d\d,\d\d\d > 1,000;"):
+    with pytest.raises(ConfigError, match=r"ratio 0\.9: params \d\d,\d\d\d > 1,000\)"):
         plan_for_budget(mlp, Budget(max_params=1000), example_inputs=X, score=fidelity(mlp))
 
 
@@ -385,3 +390,39 @@ def test_latency_probes_must_come_under_the_limit_by_the_margin() -> None:
     assert _excess(Figures(None, 10, 10, 10, None, None), budget, limit) == [
         "latency_ms not measured > 0.95 (the limit 1 less the 5% timing margin)"
     ]
+
+
+def test_compute_budget_chooses_between_channels_and_blocks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = create_model("resnet20", in_channels=1, image_size=28)
+    dense = count_macs(net, X).dense
+    budget = Budget(max_macs=int(dense * 0.7))
+    score = fidelity(net)
+    plan = plan_for_budget(net, budget, example_inputs=X, score=score, latency_runs=20)
+    assert [p.stage for p in plan.shapes] == ["channels", "blocks"]
+    assert all(p.fits and p.figures.macs <= budget.max_macs for p in plan.shapes)
+    best = max(plan.shapes, key=lambda p: p.figures.score)
+    assert (plan.shape_method, plan.ratio) == (best.stage, best.setting)
+    # blocks only: whole residual blocks go, and the reloaded file keeps them gone
+    blocks = plan_for_budget(
+        net, budget, example_inputs=X, score=score, latency_runs=20, shape_methods=("blocks",)
+    )
+    assert blocks.shape_method == "blocks" and 0 < blocks.ratio < 1
+    outcome = apply_plan(net, blocks, tmp_path / "r.secz", example_inputs=X, score=score)
+    assert outcome.met == {"max_macs": True}
+    assert outcome.figures.macs == blocks.shapes[0].figures.macs
+    assert outcome.figures.params == blocks.shapes[0].figures.params < count_params(net)[0]
+
+
+def test_shape_methods_are_checked(mlp: nn.Module) -> None:
+    budget = Budget(max_macs=1000)
+    with pytest.raises(ConfigError, match="no shape method applies: the model has no residual"):
+        plan_for_budget(
+            mlp, budget, example_inputs=X, score=lambda m: 0.0, shape_methods=["blocks"]
+        )
+    for bad in ([], ["rows"], ["channels", "channels"]):
+        with pytest.raises(ConfigError, match="shape_methods"):
+            plan_for_budget(mlp, budget, example_inputs=X, score=lambda m: 0.0, shape_methods=bad)
+    assert PlanConfig(max_macs=10, shape_methods="blocks").shape_methods == ("blocks",)
+    with pytest.raises(ConfigError, match="shape_methods"):
+        PlanConfig(max_macs=10, shape_methods="channels,layers")

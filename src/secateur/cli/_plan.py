@@ -98,6 +98,13 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--max-ratio", type=float, dest="max_ratio", help="structured: at most (default 0.9)"
     )
     p.add_argument(
+        "--shape-methods",
+        dest="shape_methods",
+        metavar="M,M",
+        help="how parameter, MAC and latency limits may narrow the model: channels, blocks "
+        "(whole residual blocks, where the model has them); default channels,blocks",
+    )
+    p.add_argument(
         "--codings",
         metavar="C,C,...",
         help=f"file value codings to try (default {','.join(CODINGS)})",

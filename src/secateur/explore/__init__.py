@@ -10,6 +10,7 @@ from ._allocate import allocate_ratios as allocate_ratios
 from ._allocate import predicted_drop as predicted_drop
 from ._allocate import predicted_savings as predicted_savings
 from ._plan import LATENCY_MARGIN as LATENCY_MARGIN
+from ._plan import SHAPE_METHODS as SHAPE_METHODS
 from ._plan import Budget as Budget
 from ._plan import Plan as Plan
 from ._plan import PlanOutcome as PlanOutcome
@@ -28,6 +29,7 @@ from ._tradeoff import sweep as sweep
 
 __all__ = [
     "LATENCY_MARGIN",
+    "SHAPE_METHODS",
     "Budget",
     "Plan",
     "PlanOutcome",

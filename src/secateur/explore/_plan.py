@@ -2,9 +2,10 @@
 
 A budget has two sides. **Compute** (``max_macs``, ``max_latency_ms``) and **runtime weight
 memory** (``max_params``: the loaded model is dense) only shrink when the model itself gets
-narrower, so they are met by structured pruning: the smallest channel ratio that meets them is
-found by bisection, each probe a pruned copy whose MACs and parameters are counted and whose
-latency is timed. **Storage** (``max_file_bytes``: the ``.secz`` file a device downloads or
+narrower, so they are met by structured pruning: for channels, and for whole residual blocks
+where the model has them, the smallest ratio that meets them is found by bisection, each probe
+a pruned copy whose MACs and parameters are counted and whose latency is timed, and the better
+scoring of the two is kept. **Storage** (``max_file_bytes``: the ``.secz`` file a device downloads or
 keeps in flash) is met more cheaply by zeroing weights and coding the values: for every value
 coding (exact, float16, int8, k-means codebooks) the smallest global sparsity whose file fits
 is bisected on the encoded bytes, each candidate is decoded back and scored, and the best score
@@ -32,7 +33,7 @@ from .._config import check_int, check_range
 from ..errors import ConfigError
 from ..export import CompressionConfig, compressed_bytes, load_compressed, save_compressed
 from ..measure import Latency, count_macs, count_params, measure_latencies
-from ..pruning import StructuredConfig, UnstructuredConfig, prune_
+from ..pruning import DepthConfig, DepthResult, StructuredConfig, UnstructuredConfig, prune_
 from ..quantization import CodebookConfig, cluster_weights_
 
 Score = Callable[[nn.Module], float]
@@ -50,6 +51,10 @@ DEFAULT_CODINGS = (
     CompressionConfig(values="codebook", bits=4),
 )
 _RATIO_STEPS = 8
+#: How to narrow a model for shape-bound limits: remove channels, or whole residual blocks.
+SHAPE_METHODS = ("channels", "blocks")
+#: The highest block ratio tried (each stage keeps at least one block whatever the ratio).
+MAX_BLOCK_RATIO = 0.95
 _SPARSITY_STEPS = 10
 MAX_SPARSITY = 0.99
 #: Sparsity added per step when a recovered model's file comes out over the byte budget.
@@ -130,7 +135,8 @@ class Figures:
 
 @dataclass(frozen=True)
 class Probe:
-    """One measured step of a search: a structured ratio, or a sparsity under a coding."""
+    """One measured step of a search: ``stage`` ``channels`` or ``blocks`` with a ratio, or
+    ``weights`` with a sparsity under a ``coding``."""
 
     stage: str
     setting: float
@@ -141,7 +147,9 @@ class Probe:
 
 @dataclass(frozen=True)
 class Plan:
-    """What :func:`plan_for_budget` found. ``ratio``: structured channel ratio (0: none);
+    """What :func:`plan_for_budget` found. ``shape_method`` (``channels``, ``blocks`` or
+    ``none``) and ``ratio``: how the model is narrowed for shape-bound limits, chosen among
+    ``shapes`` (per method, the least ratio that fits, with its one-shot score);
     ``sparsity``: global weight sparsity after it; ``coding``: the file's value coding.
     ``probes`` lists every measured step, ``candidates`` the best fitting point per coding
     with its one-shot score (``None`` score: that coding cannot fit, even at 99% sparsity)."""
@@ -155,6 +163,8 @@ class Plan:
     candidates: tuple[Probe, ...]
     structured: StructuredConfig = field(default_factory=lambda: StructuredConfig(ratio=0.0))
     weights: UnstructuredConfig = field(default_factory=lambda: UnstructuredConfig(sparsity=0.0))
+    shape_method: str = "none"
+    shapes: tuple[Probe, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         def probe(p: Probe) -> dict[str, Any]:
@@ -172,7 +182,9 @@ class Plan:
             "sparsity": self.sparsity,
             "coding": self.coding.label,
             "compression": self.coding.to_dict(),
-            "structured": self.structured.to_dict() | {"ratio": self.ratio},
+            "shape_method": self.shape_method,
+            "structured": self.structured.to_dict(),
+            "shapes": [probe(p) for p in self.shapes],
             "weights": self.weights.to_dict() | {"sparsity": self.sparsity},
             "baseline": self.baseline.to_dict(),
             "probes": [probe(p) for p in self.probes],
@@ -238,38 +250,84 @@ def _check_spec(model: nn.Module, why: str) -> None:
         )
 
 
+def _ranking_inputs(calibration: Any, example_inputs: Any) -> Any:
+    """The inputs depth pruning ranks blocks on: a real batch when there is one (as the
+    compress job does), else the example."""
+    if isinstance(calibration, list | tuple) and calibration:
+        first = calibration[0]
+        if isinstance(first, list | tuple) and first:
+            return first[0]
+    return example_inputs
+
+
+def _narrow_(
+    model: nn.Module,
+    method: str,
+    ratio: float,
+    structured: StructuredConfig,
+    example_inputs: Any,
+    calibration: Any,
+) -> bool:
+    """Prune ``model`` in place by ``method`` at ``ratio``; False if nothing could go."""
+    if method == "channels":
+        config = dataclasses.replace(structured, ratio=ratio)
+        prune_(model, config, example_inputs=example_inputs, calibration=calibration)
+        return True
+    result = prune_(
+        model, DepthConfig(ratio=ratio), example_inputs=_ranking_inputs(calibration, example_inputs)
+    )
+    assert isinstance(result, DepthResult)
+    return bool(result.removed)
+
+
+def _out_of_reach(probes: list[Probe], budget: Budget, limits: Sequence[str]) -> str:
+    """Why no narrowing meets the limits: each method's most pruned probe and what it missed."""
+    tops = []
+    for method in SHAPE_METHODS:
+        mine = [p for p in probes if p.stage == method]
+        if mine:  # the first probe of a method is its highest ratio
+            excess = ", ".join(_excess(mine[0].figures, budget, limits))
+            tops.append(f"{method} at ratio {mine[0].setting:g}: {excess}")
+    if not tops:
+        return (
+            "no shape method applies: the model has no residual block to remove; add channels "
+            "to shape_methods (--shape-methods channels,blocks)"
+        )
+    return (
+        f"budget out of reach: the most pruned probes still miss it ({'; '.join(tops)}); raise "
+        "that limit, "
+        "allow a higher structured max_ratio (--max-ratio), or start from a smaller model"
+    )
+
+
 def _search_ratio(
     model: nn.Module,
+    method: str,
     budget: Budget,
     structured: StructuredConfig,
     example_inputs: Any,
     calibration: Any,
     latency_runs: int,
     probes: list[Probe],
-) -> float:
-    """Smallest structured ratio whose pruned copy meets the shape-bound limits (bisection)."""
+) -> float | None:
+    """Smallest ratio of ``method`` (``channels`` or ``blocks``) whose pruned copy meets the
+    shape-bound limits, by bisection; ``None`` if even the highest ratio does not, or the model
+    has no block to remove."""
     limits = ("max_params", "max_macs", "max_latency_ms")
     timed = latency_runs if budget.max_latency_ms is not None else None
 
-    def probe(ratio: float) -> bool:
+    def probe(ratio: float) -> bool | None:
         pruned = copy.deepcopy(model)
-        config = dataclasses.replace(structured, ratio=ratio)
-        prune_(pruned, config, example_inputs=example_inputs, calibration=calibration)
+        if not _narrow_(pruned, method, ratio, structured, example_inputs, calibration):
+            return None
         figures = _figures(pruned, example_inputs, latency_runs=timed)
         fits = _fits(figures, budget, limits)
-        probes.append(Probe("structured", ratio, None, figures, fits))
+        probes.append(Probe(method, ratio, None, figures, fits))
         return fits
 
-    if probe(0.0):
-        return 0.0
-    high = structured.max_ratio
+    high = structured.max_ratio if method == "channels" else MAX_BLOCK_RATIO
     if not probe(high):
-        reached = ", ".join(_excess(probes[-1].figures, budget, limits))
-        raise ConfigError(
-            f"budget out of reach: even structured ratio {high:g} leaves {reached}; raise that "
-            "limit, allow a higher structured max_ratio (--max-ratio), or start from a smaller "
-            "model"
-        )
+        return None
     low = 0.0
     for _ in range(_RATIO_STEPS):
         mid = (low + high) / 2
@@ -339,12 +397,16 @@ def plan_for_budget(
     codings: Sequence[CompressionConfig] = DEFAULT_CODINGS,
     latency_runs: int = 50,
     metadata: dict[str, Any] | None = None,
+    shape_methods: Sequence[str] = SHAPE_METHODS,
 ) -> Plan:
     """Find, by measurement, the least pruning that meets ``budget``; ``model`` is not changed.
 
-    Shape-bound limits (parameters, MACs, latency) pick the smallest ``structured`` ratio that
-    meets them (bisection over pruned copies, up to ``structured.max_ratio``; a latency probe
-    must come :data:`LATENCY_MARGIN` under the limit). A
+    Shape-bound limits (parameters, MACs, latency) are met by narrowing the model. For each of
+    ``shape_methods``, the smallest ratio that meets them is bisected over pruned copies:
+    ``channels`` (``structured``, up to its ``max_ratio``) and ``blocks`` (whole residual blocks,
+    least influential first, skipped for a model without any). A latency probe must come
+    :data:`LATENCY_MARGIN` under the limit. Each method's copy at its ratio is scored, and the
+    best one is kept. A
     ``max_file_bytes`` limit then picks, for each of ``codings``, the smallest ``weights``
     sparsity whose ``.secz`` file fits, decodes each such file, scores it with ``score``
     (higher is better; use held-out data) and keeps the best. No recovery runs here: candidates
@@ -365,16 +427,23 @@ def plan_for_budget(
         weights: criterion and scope of the sparsity stage (default global magnitude).
         codings: value codings to try for a file-size limit.
         latency_runs: timed runs per latency probe (>= 20).
+        shape_methods: how shape-bound limits may narrow the model: ``channels``, ``blocks``.
         metadata: the JSON metadata :func:`apply_plan` will store in the file; its header counts
             toward the file limit, so probes are encoded with it.
 
     Raises:
-        ConfigError: a limit that no probe can meet (the message says what the furthest probe
-            reached), no codings, a ``weights`` config with ``nm`` or ``per_layer`` (both fix
+        ConfigError: a limit that no probe can meet (the message says what the furthest probes
+            reached), unknown ``shape_methods``, no codings, a ``weights`` config with ``nm`` or ``per_layer`` (both fix
             the sparsity the search has to choose), or a file limit on a model without a spec.
     """
     structured = structured or StructuredConfig(ratio=0.0)
     weights = weights or UnstructuredConfig(sparsity=0.0)
+    unknown = [m for m in shape_methods if m not in SHAPE_METHODS]
+    if unknown or not shape_methods or len(set(shape_methods)) != len(shape_methods):
+        raise ConfigError(
+            f"shape_methods {list(shape_methods)!r}: name each of {', '.join(SHAPE_METHODS)} "
+            "at most once, at least one"
+        )
     if weights.nm is not None or weights.per_layer:
         raise ConfigError(
             "the planner chooses the sparsity itself: pass a weights config without nm or "
@@ -400,18 +469,34 @@ def plan_for_budget(
         metadata=metadata,
     )
     probes: list[Probe] = []
-    ratio = 0.0
+    method, ratio, shapes = "none", 0.0, []
     narrowed = model
-    if budget.shape_bound:
-        ratio = _search_ratio(
-            model, budget, structured, example_inputs, calibration, latency_runs, probes
-        )
-        if ratio > 0:
-            narrowed = copy.deepcopy(model)
-            config = dataclasses.replace(structured, ratio=ratio)
-            prune_(narrowed, config, example_inputs=example_inputs, calibration=calibration)
+    limits = ("max_params", "max_macs", "max_latency_ms")
+    if budget.shape_bound and not _fits(baseline, budget, limits):
+        for candidate in shape_methods:
+            found = _search_ratio(
+                model, candidate, budget, structured, example_inputs, calibration, latency_runs,
+                probes,
+            )  # fmt: skip
+            if found is None:
+                continue
+            pruned = copy.deepcopy(model)
+            _narrow_(pruned, candidate, found, structured, example_inputs, calibration)
+            fitted = next(
+                p for p in reversed(probes) if p.stage == candidate and p.setting == found
+            )
+            scored = dataclasses.replace(fitted.figures, score=float(score(pruned)))
+            shapes.append((Probe(candidate, found, None, scored, True), pruned))
+        if not shapes:
+            raise ConfigError(_out_of_reach(probes, budget, limits))
+        best, narrowed = max(shapes, key=lambda pair: (pair[0].figures.score, -pair[0].setting))
+        method, ratio = best.stage, best.setting
+    shape_probes = tuple(p for p, _ in shapes)
     if budget.max_file_bytes is None:
-        return Plan(budget, ratio, 0.0, exact, baseline, tuple(probes), (), structured, weights)
+        return Plan(
+            budget, ratio, 0.0, exact, baseline, tuple(probes), (), structured, weights, method,
+            shape_probes,
+        )  # fmt: skip
 
     candidates = []
     with tempfile.TemporaryDirectory() as folder:
@@ -447,17 +532,19 @@ def plan_for_budget(
             "max_file_bytes (--max-file-bytes) or add a smaller coding such as 3-bit codebooks "
             "(--codings codebook3)"
         )
-    best, coding = max(fitting, key=lambda pair: (pair[0].figures.score, -pair[0].setting))
+    best_coding, coding = max(fitting, key=lambda pair: (pair[0].figures.score, -pair[0].setting))
     return Plan(
         budget,
         ratio,
-        best.setting,
+        best_coding.setting,
         coding,
         baseline,
         tuple(probes),
         tuple(candidates),
         structured,
         weights,
+        method,
+        shape_probes,
     )
 
 
@@ -513,8 +600,9 @@ def apply_plan(
     _check_spec(model, "apply_plan")
     pruned = copy.deepcopy(model)
     if plan.ratio > 0:
-        config = dataclasses.replace(plan.structured, ratio=plan.ratio)
-        prune_(pruned, config, example_inputs=example_inputs, calibration=calibration)
+        _narrow_(
+            pruned, plan.shape_method, plan.ratio, plan.structured, example_inputs, calibration
+        )
         if recover is not None:
             recover(pruned, None)
     limit = plan.budget.max_file_bytes

@@ -18,7 +18,15 @@ from torch import nn
 from .._atomic import atomic_write_text
 from .._config import check_int, config_from_dict, config_to_dict
 from ..errors import ConfigError
-from ..explore import LATENCY_MARGIN, Budget, Plan, PlanOutcome, apply_plan, plan_for_budget
+from ..explore import (
+    LATENCY_MARGIN,
+    SHAPE_METHODS,
+    Budget,
+    Plan,
+    PlanOutcome,
+    apply_plan,
+    plan_for_budget,
+)
 from ..export import CompressionConfig
 from ..pruning import StructuredConfig, UnstructuredConfig
 from ..report import plan_markdown, plan_summary, plan_table
@@ -47,7 +55,9 @@ class PlanConfig:
     Limits (at least one): ``max_file_bytes`` (the ``.secz`` file: storage), ``max_params``
     (the loaded model's parameters: runtime weight memory), ``max_macs`` (per sample) and
     ``max_latency_ms`` (median at batch 1 on this machine). Parameters, MACs and latency are met
-    by structured pruning (``criterion``, ``round_to``, ``max_ratio``); the file size by global
+    by narrowing the model, the better scoring on the validation split of ``shape_methods``:
+    ``channels`` (``criterion``, ``round_to``, ``max_ratio``) and ``blocks`` (whole residual
+    blocks, for models that have them); the file size by global
     magnitude sparsity under the best of ``codings`` (``exact``, ``float16``, ``int8``,
     ``codebookN``), chosen on the validation split. Each stage is fine-tuned for
     ``finetune_epochs`` (codebooks: their centroids). Baseline and training settings mean what
@@ -71,6 +81,7 @@ class PlanConfig:
     round_to: int = 1
     max_ratio: float = 0.9
     codings: tuple[str, ...] = CODINGS
+    shape_methods: tuple[str, ...] = SHAPE_METHODS
     calibration_batches: int = 8
     finetune_epochs: int = 2
     finetune_lr: float = 0.02
@@ -96,6 +107,20 @@ class PlanConfig:
             raise ConfigError("codings must list one or more of " + ", ".join(CODINGS))
         object.__setattr__(self, "codings", tuple(str(c) for c in codings))
         self.compression()  # validates each coding
+        methods = self.shape_methods
+        if isinstance(methods, str):
+            methods = tuple(m.strip() for m in methods.split(","))
+        if (
+            not isinstance(methods, list | tuple)
+            or not methods
+            or any(m not in SHAPE_METHODS for m in methods)
+            or len(set(methods)) != len(methods)
+        ):
+            raise ConfigError(
+                f"shape_methods {methods!r}: name each of {', '.join(SHAPE_METHODS)} at most "
+                "once, at least one, e.g. channels,blocks"
+            )
+        object.__setattr__(self, "shape_methods", tuple(methods))
         check_int("latency_runs", self.latency_runs, 20)
         self.budget()
         self.structured()
@@ -196,6 +221,7 @@ def run_plan(config: PlanConfig, *, console: Console | None = None) -> PlanJobRe
         codings=config.compression(),
         latency_runs=config.latency_runs,
         metadata=metadata,
+        shape_methods=config.shape_methods,
     )
     console.print(f"plan: {plan_summary(plan, plan.sparsity)}")
     model_path = out / "model.secz"

@@ -58,8 +58,10 @@ def budget_rows(plan: Plan, outcome: PlanOutcome) -> list[list[str]]:
 def plan_summary(plan: Plan, sparsity: float) -> str:
     """The plan in words; ``sparsity`` is the one carried out (above the plan's if tightened)."""
     steps = []
-    if plan.ratio > 0:
-        steps.append(f"structured ratio {plan.ratio:.4f} ({plan.structured.criterion} criterion)")
+    if plan.shape_method == "channels":
+        steps.append(f"channel ratio {plan.ratio:.4f} ({plan.structured.criterion} criterion)")
+    elif plan.shape_method == "blocks":
+        steps.append(f"residual-block ratio {plan.ratio:.4f} (least influential blocks first)")
     if sparsity > 0:
         tightened = (
             f", tightened from {plan.sparsity:.2%} after recovery"
@@ -70,6 +72,21 @@ def plan_summary(plan: Plan, sparsity: float) -> str:
         steps.append(f"{weights} sparsity {sparsity:.2%}{tightened}")
     steps.append(f"file values {plan.coding.label}")
     return "; ".join(steps)
+
+
+def _shape_rows(plan: Plan) -> list[list[str]]:
+    return [
+        [
+            p.stage,
+            f"{p.setting:.4f}",
+            f"{p.figures.params:,}",
+            f"{p.figures.macs:,}",
+            "–" if p.figures.latency is None else f"{p.figures.latency.median_ms:.3f}",
+            "–" if p.figures.score is None else f"{p.figures.score:.2f}",
+            "✓" if p.stage == plan.shape_method else "",
+        ]
+        for p in plan.shapes
+    ]
 
 
 def _candidate_rows(plan: Plan) -> list[list[str]]:
@@ -115,6 +132,19 @@ def plan_markdown(
         f"{figures.params:,}.",
         "",
     ]
+    if plan.shapes:
+        lines += [
+            "## Narrowing for the parameter, MAC and latency limits",
+            "",
+            "For each way of narrowing the model, the smallest ratio that meets those limits "
+            "(bisection over pruned copies), its figures, and the score of that copy, one-shot, "
+            "before any fine-tuning. The best one was carried out.",
+            "",
+        ]
+        lines += _md_table(
+            ("method", "ratio", "params", "MACs", "latency ms", selection_label, "chosen"),
+            _shape_rows(plan),
+        ) + [""]
     if plan.candidates:
         lines += [
             "## Value codings for the file limit",
@@ -128,12 +158,12 @@ def plan_markdown(
             ("coding", "sparsity", "file bytes", selection_label, "chosen"),
             _candidate_rows(plan),
         ) + [""]
-    structured = [p for p in plan.probes if p.stage == "structured"]
+    narrowing = [p for p in plan.probes if p.stage != "weights"]
     lines += [
         "## Notes",
         "",
         f"- {len(plan.probes)} pruned copies were measured in the search "
-        f"({len(structured)} structured, {len(plan.probes) - len(structured)} for the file).",
+        f"({len(narrowing)} narrowed, {len(plan.probes) - len(narrowing)} for the file).",
         f"- Latency: the planned model timed interleaved with the baseline "
         f"({figures.latency.conditions()}): {figures.latency.median_ms:.3f} against "
         f"{outcome.baseline_latency.median_ms:.3f} ms.",
