@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def test_budget_validation() -> None:
         "max_params": 5,
         "max_macs": None,
         "max_latency_ms": None,
+        "min_speedup": None,
     }
     with pytest.raises(ConfigError, match="at least one limit"):
         Budget()
@@ -329,8 +331,6 @@ def test_cli_exits_1_when_the_final_measurement_misses_a_limit(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import dataclasses
-
     from secateur.recipes import _plan as job
 
     real = job.apply_plan
@@ -426,3 +426,30 @@ def test_shape_methods_are_checked(mlp: nn.Module) -> None:
     assert PlanConfig(max_macs=10, shape_methods="blocks").shape_methods == ("blocks",)
     with pytest.raises(ConfigError, match="shape_methods"):
         PlanConfig(max_macs=10, shape_methods="channels,layers")
+
+
+def test_min_speedup_is_timed_against_the_baseline_in_one_loop() -> None:
+    from secateur.explore._plan import Figures, _excess
+
+    with pytest.raises(ConfigError, match="min_speedup"):
+        Budget(min_speedup=1.0)
+    assert Budget(min_speedup=2.0).shape_bound and Budget(min_speedup=2.0).timed
+    figures = Figures(None, 1, 1, 1, None, None, speedup=2.05)
+    (message,) = _excess(figures, Budget(min_speedup=2.0), ("min_speedup",))
+    assert message == "speedup 2.05x < 2.1x (the limit 2 plus the 5% timing margin)"
+    faster = dataclasses.replace(figures, speedup=2.2)
+    assert _excess(faster, Budget(min_speedup=2.0), ("min_speedup",)) == []
+    # a wide MLP at batch 64: removing channels pays, and every fitting probe was timed
+    # interleaved with the unpruned model
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 512))
+    x = torch.randn(64, 512)
+    plan = plan_for_budget(
+        wide, Budget(min_speedup=1.5), example_inputs=x, score=lambda m: 0.0, latency_runs=20,
+        shape_methods=("channels",),
+    )  # fmt: skip
+    assert plan.shape_method == "channels" and 0 < plan.ratio <= 0.9
+    probes = [p for p in plan.probes if p.stage == "channels"]
+    assert all(p.figures.speedup is not None for p in probes)
+    assert all((p.figures.speedup >= 1.575) is p.fits for p in probes)
+    assert plan.baseline.speedup == 1.0

@@ -80,6 +80,14 @@ def add(sub: argparse._SubParsersAction) -> None:
         metavar="MS",
         help="compute: median latency at batch 1 on this machine",
     )
+    p.add_argument(
+        "--min-speedup",
+        dest="min_speedup",
+        type=float,
+        metavar="X",
+        help="compute: at least X times faster than the baseline at batch 1, both timed in one "
+        "loop (robust to a machine that speeds up or slows down)",
+    )
     p.add_argument("--model", help=f"zoo model: {', '.join(list_models())} (default lenet_300_100)")
     p.add_argument(
         "--baseline", metavar="CKPT", help="plan for this saved .safetensors model instead"

@@ -51,6 +51,8 @@ DEFAULT_CODINGS = (
     CompressionConfig(values="codebook", bits=4),
 )
 _RATIO_STEPS = 8
+#: The limits only a narrower model meets; ``min_*`` ones are lower bounds.
+SHAPE_LIMITS = ("max_params", "max_macs", "max_latency_ms", "min_speedup")
 #: How to narrow a model for shape-bound limits: remove channels, or whole residual blocks.
 SHAPE_METHODS = ("channels", "blocks")
 #: The highest block ratio tried (each stage keeps at least one block whatever the ratio).
@@ -71,16 +73,19 @@ class Budget:
     ``max_file_bytes`` bounds the stored ``.secz`` file (storage-bound); ``max_params`` the
     parameters of the loaded, dense model (runtime weight memory: 4 bytes each in float32);
     ``max_macs`` the dense multiply-accumulates per sample and ``max_latency_ms`` the median
-    latency on this machine at the example batch (compute-bound).
+    latency on this machine at the example batch (compute-bound). ``min_speedup`` asks for the
+    baseline's latency over the model's to be at least that, both timed in one interleaved loop:
+    unlike an absolute time, that ratio holds when a shared machine speeds up or slows down.
 
     Raises:
-        ConfigError: no limit, or a limit that is not positive.
+        ConfigError: no limit, a limit that is not positive, or a speedup not above 1.
     """
 
     max_file_bytes: int | None = None
     max_params: int | None = None
     max_macs: int | None = None
     max_latency_ms: float | None = None
+    min_speedup: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_file_bytes", "max_params", "max_macs"):
@@ -89,20 +94,27 @@ class Budget:
                 check_int(name, value, 1)
         if self.max_latency_ms is not None:
             check_range("max_latency_ms", self.max_latency_ms, 0.0, low_open=True)
+        if self.min_speedup is not None:
+            check_range("min_speedup", self.min_speedup, 1.0, low_open=True)
         if all(getattr(self, f) is None for f in self.limits()):
             raise ConfigError(
-                "a budget needs at least one limit: max_file_bytes, max_params, max_macs or "
-                "max_latency_ms"
+                "a budget needs at least one limit: max_file_bytes, max_params, max_macs, "
+                "max_latency_ms or min_speedup"
             )
 
     @staticmethod
     def limits() -> tuple[str, ...]:
-        return ("max_file_bytes", "max_params", "max_macs", "max_latency_ms")
+        return ("max_file_bytes", *SHAPE_LIMITS)
 
     @property
     def shape_bound(self) -> bool:
         """True when a limit needs a narrower model (parameters, MACs or latency)."""
-        return any(v is not None for v in (self.max_params, self.max_macs, self.max_latency_ms))
+        return any(getattr(self, limit) is not None for limit in SHAPE_LIMITS)
+
+    @property
+    def timed(self) -> bool:
+        """True when a limit is on latency, absolute or relative."""
+        return self.max_latency_ms is not None or self.min_speedup is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.limits()}
@@ -110,8 +122,9 @@ class Budget:
 
 @dataclass(frozen=True)
 class Figures:
-    """What one model measured: score, parameters, dense MACs per sample, latency and the
-    size of its ``.secz`` file (``None`` where not measured)."""
+    """What one model measured: score, parameters, dense MACs per sample, latency, the size of
+    its ``.secz`` file, and its speedup (the baseline's latency over its own, timed in one
+    loop); ``None`` where not measured."""
 
     score: float | None
     params: int
@@ -119,6 +132,7 @@ class Figures:
     macs: int
     latency: Latency | None
     file_bytes: int | None
+    speedup: float | None = None
 
     def value(self, limit: str) -> float | None:
         """The figure a :class:`Budget` limit bounds."""
@@ -127,6 +141,7 @@ class Figures:
             "max_params": self.params,
             "max_macs": self.macs,
             "max_latency_ms": None if self.latency is None else self.latency.median_ms,
+            "min_speedup": self.speedup,
         }[limit]
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,41 +215,63 @@ def _figures(
     latency_runs: int | None = None,
     score: float | None = None,
     metadata: dict[str, Any] | None = None,
+    reference: nn.Module | None = None,
 ) -> Figures:
+    """Count and time ``model``; with a ``reference``, time both in one loop for the speedup."""
     total, nonzero = count_params(model)
-    latency = None
+    latency = speedup = None
     if latency_runs is not None:
-        latency = measure_latencies([model], example_inputs, runs=latency_runs)[0]
+        if reference is None:
+            latency = measure_latencies([model], example_inputs, runs=latency_runs)[0]
+        else:
+            ref, latency = measure_latencies([reference, model], example_inputs, runs=latency_runs)
+            speedup = ref.median_ms / latency.median_ms
     size = None if coding is None else len(compressed_bytes(model, coding, metadata=metadata))
-    return Figures(score, total, nonzero, count_macs(model, example_inputs).dense, latency, size)
+    macs = count_macs(model, example_inputs).dense
+    return Figures(score, total, nonzero, macs, latency, size, speedup)
 
 
 def _bound(budget: Budget, limit: str) -> float | None:
-    """The value a probe must not exceed: the limit, less the margin for latency."""
+    """The value a probe must not pass: the limit, with the timing margin for latency."""
     bound = getattr(budget, limit)
     if bound is not None and limit == "max_latency_ms":
         return bound * (1.0 - LATENCY_MARGIN)
+    if bound is not None and limit == "min_speedup":
+        return bound * (1.0 + LATENCY_MARGIN)
     return bound
 
 
 def _number(limit: str, value: float) -> str:
     """A figure as the messages show it: milliseconds to 4 digits, counts in full."""
+    if limit == "min_speedup":
+        return f"{value:.3g}x"
     return f"{value:.4g}" if limit == "max_latency_ms" else f"{int(value):,}"
 
 
+def _misses(limit: str, value: float | None, bound: float) -> bool:
+    if value is None:
+        return True
+    return value < bound if limit.startswith("min_") else value > bound
+
+
 def _excess(figures: Figures, budget: Budget, limits: Sequence[str]) -> list[str]:
-    """``"macs 1.2e+05 > 1e+05"`` for each limit the figures break."""
+    """``"macs 120,000 > 100,000"`` for each limit the figures miss."""
     out = []
     for limit in limits:
         bound, value = _bound(budget, limit), figures.value(limit)
-        if bound is not None and (value is None or value > bound):
+        if bound is not None and _misses(limit, value, bound):
             shown = "not measured" if value is None else _number(limit, value)
+            timed = limit in ("max_latency_ms", "min_speedup")
+            side = "less" if limit.startswith("max_") else "plus"
             margin = (
-                f" (the limit {getattr(budget, limit):g} less the {LATENCY_MARGIN:.0%} timing margin)"
-                if limit == "max_latency_ms"
+                f" (the limit {getattr(budget, limit):g} {side} the {LATENCY_MARGIN:.0%} timing "
+                "margin)"
+                if timed
                 else ""
             )
-            out.append(f"{limit.removeprefix('max_')} {shown} > {_number(limit, bound)}{margin}")
+            sign = "<" if limit.startswith("min_") else ">"
+            name = limit.removeprefix("max_").removeprefix("min_")
+            out.append(f"{name} {shown} {sign} {_number(limit, bound)}{margin}")
     return out
 
 
@@ -313,14 +350,15 @@ def _search_ratio(
     """Smallest ratio of ``method`` (``channels`` or ``blocks``) whose pruned copy meets the
     shape-bound limits, by bisection; ``None`` if even the highest ratio does not, or the model
     has no block to remove."""
-    limits = ("max_params", "max_macs", "max_latency_ms")
-    timed = latency_runs if budget.max_latency_ms is not None else None
+    limits = SHAPE_LIMITS
+    timed = latency_runs if budget.timed else None
+    reference = model if budget.min_speedup is not None else None
 
     def probe(ratio: float) -> bool | None:
         pruned = copy.deepcopy(model)
         if not _narrow_(pruned, method, ratio, structured, example_inputs, calibration):
             return None
-        figures = _figures(pruned, example_inputs, latency_runs=timed)
+        figures = _figures(pruned, example_inputs, latency_runs=timed, reference=reference)
         fits = _fits(figures, budget, limits)
         probes.append(Probe(method, ratio, None, figures, fits))
         return fits
@@ -468,10 +506,11 @@ def plan_for_budget(
         score=float(score(model)),
         metadata=metadata,
     )
+    baseline = dataclasses.replace(baseline, speedup=1.0)  # against itself, by definition
     probes: list[Probe] = []
     method, ratio, shapes = "none", 0.0, []
     narrowed = model
-    limits = ("max_params", "max_macs", "max_latency_ms")
+    limits = SHAPE_LIMITS
     if budget.shape_bound and not _fits(baseline, budget, limits):
         for candidate in shape_methods:
             found = _search_ratio(
@@ -653,9 +692,10 @@ def apply_plan(
         count_macs(restored, example_inputs).dense,
         latency,
         target.stat().st_size,
+        base_latency.median_ms / latency.median_ms,
     )
     met = {
-        limit: figures.value(limit) <= getattr(plan.budget, limit)  # type: ignore[operator]
+        limit: not _misses(limit, figures.value(limit), getattr(plan.budget, limit))
         for limit in Budget.limits()
         if getattr(plan.budget, limit) is not None
     }

@@ -19,6 +19,7 @@ LIMIT_NAMES = {
     "max_params": ("parameters (dense, in memory)", "memory"),
     "max_macs": ("MACs per sample", "compute"),
     "max_latency_ms": ("median latency (ms)", "compute"),
+    "min_speedup": ("speedup over the baseline, one loop", "compute"),
 }
 
 
@@ -27,6 +28,8 @@ def _fmt(limit: str, value: float | None) -> str:
         return "–"
     if limit == "max_latency_ms":
         return f"{value:.3f}"
+    if limit == "min_speedup":
+        return f"{value:.2f}×"
     return f"{int(value):,}"
 
 
@@ -40,6 +43,7 @@ def budget_rows(plan: Plan, outcome: PlanOutcome) -> list[list[str]]:
         "max_params": base.params,
         "max_macs": base.macs,
         "max_latency_ms": outcome.baseline_latency.median_ms,
+        "min_speedup": 1.0,
     }
     for limit, met in outcome.met.items():
         what, kind = LIMIT_NAMES[limit]
