@@ -86,6 +86,7 @@ def _shape_rows(plan: Plan) -> list[list[str]]:
             f"{p.figures.params:,}",
             f"{p.figures.macs:,}",
             "–" if p.figures.latency is None else f"{p.figures.latency.median_ms:.3f}",
+            "–" if p.figures.speedup is None else f"{p.figures.speedup:.2f}×",
             "–" if p.figures.score is None else f"{p.figures.score:.2f}",
             "✓" if p.stage == plan.shape_method else "",
         ]
@@ -146,7 +147,16 @@ def plan_markdown(
             "",
         ]
         lines += _md_table(
-            ("method", "ratio", "params", "MACs", "latency ms", selection_label, "chosen"),
+            (
+                "method",
+                "ratio",
+                "params",
+                "MACs",
+                "latency ms",
+                "speedup",
+                selection_label,
+                "chosen",
+            ),
             _shape_rows(plan),
         ) + [""]
     if plan.candidates:
