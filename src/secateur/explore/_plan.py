@@ -471,8 +471,9 @@ def plan_for_budget(
 
     Raises:
         ConfigError: a limit that no probe can meet (the message says what the furthest probes
-            reached), unknown ``shape_methods``, no codings, a ``weights`` config with ``nm`` or ``per_layer`` (both fix
-            the sparsity the search has to choose), or a file limit on a model without a spec.
+            reached), unknown ``shape_methods``, no codings, a ``weights`` config with ``nm`` or
+            ``per_layer`` or a ``structured`` one with ``per_layer`` (they fix what the search
+            has to choose), or a file limit on a model without a spec.
     """
     structured = structured or StructuredConfig(ratio=0.0)
     weights = weights or UnstructuredConfig(sparsity=0.0)
