@@ -1,17 +1,22 @@
 """A planner that meets a target device's budget, by measurement.
 
-A budget has two sides. **Compute** (``max_macs``, ``max_latency_ms``) and **runtime weight
-memory** (``max_params``: the loaded model is dense) only shrink when the model itself gets
-narrower, so they are met by structured pruning: for channels, and for whole residual blocks
-where the model has them, the smallest ratio that meets them is found by bisection, each probe
-a pruned copy whose MACs and parameters are counted and whose latency is timed, and the better
-scoring of the two is kept. **Storage** (``max_file_bytes``: the ``.secz`` file a device downloads or
-keeps in flash) is met more cheaply by zeroing weights and coding the values: for every value
-coding (exact, float16, int8, k-means codebooks) the smallest global sparsity whose file fits
-is bisected on the encoded bytes, each candidate is decoded back and scored, and the best score
-wins. :func:`apply_plan` then prunes for real, recovers after each stage, writes the file,
-reloads it and measures whether each limit is met. Nothing is estimated: a probe that does not
-fit is never taken, and the final figures come from the reloaded file.
+A budget has two sides.
+
+**Compute** (``max_macs``, ``max_latency_ms``, ``min_speedup``) and **runtime weight memory**
+(``max_params``: the loaded model is dense) only shrink when the model itself gets narrower, so
+they are met by structured pruning. For channels, and for whole residual blocks where the model
+has them, the smallest ratio that meets them is found by bisection, each probe a pruned copy
+whose MACs and parameters are counted and whose latency is timed; the better scoring of the two
+is kept.
+
+**Storage** (``max_file_bytes``: the ``.secz`` file a device downloads or keeps in flash) is met
+more cheaply by zeroing weights and coding the values. For every value coding (exact, float16,
+int8, k-means codebooks) the smallest global sparsity whose file fits is bisected on the encoded
+bytes, each candidate is decoded back and scored, and the best score wins.
+
+:func:`apply_plan` then prunes for real, recovers after each stage, writes the file, reloads it
+and measures whether each limit is met. Nothing is estimated: a probe that does not fit is never
+taken, and the final figures come from the reloaded file.
 """
 
 from __future__ import annotations
@@ -625,8 +630,8 @@ def apply_plan(
     fine-tuning). If the encoded file is then over the byte budget (recovery moves the values),
     :data:`TIGHTEN_STEP` more of the weights are zeroed at a time until it fits (or
     :data:`MAX_SPARSITY` is reached), the weight stages are recovered once more at that
-    sparsity, and, should the file have grown again, zeroed further without recovery. The file is written atomically, reloaded
-    and measured; ``met`` tells which limits its figures meet. Pass the ``metadata`` that
+    sparsity, and, should the file have grown again, zeroed further without recovery. The file
+    is written atomically, reloaded and measured; ``met`` tells which limits its figures meet. Pass the ``metadata`` that
     :func:`plan_for_budget` was given, so the header the probes counted is the one written.
 
     Raises:
