@@ -16,6 +16,14 @@ from secateur.data import write_idx
 
 
 @pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private SECATEUR_CACHE, so the user's cache is never read or written."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SECATEUR_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
 def digits_idx_dir(tmp_path: Path) -> Path:
     """A folder of Fashion-MNIST-style IDX files made from scikit-learn's 1797 8x8 digits.
 

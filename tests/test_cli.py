@@ -33,14 +33,6 @@ OUTPUT_FILES = [
 ]
 
 
-@pytest.fixture
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private SECATEUR_CACHE, so the user's cache is never read or written."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("SECATEUR_CACHE", str(folder))
-    return folder
-
-
 def _compress_argv(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "compress",

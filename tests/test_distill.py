@@ -36,13 +36,6 @@ def digits(digits_idx_dir: Path) -> DataSplits:
     return load_fashion_mnist(digits_idx_dir, limit=600)
 
 
-@pytest.fixture
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("SECATEUR_CACHE", str(folder))
-    return folder
-
-
 class TinyCNN(nn.Module):
     """conv(1→width) 'feat' at 28x28 → ReLU → 4x4 average pool → Linear head."""
 

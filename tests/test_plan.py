@@ -285,13 +285,6 @@ def test_plan_config() -> None:
 # --- the command line ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("SECATEUR_CACHE", str(folder))
-    return folder
-
-
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
     argv = ["plan", "--data", str(data), "--limit", "300", "--epochs", "1", "--out", str(out)]
     return argv + ["--threads", "1", "--no-progress", "--latency-runs", "20", *extra]

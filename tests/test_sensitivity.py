@@ -266,13 +266,6 @@ def test_plot_labels_only_the_twelve_most_sensitive_layers(tmp_path: Path) -> No
 # --- the command line ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("SECATEUR_CACHE", str(folder))
-    return folder
-
-
 def _argv(data: Path, out: Path, *extra: str, ratios: str | None = "0.3,0.9") -> list[str]:
     argv = ["sensitivity", "--model", "lenet_300_100", "--data", str(data), "--limit", "300"]
     argv += ["--epochs", "1", "--out", str(out), "--threads", "1", "--no-progress"]

@@ -244,13 +244,6 @@ def test_config_points_and_validation() -> None:
             SweepConfig(**bad)
 
 
-@pytest.fixture
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("SECATEUR_CACHE", str(folder))
-    return folder
-
-
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
     argv = ["sweep", "--model", "lenet_300_100", "--data", str(data), "--limit", "300"]
     argv += ["--epochs", "1", "--out", str(out), "--threads", "1", "--no-progress"]

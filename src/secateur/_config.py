@@ -51,6 +51,16 @@ def coerce_enum(name: str, enum_type: type[enum.Enum], value: Any) -> enum.Enum:
         raise ConfigError(f"{name}={value!r} is not allowed: choose one of {allowed}") from None
 
 
+def split_names(value: Any) -> tuple[str, ...]:
+    """Names given as a list/tuple or as one comma-separated string (``"a, b"``), stripped;
+    ``()`` for anything else, so the caller's check for "at least one" says what is wrong."""
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(","))
+    if isinstance(value, list | tuple):
+        return tuple(str(v) if not isinstance(v, enum.Enum) else v.value for v in value)
+    return ()
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Plain JSON-able dict of a config dataclass (enums become their values)."""
     out = {}

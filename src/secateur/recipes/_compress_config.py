@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -238,3 +239,12 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
         return config_from_dict(cls, data)
+
+
+def compress_settings(config: Any, *, skip: tuple[str, ...] = ()) -> CompressConfig:
+    """The fields of another job's ``config`` that :class:`CompressConfig` also has (but
+    ``skip``), as a compress job: one definition of how a baseline is trained, cached and
+    fine-tuned, shared by every job that starts from one."""
+    names = {f.name for f in dataclasses.fields(CompressConfig)} - set(skip)
+    given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return CompressConfig(**{name: value for name, value in given.items() if name in names})

@@ -16,7 +16,7 @@ from rich.console import Console
 from torch import nn
 
 from .._atomic import atomic_write_text
-from .._config import check_int, config_from_dict, config_to_dict
+from .._config import check_int, config_from_dict, config_to_dict, split_names
 from ..errors import ConfigError
 from ..explore import (
     LATENCY_MARGIN,
@@ -32,7 +32,7 @@ from ..pruning import StructuredConfig, UnstructuredConfig
 from ..report import plan_markdown, plan_summary, plan_table
 from ..training import LRSchedule, evaluate
 from ._compress import _baseline, _calibration, _data_metadata, _recover, _start_job
-from ._compress_config import CompressConfig
+from ._compress_config import CompressConfig, compress_settings
 
 CODINGS = ("exact", "float16", "int8", "codebook6", "codebook5", "codebook4")
 
@@ -102,19 +102,14 @@ class PlanConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        codings = self.codings
-        if isinstance(codings, str):
-            codings = tuple(c.strip() for c in codings.split(","))
-        if not isinstance(codings, list | tuple) or not codings:
+        codings = split_names(self.codings)
+        if not codings:
             raise ConfigError("codings must list one or more of " + ", ".join(CODINGS))
-        object.__setattr__(self, "codings", tuple(str(c) for c in codings))
+        object.__setattr__(self, "codings", codings)
         self.compression()  # validates each coding
-        methods = self.shape_methods
-        if isinstance(methods, str):
-            methods = tuple(m.strip() for m in methods.split(","))
+        methods = split_names(self.shape_methods)
         if (
-            not isinstance(methods, list | tuple)
-            or not methods
+            not methods
             or any(m not in SHAPE_METHODS for m in methods)
             or len(set(methods)) != len(methods)
         ):
@@ -147,27 +142,9 @@ class PlanConfig:
         )
 
     def common(self) -> CompressConfig:
-        """The baseline and fine-tuning settings, as a compress job."""
-        return CompressConfig(
-            model=self.model,
-            data=self.data,
-            calibration_batches=self.calibration_batches,
-            epochs=self.epochs,
-            finetune_epochs=self.finetune_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            finetune_lr=self.finetune_lr,
-            schedule=self.schedule,
-            seed=self.seed,
-            device=self.device,
-            out=self.out,
-            baseline=self.baseline,
-            cache=self.cache,
-            limit=self.limit,
-            threads=self.threads,
-            latency_runs=self.latency_runs,
-            progress=self.progress,
-        )
+        """The baseline and fine-tuning settings, as a compress job (``criterion`` and
+        ``round_to`` are the structured stage's, see :meth:`structured`)."""
+        return compress_settings(self, skip=("criterion", "round_to"))
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

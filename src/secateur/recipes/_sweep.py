@@ -18,7 +18,7 @@ from rich.console import Console
 from torch import nn
 
 from .._atomic import atomic_write_text
-from .._config import check_int, check_range, config_from_dict, config_to_dict
+from .._config import check_int, check_range, config_from_dict, config_to_dict, split_names
 from ..errors import ConfigError
 from ..explore import SweepResult, sweep
 from ..pruning import DepthConfig, DepthResult, MaskSet, prune_
@@ -32,7 +32,7 @@ from ._compress import (
     _recover,
     _start_job,
 )
-from ._compress_config import CompressConfig, CompressMethod, Recovery
+from ._compress_config import CompressConfig, CompressMethod, Recovery, compress_settings
 
 #: The CompressConfig field each method's ratio goes to.
 RATIO_FIELD = {
@@ -93,10 +93,8 @@ class SweepConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        methods = self.methods
-        if isinstance(methods, str):
-            methods = tuple(m.strip() for m in methods.split(","))
-        if not isinstance(methods, list | tuple) or not methods:
+        methods = split_names(self.methods)
+        if not methods:
             raise ConfigError(
                 "methods must list one or more of unstructured, sparsegpt, structured, depth, "
                 "e.g. methods: [unstructured, structured]"
@@ -127,32 +125,7 @@ class SweepConfig:
 
     def common(self) -> CompressConfig:
         """The settings every point shares, as a compress job (its ratio fields unset)."""
-        return CompressConfig(
-            model=self.model,
-            data=self.data,
-            criterion=self.criterion,
-            scope=self.scope,
-            round_to=self.round_to,
-            calibration_batches=self.calibration_batches,
-            recovery=self.recovery,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            epochs=self.epochs,
-            finetune_epochs=self.finetune_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            finetune_lr=self.finetune_lr,
-            schedule=self.schedule,
-            seed=self.seed,
-            device=self.device,
-            out=self.out,
-            baseline=self.baseline,
-            cache=self.cache,
-            limit=self.limit,
-            threads=self.threads,
-            latency_runs=self.latency_runs,
-            progress=self.progress,
-        )
+        return compress_settings(self)
 
     def points(self) -> list[CompressConfig]:
         """One compress config per (method, ratio), methods in the order given."""
