@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from secateur import load_model
 from secateur.cli._main import main
 from secateur.data import read_sentences, tokenize_batches
 from secateur.errors import ConfigError, DatasetError
@@ -163,6 +164,59 @@ def test_python_api_prunes_to_two_of_four_with_wanda(
     assert EncoderConfig.from_dict(config.to_dict()) == config
 
 
+def test_cli_structured_removes_heads_and_neurons_and_reloads(
+    encoder_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    argv = _argv(encoder_dir, text_file, out, "--method", "structured", "--distill-steps", "20")
+    assert main([*argv, "--lr", "3e-3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    original, pruned = report["original"], report["pruned"]
+    # 2 layers: 2 heads -> 1 and 64 FFN neurons -> 32 each; the hidden size (32) stays.
+    assert sorted(map(tuple, report["widths"])) == [(2, 1), (2, 1), (64, 32), (64, 32)]
+    assert report["removed_units"] == 66 and report["refused"] == []
+    assert pruned["params"] < original["params"] and pruned["macs"] < original["macs"]
+    assert 0.0 < report["fidelity_one_shot"] < report["fidelity"] <= 1.0
+    assert report["weights_file_bytes"] == (out / "model.safetensors").stat().st_size
+    assert report["fidelity_of_file"] == pytest.approx(report["fidelity"], abs=1e-6)
+    assert "physically removed" in (out / "report.md").read_text()
+
+    # secateur's checkpoint reloads at its pruned widths; the tokenizer sits beside it.
+    model = load_model(out / "model.safetensors").model
+    assert sum(p.numel() for p in model.parameters()) == pruned["params"]
+    assert model.encoder.layer[0].intermediate.dense.out_features == 32
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
+    sentences = read_sentences(text_file)
+    random.Random(0).shuffle(sentences)
+    batches = tokenize_batches(tokenizer, sentences[:32], 64, max_length=32)
+    original_model = transformers.AutoModel.from_pretrained(encoder_dir, local_files_only=True)
+    fidelity = embedding_fidelity(model, embed_batches(original_model, batches), batches)
+    assert fidelity == pytest.approx(report["fidelity"], abs=1e-5)
+    assert not (out / "model").exists() and not list(out.glob(".tokenizer*"))
+
+
+def test_structured_reconstruction_raises_one_shot_fidelity(
+    encoder_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    fidelity = {}
+    for reconstruct in (False, True):
+        config = EncoderConfig(
+            model=str(encoder_dir),
+            text=str(text_file),
+            method="structured",
+            kinds="channel",
+            reconstruct=reconstruct,
+            eval_sentences=32,
+            calibration=64,
+            out=str(tmp_path / f"out-{reconstruct}"),
+            latency_runs=20,
+            progress=False,
+        )
+        fidelity[reconstruct] = run_encoder(config).fidelity_one_shot
+        assert EncoderConfig.from_dict(config.to_dict()) == config
+    assert fidelity[True] > fidelity[False] + 0.01
+
+
 def test_cli_reads_a_recipe_and_flags_win(
     encoder_dir: Path, text_file: Path, tmp_path: Path
 ) -> None:
@@ -182,6 +236,12 @@ def test_cli_reads_a_recipe_and_flags_win(
         (("--eval-sentences", "500"), "distinct sentences, but eval_sentences=500"),
         (("--sparsity", "1.5"), "sparsity=1.5"),
         (("--distill-steps", "0"), "distill_steps=0"),
+        (("--ratio", "0.3"), "ratio applies to method=structured only"),
+        (("--method", "structured", "--sparsity", "0.3"), "sparsity applies to the other"),
+        (("--method", "structured", "--criterion", "taylor"), "needs a loss"),
+        (("--method", "structured", "--kinds", "head,hidden"), "may not include hidden"),
+        (("--method", "structured", "--kinds", "heads"), "kinds=['heads'] is not valid"),
+        (("--method", "structured", "--ratio", "1"), "ratio=1"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(

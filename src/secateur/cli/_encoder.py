@@ -21,7 +21,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         "distill its embeddings back, measure fidelity and report",
         description="Read a transformers model and its tokenizer from a local folder (nothing is "
         "downloaded) and sentences from a text file (one per line). Prune every Linear layer "
-        "one-shot on calibration sentences, optionally distill the pruned model towards the "
+        "one-shot on calibration sentences (or, with --method structured, remove attention heads "
+        "and FFN neurons), optionally distill the pruned model towards the "
         "original's embeddings, then measure the mean cosine between both models' embeddings "
         "of held-out sentences, save the pruned model (save_pretrained format, and as a "
         "compressed model.secz file) and report.",
@@ -35,8 +36,31 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--text", metavar="FILE", help="UTF-8 text file, one sentence per line")
     p.add_argument("--method", choices=METHODS, help="pruning method (default sparsegpt)")
-    p.add_argument("--sparsity", type=float, help="fraction of weights removed (default 0.5)")
-    p.add_argument("--nm", metavar="N:M", help="N:M pattern instead, e.g. 2:4")
+    p.add_argument(
+        "--sparsity", type=float, help="not structured: fraction of weights removed (default 0.5)"
+    )
+    p.add_argument("--nm", metavar="N:M", help="not structured: N:M pattern instead, e.g. 2:4")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        help="structured: fraction of each layer's heads and FFN neurons removed (default 0.5)",
+    )
+    p.add_argument(
+        "--kinds",
+        metavar="KIND[,KIND]",
+        help="structured: head, channel (FFN neurons) or both (default head,channel)",
+    )
+    p.add_argument(
+        "--criterion",
+        help="structured: how units are ranked on the calibration sentences (default activation; "
+        "any of importance.list_criteria() that needs no labels)",
+    )
+    p.add_argument(
+        "--no-reconstruct",
+        dest="reconstruct",
+        action="store_false",
+        help="structured: do not refit the layers reading removed units by least squares",
+    )
     p.add_argument(
         "--dense-targets",
         dest="dense_targets",

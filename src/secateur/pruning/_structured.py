@@ -17,6 +17,7 @@ from ..graph import KINDS, DependencyGraph, Group, build_dependency_graph
 from ..graph._trace import output_shapes
 from ..importance import NORMALIZATIONS, create_criterion, group_scores, normalize
 from ..importance._statistics import LossFn
+from ._reconstruct import Refitter, gram_matrices, removed_columns
 from ._surgery import remove_units_
 from ._unstructured import Scope, check_per_layer, match_per_layer
 
@@ -45,6 +46,10 @@ class StructuredConfig:
         max_ratio: with global scope, the largest fraction any one group may lose.
         per_layer: fnmatch pattern → ratio for the groups whose producing layers it matches
             (``Group.producers()``; the first matching pattern wins), pruned on their own.
+        reconstruct: refit the layers that read removed units (Linear, HF Conv1D and ungrouped
+            Conv2d) by least squares on the calibration inputs, so that their kept columns and
+            bias reproduce their old output (see ``pruning._reconstruct``); needs
+            ``calibration``. It holds one ``in_features²`` float64 matrix per refitted layer.
     """
 
     ratio: float
@@ -56,6 +61,7 @@ class StructuredConfig:
     normalize: str = "mean"
     max_ratio: float = 0.9
     per_layer: dict[str, float] = field(default_factory=dict)
+    reconstruct: bool = False
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
@@ -75,6 +81,8 @@ class StructuredConfig:
             raise ConfigError(
                 f"normalize={self.normalize!r} is not known: choose one of {', '.join(NORMALIZATIONS)}"
             )
+        if not isinstance(self.reconstruct, bool):
+            raise ConfigError(f"reconstruct={self.reconstruct!r} must be true or false")
         create_criterion(self.criterion)  # validates the name now, not mid-run
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,15 +137,22 @@ def prune_structured_(
 
     Module attributes that the trace tied to a pruned width (head counts in a ``view``, split
     sizes) are updated and recorded in ``model.secateur_attributes`` so a saved model reloads.
-    ``calibration`` and ``loss_fn`` feed data criteria (see ``unstructured_masks``).
+    ``calibration`` and ``loss_fn`` feed data criteria (see ``unstructured_masks``), and
+    ``calibration`` the refit of ``config.reconstruct``.
     """
     if example_inputs is None:
         raise ConfigError("structured pruning needs example_inputs: pass example_inputs=x")
+    if config.reconstruct and calibration is None:
+        raise ConfigError(
+            "reconstruct=True refits layers on calibration inputs: pass calibration=batches"
+        )
     graph = build_dependency_graph(model, example_inputs)
     chosen = [g for g in graph.groups if g.kind in config.kinds and not _ignored(g, config.ignore)]
     criterion = create_criterion(config.criterion)
     scores = group_scores(model, chosen, criterion, calibration=calibration, loss_fn=loss_fn)
-    return remove_lowest_(model, graph, chosen, scores, config, example_inputs, optimizer)
+    return remove_lowest_(
+        model, graph, chosen, scores, config, example_inputs, optimizer, calibration=calibration
+    )
 
 
 def remove_lowest_(
@@ -148,9 +163,12 @@ def remove_lowest_(
     config: StructuredConfig,
     example_inputs: Any,
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    calibration: Any = None,
 ) -> StructuredResult:
     """Remove the lowest-scoring units of ``groups`` (of ``graph``, traced on this model or on
-    one it was deep-copied from) as ``config`` counts them, checking the forward pass.
+    one it was deep-copied from) as ``config`` counts them, checking the forward pass; with
+    ``config.reconstruct``, refit the layers reading them on ``calibration`` first.
 
     ``scores`` holds one score per unit of each group (as from ``group_scores``). Splitting the
     scoring from the removal lets a caller score once and cut many copies (sensitivity scans).
@@ -160,7 +178,15 @@ def remove_lowest_(
     for group, score, count in zip(groups, scores, counts, strict=True):
         order = torch.sort(score, stable=True).indices
         removals.append((group, order[:count]))
-    removals, refused = _apply_checked(model, graph, removals, example_inputs, optimizer)
+    refit = None
+    if config.reconstruct:
+        if calibration is None:
+            raise ConfigError(
+                "reconstruct=True refits layers on calibration inputs: pass calibration=batches"
+            )
+        grams = gram_matrices(model, removed_columns(removals), calibration)
+        refit = Refitter(model, grams)
+    removals, refused = _apply_checked(model, graph, removals, example_inputs, optimizer, refit)
     widths = [(g.size, g.size - len(u)) for g, u in removals]
     return StructuredResult(graph, tuple(widths), tuple(refused))
 
@@ -199,29 +225,41 @@ def _removal_counts(
     return counts
 
 
-def _apply_checked(model, graph, removals, example_inputs, optimizer):  # noqa: ANN001, ANN202
-    """Apply ``removals`` and run the model; if it breaks, find the groups at fault one by
-    one, leave them whole and apply the rest. Returns what was applied and what was refused."""
+def _apply_checked(model, graph, removals, example_inputs, optimizer, refit=None):  # noqa: ANN001, ANN202
+    """Apply ``removals`` (refitting first, when ``refit`` is given) and run the model; if it
+    breaks, find the groups at fault one by one, leave them whole and apply the rest. Returns
+    what was applied and what was refused."""
     snapshot = _Snapshot(model, optimizer)
-    apply_removals_(model, graph, removals, optimizer=optimizer)
+
+    def apply(batch, opt=None):  # noqa: ANN001, ANN202
+        if refit is not None:
+            refit(batch)
+        apply_removals_(model, graph, batch, optimizer=opt)
+
+    def restore() -> None:
+        snapshot.restore()
+        if refit is not None:
+            refit.undo()
+
+    apply(removals, optimizer)
     if _check_forward(model, example_inputs, graph.output_shapes) is None:
         return removals, []
-    snapshot.restore()
+    restore()
     kept, refused = [], []
     for kind in KINDS:  # whole kinds first: usually one kind (say, hidden size) is at fault
         batch = [(g, u) for g, u in removals if g.kind == kind]
         if not batch:
             continue
-        apply_removals_(model, graph, batch)
+        apply(batch)
         problem = _check_forward(model, example_inputs, graph.output_shapes)
-        snapshot.restore()
+        restore()
         if problem is None:
             kept += batch
             continue
         for group, units in batch:
-            apply_removals_(model, graph, [(group, units)])
+            apply([(group, units)])
             problem = _check_forward(model, example_inputs, graph.output_shapes)
-            snapshot.restore()
+            restore()
             if problem is None:
                 kept.append((group, units))
             else:
@@ -229,10 +267,10 @@ def _apply_checked(model, graph, removals, example_inputs, optimizer):  # noqa: 
                 refused.append((names, f"pruning it broke the model: {problem}"))
     if not kept:
         return kept, refused
-    apply_removals_(model, graph, kept, optimizer=optimizer)
+    apply(kept, optimizer)
     problem = _check_forward(model, example_inputs, graph.output_shapes)
     if problem is not None:
-        snapshot.restore()
+        restore()
         raise PruningError(
             f"pruning broke the forward pass ({problem}), so the model was restored: leave the "
             "layers at fault whole with StructuredConfig(ignore=[...]) or kinds=(...)"

@@ -24,18 +24,35 @@ from rich.console import Console
 from torch import nn
 
 from .._atomic import atomic_write_text, current_umask, ensure_writable_dir
-from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
+from .._config import (
+    check_int,
+    check_range,
+    coerce_enum,
+    config_from_dict,
+    config_to_dict,
+    split_names,
+)
 from ..data import read_sentences, tokenize_batches
 from ..errors import ArtifactError, ConfigError, DatasetError, OutputError, first_line
-from ..export import CompressionConfig, load_compressed, save_compressed
+from ..export import CompressionConfig, load_compressed, save_compressed, save_model
+from ..importance import create_criterion
 from ..measure import Metrics, embed_batches, embedding_fidelity, measure, measure_latencies
-from ..pruning import MaskSet, SparseGPTConfig, UnstructuredConfig, prune_, prune_sparsegpt_
+from ..pruning import (
+    MaskSet,
+    SparseGPTConfig,
+    StructuredConfig,
+    StructuredResult,
+    UnstructuredConfig,
+    prune_,
+    prune_sparsegpt_,
+)
 from ..recovery import distill_embeddings
 from ..report import comparison_table, conditions, markdown_report
 from ..training import LRSchedule, resolve_device
 from ..zoo import from_transformers
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
+METHODS = ("sparsegpt", "wanda", "magnitude", "structured")
+STRUCTURED_KINDS = ("head", "channel")  # the hidden size stays: it is the embedding's width
 FILE_VALUES = ("exact", "float16", "int8")
 WEIGHTS_FILE = "model.safetensors"
 COMPRESSED_FILE = "model.secz"
@@ -52,18 +69,25 @@ class EncoderConfig:
     mean-pooled embeddings), the next ``calibration`` feed the pruning criterion one sentence
     per batch, and all but the held-out ones are the distillation text.
 
-    Every Linear layer except those matching ``exclude`` is pruned to ``sparsity`` (or the
-    ``nm`` pattern, e.g. ``"2:4"``) with ``method``: ``sparsegpt`` (OBS reconstruction;
-    ``dense_targets`` reconstructs the original's layer outputs), ``wanda`` or ``magnitude``
-    (per layer). Then, if ``distill_seconds`` or ``distill_steps`` is given, the pruned model is
-    distilled towards the original's embeddings (masks held) with
+    Every Linear layer except those matching ``exclude`` is pruned to ``sparsity`` (default
+    0.5; or the ``nm`` pattern, e.g. ``"2:4"``) with ``method``: ``sparsegpt`` (OBS
+    reconstruction; ``dense_targets`` reconstructs the original's layer outputs), ``wanda`` or
+    ``magnitude`` (per layer). ``method="structured"`` instead removes ``ratio`` (default 0.5)
+    of every layer's attention heads and FFN neurons (``kinds``, default both), ranked by
+    ``criterion`` (default ``activation``) on the calibration sentences, and with
+    ``reconstruct`` (default on) refits the layers reading them by least squares, so the model
+    is physically smaller and faster; the hidden size, hence the embedding, keeps its width.
+    Then, if ``distill_seconds`` or ``distill_steps`` is given, the pruned model is distilled
+    towards the original's embeddings (masks held) with
     :func:`secateur.recovery.distill_embeddings`: ``lr``, ``lr_schedule``, batches of
     ``batch_size`` sentences of similar length.
 
-    The pruned model is saved twice: in transformers' ``save_pretrained`` format, and as a
-    compressed ``.secz`` file (sparse index + ``file_values`` values + zstd; ``exact`` is
-    lossless, ``float16`` and ``int8`` (per-row scales) are lossy). The file is reloaded and its
-    fidelity measured too.
+    The pruned model is saved twice: in transformers' ``save_pretrained`` format (after
+    structured pruning, whose per-layer widths a transformers config cannot describe, as
+    secateur's ``model.safetensors`` and manifest for :func:`secateur.load_model`, beside a
+    ``tokenizer/`` folder), and as a compressed ``.secz`` file (sparse index + ``file_values``
+    values + zstd; ``exact`` is lossless, ``float16`` and ``int8`` (per-row scales) are lossy).
+    The file is reloaded and its fidelity measured too.
 
     Raises:
         ConfigError: one line naming the field and what is allowed, for any bad value.
@@ -76,9 +100,13 @@ class EncoderConfig:
     model: str | None = None
     text: str | None = None
     method: str = "sparsegpt"
-    sparsity: float = 0.5
+    sparsity: float | None = None
     nm: str | None = None
     dense_targets: bool = False
+    ratio: float | None = None
+    kinds: tuple[str, ...] | None = None
+    criterion: str | None = None
+    reconstruct: bool | None = None
     exclude: tuple[str, ...] = ("pooler*",)
     eval_sentences: int = 256
     calibration: int = 128
@@ -117,6 +145,16 @@ class EncoderConfig:
             )
         if self.dense_targets and self.method != "sparsegpt":
             raise ConfigError("dense_targets applies to method=sparsegpt only: drop it")
+        structured = {"ratio", "kinds", "criterion", "reconstruct"}
+        fields = structured if self.method != "structured" else {"sparsity", "nm"}
+        given = sorted(f for f in fields if getattr(self, f) is not None)
+        if given:
+            needs = "method=structured" if self.method != "structured" else "the other methods"
+            raise ConfigError(
+                f"{given[0]} applies to {needs} only, not method={self.method}: drop it"
+            )
+        if self.kinds is not None:
+            object.__setattr__(self, "kinds", split_names(self.kinds))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(
             self, "lr_schedule", coerce_enum("lr_schedule", LRSchedule, self.lr_schedule)
@@ -133,18 +171,39 @@ class EncoderConfig:
         check_int("latency_runs", self.latency_runs, 20)
         if self.threads is not None:
             check_int("threads", self.threads, 1)
-        self.pruning()  # validates sparsity and nm
+        self.pruning()  # validates sparsity, nm and the structured settings
 
-    def pruning(self) -> UnstructuredConfig | SparseGPTConfig:
+    def pruning(self) -> UnstructuredConfig | SparseGPTConfig | StructuredConfig:
+        sparsity = 0.5 if self.sparsity is None else self.sparsity
+        if self.method == "structured":
+            kinds = STRUCTURED_KINDS if self.kinds is None else self.kinds
+            if "hidden" in kinds:
+                raise ConfigError(
+                    "kinds may not include hidden here: the hidden size is the embedding's "
+                    "width, which must match the original's; use head and/or channel"
+                )
+            criterion = self.criterion or "activation"
+            if set(create_criterion(criterion).needs) - {"activations"}:
+                raise ConfigError(
+                    f"criterion={criterion!r} needs a loss, which an encoder's embeddings do not "
+                    "give: use activation, wanda, apoz, l1, l2 or magnitude"
+                )
+            return StructuredConfig(
+                ratio=0.5 if self.ratio is None else self.ratio,
+                kinds=kinds,
+                criterion=criterion,
+                ignore=self.exclude,
+                reconstruct=True if self.reconstruct is None else self.reconstruct,
+            )
         if self.method == "sparsegpt":
             return SparseGPTConfig(
-                sparsity=self.sparsity,
+                sparsity=sparsity,
                 nm=self.nm,
                 exclude=self.exclude,
                 dense_targets=self.dense_targets,
             )
         return UnstructuredConfig(
-            sparsity=self.sparsity,
+            sparsity=sparsity,
             nm=self.nm,
             scope="layer",
             criterion=self.method,
@@ -158,6 +217,8 @@ class EncoderConfig:
     def to_dict(self) -> dict[str, Any]:
         out = config_to_dict(self)
         out["exclude"] = list(self.exclude)
+        if self.kinds is not None:
+            out["kinds"] = list(self.kinds)
         return out
 
     @classmethod
@@ -217,14 +278,18 @@ def _split(sentences: list[str], config: EncoderConfig) -> tuple[list[str], list
     return held_out, rest[: config.calibration], rest
 
 
-def _save_folder(model: nn.Module, tokenizer: Any, target: Path) -> None:
-    """Write ``model`` and ``tokenizer`` with ``save_pretrained`` into a temp folder beside
-    ``target``, then move it into place: ``target`` is never left half-written."""
+def _save_folder(savers: list[Any], target: Path) -> None:
+    """Write with each of ``savers`` (objects with ``save_pretrained``, e.g. a model and its
+    tokenizer) into a temp folder beside ``target``, then move it into place: ``target`` is
+    never left half-written."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     old = target.parent / f".{target.name}.old"
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        for saver in savers:
+            if isinstance(saver, nn.Module):
+                saver.save_pretrained(tmp, safe_serialization=True)
+            else:
+                saver.save_pretrained(tmp)
         mask = current_umask()
         tmp.chmod(0o777 & ~mask)  # mkdtemp and some writers make owner-only entries
         for path in tmp.iterdir():
@@ -245,6 +310,33 @@ def _save_folder(model: nn.Module, tokenizer: Any, target: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _pruned_what(masks: MaskSet | None, structure: StructuredResult | None) -> str:
+    """One line on what pruning removed."""
+    if masks is not None:
+        return f"pruned to {masks.sparsity():.1%} of the pruned layers' weights"
+    assert structure is not None
+    before = sum(b for b, _ in structure.widths)
+    return f"removed {structure.removed_units} of {before} head and neuron units"
+
+
+def _pruning_figures(masks: MaskSet | None, structure: StructuredResult | None) -> dict[str, Any]:
+    if masks is not None:
+        return {"sparsity_of_pruned_layers": masks.sparsity()}
+    assert structure is not None
+    return {
+        "removed_units": structure.removed_units,
+        "widths": [list(w) for w in structure.widths],
+        "refused": [list(r) for r in structure.refused],
+    }
+
+
+def _method_label(config: EncoderConfig) -> str:
+    pruning = config.pruning()
+    if isinstance(pruning, StructuredConfig):
+        return f"structured {pruning.ratio:.0%} of {'+'.join(pruning.kinds)}"
+    return f"{config.method} {config.nm or f'{pruning.sparsity:.0%}'}"
 
 
 def _measure_both(
@@ -307,16 +399,24 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
     start = time.perf_counter()
     calibration = tokenize_batches(tokenizer, calibration_text, 1, max_length=config.max_length)
     pruning = config.pruning()
+    masks: MaskSet | None = None
+    structure: StructuredResult | None = None
     if isinstance(pruning, SparseGPTConfig):  # minutes on a real model: show its progress bar
         masks = prune_sparsegpt_(pruned, pruning, calibration, progress=config.progress)
+    elif isinstance(pruning, StructuredConfig):
+        result = prune_(
+            pruned, pruning, example_inputs=dict(calibration[0]), calibration=calibration
+        )
+        assert isinstance(result, StructuredResult)
+        structure = result
     else:
-        masks = prune_(pruned, pruning, calibration=calibration)
-    assert isinstance(masks, MaskSet)
+        result = prune_(pruned, pruning, calibration=calibration)
+        assert isinstance(result, MaskSet)
+        masks = result
     prune_seconds = time.perf_counter() - start
     one_shot = embedding_fidelity(pruned, reference, evaluation)
     console.print(
-        f"{config.method} to {masks.sparsity():.1%} of the pruned layers' weights in "
-        f"{prune_seconds:.1f} s: mean cosine {one_shot:.4f}"
+        f"{_pruned_what(masks, structure)} in {prune_seconds:.1f} s: mean cosine {one_shot:.4f}"
     )
     fidelity, steps, distill_seconds = one_shot, 0, 0.0
     if config.distills:
@@ -347,8 +447,14 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
             f"distilled {steps} steps in {distill_seconds:.0f} s: mean cosine {fidelity:.4f}"
         )
 
-    model_path = out / "model"
-    _save_folder(pruned, tokenizer, model_path)
+    if structure is None:
+        model_path = out / "model"
+        _save_folder([pruned, tokenizer], model_path)
+        folder_bytes = (model_path / WEIGHTS_FILE).stat().st_size
+    else:  # per-layer widths: secateur's own checkpoint, the tokenizer beside it
+        _save_folder([tokenizer], out / "tokenizer")
+        model_path = save_model(pruned, out / WEIGHTS_FILE, metadata={"encoder": config.to_dict()})
+        folder_bytes = model_path.stat().st_size
     compressed_path = save_compressed(
         pruned,
         out / COMPRESSED_FILE,
@@ -358,7 +464,6 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
     from_file = load_compressed(compressed_path, device=str(device)).model
     fidelity_of_file = embedding_fidelity(from_file, reference, evaluation)
     del from_file
-    folder_bytes = (model_path / WEIGHTS_FILE).stat().st_size
     source_file = Path(config.model) / WEIGHTS_FILE
     example = _example(tokenizer, held_out, config, device)
     before, after = _measure_both(
@@ -369,14 +474,14 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
         config,
     )
     figures = {
-        "sparsity_of_pruned_layers": masks.sparsity(),
+        **_pruning_figures(masks, structure),
         "prune_seconds": prune_seconds,
         "fidelity_one_shot": one_shot,
         "distill_steps": steps,
         "distill_seconds": distill_seconds,
         "fidelity": fidelity,
         "fidelity_of_file": fidelity_of_file,
-        "pretrained_folder_bytes": folder_bytes,
+        ("pretrained_folder_bytes" if structure is None else "weights_file_bytes"): folder_bytes,
         "held_out_sentences": len(held_out),
         "original": before.to_dict(),
         "pruned": after.to_dict(),
@@ -391,11 +496,20 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
         ),
         f"The file row compares the original's {WEIGHTS_FILE} with the pruned model's "
         f"{COMPRESSED_FILE} ({config.file_values} values); reloaded from that file, the pruned "
-        f"model's fidelity is {fidelity_of_file:.4f}. Its save_pretrained folder keeps every "
-        f"zero: {folder_bytes:,} B.",
-        "Unstructured zeros do not speed up dense kernels: the latency rows show it.",
+        f"model's fidelity is {fidelity_of_file:.4f}.",
     ]
-    title = f"secateur encoder: {Path(config.model).name}, {config.method} {config.nm or f'{config.sparsity:.0%}'}"
+    if structure is None:
+        notes += [
+            f"Its save_pretrained folder keeps every zero: {folder_bytes:,} B.",
+            "Unstructured zeros do not speed up dense kernels: the latency rows show it.",
+        ]
+    else:
+        notes += [
+            f"Its {WEIGHTS_FILE} (fp32, for secateur.load_model) is {folder_bytes:,} B.",
+            "Heads and FFN neurons were physically removed: every row is measured on the "
+            "smaller model.",
+        ]
+    title = f"secateur encoder: {Path(config.model).name}, {_method_label(config)}"
     setup = [
         ("model", str(config.model)),
         ("text", f"{config.text}: {len(held_out)} held out, {len(calibration_text)} calibration"),

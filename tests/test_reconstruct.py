@@ -1,0 +1,124 @@
+"""Least-squares reconstruction of the layers reading removed units (StructuredConfig.reconstruct)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from secateur import ConfigError, StructuredConfig, prune_
+from secateur.pruning import _structured
+
+
+def _mlp_with_redundant_neurons() -> nn.Sequential:
+    """8 neurons, 8 copies of them at half scale (ReLU is positively homogeneous, so each copy
+    is exactly half its original) and so the l2 criterion removes the copies first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[8:] = 0.5 * model[0].weight[:8]
+        model[0].bias[8:] = 0.5 * model[0].bias[:8]
+    return model
+
+
+def _error(model: nn.Module, reference: torch.Tensor, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x) - reference).norm() / reference.norm())
+
+
+def test_redundant_neurons_are_folded_into_the_kept_ones() -> None:
+    x = torch.randn(256, 6, generator=torch.Generator().manual_seed(1))
+    errors = {}
+    for reconstruct in (False, True):
+        model = _mlp_with_redundant_neurons()
+        with torch.no_grad():
+            reference = model(x)
+        config = StructuredConfig(ratio=0.5, criterion="l2", reconstruct=reconstruct)
+        prune_(model, config, example_inputs=x[:2], calibration=[x])
+        assert model[0].out_features == 8
+        errors[reconstruct] = _error(model, reference, x)
+    assert errors[False] > 0.1  # the copies carried a third of the signal
+    assert errors[True] < 0.02  # only the dampening stands between the fit and exactness
+
+
+def test_a_constant_neuron_moves_into_the_bias() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[0] = 0.0
+        model[0].bias[0] = 0.3  # neuron 0 always outputs 0.3: the lowest l2 score
+    x = torch.randn(64, 4)
+    with torch.no_grad():
+        reference = model(x)
+    config = StructuredConfig(ratio=0.25, criterion="l2", reconstruct=True)
+    prune_(model, config, example_inputs=x[:2], calibration=[x])
+    assert model[0].out_features == 3
+    assert _error(model, reference, x) < 1e-3
+
+
+class _Convs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1, stride=2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_conv_consumers_are_refitted_through_their_kernel_taps() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 10, 10)
+    errors = {}
+    for reconstruct in (False, True):
+        torch.manual_seed(0)
+        model = _Convs().eval()
+        with torch.no_grad():
+            model.a.weight[4:] = 0.5 * model.a.weight[:4]
+            model.a.bias[4:] = 0.5 * model.a.bias[:4]
+            reference = model.b(torch.relu(model.a(x)))
+        config = StructuredConfig(
+            ratio=0.0, per_layer={"a": 0.5}, criterion="l2", reconstruct=reconstruct
+        )
+        prune_(model, config, example_inputs=x[:1], calibration=[x])
+        assert model.a.out_channels == 4 and model.b.in_channels == 4
+        with torch.no_grad():
+            got = model.b(torch.relu(model.a(x)))
+        errors[reconstruct] = float((got - reference).norm() / reference.norm())
+    assert errors[True] < 0.05 < errors[False]
+
+
+def test_reconstruction_needs_calibration() -> None:
+    model = _mlp_with_redundant_neurons()
+    with pytest.raises(ConfigError, match="pass calibration=batches"):
+        prune_(model, StructuredConfig(ratio=0.5, reconstruct=True), example_inputs=torch.ones(1, 6))
+    assert model[0].out_features == 16
+    with pytest.raises(ConfigError, match="reconstruct='yes' must be true or false"):
+        StructuredConfig(ratio=0.5, reconstruct="yes")  # type: ignore[arg-type]
+
+
+def test_a_rolled_back_surgery_also_rolls_back_the_refit(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _mlp_with_redundant_neurons()
+    weights = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(_structured, "_check_forward", lambda *a: "RuntimeError: boom")
+    x = torch.randn(32, 6)
+    config = StructuredConfig(ratio=0.5, criterion="l2", reconstruct=True)
+    result = prune_(model, config, example_inputs=x[:2], calibration=[x])
+    assert result.removed_units == 0 and len(result.refused) == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_optimizer_state_follows_the_refitted_and_sliced_weights() -> None:
+    model = _mlp_with_redundant_neurons()
+    x = torch.randn(32, 6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(x).sum().backward()
+    opt.step()
+    config = StructuredConfig(ratio=0.5, criterion="l2", reconstruct=True)
+    prune_(model, config, example_inputs=x[:2], calibration=[x], optimizer=opt)
+    assert [p for g in opt.param_groups for p in g["params"]] == list(model.parameters())
+    assert opt.state[model[2].weight]["exp_avg"].shape == (3, 8)
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()  # the pruned model trains on
