@@ -92,7 +92,9 @@ def test_conv_consumers_are_refitted_through_their_kernel_taps() -> None:
 def test_reconstruction_needs_calibration() -> None:
     model = _mlp_with_redundant_neurons()
     with pytest.raises(ConfigError, match="pass calibration=batches"):
-        prune_(model, StructuredConfig(ratio=0.5, reconstruct=True), example_inputs=torch.ones(1, 6))
+        prune_(
+            model, StructuredConfig(ratio=0.5, reconstruct=True), example_inputs=torch.ones(1, 6)
+        )
     assert model[0].out_features == 16
     with pytest.raises(ConfigError, match="reconstruct='yes' must be true or false"):
         StructuredConfig(ratio=0.5, reconstruct="yes")  # type: ignore[arg-type]
