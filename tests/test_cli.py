@@ -337,6 +337,22 @@ def test_structured_yaml_recipe_with_round_to_and_flag_override(
     assert "widths rounded down to multiples of 8" in _report_row(report, "pruning")[1]
 
 
+def test_compress_structured_reconstruct_refits_before_fine_tuning(
+    digits_idx_dir: Path, tmp_path: Path
+) -> None:
+    accuracy = {}
+    for flags in ((), ("--reconstruct",)):
+        out = tmp_path / f"out{len(flags)}"
+        argv = _base(digits_idx_dir, out, "--method", "structured", "--ratio", "0.7", *flags)
+        assert main([*argv, "--finetune-epochs", "0", "--limit", "600"]) == 0
+        loaded = load_model(out / "pruned.safetensors")
+        assert StructuredConfig.from_dict(loaded.metadata["pruning"]).reconstruct == bool(flags)
+        accuracy[bool(flags)] = loaded.metadata["metrics"]["accuracy"]["top1"]
+        described = _report_row((out / "report.md").read_text(encoding="utf-8"), "pruning")[1]
+        assert ("refitted by least squares" in described) == bool(flags)
+    assert accuracy[True] > accuracy[False]  # measured one-shot, before any fine-tuning
+
+
 def test_compress_config_method() -> None:
     default = CompressConfig()
     assert default.method is CompressMethod.UNSTRUCTURED
@@ -544,6 +560,11 @@ BAD_INPUT: list[Any] = [
         _flag("--ratio", "0.3"),
         ["--ratio applies to --method structured only", "--method structured"],
         id="ratio-with-unstructured",
+    ),
+    pytest.param(
+        _flag("--method", "unstructured", "--reconstruct"),
+        ["--reconstruct applies to --method structured only"],
+        id="reconstruct-with-unstructured",
     ),
     pytest.param(
         _flag("--method", "unstructured", "--round-to", "8"),

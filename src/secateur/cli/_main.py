@@ -79,6 +79,12 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         help="structured: keep each group's width a multiple of N (default 1)",
     )
     p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="structured: refit the layers reading removed units by least squares on the "
+        "calibration batches before fine-tuning",
+    )
+    p.add_argument(
         "--depth-ratio",
         type=float,
         dest="depth_ratio",

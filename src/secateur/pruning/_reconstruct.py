@@ -4,17 +4,23 @@ Removing units of a channel group deletes input columns of the layers that read 
 transformer's attention output projection loses a head's columns, an FFN's down projection a
 neuron's). Left as they are, the kept columns no longer add up to the layer's old output. Given
 calibration inputs ``x`` (with a constant 1 appended when the layer has a bias), the weights
-over the kept columns that best reproduce the old output ``W x + b`` in the least-squares sense
-are
+over the kept columns ``K`` that best reproduce the old output ``W x + b`` in the least-squares
+sense are
 
-    W' = W H[:, K] H[K, K]^-1,   H = E[x xᵀ],
+    W' = W H[:, K] H[K, K]^-1,   H = E[x xᵀ].
 
-where ``K`` are the kept columns (and the bias). This folds the removed units' mean
-contribution into the bias and their correlated part into the kept columns: the structured
-counterpart of SparseGPT's update, in one solve per layer.
+This folds the removed units' mean contribution into the bias and their correlated part into
+the kept columns: the structured counterpart of SparseGPT's update, one solve per layer, all
+layers' ``H`` from one calibration pass over the unpruned model.
 
-Reconstruction happens before the surgery, on the full-width weights, so that the surgery then
-slices the updated tensors (and any optimizer state) exactly as it would the plain ones.
+Refitting the layers one after another on the inputs of the model pruned so far, against the
+original's outputs (as SparseGPT's ``dense_targets`` does), was tried and left out: on
+all-MiniLM-L6-v2 it reached a lower one-shot fidelity (0.8386 against 0.8448 at half the heads
+and FFN neurons, 512 calibration sentences) in three times the time.
+
+Reconstruction happens before the surgery, on the full-width weights (a removed column is
+zeroed, which is what removing it does to the output), so that the surgery then slices the
+updated tensors (and any optimizer state) exactly as it would the plain ones.
 """
 
 from __future__ import annotations
@@ -87,77 +93,125 @@ def _feature_index(module: nn.Module, channels: torch.Tensor) -> torch.Tensor:
     return channels
 
 
-def gram_matrices(
-    model: nn.Module,
-    names: Iterable[str],
-    calibration: Any,
-    *,
-    max_batches: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per module in ``names`` (refittable ones only), ``E[x̃ x̃ᵀ]`` in float64 over the
-    calibration inputs it sees, ``x̃`` its input features with a 1 appended when it has a bias."""
-    modules = {n: model.get_submodule(n) for n in names}
-    modules = {n: m for n, m in modules.items() if _refittable(m)}
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = dict.fromkeys(modules, 0)
+class _Stop(Exception):
+    """Ends a calibration forward pass once every hooked layer has seen its inputs."""
 
-    def hook(name: str, module: nn.Module):  # noqa: ANN202
-        def record(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-            x = _features(module, args[0].detach()).double()
-            if getattr(module, "bias", None) is not None:
+
+def execution_order(model: nn.Module, names: Iterable[str], batch: Any) -> dict[str, int]:
+    """``names`` that run on ``batch``, in the order they first run, with how often each runs."""
+    calls: dict[str, int] = {}
+    handles = []
+    for name in names:
+
+        def count(_mod: nn.Module, _args: Any, name: str = name) -> None:
+            calls[name] = calls.get(name, 0) + 1
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(count))
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _capture(model: nn.Module, calls: dict[str, int], inputs: Any) -> dict[str, list[torch.Tensor]]:
+    """Each layer of ``calls``' input features on ``inputs`` (a 1 appended when it has a bias),
+    the pass stopped as soon as all of them have run as often as ``calls`` says."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in calls}
+    handles = []
+    for name in calls:
+        module = model.get_submodule(name)
+
+        def record(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            x = _features(mod, args[0].detach()).double()
+            if getattr(mod, "bias", None) is not None:
                 x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-            total = x.t() @ x
-            sums[name] = sums[name] + total if name in sums else total
-            rows[name] += x.shape[0]
+            seen[name].append(x)
+            if all(len(seen[n]) >= calls[n] for n in calls):
+                raise _Stop
 
-        return record
+        handles.append(module.register_forward_pre_hook(record))
+    try:
+        call_model(model, inputs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
-    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in modules.items()]
+
+def input_statistics(
+    model: nn.Module, calls: dict[str, int], calibration: Any
+) -> dict[str, torch.Tensor]:
+    """Per layer of ``calls``, ``H = E[x xᵀ]`` in float64 of its input features ``x`` (a 1
+    appended when it has a bias) over the calibration batches, in one pass."""
+    sums: dict[str, torch.Tensor] = {}
+    rows = dict.fromkeys(calls, 0)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for inputs, _ in iter_calibration(calibration, device=device, max_batches=max_batches):
-                call_model(model, inputs)
+            for inputs, _ in iter_calibration(calibration, device=device):
+                for name, features in _capture(model, calls, inputs).items():
+                    for x in features:
+                        sums[name] = sums[name] + x.t() @ x if name in sums else x.t() @ x
+                        rows[name] += x.shape[0]
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    if modules and not sums:
+    if not sums:
         raise ConfigError(
             "reconstruction saw no calibration input: pass calibration batches that run the model"
         )
-    return {n: sums[n] / rows[n] for n in sums}
+    return {name: total / rows[name] for name, total in sums.items()}
 
 
 class Refitter:
     """Refits, in place and on full-width weights, every layer that removals take input columns
-    from and that ``grams`` (from :func:`gram_matrices`, on the unpruned model) covers: the kept
-    columns (and the bias) become the least-squares fit of the layer's old output, the removed
-    columns are zeroed. :meth:`undo` puts the weights it changed back, for a caller whose
-    surgery was rolled back.
+    from: the kept columns (and the bias) become the least-squares fit, on ``calibration``, of
+    the layer's output in the unpruned model, and the removed columns are zeroed. :meth:`undo`
+    puts the weights it changed back, for a caller whose surgery was rolled back.
+
+    The input statistics are gathered at the first call, which must come before any surgery,
+    and reused by later calls (on the same layers or fewer, after an undo).
 
     The solve is damped towards the old weights, ``W' (H_KK + λI) = W H_:K + λ W_K`` with
     ``λ`` = ``DAMPENING`` × the mean of ``diag(H_KK)``, so that a layer that loses nothing keeps
     its weights exactly.
     """
 
-    def __init__(self, model: nn.Module, grams: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, calibration: Any) -> None:
         self.model = model
-        self.grams = grams
+        self.calibration = calibration
+        self.stats: dict[str, torch.Tensor] | None = None
         self.backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, removals: list[tuple[Group, torch.Tensor]]) -> list[str]:
         """Refit the layers ``removals`` take columns from; return their names."""
-        done = []
-        for name, channels in removed_columns(removals).items():
-            if name in self.grams:
-                self._refit(name, channels)
-                done.append(name)
+        columns = {
+            name: channels
+            for name, channels in removed_columns(removals).items()
+            if _refittable(self.model.get_submodule(name))
+        }
+        if not columns:
+            return []
+        if self.stats is None:
+            device = next(self.model.parameters()).device
+            batches = iter_calibration(self.calibration, device=device, max_batches=1)
+            first = next(iter(batches), None)
+            if first is None:
+                raise ConfigError("calibration holds no batch: pass at least one batch of inputs")
+            calls = execution_order(self.model, columns, first[0])
+            self.stats = input_statistics(self.model, calls, self.calibration)
+        done = [name for name in columns if name in self.stats]
+        for name in done:
+            self._refit(name, columns[name], self.stats[name])
         return done
 
-    def _refit(self, name: str, channels: torch.Tensor) -> None:
+    def _refit(self, name: str, channels: torch.Tensor, gram: torch.Tensor) -> None:
         module = self.model.get_submodule(name)
         bias = getattr(module, "bias", None)
         if name not in self.backup:
@@ -171,7 +225,7 @@ class Refitter:
         drop = torch.zeros(full.shape[1], dtype=torch.bool)
         drop[_feature_index(module, channels)] = True
         keep = (~drop).nonzero().flatten().to(full.device)
-        gram = self.grams[name].to(full.device)
+        gram = gram.to(full.device)
         sub = gram[keep][:, keep]
         damp = DAMPENING * sub.diagonal().mean().clamp_min(1e-12)
         sub = sub + damp * torch.eye(len(keep), dtype=sub.dtype, device=sub.device)

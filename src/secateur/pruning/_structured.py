@@ -17,7 +17,7 @@ from ..graph import KINDS, DependencyGraph, Group, build_dependency_graph
 from ..graph._trace import output_shapes
 from ..importance import NORMALIZATIONS, create_criterion, group_scores, normalize
 from ..importance._statistics import LossFn
-from ._reconstruct import Refitter, gram_matrices, removed_columns
+from ._reconstruct import Refitter
 from ._surgery import remove_units_
 from ._unstructured import Scope, check_per_layer, match_per_layer
 
@@ -48,8 +48,9 @@ class StructuredConfig:
             (``Group.producers()``; the first matching pattern wins), pruned on their own.
         reconstruct: refit the layers that read removed units (Linear, HF Conv1D and ungrouped
             Conv2d) by least squares on the calibration inputs, so that their kept columns and
-            bias reproduce their old output (see ``pruning._reconstruct``); needs
-            ``calibration``. It holds one ``in_features²`` float64 matrix per refitted layer.
+            bias reproduce their output in the unpruned model (see ``pruning._reconstruct``).
+            Needs ``calibration``; costs one calibration pass and one ``in_features²``
+            float64 matrix per refitted layer.
     """
 
     ratio: float
@@ -184,8 +185,7 @@ def remove_lowest_(
             raise ConfigError(
                 "reconstruct=True refits layers on calibration inputs: pass calibration=batches"
             )
-        grams = gram_matrices(model, removed_columns(removals), calibration)
-        refit = Refitter(model, grams)
+        refit = Refitter(model, calibration)
     removals, refused = _apply_checked(model, graph, removals, example_inputs, optimizer, refit)
     widths = [(g.size, g.size - len(u)) for g, u in removals]
     return StructuredResult(graph, tuple(widths), tuple(refused))

@@ -384,6 +384,8 @@ def _prune_and_finetune(
             if config.round_to > 1
             else "no width rounding"
         )
+        if config.reconstruct:
+            rounding += ", readers refitted by least squares"
         if depth:
             summary = f"{depth}, then {summary}"
             rounding += f", after depth_ratio {config.depth_ratio}"

@@ -49,6 +49,7 @@ METHOD_SETTINGS: dict[str, tuple[CompressMethod, ...]] = {
     "normalize": (CompressMethod.UNSTRUCTURED, CompressMethod.STRUCTURED),
     "ratio": (CompressMethod.STRUCTURED,),
     "round_to": (CompressMethod.STRUCTURED,),
+    "reconstruct": (CompressMethod.STRUCTURED,),
     "dense_targets": (CompressMethod.SPARSEGPT,),
     "depth_ratio": (CompressMethod.STRUCTURED, CompressMethod.DEPTH),
 }
@@ -65,7 +66,9 @@ class CompressConfig:
     the dense model's layer outputs). ``method="structured"``
     removes ``ratio`` of the units of the coupled channel groups (``scope`` layer: of each group;
     global: of all, ranked together), each group's width kept a multiple of ``round_to``, so the
-    saved model is physically smaller, then fine-tunes without masks. ``method="depth"``
+    saved model is physically smaller (with ``reconstruct``, the layers reading the removed
+    units are first refitted by least squares on the calibration batches), then fine-tunes
+    without masks. ``method="depth"``
     replaces ``depth_ratio`` of the model's residual blocks (ResNet blocks, transformer layers),
     the least influential first, by an identity ``Skip`` and fine-tunes without masks;
     ``structured`` with ``depth_ratio > 0`` removes those blocks first, then channels from what
@@ -101,6 +104,7 @@ class CompressConfig:
     normalize: str | None = None
     ratio: float = 0.5
     round_to: int = 1
+    reconstruct: bool = False
     depth_ratio: float = 0.0
     dense_targets: bool = False
     calibration_batches: int = 8
@@ -203,7 +207,12 @@ class CompressConfig:
         return UnstructuredConfig(sparsity=self.sparsity, nm=self.nm, **self._given())
 
     def structured_pruning(self) -> StructuredConfig:
-        return StructuredConfig(ratio=self.ratio, round_to=self.round_to, **self._given())
+        return StructuredConfig(
+            ratio=self.ratio,
+            round_to=self.round_to,
+            reconstruct=self.reconstruct,
+            **self._given(),
+        )
 
     def depth_pruning(self) -> DepthConfig:
         """The residual blocks to remove: ``depth_ratio`` of them (0 for none)."""

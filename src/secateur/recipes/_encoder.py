@@ -534,7 +534,8 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
         report_path, markdown_report(before, after, title=title, setup=setup, notes=notes)
     )
     console.print(
-        f"saved {model_path}/, {compressed_path}, {out / 'report.json'} and {report_path}"
+        f"saved {model_path}{'/' if model_path.is_dir() else ''}, {compressed_path}, "
+        f"{out / 'report.json'} and {report_path}"
     )
     return EncoderResult(
         before,
