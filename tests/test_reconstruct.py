@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from secateur import ConfigError, StructuredConfig, prune_
@@ -124,3 +126,75 @@ def test_optimizer_state_follows_the_refitted_and_sliced_weights() -> None:
     opt.zero_grad()
     model(x).sum().backward()
     opt.step()  # the pruned model trains on
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    hidden=st.integers(2, 24),
+    ratio=st.floats(0.05, 0.9),
+    bias=st.booleans(),
+    rows=st.integers(1, 64),
+)
+def test_the_refit_never_fits_the_calibration_inputs_worse_than_plain_removal(
+    seed: int, hidden: int, ratio: float, bias: bool, rows: int
+) -> None:
+    """The damped solve minimises ‖W x − W' x_K‖² + λ‖W' − W_K‖², and plain removal is W' = W_K:
+    so on the calibration inputs the refit's error can only be lower (any rows, even fewer than
+    the kept columns, any ratio, with or without a bias)."""
+    torch.manual_seed(seed)
+    x = torch.randn(rows, 5)
+    errors = {}
+    for reconstruct in (False, True):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(5, hidden), nn.ReLU(), nn.Linear(hidden, 3, bias=bias))
+        model.eval()
+        with torch.no_grad():
+            reference = model(x)
+        config = StructuredConfig(ratio=ratio, criterion="l2", reconstruct=reconstruct)
+        prune_(model, config, example_inputs=x[:1], calibration=[x])
+        with torch.no_grad():
+            errors[reconstruct] = float((model(x) - reference).square().sum())
+    assert errors[True] <= errors[False] * (1 + 1e-6) + 1e-9
+
+
+def test_non_finite_calibration_is_a_one_line_error_and_the_model_is_untouched() -> None:
+    model = _mlp_with_redundant_neurons()
+    weights = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 6)
+    x[3, 2] = float("inf")
+    config = StructuredConfig(ratio=0.5, criterion="l2", reconstruct=True)
+    with pytest.raises(ConfigError, match="hold inf/NaN") as exc:
+        prune_(model, config, example_inputs=x[:2], calibration=[x])
+    assert "\n" not in str(exc.value)
+    assert model[0].out_features == 16
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_a_refit_failing_midway_leaves_the_model_as_it_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from secateur.pruning._reconstruct import Refitter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+    ).eval()
+    weights = [p.detach().clone() for p in model.parameters()]
+    refit = Refitter._refit
+    calls = []
+
+    def second_fails(self, name, channels, gram):  # noqa: ANN001, ANN202
+        calls.append(name)
+        if len(calls) == 2:
+            raise ConfigError("boom")
+        return refit(self, name, channels, gram)
+
+    monkeypatch.setattr(Refitter, "_refit", second_fails)
+    x = torch.randn(16, 6)
+    with pytest.raises(ConfigError, match="boom"):
+        prune_(
+            model, StructuredConfig(ratio=0.5, reconstruct=True), example_inputs=x, calibration=[x]
+        )
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))

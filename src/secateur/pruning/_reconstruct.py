@@ -226,6 +226,11 @@ class Refitter:
         drop[_feature_index(module, channels)] = True
         keep = (~drop).nonzero().flatten().to(full.device)
         gram = gram.to(full.device)
+        if not bool(torch.isfinite(gram).all()):
+            raise ConfigError(
+                f"reconstruction: the calibration inputs of layer {name} hold inf/NaN: check "
+                "the calibration data, or prune without reconstruct"
+            )
         sub = gram[keep][:, keep]
         damp = DAMPENING * sub.diagonal().mean().clamp_min(1e-12)
         sub = sub + damp * torch.eye(len(keep), dtype=sub.dtype, device=sub.device)

@@ -231,15 +231,19 @@ def _apply_checked(model, graph, removals, example_inputs, optimizer, refit=None
     what was applied and what was refused."""
     snapshot = _Snapshot(model, optimizer)
 
-    def apply(batch, opt=None):  # noqa: ANN001, ANN202
-        if refit is not None:
-            refit(batch)
-        apply_removals_(model, graph, batch, optimizer=opt)
-
     def restore() -> None:
         snapshot.restore()
         if refit is not None:
             refit.undo()
+
+    def apply(batch, opt=None):  # noqa: ANN001, ANN202
+        try:
+            if refit is not None:
+                refit(batch)
+            apply_removals_(model, graph, batch, optimizer=opt)
+        except Exception:
+            restore()  # a failed refit or surgery leaves the model as it came
+            raise
 
     apply(removals, optimizer)
     if _check_forward(model, example_inputs, graph.output_shapes) is None:
