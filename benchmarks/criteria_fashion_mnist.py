@@ -3,8 +3,10 @@
 Three parts, each with the same fine-tune budget for every method:
 
 - ``structured``: a zoo CNN (default resnet20) pruned to 2x and 4x fewer MACs, secateur's
-  criteria against Torch-Pruning's importances (magnitude, Taylor, Hessian). Every method gets
-  the uniform ratio that reaches the MAC target (bisection on a copy), then the same fine-tuning.
+  criteria (and, for ``--reconstruct-criteria``, the same criterion with the layers reading the
+  removed channels refitted by least squares on the calibration batches) against Torch-Pruning's
+  importances (magnitude, Taylor, Hessian). Every method gets the uniform ratio that reaches the
+  MAC target (bisection on a copy), then the same fine-tuning.
 - ``unstructured``: LeNet-300-100 at 80/90/95% sparsity, secateur's criteria against
   ``torch.nn.utils.prune.global_unstructured`` with L1, then the same fine-tuning.
 - ``lenet12x``: LeNet-300-100 with at least 12x fewer non-zero weights, one-shot and gradual (AGP).
@@ -60,9 +62,11 @@ def calibration(data: DataSplits, batches: int, size: int = 64) -> list:
 # ---------------------------------------------------------------- structured
 
 
-def ours(criterion: str, scope: str = "layer") -> Callable:
+def ours(criterion: str, scope: str = "layer", reconstruct: bool = False) -> Callable:
     def prune(model: nn.Module, ratio: float, x: torch.Tensor, calib: list) -> None:
-        config = StructuredConfig(ratio=ratio, criterion=criterion, scope=scope)
+        config = StructuredConfig(
+            ratio=ratio, criterion=criterion, scope=scope, reconstruct=reconstruct
+        )
         prune_(model, config, example_inputs=x, calibration=calib)
 
     return prune
@@ -122,6 +126,12 @@ def structured(args: argparse.Namespace, data: DataSplits) -> None:
     base_macs = count_macs(dense, x).dense
     methods = {f"secateur {c}": ours(c) for c in args.criteria}
     methods.update({f"secateur {c} global": ours(c, "global") for c in args.global_criteria})
+    methods.update(
+        {
+            f"secateur {c} + reconstruct": ours(c, reconstruct=True)
+            for c in args.reconstruct_criteria
+        }
+    )
     methods.update({f"torch-pruning {k}": theirs(k) for k in ("magnitude", "taylor", "hessian")})
     print(f"\n{args.model}: dense top-1 {base_acc:.2%}, {base_macs:,} MACs\n")
     print("| target | method | ratio | MAC reduction | params | top-1 pruned | top-1 fine-tuned |")
@@ -278,6 +288,7 @@ def main() -> None:
         default=["l1", "l2", "taylor", "obd", "wanda", "activation", "apoz", "random"],
     )
     parser.add_argument("--global-criteria", nargs="*", default=["l2", "taylor"])
+    parser.add_argument("--reconstruct-criteria", nargs="*", default=["l2", "wanda", "activation"])
     parser.add_argument("--lenet-sparsity", type=float, default=0.92)
     parser.add_argument("--lenet-epochs", type=int, default=10)
     parser.add_argument("--limit", type=int, default=None)

@@ -277,9 +277,12 @@ def test_plan_config() -> None:
         ({"max_macs": 10, "codings": []}, "codings must list"),
         ({"max_macs": 10, "criterion": "nope"}, "unknown criterion 'nope'"),
         ({"max_macs": 10, "model": "nonet"}, "unknown model 'nonet'"),
+        ({"max_macs": 10, "reconstruct": 1}, "reconstruct"),
     ]:
         with pytest.raises(ConfigError, match=message):
             PlanConfig(**bad)
+    refit = PlanConfig(max_macs=1000, reconstruct=True)
+    assert refit.structured().reconstruct and not refit.common().reconstruct
 
 
 # --- the command line ---------------------------------------------------------------------
@@ -315,6 +318,33 @@ def test_cli_end_to_end(digits_idx_dir: Path, tmp_path: Path, cache_dir: Path) -
     assert second["plan"]["budget"]["max_params"] == 60_000
     assert second["outcome"]["met"] == {"max_params": True}
     assert "reused from cache" in second["baseline_source"]
+
+
+def test_cli_reconstruct_refits_every_channel_probe_and_the_final_model(
+    digits_idx_dir: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from secateur.pruning import _structured
+
+    refits = []
+    real = _structured.Refitter.__call__
+
+    def counted(self: _structured.Refitter, removals: list) -> list[str]:
+        done = real(self, removals)
+        refits.append(done)
+        return done
+
+    monkeypatch.setattr(_structured.Refitter, "__call__", counted)
+    out = tmp_path / "out"
+    argv = _argv(digits_idx_dir, out, "--max-macs", "130k", "--reconstruct")
+    assert main([*argv, "--finetune-epochs", "0"]) == 0
+    saved = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+    assert saved["plan"]["structured"]["reconstruct"] is True
+    assert saved["outcome"]["met"] == {"max_macs": True}
+    probes = [p for p in saved["plan"]["probes"] if p["stage"] == "channels"]
+    assert (
+        len(refits) == len(probes) + 1
+    )  # each probe (the best one scored as it is), then the plan
+    assert all(refits)  # every call refitted at least one layer
 
 
 def test_cli_exits_1_when_the_final_measurement_misses_a_limit(
@@ -367,7 +397,7 @@ def test_cli_bad_input_exits_2_with_one_line(
 
 
 def test_latency_probes_must_come_under_the_limit_by_the_margin() -> None:
-    from secateur.explore._plan import LATENCY_MARGIN, Figures, _excess
+    from secateur.explore._budget import LATENCY_MARGIN, Figures, excess
     from secateur.measure import Latency
 
     def timed(ms: float) -> Figures:
@@ -377,10 +407,10 @@ def test_latency_probes_must_come_under_the_limit_by_the_margin() -> None:
     budget = Budget(max_latency_ms=1.0)
     limit = ("max_latency_ms",)
     assert LATENCY_MARGIN == 0.05
-    assert _excess(timed(0.94), budget, limit) == []
-    (message,) = _excess(timed(0.97), budget, limit)  # under the limit, not under the margin
+    assert excess(timed(0.94), budget, limit) == []
+    (message,) = excess(timed(0.97), budget, limit)  # under the limit, not under the margin
     assert message == "latency_ms 0.97 > 0.95 (the limit 1 less the 5% timing margin)"
-    assert _excess(Figures(None, 10, 10, 10, None, None), budget, limit) == [
+    assert excess(Figures(None, 10, 10, 10, None, None), budget, limit) == [
         "latency_ms not measured > 0.95 (the limit 1 less the 5% timing margin)"
     ]
 
@@ -422,16 +452,16 @@ def test_shape_methods_are_checked(mlp: nn.Module) -> None:
 
 
 def test_min_speedup_is_timed_against_the_baseline_in_one_loop() -> None:
-    from secateur.explore._plan import Figures, _excess
+    from secateur.explore._budget import Figures, excess
 
     with pytest.raises(ConfigError, match="min_speedup"):
         Budget(min_speedup=1.0)
     assert Budget(min_speedup=2.0).shape_bound and Budget(min_speedup=2.0).timed
     figures = Figures(None, 1, 1, 1, None, None, speedup=2.05)
-    (message,) = _excess(figures, Budget(min_speedup=2.0), ("min_speedup",))
+    (message,) = excess(figures, Budget(min_speedup=2.0), ("min_speedup",))
     assert message == "speedup 2.05x < 2.1x (the limit 2 plus the 5% timing margin)"
     faster = dataclasses.replace(figures, speedup=2.2)
-    assert _excess(faster, Budget(min_speedup=2.0), ("min_speedup",)) == []
+    assert excess(faster, Budget(min_speedup=2.0), ("min_speedup",)) == []
     # a wide MLP at batch 64: removing channels pays, and every fitting probe was timed
     # interleaved with the unpruned model
     torch.manual_seed(0)

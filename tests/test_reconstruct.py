@@ -58,24 +58,38 @@ def test_a_constant_neuron_moves_into_the_bias() -> None:
     assert _error(model, reference, x) < 1e-3
 
 
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
 class _Convs(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dims: int, **reader: object) -> None:
         super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 3, padding=1, stride=2)
+        self.a = _CONV[dims](3, 8, 3, padding=1)
+        self.b = _CONV[dims](8, 4, 3, **reader)
         self.head = nn.Linear(4, 2)
+        self.dims = tuple(range(2, 2 + dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+        return self.head(self.b(torch.relu(self.a(x))).mean(self.dims))
 
 
-def test_conv_consumers_are_refitted_through_their_kernel_taps() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(16, 3, 10, 10)
+@pytest.mark.parametrize(
+    ("dims", "reader", "shape"),
+    [
+        (2, {"padding": 1, "stride": 2}, (16, 3, 10, 10)),
+        (1, {"padding": "same", "padding_mode": "reflect", "dilation": 2}, (16, 3, 20)),
+        (3, {"padding": 1, "padding_mode": "circular"}, (8, 3, 5, 6, 4)),
+    ],
+    ids=["conv2d", "conv1d-same-reflect", "conv3d-circular"],
+)
+def test_conv_consumers_are_refitted_through_their_kernel_taps(
+    dims: int, reader: dict, shape: tuple[int, ...]
+) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     errors = {}
     for reconstruct in (False, True):
         torch.manual_seed(0)
-        model = _Convs().eval()
+        model = _Convs(dims, **reader).eval()
         with torch.no_grad():
             model.a.weight[4:] = 0.5 * model.a.weight[:4]
             model.a.bias[4:] = 0.5 * model.a.bias[:4]

@@ -14,7 +14,6 @@ from secateur.errors import ConfigError
 from secateur.pruning import MaskSet, UnstructuredConfig, prune_
 from secateur.pruning._sparsegpt import (
     SparseGPTConfig,
-    _conv_columns,
     _prunable,
     _record_steps,
     prune_sparsegpt_,
@@ -383,32 +382,6 @@ class _Sink:
 
     def flush(self) -> None:
         pass
-
-
-# --- conv unfolding --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("conv", "shape"),
-    [
-        (nn.Conv1d(3, 5, 4, padding="same", dilation=2), (2, 3, 11)),
-        (nn.Conv1d(3, 5, 3, stride=2, padding="valid"), (2, 3, 11)),
-        (nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (2, 3, 9, 8)),
-        (nn.Conv2d(3, 5, 4, padding="same", padding_mode="reflect"), (2, 3, 9, 8)),
-        (nn.Conv2d(3, 5, 3, padding=1, padding_mode="replicate"), (3, 9, 8)),
-        (nn.Conv3d(2, 4, 3, stride=2, padding=1, padding_mode="circular"), (2, 2, 6, 7, 5)),
-    ],
-)
-def test_conv_columns_reproduce_the_conv(conv: nn.Module, shape: tuple[int, ...]) -> None:
-    x = torch.randn(shape)
-    dims = len(conv.kernel_size)
-    with torch.no_grad():
-        y = conv(x) - conv.bias.view(-1, *([1] * dims))
-        if x.dim() == dims + 1:
-            y = y.unsqueeze(0)
-        expected = y.movedim(1, -1).reshape(-1, conv.out_channels)
-        got = _conv_columns(conv, x) @ conv.weight.reshape(conv.out_channels, -1).t()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 # --- config and errors -----------------------------------------------------------------------

@@ -239,9 +239,15 @@ def test_config_points_and_validation() -> None:
         ({"ratios": ["a"]}, "ratios item 'a' is not a number"),
         ({"finetune_epochs": -1}, "finetune_epochs"),
         ({"criterion": "nope"}, "unknown criterion 'nope'"),
+        ({"methods": ["unstructured"], "reconstruct": True}, "structured pruning only"),
+        ({"reconstruct": "yes"}, "reconstruct"),
     ]:
         with pytest.raises(ConfigError, match=message):
             SweepConfig(**bad)
+    refit = SweepConfig(methods="unstructured,structured", ratios=[0.5], reconstruct=True)
+    unstructured, structured = refit.points()
+    assert structured.pruning().reconstruct and not unstructured.reconstruct
+    assert SweepConfig.from_dict(refit.to_dict()) == refit
 
 
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
@@ -282,6 +288,22 @@ def test_cli_end_to_end(digits_idx_dir: Path, tmp_path: Path, cache_dir: Path) -
     assert second["points"][0]["score"] == saved["points"][0]["score"]
 
 
+def test_cli_reconstruct_refits_the_structured_points(
+    digits_idx_dir: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    scores = {}
+    for flags in ((), ("--reconstruct",)):
+        out = tmp_path / f"out{len(flags)}"
+        extra = ("--methods", "structured", "--ratios", "0.7", "--finetune-epochs", "0")
+        assert main(_argv(digits_idx_dir, out, *extra, "--limit", "600", *flags)) == 0
+        saved = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+        assert saved["job"]["recipe"]["reconstruct"] == bool(flags)
+        report = (out / "sweep.md").read_text(encoding="utf-8")
+        assert ("readers refitted by least squares" in report) == bool(flags)
+        scores[bool(flags)] = saved["points"][1]["score"]
+    assert scores[True] > scores[False]  # one-shot: no fine-tuning after the refit
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -294,6 +316,7 @@ def test_cli_end_to_end(digits_idx_dir: Path, tmp_path: Path, cache_dir: Path) -
             "depth at ratio 0.01 removes none of the",
         ),
         (["--criterion", "nope"], "unknown criterion 'nope'"),
+        (["--methods", "unstructured", "--reconstruct"], "structured pruning only"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(

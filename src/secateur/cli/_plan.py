@@ -97,10 +97,16 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--round-to", type=int, dest="round_to", help="structured: width multiple")
     p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="channels: refit the layers reading removed channels by least squares on the "
+        "calibration batches, in every probe and in the final model",
+    )
+    p.add_argument(
         "--calibration-batches",
         type=int,
         dest="calibration_batches",
-        help="training batches for data criteria (default 8)",
+        help="training batches for data criteria and --reconstruct (default 8)",
     )
     p.add_argument(
         "--max-ratio", type=float, dest="max_ratio", help="structured: at most (default 0.9)"

@@ -61,6 +61,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--round-to", type=int, dest="round_to", help="structured: width multiple")
     p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="structured: refit the layers reading removed units by least squares on the "
+        "calibration batches",
+    )
+    p.add_argument(
         "--calibration-batches",
         type=int,
         dest="calibration_batches",

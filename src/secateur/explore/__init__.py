@@ -9,12 +9,12 @@ Sits above ``pruning`` and ``measure`` (it uses both); nothing below imports it.
 from ._allocate import allocate_ratios as allocate_ratios
 from ._allocate import predicted_drop as predicted_drop
 from ._allocate import predicted_savings as predicted_savings
-from ._plan import LATENCY_MARGIN as LATENCY_MARGIN
+from ._apply_plan import PlanOutcome as PlanOutcome
+from ._apply_plan import apply_plan as apply_plan
+from ._budget import LATENCY_MARGIN as LATENCY_MARGIN
+from ._budget import Budget as Budget
 from ._plan import SHAPE_METHODS as SHAPE_METHODS
-from ._plan import Budget as Budget
 from ._plan import Plan as Plan
-from ._plan import PlanOutcome as PlanOutcome
-from ._plan import apply_plan as apply_plan
 from ._plan import plan_for_budget as plan_for_budget
 from ._sensitivity import DEFAULT_RATIOS as DEFAULT_RATIOS
 from ._sensitivity import LayerCurve as LayerCurve

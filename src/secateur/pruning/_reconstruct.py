@@ -11,7 +11,9 @@ sense are
 
 This folds the removed units' mean contribution into the bias and their correlated part into
 the kept columns: the structured counterpart of SparseGPT's update, one solve per layer, all
-layers' ``H`` from one calibration pass over the unpruned model.
+layers' ``H`` from one calibration pass over the unpruned model. The layers refitted are those
+:mod:`._layer_matrix` sees as one matrix product (Linear, ungrouped Conv1d/2d/3d, Hugging Face
+Conv1D); any other reader of a removed unit is left as plain removal leaves it.
 
 Refitting the layers one after another on the inputs of the model pruned so far, against the
 original's outputs (as SparseGPT's ``dense_targets`` does), was tried and left out: on
@@ -29,13 +31,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._calibration import iter_calibration
 from .._inputs import call_model
 from ..errors import ConfigError
 from ..graph import Group
+from ._layer_matrix import column_index, input_rows, is_matrix_layer, to_weight_shape, weight_matrix
 
 # Consumer roles whose input columns can be refitted, and their modules.
 _ROLES = ("linear_in", "conv1d_in", "conv_in")
@@ -54,43 +56,6 @@ def removed_columns(removals: Iterable[tuple[Group, torch.Tensor]]) -> dict[str,
                     group.feature_indices(member, units.cpu())
                 )
     return {name: torch.unique(torch.cat(parts)) for name, parts in columns.items()}
-
-
-def _refittable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and isinstance(module.padding, tuple)
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
-
-
-def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``(rows, in_features)`` of what ``module`` multiplies its weight by."""
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(
-            x,
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )  # (N, C*kh*kw, L), channel-major as the weight is flattened
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-def _matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as ``(out, in)``: a view for Linear and Conv2d, a transpose for HF Conv1D."""
-    if isinstance(module, nn.Linear | nn.Conv2d):
-        return module.weight.detach().reshape(module.weight.shape[0], -1)
-    return module.weight.detach().t()
-
-
-def _feature_index(module: nn.Module, channels: torch.Tensor) -> torch.Tensor:
-    """Weight columns of the given input channels (a conv channel spans kh*kw columns)."""
-    if isinstance(module, nn.Conv2d):
-        taps = module.kernel_size[0] * module.kernel_size[1]
-        return (channels[:, None] * taps + torch.arange(taps)[None, :]).flatten()
-    return channels
 
 
 class _Stop(Exception):
@@ -125,7 +90,7 @@ def _capture(model: nn.Module, calls: dict[str, int], inputs: Any) -> dict[str, 
         module = model.get_submodule(name)
 
         def record(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            x = _features(mod, args[0].detach()).double()
+            x = input_rows(mod, args[0].detach(), torch.float64)
             if getattr(mod, "bias", None) is not None:
                 x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
             seen[name].append(x)
@@ -194,7 +159,7 @@ class Refitter:
         columns = {
             name: channels
             for name, channels in removed_columns(removals).items()
-            if _refittable(self.model.get_submodule(name))
+            if is_matrix_layer(self.model.get_submodule(name))
         }
         if not columns:
             return []
@@ -219,11 +184,11 @@ class Refitter:
                 module.weight.detach().clone(),
                 None if bias is None else bias.detach().clone(),
             )
-        full = _matrix(module).double()
+        full = weight_matrix(module, torch.float64)
         if bias is not None:
             full = torch.cat([full, bias.detach().double()[:, None]], dim=1)
         drop = torch.zeros(full.shape[1], dtype=torch.bool)
-        drop[_feature_index(module, channels)] = True
+        drop[column_index(module, channels)] = True
         keep = (~drop).nonzero().flatten().to(full.device)
         gram = gram.to(full.device)
         if not bool(torch.isfinite(gram).all()):
@@ -241,10 +206,7 @@ class Refitter:
             if bias is not None:
                 bias.copy_(new[:, -1].to(bias.dtype))
                 new = new[:, :-1]
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
-            else:
-                module.weight.copy_(new.t().to(module.weight.dtype))
+            module.weight.copy_(to_weight_shape(module, new).to(module.weight.dtype))
 
     def undo(self) -> None:
         """Copy the saved weights back into the layers' current (full-width) tensors."""

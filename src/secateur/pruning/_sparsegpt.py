@@ -9,10 +9,9 @@ read off one row of the upper Cholesky factor of ``H⁻¹``. Columns go in block
 sees the updates of earlier blocks), and the accumulated error reaches the later columns in one
 matmul after the block (the lazy batch update).
 
-Layers handled: ``nn.Linear``; ``nn.Conv1d``/``Conv2d``/``Conv3d`` with ``groups == 1`` (their
-input is unfolded with the conv's kernel, stride, padding, padding mode and dilation, so that
-the columns are ``C_in·k₁·k₂…`` in the order of ``weight.reshape(out, -1)``); and Hugging Face
-``Conv1D`` (recognised by its class name, weight ``(in, out)``). Grouped and depthwise convs,
+Layers handled: those :mod:`._layer_matrix` sees as one matrix product (``nn.Linear``;
+``nn.Conv1d``/``Conv2d``/``Conv3d`` with ``groups == 1``, their input unfolded with the conv's
+own kernel, stride, padding and dilation; Hugging Face ``Conv1D``). Grouped and depthwise convs,
 transposed convs and every other module are left dense. Layers that never run on the
 calibration inputs are left dense too, with a warning. A weight shared with another module
 (a language model's head tied to its embedding) is pruned for both: exclude such a layer.
@@ -30,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._calibration import iter_calibration
@@ -38,10 +36,18 @@ from .._config import check_int, check_range, config_from_dict, config_to_dict
 from .._inputs import call_model
 from .._progress import make_progress
 from ..errors import ConfigError
+from ._layer_matrix import (
+    CONVS,
+    conv_padding,
+    input_rows,
+    input_width,
+    is_matrix_layer,
+    to_weight_shape,
+    weight_matrix,
+)
 from ._masks import MaskSet
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _parse_nm(nm: Any) -> tuple[int, int]:
@@ -144,20 +150,11 @@ class _StopForward(Exception):
 # --- layers ----------------------------------------------------------------------------------
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
-    )
-
-
 def _prunable(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, nn.Module]:
     """``{module name: module}`` of every layer SparseGPT handles, ``exclude`` left out."""
     out = {}
     for name, module in model.named_modules():
-        ok = isinstance(module, nn.Linear) or _is_hf_conv1d(module)
-        ok = ok or (isinstance(module, _CONVS) and module.groups == 1)
-        if ok and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if is_matrix_layer(module) and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
             out[name] = module
     return out
 
@@ -172,86 +169,19 @@ def _target(name: str, config: SparseGPTConfig) -> _Target:
     return _Target(float(config.sparsity))
 
 
-def _width(module: nn.Module) -> int:
-    """Number of input columns of the layer's weight matrix."""
-    if _is_hf_conv1d(module):
-        return module.weight.shape[0]
-    return module.weight[0].numel()
-
-
-def _weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as a float32 ``(rows, cols)`` copy, columns = input features."""
-    weight = module.weight.detach()
-    if _is_hf_conv1d(module):
-        weight = weight.t()
-    return weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True)
-
-
-def _to_weight_shape(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
-    if _is_hf_conv1d(module):
-        return matrix.t()
-    return matrix.reshape(module.weight.shape)
-
-
-def _conv_padding(conv: nn.Module) -> list[tuple[int, int]]:
-    """``(left, right)`` padding per spatial dim, as the conv itself applies it."""
-    dims = len(conv.kernel_size)
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return [(0, 0)] * dims
-        if conv.padding == "same":
-            pads = []
-            for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
-                total = d * (k - 1)
-                pads.append((total // 2, total - total // 2))
-            return pads
-        raise ConfigError(
-            f"conv padding={conv.padding!r} is not understood: use 'same', 'valid' or integers, or exclude the layer"
-        )
-    return [(p, p) for p in conv.padding]
-
-
-def _conv_columns(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Unfold a conv input to ``(positions, C_in·k₁·k₂…)`` rows, matching the weight's layout."""
-    dims = len(conv.kernel_size)
-    if x.dim() == dims + 1:  # unbatched input
-        x = x.unsqueeze(0)
-    x = x.to(torch.float32)
-    pads = _conv_padding(conv)
-    if any(left or right for left, right in pads):
-        flat = [p for left_right in reversed(pads) for p in left_right]
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, flat, mode=mode)
-    for i in range(dims):
-        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window as the last dim
-        if d > 1:
-            x = x[..., ::d]
-    # (B, C, L₁…, k₁…) -> (B, L₁…, C, k₁…)
-    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
-    return x.permute(order).reshape(-1, _width(conv))
-
-
-def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as float32 rows of ``cols`` features each."""
-    if isinstance(module, _CONVS):
-        return _conv_columns(module, x)
-    return x.reshape(-1, x.shape[-1]).to(torch.float32)
-
-
 def _input_key(module: nn.Module) -> tuple:
     """Layers with equal keys fed the same tensor have the same ``H``."""
-    if isinstance(module, _CONVS):
+    if isinstance(module, CONVS):
         return (
             "conv",
             module.in_channels,
             tuple(module.kernel_size),
             tuple(module.stride),
-            tuple(_conv_padding(module)),
+            tuple(conv_padding(module)),
             tuple(module.dilation),
             module.padding_mode,
         )
-    return ("dense", _width(module))
+    return ("dense", input_width(module))
 
 
 def _param_name(module_name: str) -> str:
@@ -281,7 +211,7 @@ class _Hessian:
         if x is self.last:
             return
         self.last = x
-        cols = _columns(module, x).to(self.sum.device)
+        cols = input_rows(module, x).to(self.sum.device)
         self.sum.addmm_(cols.t(), cols)
         if self.cross is not None:
             if dense is None or dense.shape != x.shape:
@@ -289,7 +219,7 @@ class _Hessian:
                     "dense_targets: the dense model fed a layer a different input shape than "
                     "the pruned one: leave dense_targets off for this model"
                 )
-            self.cross.addmm_(_columns(module, dense).to(self.sum.device).t(), cols)
+            self.cross.addmm_(input_rows(module, dense).to(self.sum.device).t(), cols)
         self.rows += cols.shape[0]
 
     def value(self) -> torch.Tensor:
@@ -453,7 +383,7 @@ def _accumulate(
     for name, module in step.items():
         key = _input_key(module)
         if key not in shared:
-            shared[key] = _Hessian(_width(module), module.weight.device, reference is not None)
+            shared[key] = _Hessian(input_width(module), module.weight.device, reference is not None)
         hessians[name] = shared[key]
     seen = dict.fromkeys(step, 0)
     dense_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in step}
@@ -541,9 +471,9 @@ def prune_sparsegpt_(
     targets = {name: _target(name, config) for name in layers}
     for name, module in layers.items():
         m = targets[name].m
-        if m and _width(module) % m:
+        if m and input_width(module) % m:
             raise ConfigError(
-                f"layer {name} has {_width(module)} input columns, not a multiple of M={m} "
+                f"layer {name} has {input_width(module)} input columns, not a multiple of M={m} "
                 f"of nm={config.nm!r}: exclude it (exclude=({name!r},)) or set per_layer={{{name!r}: 0.5}}"
             )
     if isinstance(calibration, Iterator):
@@ -599,15 +529,15 @@ def _prune(
                 if hessians[name].rows == 0:
                     idle.append(name)
                 else:
-                    w = _weight_matrix(module)
+                    w = weight_matrix(module)
                     h = hessians[name].value()
                     if reference is not None:
                         w = _retarget(w, h, hessians[name].cross_value(), config.damp)
                     pruned = _sparsegpt_matrix(
                         w, h, targets[name], config.blocksize, config.damp, name
                     )
-                    module.weight.copy_(_to_weight_shape(module, w).to(module.weight.dtype))
-                    masks[_param_name(name)] = _to_weight_shape(module, ~pruned)
+                    module.weight.copy_(to_weight_shape(module, w).to(module.weight.dtype))
+                    masks[_param_name(name)] = to_weight_shape(module, ~pruned)
                 bar.advance(task)
             del hessians
     if idle:

@@ -47,7 +47,7 @@ class StructuredConfig:
         per_layer: fnmatch pattern → ratio for the groups whose producing layers it matches
             (``Group.producers()``; the first matching pattern wins), pruned on their own.
         reconstruct: refit the layers that read removed units (Linear, HF Conv1D and ungrouped
-            Conv2d) by least squares on the calibration inputs, so that their kept columns and
+            Conv1d/2d/3d) by least squares on the calibration inputs, so that their kept columns and
             bias reproduce their output in the unpruned model (see ``pruning._reconstruct``).
             Needs ``calibration``; costs one calibration pass and one ``in_features²``
             float64 matrix per refitted layer.

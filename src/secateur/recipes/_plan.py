@@ -57,7 +57,8 @@ class PlanConfig:
     ``max_latency_ms`` (median at batch 1 on this machine) or ``min_speedup`` (over the
     baseline, both timed in one loop). Parameters, MACs and latency are met
     by narrowing the model, the better scoring on the validation split of ``shape_methods``:
-    ``channels`` (``criterion``, ``round_to``, ``max_ratio``) and ``blocks`` (whole residual
+    ``channels`` (``criterion``, ``round_to``, ``max_ratio``; ``reconstruct`` refits the
+    layers reading removed channels by least squares, in every probe too) and ``blocks`` (whole residual
     blocks, for models that have them); the file size by global
     magnitude sparsity under the best of ``codings`` (``exact``, ``float16``, ``int8``,
     ``codebookN``), chosen on the validation split. Each stage is fine-tuned for
@@ -82,6 +83,7 @@ class PlanConfig:
     criterion: str | None = None
     round_to: int = 1
     max_ratio: float = 0.9
+    reconstruct: bool = False
     codings: tuple[str, ...] = CODINGS
     shape_methods: tuple[str, ...] = SHAPE_METHODS
     calibration_batches: int = 8
@@ -138,13 +140,17 @@ class PlanConfig:
     def structured(self) -> StructuredConfig:
         extra = {} if self.criterion is None else {"criterion": self.criterion}
         return StructuredConfig(
-            ratio=0.0, round_to=self.round_to, max_ratio=self.max_ratio, **extra
+            ratio=0.0,
+            round_to=self.round_to,
+            max_ratio=self.max_ratio,
+            reconstruct=self.reconstruct,
+            **extra,
         )
 
     def common(self) -> CompressConfig:
-        """The baseline and fine-tuning settings, as a compress job (``criterion`` and
-        ``round_to`` are the structured stage's, see :meth:`structured`)."""
-        return compress_settings(self, skip=("criterion", "round_to"))
+        """The baseline and fine-tuning settings, as a compress job (``criterion``,
+        ``round_to`` and ``reconstruct`` are the structured stage's, see :meth:`structured`)."""
+        return compress_settings(self, skip=("criterion", "round_to", "reconstruct"))
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

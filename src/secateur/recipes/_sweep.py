@@ -50,7 +50,8 @@ class SweepConfig:
     copy for ``finetune_epochs``, and measure all of them and the baseline the same way.
 
     ``ratios`` is the sparsity for ``unstructured``/``sparsegpt``, the channel ratio for
-    ``structured`` and the block ratio for ``depth``. Pruning is one-shot; ``criterion``,
+    ``structured`` and the block ratio for ``depth``. Pruning is one-shot; ``reconstruct``
+    refits the readers of removed units for the ``structured`` points; ``criterion``,
     ``scope``, ``round_to``, ``calibration_batches``, ``recovery`` (``finetune`` or
     ``distill`` from the baseline, with ``temperature``/``alpha``) and the training settings
     mean what they mean in :class:`CompressConfig`, whose validation they go through. The
@@ -72,6 +73,7 @@ class SweepConfig:
     criterion: str | None = None
     scope: str | None = None
     round_to: int = 1
+    reconstruct: bool = False
     calibration_batches: int = 8
     finetune_epochs: int = 1
     finetune_lr: float = 0.02
@@ -121,17 +123,27 @@ class SweepConfig:
         object.__setattr__(self, "ratios", tuple(sorted(float(r) for r in set(ratios))))
         check_int("finetune_epochs", self.finetune_epochs, 0)
         check_int("latency_runs", self.latency_runs, 20)
+        if self.reconstruct is True and CompressMethod.STRUCTURED not in parsed:
+            raise ConfigError(
+                "reconstruct refits after structured pruning only: add structured to methods "
+                "(--methods) or drop reconstruct (--reconstruct)"
+            )
         self.points()  # every point goes through CompressConfig's validation
 
     def common(self) -> CompressConfig:
         """The settings every point shares, as a compress job (its ratio fields unset)."""
-        return compress_settings(self)
+        return compress_settings(self, skip=("reconstruct",))
 
     def points(self) -> list[CompressConfig]:
         """One compress config per (method, ratio), methods in the order given."""
         base = self.common()
         return [
-            dataclasses.replace(base, method=m, **{RATIO_FIELD[m]: r})
+            dataclasses.replace(
+                base,
+                method=m,
+                **{RATIO_FIELD[m]: r},
+                **({"reconstruct": self.reconstruct} if m is CompressMethod.STRUCTURED else {}),
+            )
             for m in self.methods
             for r in self.ratios
         ]
@@ -250,6 +262,11 @@ def run_sweep(config: SweepConfig, *, console: Console | None = None) -> SweepJo
         ("baseline", source),
         ("methods", methods),
         ("ratios", ", ".join(f"{r:g}" for r in config.ratios)),
+        *(
+            [("reconstruct", "structured points: readers refitted by least squares")]
+            if config.reconstruct
+            else []
+        ),
         ("recovery", f"{config.recovery.value}, {config.finetune_epochs} epoch(s) per setting"),
         ("score", scored_on),
         ("device", f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"),
