@@ -212,3 +212,36 @@ def test_a_refit_failing_midway_leaves_the_model_as_it_came(
         )
     assert len(calls) == 2
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_statistics_too_large_for_one_pass_are_gathered_over_several(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from secateur.pruning import _reconstruct
+
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(2))
+    batches = [x[:32], x[32:]]
+    real = _reconstruct._capture
+
+    def pruned(pass_bytes: int) -> tuple[nn.Module, list[list[str]]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)
+        ).eval()
+        captures: list[list[str]] = []
+        monkeypatch.setattr(_reconstruct, "PASS_BYTES", pass_bytes)
+        monkeypatch.setattr(
+            _reconstruct,
+            "_capture",
+            lambda m, run, i: captures.append(list(run)) or real(m, run, i),
+        )
+        config = StructuredConfig(ratio=0.5, criterion="l2", reconstruct=True)
+        prune_(model, config, example_inputs=x[:2], calibration=batches)
+        return model, captures
+
+    together, one_pass = pruned(2 * 1024**3)
+    apart, two_passes = pruned(8 * 13 * 13)  # room for the first reader's H (12 + bias) only
+    assert one_pass == [["2", "4"]] * 2  # both readers, once per batch
+    assert two_passes == [["2"]] * 2 + [["4"]] * 2  # one reader per pass
+    for a, b in zip(together.state_dict().values(), apart.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -186,3 +186,17 @@ def test_data_criteria_prune_transformers_from_dict_calibration(criterion: str) 
     )
     assert _logits(model, x).isfinite().all()
     assert count_macs(model, x).dense < before
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_reconstruction_refits_attention_and_ffn_readers(family: str) -> None:
+    errors = {}
+    for reconstruct in (False, True):
+        model, x = _build(family)
+        dense = _logits(model, x)
+        config = StructuredConfig(
+            ratio=0.5, kinds=("head", "channel"), criterion="activation", reconstruct=reconstruct
+        )
+        prune_(model, config, example_inputs=x, calibration=[x])
+        errors[reconstruct] = float((_logits(model, x) - dense).norm() / dense.norm())
+    assert errors[True] < 0.5 * errors[False]  # measured: 0.001-0.1 against 0.35-0.57

@@ -11,7 +11,8 @@ sense are
 
 This folds the removed units' mean contribution into the bias and their correlated part into
 the kept columns: the structured counterpart of SparseGPT's update, one solve per layer, all
-layers' ``H`` from one calibration pass over the unpruned model. The layers refitted are those
+layers' ``H`` from one calibration pass over the unpruned model (several when their matrices
+would not fit in :data:`PASS_BYTES`). The layers refitted are those
 :mod:`._layer_matrix` sees as one matrix product (Linear, ungrouped Conv1d/2d/3d, Hugging Face
 Conv1D); any other reader of a removed unit is left as plain removal leaves it.
 
@@ -37,11 +38,22 @@ from .._calibration import iter_calibration
 from .._inputs import call_model
 from ..errors import ConfigError
 from ..graph import Group
-from ._layer_matrix import column_index, input_rows, is_matrix_layer, to_weight_shape, weight_matrix
+from ._layer_matrix import (
+    column_index,
+    input_rows,
+    input_width,
+    is_matrix_layer,
+    to_weight_shape,
+    weight_matrix,
+)
 
 # Consumer roles whose input columns can be refitted, and their modules.
 _ROLES = ("linear_in", "conv1d_in", "conv_in")
 DAMPENING = 0.01  # of the mean diagonal of H, added to its diagonal before solving
+#: The most bytes of ``H`` matrices one calibration pass gathers. A small model's layers all fit
+#: in one pass; a large language model's do not (the FFN down projection of a 7B model alone
+#: has an 11008² float64 ``H``, 0.97 GB), so its layers are gathered over several passes.
+PASS_BYTES = 2 * 1024**3
 
 
 def removed_columns(removals: Iterable[tuple[Group, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -108,11 +120,38 @@ def _capture(model: nn.Module, calls: dict[str, int], inputs: Any) -> dict[str, 
     return seen
 
 
+def _statistic_bytes(module: nn.Module) -> int:
+    """Bytes of the float64 ``H`` of ``module`` (its bias adds a row and a column)."""
+    width = input_width(module) + (getattr(module, "bias", None) is not None)
+    return 8 * width * width
+
+
+def _passes(model: nn.Module, calls: dict[str, int], max_bytes: int) -> list[dict[str, int]]:
+    """``calls`` cut, in execution order, into runs whose matrices add up to at most
+    ``max_bytes`` (a layer larger than that alone gets a pass to itself)."""
+    passes: list[dict[str, int]] = []
+    held = max_bytes + 1
+    for name, count in calls.items():
+        size = _statistic_bytes(model.get_submodule(name))
+        if held + size > max_bytes:
+            passes.append({})
+            held = 0
+        passes[-1][name] = count
+        held += size
+    return passes
+
+
 def input_statistics(
-    model: nn.Module, calls: dict[str, int], calibration: Any
+    model: nn.Module, calls: dict[str, int], calibration: Any, max_bytes: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per layer of ``calls``, ``H = E[x xᵀ]`` in float64 of its input features ``x`` (a 1
-    appended when it has a bias) over the calibration batches, in one pass."""
+    """Per layer of ``calls`` (in execution order), ``H = E[x xᵀ]`` in float64 of its input
+    features ``x`` (a 1 appended when it has a bias) over the calibration batches.
+
+    One calibration pass gathers them all, unless their matrices add up to more than
+    ``max_bytes`` (default :data:`PASS_BYTES`): then the layers are split, in execution order,
+    into as many passes as keep each within it, each pass stopping after its last layer.
+    """
+    limit = PASS_BYTES if max_bytes is None else max_bytes
     sums: dict[str, torch.Tensor] = {}
     rows = dict.fromkeys(calls, 0)
     device = next(model.parameters()).device
@@ -120,11 +159,12 @@ def input_statistics(
     model.eval()
     try:
         with torch.no_grad():
-            for inputs, _ in iter_calibration(calibration, device=device):
-                for name, features in _capture(model, calls, inputs).items():
-                    for x in features:
-                        sums[name] = sums[name] + x.t() @ x if name in sums else x.t() @ x
-                        rows[name] += x.shape[0]
+            for run in _passes(model, calls, limit):
+                for inputs, _ in iter_calibration(calibration, device=device):
+                    for name, features in _capture(model, run, inputs).items():
+                        for x in features:
+                            sums[name] = sums[name] + x.t() @ x if name in sums else x.t() @ x
+                            rows[name] += x.shape[0]
     finally:
         model.train(was_training)
     if not sums:
