@@ -15,7 +15,7 @@ from secateur import load_model
 from secateur.cli._main import main
 from secateur.data import read_sentences, tokenize_batches
 from secateur.errors import ConfigError, DatasetError
-from secateur.measure import embed_batches, embedding_fidelity
+from secateur.measure import OnnxRunner, embed_batches, embedding_fidelity
 from secateur.recipes import EncoderConfig, run_encoder
 from secateur.zoo import from_transformers
 
@@ -116,7 +116,11 @@ def test_cli_prunes_distills_saves_and_reports(
     assert report["pretrained_folder_bytes"] == (out / "model" / "model.safetensors").stat().st_size
     assert report["fidelity_of_file"] == pytest.approx(report["fidelity"], abs=1e-6)
     assert pruned["latency"]["runs"] == 20
+    for measured in (pruned, report["original"]):  # ONNX Runtime timed in the same loop
+        assert measured["onnx_latency"]["runtime"].startswith("onnxruntime")
+        assert measured["onnx_latency"]["runs"] == 20
     assert "Fidelity" in (out / "report.md").read_text()
+    assert "ONNX Runtime" in (out / "report.md").read_text()
 
     # The saved folder reloads offline, holds the pruned weights and gives the same embeddings.
     reloaded = transformers.AutoModel.from_pretrained(out / "model", local_files_only=True)
@@ -169,7 +173,7 @@ def test_cli_structured_removes_heads_and_neurons_and_reloads(
 ) -> None:
     out = tmp_path / "out"
     argv = _argv(encoder_dir, text_file, out, "--method", "structured", "--distill-steps", "20")
-    assert main([*argv, "--lr", "3e-3"]) == 0
+    assert main([*argv, "--lr", "3e-3", "--onnx"]) == 0
     report = json.loads((out / "report.json").read_text())
     original, pruned = report["original"], report["pruned"]
     # 2 layers: 2 heads -> 1 and 64 FFN neurons -> 32 each; the hidden size (32) stays.
@@ -193,6 +197,18 @@ def test_cli_structured_removes_heads_and_neurons_and_reloads(
     fidelity = embedding_fidelity(model, embed_batches(original_model, batches), batches)
     assert fidelity == pytest.approx(report["fidelity"], abs=1e-5)
     assert not (out / "model").exists() and not list(out.glob(".tokenizer*"))
+
+    # model.onnx: the pruned model at its widths, any batch and length, faithful in ONNX Runtime
+    assert report["onnx_file_bytes"] == (out / "model.onnx").stat().st_size
+    assert report["fidelity_onnx"] == pytest.approx(report["fidelity"], abs=1e-4)
+    runner = OnnxRunner(out / "model.onnx")
+    assert runner.input_names == ("input_ids", "attention_mask")
+    first = batches[0]
+    with torch.no_grad():
+        expected = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"])
+    got = runner(input_ids=first["input_ids"], attention_mask=first["attention_mask"])[0]
+    torch.testing.assert_close(got, expected.last_hidden_state, rtol=1e-3, atol=1e-4)
+    assert "model.onnx" in (out / "report.md").read_text()
 
 
 def test_structured_reconstruction_raises_one_shot_fidelity(

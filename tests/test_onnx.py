@@ -90,6 +90,37 @@ def test_tiny_hf_models_export_with_keyword_inputs(tmp_path, family: str) -> Non
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=ATOL)
 
 
+@pytest.mark.filterwarnings("ignore:Exporting aten")
+def test_dynamic_sequence_runs_any_length_and_padding(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "bert", vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = export_onnx(model, x, tmp_path / "encoder.onnx", dynamic_sequence=True)
+    assert out.output_names == ("output_0", "output_1")  # last_hidden_state, pooler_output
+    runner = OnnxRunner(out.path)
+    longer = torch.randint(1, 100, (3, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(longer)
+    mask[0, 9:] = 0  # a padded row
+    with torch.no_grad():
+        expected = model(input_ids=longer, attention_mask=mask)
+    hidden, pooled = runner(input_ids=longer, attention_mask=mask)
+    assert hidden.shape == (3, 13, 32) and pooled.shape == (3, 32)
+    torch.testing.assert_close(hidden, expected.last_hidden_state, rtol=1e-3, atol=ATOL)
+    torch.testing.assert_close(pooled, expected.pooler_output, rtol=1e-3, atol=ATOL)
+    # without it, the sequence length is fixed at the example's
+    fixed = export_onnx(model, x, tmp_path / "fixed.onnx")
+    with pytest.raises(ConfigError, match="rejects these inputs"):
+        OnnxRunner(fixed.path)(input_ids=longer, attention_mask=mask)
+    with pytest.raises(ConfigError, match="dynamic_sequence needs an input of shape"):
+        export_onnx(nn.Linear(3, 2), torch.zeros(3), tmp_path / "x.onnx", dynamic_sequence=True)
+
+
 class TwoInTwoOut(nn.Module):
     def __init__(self) -> None:
         super().__init__()

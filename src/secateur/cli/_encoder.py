@@ -102,6 +102,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         choices=FILE_VALUES,
         help="values in the compressed model.secz (default exact: lossless)",
     )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write model.onnx (input_ids, attention_mask; any batch and length) and "
+        "measure its fidelity in ONNX Runtime",
+    )
     p.add_argument("--batch-size", type=int, dest="batch_size", help="(default 32)")
     p.add_argument(
         "--max-length", type=int, dest="max_length", help="tokens per sentence (default 128)"

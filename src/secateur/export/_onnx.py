@@ -14,8 +14,8 @@ fields in order, e.g. ``logits`` first). Axis 0 of every input and output is nam
 
 Hugging Face models: BERT-like encoders export as they are; for decoders (GPT-2, Llama) the copy
 that is exported has ``config.use_cache = False``, because the KV cache the model returns
-otherwise (a ``DynamicCache`` object) cannot be a traced output. Only the batch axis is dynamic,
-so such a file takes the example's sequence length.
+otherwise (a ``DynamicCache`` object) cannot be a traced output. Only the batch axis is dynamic
+unless ``dynamic_sequence`` is set; without it, such a file takes the example's sequence length.
 """
 
 from __future__ import annotations
@@ -117,6 +117,45 @@ def _output_names(count: int) -> tuple[str, ...]:
     return ("output",) if count == 1 else tuple(f"output_{i}" for i in range(count))
 
 
+def _lengthened(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The inputs with axis 1 (the sequence) twice as long: each repeated along it."""
+    return tuple(torch.cat([x, x], dim=1) if x.dim() >= 2 else x for x in tensors)
+
+
+def _dynamic_axes(
+    flat: _Flat,
+    tensors: tuple[torch.Tensor, ...],
+    outputs: tuple[torch.Tensor, ...],
+    names: tuple[tuple[str, ...], tuple[str, ...]],
+    dynamic_batch: bool,
+    dynamic_sequence: bool,
+) -> dict[str, dict[int, str]]:
+    """Axis names per input and output: ``batch`` on axis 0; ``sequence`` on axis 1 of every
+    input of 2 or more dims, and on each output axis whose size follows it (found by running
+    the model on inputs twice as long)."""
+    input_names, output_names = names
+    axes: dict[str, dict[int, str]] = {n: {} for n in input_names + output_names}
+    if dynamic_batch:
+        for n in axes:
+            axes[n][0] = "batch"
+    if dynamic_sequence:
+        if not any(x.dim() >= 2 for x in tensors):
+            raise ConfigError(
+                "dynamic_sequence needs an input of shape (batch, sequence, ...): pass such "
+                "example inputs or drop dynamic_sequence"
+            )
+        for name, x in zip(input_names, tensors, strict=True):
+            if x.dim() >= 2:
+                axes[name][1] = "sequence"
+        with torch.no_grad():
+            longer = flat(*_lengthened(tensors))
+        for name, short, long in zip(output_names, outputs, longer, strict=True):
+            for axis in range(1, short.dim()):
+                if short.shape[axis] != long.shape[axis]:
+                    axes[name][axis] = "sequence"
+    return {n: a for n, a in axes.items() if a}
+
+
 def _check_args(path: Path, opset: int, rtol: float, atol: float) -> None:
     if path.suffix != ".onnx":
         raise ConfigError(f"ONNX path {path} must end in .onnx: rename it, e.g. {path.stem}.onnx")
@@ -148,13 +187,13 @@ def _to_onnx_bytes(
     input_names: tuple[str, ...],
     output_names: tuple[str, ...],
     opset: int,
-    dynamic_batch: bool,
+    dynamic_axes: dict[str, dict[int, str]],
 ) -> bytes:
     kwargs: dict[str, Any] = {}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
-    if dynamic_batch:
-        kwargs["dynamic_axes"] = {name: {0: "batch"} for name in input_names + output_names}
+    if dynamic_axes:
+        kwargs["dynamic_axes"] = dynamic_axes
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         # the legacy exporter's deprecation notice, and tracer warnings that the check makes moot
@@ -234,6 +273,7 @@ def _check(
     tensors: tuple[torch.Tensor, ...],
     input_names: tuple[str, ...],
     dynamic_batch: bool,
+    dynamic_sequence: bool,
     rtol: float,
     atol: float,
 ) -> float:
@@ -252,6 +292,10 @@ def _check(
         worst = max(
             worst, _compare(session, flat, doubled, input_names, rtol, atol, f"a batch of {batch}")
         )
+    if dynamic_sequence:
+        longer = _lengthened(tensors)
+        what = f"a sequence of {max(x.shape[1] for x in longer if x.dim() >= 2)}"
+        worst = max(worst, _compare(session, flat, longer, input_names, rtol, atol, what))
     return worst
 
 
@@ -262,6 +306,7 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
     check: bool = True,
     rtol: float = 1e-3,
     atol: float = 1e-4,
@@ -282,6 +327,9 @@ def export_onnx(
         path: the ``.onnx`` file to write; missing parent folders are created.
         opset: ONNX opset, 9..20.
         dynamic_batch: name axis 0 of every input and output ``batch`` so any batch size runs.
+        dynamic_sequence: name axis 1 of every input of 2 or more dims ``sequence``, and each
+            output axis that follows it, so that any sequence length runs (token ids of a text
+            model); checked, like the batch, on inputs twice as long.
 
     Returns:
         An :class:`OnnxExport` with the names used and the measured ``max_abs_diff``.
@@ -316,10 +364,14 @@ def export_onnx(
         raise ConfigError("the model returns no tensor: export a module that returns its output")
     input_names = _input_names(len(tensors), keys)
     output_names = _output_names(len(outputs))
-    data = _to_onnx_bytes(flat, tensors, input_names, output_names, opset, dynamic_batch)
+    names = (input_names, output_names)
+    axes = _dynamic_axes(flat, tensors, outputs, names, dynamic_batch, dynamic_sequence)
+    data = _to_onnx_bytes(flat, tensors, input_names, output_names, opset, axes)
     worst = None
     if check:
-        worst = _check(data, flat, tensors, input_names, dynamic_batch, rtol, atol)
+        worst = _check(
+            data, flat, tensors, input_names, dynamic_batch, dynamic_sequence, rtol, atol
+        )
     atomic_write_bytes(target, data)
     return OnnxExport(
         path=target,

@@ -11,14 +11,21 @@ from torch import nn
 from .._calibration import iter_calibration
 from .._embed import EmbedFn, default_embed
 from ..errors import ConfigError
+from ._onnx import OnnxRunner
 
 
-def embed_batches(model: nn.Module, batches: Any, *, embed: EmbedFn | None = None) -> torch.Tensor:
+def embed_batches(
+    model: nn.Module | OnnxRunner, batches: Any, *, embed: EmbedFn | None = None
+) -> torch.Tensor:
     """``(N, D)`` L2-normalised embeddings of every item of ``batches`` (calibration-style
-    batches, moved to the model's device), computed in eval mode without gradients; the model's
-    mode is restored. ``embed`` defaults to :func:`secateur.recovery.default_embed`."""
+    batches, moved to the model's device; to the CPU for an :class:`OnnxRunner`), computed in
+    eval mode without gradients; the model's mode is restored. ``embed`` defaults to
+    :func:`secateur.recovery.default_embed`."""
     embed = embed or default_embed
-    device = next(model.parameters()).device
+    if isinstance(model, OnnxRunner):
+        device = torch.device("cpu")
+    else:
+        device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -30,7 +37,11 @@ def embed_batches(model: nn.Module, batches: Any, *, embed: EmbedFn | None = Non
 
 
 def embedding_fidelity(
-    model: nn.Module, reference: torch.Tensor, batches: Any, *, embed: EmbedFn | None = None
+    model: nn.Module | OnnxRunner,
+    reference: torch.Tensor,
+    batches: Any,
+    *,
+    embed: EmbedFn | None = None,
 ) -> float:
     """Mean cosine similarity between ``model``'s embeddings of ``batches`` and ``reference``
     (the original model's, from :func:`embed_batches` on the same batches): 1.0 is identical.

@@ -8,7 +8,6 @@ Nothing is downloaded: the model and its tokenizer are read from the given folde
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -50,12 +49,15 @@ from ..recovery import distill_embeddings
 from ..report import comparison_table, conditions, markdown_report
 from ..training import LRSchedule, resolve_device
 from ..zoo import from_transformers
+from ._compress import _onnx_runners
+from ._encoder_onnx import export_encoder_onnx
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "structured")
 STRUCTURED_KINDS = ("head", "channel")  # the hidden size stays: it is the embedding's width
 FILE_VALUES = ("exact", "float16", "int8")
 WEIGHTS_FILE = "model.safetensors"
 COMPRESSED_FILE = "model.secz"
+ONNX_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,10 @@ class EncoderConfig:
     secateur's ``model.safetensors`` and manifest for :func:`secateur.load_model`, beside a
     ``tokenizer/`` folder), and as a compressed ``.secz`` file (sparse index + ``file_values``
     values + zstd; ``exact`` is lossless, ``float16`` and ``int8`` (per-row scales) are lossy).
-    The file is reloaded and its fidelity measured too.
+    The file is reloaded and its fidelity measured too. With ``onnx``, the pruned model is also
+    written as ``model.onnx`` (``input_ids`` and ``attention_mask`` of any batch and length,
+    checked against PyTorch) and its fidelity measured in ONNX Runtime. On CPU, both models are
+    also timed in ONNX Runtime, in the same loop as in PyTorch.
 
     Raises:
         ConfigError: one line naming the field and what is allowed, for any bad value.
@@ -115,6 +120,7 @@ class EncoderConfig:
     lr: float = 1e-4
     lr_schedule: LRSchedule = LRSchedule.COSINE
     file_values: str = "exact"
+    onnx: bool = False
     batch_size: int = 32
     max_length: int = 128
     seed: int = 0
@@ -159,6 +165,8 @@ class EncoderConfig:
         object.__setattr__(
             self, "lr_schedule", coerce_enum("lr_schedule", LRSchedule, self.lr_schedule)
         )
+        if not isinstance(self.onnx, bool):
+            raise ConfigError(f"onnx={self.onnx!r} must be true or false")
         check_int("eval_sentences", self.eval_sentences, 1)
         check_int("calibration", self.calibration, 1)
         if self.distill_seconds is not None:
@@ -237,6 +245,8 @@ class EncoderResult:
     model_path: Path
     compressed_path: Path
     report_path: Path
+    onnx_path: Path | None = None
+    fidelity_onnx: float | None = None
 
 
 def _load(folder: str, device: torch.device) -> tuple[nn.Module, Any]:
@@ -346,16 +356,25 @@ def _measure_both(
     files: tuple[Path | None, Path],
     config: EncoderConfig,
 ) -> tuple[Metrics, Metrics]:
-    """Count both models, then time them interleaved in one loop (fair ratios when noisy)."""
+    """Count both models, then time them interleaved in one loop (fair ratios when noisy).
+
+    On CPU both are also exported to ONNX (in a temporary folder) and their ONNX Runtime
+    sessions timed in the same loop, as ``compress`` does, so ONNX Runtime latency sits beside
+    PyTorch's."""
     before = measure(original, (example,), saved_file=files[0], latency_runs=None)
     after = measure(pruned, (example,), saved_file=files[1], latency_runs=None)
-    latencies = measure_latencies(
-        [original, pruned], (example,), runs=config.latency_runs, progress=config.progress
-    )
-    return (
-        dataclasses.replace(before, latency=latencies[0]),
-        dataclasses.replace(after, latency=latencies[1]),
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        runners = _onnx_runners([original, pruned], example, Path(folder))
+        lat = measure_latencies(
+            [original, pruned, *runners],
+            (example,),
+            runs=config.latency_runs,
+            progress=config.progress,
+        )
+    before, after = before.replace(latency=lat[0]), after.replace(latency=lat[1])
+    if runners:
+        before, after = before.replace(onnx_latency=lat[2]), after.replace(onnx_latency=lat[3])
+    return before, after
 
 
 def _example(
@@ -372,8 +391,8 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
 
     Writes ``model/`` (the pruned model and its tokenizer, ``save_pretrained`` format, loadable
     by transformers and sentence-transformers' ``Transformer`` module), ``model.secz`` (the
-    compressed file, for :func:`secateur.export.load_compressed`), ``report.md`` and
-    ``report.json`` to ``config.out``.
+    compressed file, for :func:`secateur.export.load_compressed`), with ``onnx`` ``model.onnx``,
+    and ``report.md`` and ``report.json`` to ``config.out``.
 
     Raises:
         SecateurError: subclasses, one line each, for a bad model folder, text file or output
@@ -473,6 +492,21 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
         (source_file if source_file.is_file() else None, compressed_path),
         config,
     )
+    onnx_figures: dict[str, Any] = {}
+    onnx_export = fidelity_onnx = None
+    if config.onnx:
+        onnx_export, fidelity_onnx = export_encoder_onnx(
+            pruned, evaluation, reference, out / ONNX_FILE
+        )
+        onnx_figures = {
+            "onnx_file_bytes": onnx_export.path.stat().st_size,
+            "onnx_max_abs_diff": onnx_export.max_abs_diff,
+            "fidelity_onnx": fidelity_onnx,
+        }
+        console.print(
+            f"{onnx_export.path}: mean cosine {fidelity_onnx:.4f} in ONNX Runtime "
+            f"(outputs within {onnx_export.max_abs_diff:.1e} of PyTorch's)"
+        )
     figures = {
         **_pruning_figures(masks, structure),
         "prune_seconds": prune_seconds,
@@ -483,6 +517,7 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
         "fidelity_of_file": fidelity_of_file,
         ("pretrained_folder_bytes" if structure is None else "weights_file_bytes"): folder_bytes,
         "held_out_sentences": len(held_out),
+        **onnx_figures,
         "original": before.to_dict(),
         "pruned": after.to_dict(),
     }
@@ -509,6 +544,13 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
             "Heads and FFN neurons were physically removed: every row is measured on the "
             "smaller model.",
         ]
+    if onnx_export is not None:
+        notes.append(
+            f"{ONNX_FILE} ({onnx_export.path.stat().st_size:,} B; inputs input_ids and "
+            "attention_mask, any batch and length; ONNX Runtime's outputs within "
+            f"{onnx_export.max_abs_diff:.1e} of PyTorch's): fidelity {fidelity_onnx:.4f} in "
+            "ONNX Runtime."
+        )
     title = f"secateur encoder: {Path(config.model).name}, {_method_label(config)}"
     setup = [
         ("model", str(config.model)),
@@ -547,4 +589,6 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
         model_path,
         compressed_path,
         report_path,
+        None if onnx_export is None else onnx_export.path,
+        fidelity_onnx,
     )
