@@ -462,6 +462,26 @@ def _onnx_runners(models: list[nn.Module], example: torch.Tensor, folder: Path) 
         return []
 
 
+def time_pair(
+    first: tuple[nn.Module, Metrics],
+    second: tuple[nn.Module, Metrics],
+    example: torch.Tensor,
+    runs: int,
+    progress: bool,
+) -> tuple[Metrics, Metrics]:
+    """Both models' metrics with their latency, timed in one interleaved loop (so the ratio is
+    fair on a noisy machine). On CPU both are also exported to ONNX (in a temporary folder) and
+    their ONNX Runtime sessions timed in the same loop, into ``onnx_latency``."""
+    (a, before), (b, after) = first, second
+    with tempfile.TemporaryDirectory() as folder:
+        runners = _onnx_runners([a, b], example, Path(folder))
+        lat = measure_latencies([a, b, *runners], example, runs=runs, progress=progress)
+    before, after = before.replace(latency=lat[0]), after.replace(latency=lat[1])
+    if runners:
+        before, after = before.replace(onnx_latency=lat[2]), after.replace(onnx_latency=lat[3])
+    return before, after
+
+
 def _measure_pair(
     before: Metrics,
     reference: nn.Module,
@@ -479,17 +499,9 @@ def _measure_pair(
     sessions timed in the same loop, so ONNX Runtime latency sits beside PyTorch's."""
     after = _measure_saved(model, model_path, data, device, config.progress)
     example = data.example_input.to(device)
-    with tempfile.TemporaryDirectory() as folder:
-        runners = _onnx_runners([reference, model], example, Path(folder))
-        lat = measure_latencies(
-            [reference, model, *runners],
-            example,
-            runs=config.latency_runs,
-            progress=config.progress,
-        )
-    before, after = before.replace(latency=lat[0]), after.replace(latency=lat[1])
-    if runners:
-        before, after = before.replace(onnx_latency=lat[2]), after.replace(onnx_latency=lat[3])
+    before, after = time_pair(
+        (reference, before), (model, after), example, config.latency_runs, config.progress
+    )
     update_metadata(model_path, {"metrics": after.to_dict()})
     update_metadata(reference_path, {"metrics": before.to_dict()})
     return before, after

@@ -35,7 +35,7 @@ from ..data import read_sentences, tokenize_batches
 from ..errors import ArtifactError, ConfigError, DatasetError, OutputError, first_line
 from ..export import CompressionConfig, load_compressed, save_compressed, save_model
 from ..importance import create_criterion
-from ..measure import Metrics, embed_batches, embedding_fidelity, measure, measure_latencies
+from ..measure import Metrics, embed_batches, embedding_fidelity, measure
 from ..pruning import (
     MaskSet,
     SparseGPTConfig,
@@ -49,7 +49,7 @@ from ..recovery import distill_embeddings
 from ..report import comparison_table, conditions, markdown_report
 from ..training import LRSchedule, resolve_device
 from ..zoo import from_transformers
-from ._compress import _onnx_runners
+from ._compress import time_pair
 from ._encoder_onnx import export_encoder_onnx
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "structured")
@@ -363,18 +363,9 @@ def _measure_both(
     PyTorch's."""
     before = measure(original, (example,), saved_file=files[0], latency_runs=None)
     after = measure(pruned, (example,), saved_file=files[1], latency_runs=None)
-    with tempfile.TemporaryDirectory() as folder:
-        runners = _onnx_runners([original, pruned], example, Path(folder))
-        lat = measure_latencies(
-            [original, pruned, *runners],
-            (example,),
-            runs=config.latency_runs,
-            progress=config.progress,
-        )
-    before, after = before.replace(latency=lat[0]), after.replace(latency=lat[1])
-    if runners:
-        before, after = before.replace(onnx_latency=lat[2]), after.replace(onnx_latency=lat[3])
-    return before, after
+    return time_pair(
+        (original, before), (pruned, after), example, config.latency_runs, config.progress
+    )
 
 
 def _example(
