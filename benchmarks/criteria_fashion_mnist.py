@@ -5,8 +5,9 @@ Three parts, each with the same fine-tune budget for every method:
 - ``structured``: a zoo CNN (default resnet20) pruned to 2x and 4x fewer MACs, secateur's
   criteria (and, for ``--reconstruct-criteria``, the same criterion with the layers reading the
   removed channels refitted by least squares on the calibration batches) against Torch-Pruning's
-  importances (magnitude, Taylor, Hessian). Every method gets the uniform ratio that reaches the
-  MAC target (bisection on a copy), then the same fine-tuning.
+  importances (magnitude, Taylor, Hessian). ``--recalibrate-criteria`` add rows whose BatchNorm
+  statistics are re-estimated on the calibration batches after pruning. Every method gets the
+  uniform ratio that reaches the MAC target (bisection on a copy), then the same fine-tuning.
 - ``unstructured``: LeNet-300-100 at 80/90/95% sparsity, secateur's criteria against
   ``torch.nn.utils.prune.global_unstructured`` with L1, then the same fine-tuning.
 - ``lenet12x``: LeNet-300-100 with at least 12x fewer non-zero weights, one-shot and gradual (AGP).
@@ -35,7 +36,7 @@ from secateur.data import DataSplits, load_fashion_mnist
 from secateur.export import load_model, save_model
 from secateur.measure import count_macs
 from secateur.pruning import GradualPruner
-from secateur.recovery import finetune
+from secateur.recovery import finetune, recalibrate_batchnorm_
 from secateur.training import TrainConfig, evaluate, fit
 
 CACHE = Path(__file__).parent / ".cache"
@@ -62,12 +63,16 @@ def calibration(data: DataSplits, batches: int, size: int = 64) -> list:
 # ---------------------------------------------------------------- structured
 
 
-def ours(criterion: str, scope: str = "layer", reconstruct: bool = False) -> Callable:
+def ours(
+    criterion: str, scope: str = "layer", reconstruct: bool = False, recalibrate: bool = False
+) -> Callable:
     def prune(model: nn.Module, ratio: float, x: torch.Tensor, calib: list) -> None:
         config = StructuredConfig(
             ratio=ratio, criterion=criterion, scope=scope, reconstruct=reconstruct
         )
         prune_(model, config, example_inputs=x, calibration=calib)
+        if recalibrate:
+            recalibrate_batchnorm_(model, calib)
 
     return prune
 
@@ -132,6 +137,11 @@ def structured(args: argparse.Namespace, data: DataSplits) -> None:
             for c in args.reconstruct_criteria
         }
     )
+    for c in args.recalibrate_criteria:
+        methods[f"secateur {c} + BN recalibration"] = ours(c, recalibrate=True)
+        methods[f"secateur {c} + reconstruct + BN recalibration"] = ours(
+            c, reconstruct=True, recalibrate=True
+        )
     methods.update({f"torch-pruning {k}": theirs(k) for k in ("magnitude", "taylor", "hessian")})
     print(f"\n{args.model}: dense top-1 {base_acc:.2%}, {base_macs:,} MACs\n")
     print("| target | method | ratio | MAC reduction | params | top-1 pruned | top-1 fine-tuned |")
@@ -289,6 +299,7 @@ def main() -> None:
     )
     parser.add_argument("--global-criteria", nargs="*", default=["l2", "taylor"])
     parser.add_argument("--reconstruct-criteria", nargs="*", default=["l2", "wanda", "activation"])
+    parser.add_argument("--recalibrate-criteria", nargs="*", default=["l2", "wanda"])
     parser.add_argument("--lenet-sparsity", type=float, default=0.92)
     parser.add_argument("--lenet-epochs", type=int, default=10)
     parser.add_argument("--limit", type=int, default=None)

@@ -353,6 +353,30 @@ def test_compress_structured_reconstruct_refits_before_fine_tuning(
     assert accuracy[True] > accuracy[False]  # measured one-shot, before any fine-tuning
 
 
+def test_compress_recalibrates_batchnorm_after_pruning(
+    digits_idx_dir: Path, tmp_path: Path
+) -> None:
+    states, described = {}, {}
+    for flags in (("--no-recalibrate-bn",), ()):
+        out = tmp_path / f"out{len(flags)}"
+        argv = _base(digits_idx_dir, out, "--model", "resnet20", "--method", "structured", *flags)
+        assert main([*argv, "--ratio", "0.5", "--limit", "300"]) == 0
+        states[not flags] = load_model(out / "pruned.safetensors").model.state_dict()
+        report = (out / "report.md").read_text(encoding="utf-8")
+        described[not flags] = _report_row(report, "pruning")[1]
+    assert "BatchNorm statistics re-estimated on 8 calibration batches" in described[True]
+    assert "BatchNorm" not in described[False]
+    # the same baseline pruned alike: only the BatchNorm statistics differ
+    changed = {k for k, v in states[True].items() if not torch.equal(v, states[False][k])}
+    assert changed and all(
+        k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed
+    )
+    # a model without BatchNorm: nothing to re-estimate, and the report does not claim it
+    out = tmp_path / "lenet"
+    assert main(_base(digits_idx_dir, out, "--limit", "300")) == 0
+    assert "BatchNorm" not in _report_row((out / "report.md").read_text(), "pruning")[1]
+
+
 def test_compress_config_method() -> None:
     default = CompressConfig()
     assert default.method is CompressMethod.UNSTRUCTURED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from secateur import create_model
+from secateur import StructuredConfig, create_model, prune_
 from secateur.cli._main import main
 from secateur.cli._plan import parse_quantity
 from secateur.errors import ConfigError
@@ -283,6 +284,10 @@ def test_plan_config() -> None:
             PlanConfig(**bad)
     refit = PlanConfig(max_macs=1000, reconstruct=True)
     assert refit.structured().reconstruct and not refit.common().reconstruct
+    assert refit.common().recalibrate_bn
+    assert not PlanConfig(max_macs=10, recalibrate_bn=False).common().recalibrate_bn
+    with pytest.raises(ConfigError, match="recalibrate_bn"):
+        PlanConfig(max_macs=10, recalibrate_bn="no")
 
 
 # --- the command line ---------------------------------------------------------------------
@@ -476,3 +481,34 @@ def test_min_speedup_is_timed_against_the_baseline_in_one_loop() -> None:
     assert all(p.figures.speedup is not None for p in probes)
     assert all((p.figures.speedup >= 1.575) is p.fits for p in probes)
     assert plan.baseline.speedup == 1.0
+
+
+def test_candidates_are_scored_with_fresh_batchnorm_statistics() -> None:
+    from secateur.recovery import batchnorm_layers, recalibrate_batchnorm_
+
+    torch.manual_seed(0)
+    net = create_model("resnet20", in_channels=1, image_size=28).eval()
+    data = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    calibration = [data[:32], data[32:]]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    budget = Budget(max_macs=int(count_macs(net, X).dense * 0.5))
+    seen: dict[bool, list[torch.Tensor]] = {}
+    for recalibrate in (False, True):
+
+        def score(model: nn.Module, key: bool = recalibrate) -> float:
+            seen[key] = [m.running_mean.clone() for m in batchnorm_layers(model)]
+            return 0.0
+
+        plan = plan_for_budget(
+            net, budget, example_inputs=X, score=score, latency_runs=20,
+            calibration=calibration, shape_methods=("channels",), recalibrate_bn=recalibrate,
+        )  # fmt: skip
+    expected = copy.deepcopy(net)
+    prune_(expected, StructuredConfig(ratio=plan.ratio), example_inputs=X)
+    stale = [m.running_mean.clone() for m in batchnorm_layers(expected)]
+    recalibrate_batchnorm_(expected, calibration)
+    fresh = [m.running_mean for m in batchnorm_layers(expected)]
+    assert all(torch.equal(a, b) for a, b in zip(seen[False], stale, strict=True))
+    assert all(torch.allclose(a, b) for a, b in zip(seen[True], fresh, strict=True))
+    assert not all(torch.allclose(a, b) for a, b in zip(stale, fresh, strict=True))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # untouched

@@ -248,6 +248,8 @@ def test_config_points_and_validation() -> None:
     unstructured, structured = refit.points()
     assert structured.pruning().reconstruct and not unstructured.reconstruct
     assert SweepConfig.from_dict(refit.to_dict()) == refit
+    assert SweepConfig().common().recalibrate_bn  # on by default, as in compress
+    assert not SweepConfig(recalibrate_bn=False).common().recalibrate_bn
 
 
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:

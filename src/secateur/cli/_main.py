@@ -120,6 +120,13 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         choices=[r.value for r in Recovery],
         help="fine-tune, or distil from the unpruned baseline (default finetune)",
     )
+    p.add_argument(
+        "--no-recalibrate-bn",
+        dest="recalibrate_bn",
+        action="store_false",
+        help="skip re-estimating the BatchNorm statistics on the calibration batches after "
+        "pruning (done by default, before any fine-tuning)",
+    )
     p.add_argument("--temperature", type=float, help="distillation temperature (default 4)")
     p.add_argument(
         "--alpha", type=float, help="distillation: weight of the soft loss, in [0, 1] (default 0.9)"

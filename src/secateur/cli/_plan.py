@@ -112,6 +112,13 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--max-ratio", type=float, dest="max_ratio", help="structured: at most (default 0.9)"
     )
     p.add_argument(
+        "--no-recalibrate-bn",
+        dest="recalibrate_bn",
+        action="store_false",
+        help="skip re-estimating the BatchNorm statistics on the calibration batches after "
+        "pruning (done by default, before any fine-tuning)",
+    )
+    p.add_argument(
         "--shape-methods",
         dest="shape_methods",
         metavar="M,M",

@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..export import CompressionConfig, load_compressed, save_compressed
 from ..pruning import DepthConfig, DepthResult, StructuredConfig, UnstructuredConfig, prune_
+from ..recovery import recalibrate_batchnorm_
 from ._budget import (
     SHAPE_LIMITS,
     Budget,
@@ -274,6 +275,14 @@ def _decoded(
     return load_compressed(path, device=str(device)).model
 
 
+def _score(model: nn.Module, score: Score, calibration: Any, recalibrate_bn: bool) -> float:
+    """``score(model)``, its BatchNorm statistics re-estimated first (in place) when asked and
+    there are calibration batches."""
+    if recalibrate_bn and calibration is not None:
+        recalibrate_batchnorm_(model, calibration)
+    return float(score(model))
+
+
 def plan_for_budget(
     model: nn.Module,
     budget: Budget,
@@ -287,6 +296,7 @@ def plan_for_budget(
     latency_runs: int = 50,
     metadata: dict[str, Any] | None = None,
     shape_methods: Sequence[str] = SHAPE_METHODS,
+    recalibrate_bn: bool = True,
 ) -> Plan:
     """Find, by measurement, the least pruning that meets ``budget``; ``model`` is not changed.
 
@@ -298,8 +308,11 @@ def plan_for_budget(
     best one is kept. A
     ``max_file_bytes`` limit then picks, for each of ``codings``, the smallest ``weights``
     sparsity whose ``.secz`` file fits, decodes each such file, scores it with ``score``
-    (higher is better; use held-out data) and keeps the best. No recovery runs here: candidates
-    are compared one-shot, and :func:`apply_plan` recovers the chosen one.
+    (higher is better; use held-out data) and keeps the best. No training runs here: candidates
+    are compared one-shot, and :func:`apply_plan` recovers the chosen one. With
+    ``recalibrate_bn`` and ``calibration``, each candidate's BatchNorm statistics are first
+    re-estimated on the calibration batches (without it, a one-shot narrowed BN network scores
+    near chance and the comparison says nothing).
 
     Cost: every probe of a file limit encodes the whole model, about 13 times per coding. That is
     instant for the zoo's models, but at the scale of all-MiniLM-L6-v2 (22 M weights, 2 cores)
@@ -310,13 +323,14 @@ def plan_for_budget(
         budget: the device's limits.
         example_inputs: one batch on the model's device; latency is timed at its batch size.
         score: ``model -> float`` for choosing between codings.
-        calibration: batches for data criteria.
+        calibration: batches for data criteria and BatchNorm recalibration.
         structured: criterion, scope, ``round_to``, ``max_ratio`` of the channel stage
             (default ``StructuredConfig(ratio=0)``; its ``ratio`` is ignored).
         weights: criterion and scope of the sparsity stage (default global magnitude).
         codings: value codings to try for a file-size limit.
         latency_runs: timed runs per latency probe (>= 20).
         shape_methods: how shape-bound limits may narrow the model: ``channels``, ``blocks``.
+        recalibrate_bn: re-estimate each candidate's BatchNorm statistics before scoring it.
         metadata: the JSON metadata :func:`apply_plan` will store in the file; its header counts
             toward the file limit, so probes are encoded with it.
 
@@ -372,7 +386,8 @@ def plan_for_budget(
             if found is None:
                 continue
             fitted, pruned = found
-            scored = dataclasses.replace(fitted.figures, score=float(score(pruned)))
+            value = _score(pruned, score, calibration, recalibrate_bn)
+            scored = dataclasses.replace(fitted.figures, score=value)
             shapes.append((dataclasses.replace(fitted, figures=scored), pruned))
         if not shapes:
             raise ConfigError(_out_of_reach(probes, budget, limits))
@@ -406,7 +421,11 @@ def plan_for_budget(
                 if p.coding == coding.label and p.setting == sparsity and p.fits
             )
             figures = dataclasses.replace(
-                measure_figures(decoded, example_inputs, score=float(score(decoded))),
+                measure_figures(
+                    decoded,
+                    example_inputs,
+                    score=_score(decoded, score, calibration, recalibrate_bn),
+                ),
                 file_bytes=fitted.figures.file_bytes,  # the probe's encoding, not a re-encode
             )
             candidates.append(Probe("weights", sparsity, coding.label, figures, True))

@@ -40,7 +40,7 @@ from ..pruning import (
     prune_,
     prune_iteratively_,
 )
-from ..recovery import distill, finetune
+from ..recovery import batchnorm_layers, distill, finetune, recalibrate_batchnorm_
 from ..report import comparison_table, conditions, markdown_report
 from ..training import TrainConfig, fit, resolve_device
 from ..zoo import create_model
@@ -292,7 +292,11 @@ def _recover(
     epochs: int | None = None,
 ) -> None:
     """Fine-tune or distil ``pruned`` for ``epochs`` (default ``finetune_epochs``) while
-    ``constraint`` (masks, a gradual pruner or codebooks; ``None`` for none) holds."""
+    ``constraint`` (masks, a gradual pruner or codebooks; ``None`` for none) holds; first, with
+    ``recalibrate_bn``, re-estimate its BatchNorm statistics on the calibration batches."""
+    if config.recalibrate_bn and batchnorm_layers(pruned):
+        device = next(pruned.parameters()).device
+        recalibrate_batchnorm_(pruned, _calibration(config, data, device))
     train = config.finetuning()
     if epochs is not None:
         train = TrainConfig.from_dict({**train.to_dict(), "epochs": epochs})
@@ -314,8 +318,8 @@ def _recover(
         finetune(pruned, data, train, constraint, progress=config.progress)
 
 
-def _describe(config: CompressConfig) -> str:
-    """The report's one-line account of schedule and recovery."""
+def _describe(config: CompressConfig, model: nn.Module) -> str:
+    """The report's one-line account of schedule and recovery (of ``model``)."""
     schedule = config.prune_schedule.value
     if config.prune_schedule is PruneSchedule.ITERATIVE:
         schedule += f" ({config.prune_steps} prune/recover rounds)"
@@ -324,6 +328,11 @@ def _describe(config: CompressConfig) -> str:
     recovery = config.recovery.value
     if config.recovery is Recovery.DISTILL:
         recovery += f" from the baseline (T={config.temperature}, alpha={config.alpha})"
+    if config.recalibrate_bn and batchnorm_layers(model):
+        recovery = (
+            f"BatchNorm statistics re-estimated on {config.calibration_batches} calibration "
+            f"batches, then {recovery}"
+        )
     return f"schedule {schedule}; recovery {recovery}"
 
 
@@ -356,7 +365,7 @@ def _prune_and_finetune(
         _recover(pruned, baseline, data, config, None)
         described = (
             f"depth, blocks ranked by influence (1 - cosine similarity of input and output), "
-            f"depth_ratio {config.depth_ratio}; {_describe(config)}; {depth}"
+            f"depth_ratio {config.depth_ratio}; {_describe(config, pruned)}; {depth}"
         )
         return described, depth
     if config.method is CompressMethod.STRUCTURED:
@@ -391,7 +400,7 @@ def _prune_and_finetune(
             rounding += f", after depth_ratio {config.depth_ratio}"
         described = (
             f"structured, {cfg.criterion} criterion, {cfg.scope.value} scope, ratio "
-            f"{config.ratio}, {rounding}; {_describe(config)}; {summary}"
+            f"{config.ratio}, {rounding}; {_describe(config, pruned)}; {summary}"
         )
         return described, summary
     if config.method is CompressMethod.SPARSEGPT:
@@ -400,7 +409,7 @@ def _prune_and_finetune(
         _recover(pruned, baseline, data, config, masks)
         what = f"pattern {cfg.nm}" if cfg.nm else f"sparsity {cfg.sparsity}"
         target = "of the dense model's layer outputs" if cfg.dense_targets else "layer by layer"
-        described = f"SparseGPT reconstruction {target}, {what}; {_describe(config)}"
+        described = f"SparseGPT reconstruction {target}, {what}; {_describe(config, pruned)}"
     else:
         cfg = config.unstructured_pruning()
         if iterative:
@@ -424,9 +433,7 @@ def _prune_and_finetune(
             masks = prune_(pruned, cfg, calibration=calib)
             _recover(pruned, baseline, data, config, masks)
         what = f"pattern {cfg.nm}" if cfg.nm else f"sparsity {cfg.sparsity}"
-        described = (
-            f"unstructured {cfg.criterion}, {cfg.scope.value} scope, {what}; {_describe(config)}"
-        )
+        described = f"unstructured {cfg.criterion}, {cfg.scope.value} scope, {what}; {_describe(config, pruned)}"
     assert isinstance(masks, MaskSet)
     summary = f"pruned {len(masks.masks)} layers to {masks.sparsity():.1%} of their weights"
     masks.make_permanent()

@@ -79,7 +79,10 @@ class CompressConfig:
     Data criteria and SparseGPT read ``calibration_batches`` training batches. ``prune_schedule``
     is ``oneshot``, ``iterative`` (``prune_steps`` prune/recover rounds, the fine-tuning epochs
     split between them) or ``gradual`` (unstructured only: cubic AGP during fine-tuning).
-    ``recovery="distill"`` fine-tunes by distillation from the baseline.
+    ``recovery="distill"`` fine-tunes by distillation from the baseline. Before any recovery,
+    ``recalibrate_bn`` re-estimates the BatchNorm statistics of the pruned model on the
+    calibration batches (nothing happens in a model without BatchNorm); with
+    ``finetune_epochs=0`` that is all the recovery there is.
 
     ``data=None`` reads Fashion-MNIST from the Debian package's folder. ``baseline`` names a
     checkpoint saved by secateur to prune instead of training one. ``cache=True`` reuses a
@@ -111,6 +114,7 @@ class CompressConfig:
     prune_schedule: PruneSchedule = PruneSchedule.ONESHOT
     prune_steps: int = 3
     recovery: Recovery = Recovery.FINETUNE
+    recalibrate_bn: bool = True
     temperature: float = 4.0
     alpha: float = 0.9
     epochs: int = 8
@@ -145,6 +149,8 @@ class CompressConfig:
         check_range("depth_ratio", self.depth_ratio, 0.0, 1.0, high_open=True)
         check_int("calibration_batches", self.calibration_batches, 1)
         check_int("prune_steps", self.prune_steps, 1)
+        if not isinstance(self.recalibrate_bn, bool):
+            raise ConfigError(f"recalibrate_bn={self.recalibrate_bn!r} must be true or false")
         self.distillation()  # validates temperature and alpha
         if (
             self.prune_schedule is PruneSchedule.GRADUAL

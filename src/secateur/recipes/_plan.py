@@ -89,6 +89,7 @@ class PlanConfig:
     calibration_batches: int = 8
     finetune_epochs: int = 2
     finetune_lr: float = 0.02
+    recalibrate_bn: bool = True
     epochs: int = 8
     batch_size: int = 128
     lr: float = 0.05
@@ -213,6 +214,7 @@ def run_plan(config: PlanConfig, *, console: Console | None = None) -> PlanJobRe
         latency_runs=config.latency_runs,
         metadata=metadata,
         shape_methods=config.shape_methods,
+        recalibrate_bn=config.recalibrate_bn,
     )
     console.print(f"plan: {plan_summary(plan, plan.sparsity)}")
     model_path = out / "model.secz"

@@ -53,8 +53,9 @@ class SweepConfig:
     ``structured`` and the block ratio for ``depth``. Pruning is one-shot; ``reconstruct``
     refits the readers of removed units for the ``structured`` points; ``criterion``,
     ``scope``, ``round_to``, ``calibration_batches``, ``recovery`` (``finetune`` or
-    ``distill`` from the baseline, with ``temperature``/``alpha``) and the training settings
-    mean what they mean in :class:`CompressConfig`, whose validation they go through. The
+    ``distill`` from the baseline, with ``temperature``/``alpha``), ``recalibrate_bn`` and the
+    training settings mean what they mean in :class:`CompressConfig`, whose validation they go
+    through. The
     baseline is trained, reused from the cache or loaded from ``baseline`` exactly as
     ``compress`` does it.
 
@@ -78,6 +79,7 @@ class SweepConfig:
     finetune_epochs: int = 1
     finetune_lr: float = 0.02
     recovery: Recovery = Recovery.FINETUNE
+    recalibrate_bn: bool = True
     temperature: float = 4.0
     alpha: float = 0.9
     epochs: int = 8

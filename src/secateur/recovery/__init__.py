@@ -1,6 +1,9 @@
-"""recovery/: win accuracy back after pruning: fine-tuning, and distillation from the teacher."""
+"""recovery/: win accuracy back after pruning: BatchNorm recalibration, fine-tuning, and
+distillation from the teacher."""
 
 from .._embed import default_embed as default_embed
+from ._batchnorm import batchnorm_layers as batchnorm_layers
+from ._batchnorm import recalibrate_batchnorm_ as recalibrate_batchnorm_
 from ._distill import DistillConfig as DistillConfig
 from ._distill import EmbeddingLoss as EmbeddingLoss
 from ._distill import check_feature_names as check_feature_names
@@ -11,6 +14,8 @@ from ._distill import schedule_factor as schedule_factor
 from ._finetune import finetune as finetune
 
 __all__ = [
+    "batchnorm_layers",
+    "recalibrate_batchnorm_",
     "DistillConfig",
     "EmbeddingLoss",
     "check_feature_names",
