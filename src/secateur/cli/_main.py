@@ -15,7 +15,7 @@ from ..pruning import PruneSchedule
 from ..recipes import METHOD_SETTINGS, CompressConfig, CompressMethod, Recovery, run_compress
 from ..zoo import list_models
 from ._commands import COMMANDS
-from ._recipe import given_settings
+from ._recipe import add_recalibrate_flag, given_settings
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> None:
@@ -120,13 +120,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         choices=[r.value for r in Recovery],
         help="fine-tune, or distil from the unpruned baseline (default finetune)",
     )
-    p.add_argument(
-        "--no-recalibrate-bn",
-        dest="recalibrate_bn",
-        action="store_false",
-        help="skip re-estimating the BatchNorm statistics on the calibration batches after "
-        "pruning (done by default, before any fine-tuning)",
-    )
+    add_recalibrate_flag(p)
     p.add_argument("--temperature", type=float, help="distillation temperature (default 4)")
     p.add_argument(
         "--alpha", type=float, help="distillation: weight of the soft loss, in [0, 1] (default 0.9)"

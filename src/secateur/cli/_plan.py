@@ -14,7 +14,7 @@ from ..importance import list_criteria
 from ..recipes import PlanConfig, run_plan
 from ..recipes._plan import CODINGS
 from ..zoo import list_models
-from ._recipe import add_baseline_flags, given_settings
+from ._recipe import add_baseline_flags, add_recalibrate_flag, given_settings
 
 SECTION = "plan"
 _SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9}
@@ -111,13 +111,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-ratio", type=float, dest="max_ratio", help="structured: at most (default 0.9)"
     )
-    p.add_argument(
-        "--no-recalibrate-bn",
-        dest="recalibrate_bn",
-        action="store_false",
-        help="skip re-estimating the BatchNorm statistics on the calibration batches after "
-        "pruning (done by default, before any fine-tuning)",
-    )
+    add_recalibrate_flag(p)
     p.add_argument(
         "--shape-methods",
         dest="shape_methods",

@@ -48,6 +48,17 @@ def given_settings(
     return settings, recipe, recipe_path
 
 
+def add_recalibrate_flag(p: argparse.ArgumentParser) -> None:
+    """``--no-recalibrate-bn``, for every job that recovers a pruned model as ``compress`` does."""
+    p.add_argument(
+        "--no-recalibrate-bn",
+        dest="recalibrate_bn",
+        action="store_false",
+        help="skip re-estimating the BatchNorm statistics on the calibration batches after "
+        "pruning (done by default, before any fine-tuning)",
+    )
+
+
 def add_baseline_flags(p: argparse.ArgumentParser, *, out_default: str) -> None:
     """The flags of every job that trains (or reuses, or loads) a Fashion-MNIST baseline the
     way ``compress`` does: data, size limit, baseline epochs, output, device, seed, threads,

@@ -10,7 +10,7 @@ from rich.console import Console
 from ..importance import list_criteria
 from ..recipes import CompressMethod, SweepConfig, run_sweep
 from ..zoo import list_models
-from ._recipe import add_baseline_flags, given_settings
+from ._recipe import add_baseline_flags, add_recalibrate_flag, given_settings
 from ._sensitivity import parse_ratios
 
 SECTION = "sweep"
@@ -77,13 +77,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--finetune-lr", type=float, dest="finetune_lr", help="(default 0.02)")
     p.add_argument("--recovery", choices=["finetune", "distill"], help="(default finetune)")
-    p.add_argument(
-        "--no-recalibrate-bn",
-        dest="recalibrate_bn",
-        action="store_false",
-        help="skip re-estimating the BatchNorm statistics on the calibration batches after "
-        "pruning (done by default, before any fine-tuning)",
-    )
+    add_recalibrate_flag(p)
     p.add_argument("--latency-runs", type=int, dest="latency_runs", help="(default 50)")
     add_baseline_flags(p, out_default="secateur-sweep")
 

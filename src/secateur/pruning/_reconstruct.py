@@ -28,6 +28,7 @@ updated tensors (and any optimizer state) exactly as it would the plain ones.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -111,9 +112,8 @@ def _capture(model: nn.Module, calls: dict[str, int], inputs: Any) -> dict[str, 
 
         handles.append(module.register_forward_pre_hook(record))
     try:
-        call_model(model, inputs)
-    except _Stop:
-        pass
+        with contextlib.suppress(_Stop):
+            call_model(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
