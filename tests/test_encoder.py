@@ -354,3 +354,25 @@ def test_from_transformers_rebuilds_the_same_model_with_a_spec(encoder_dir: Path
         from_transformers(nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="pass task= naming the model's head"):
         from_transformers(original, task="masked-lm")
+
+
+def test_onnx_without_onnxruntime_fails_before_any_work(
+    encoder_dir: Path,
+    text_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime" else real(name, *a),
+    )
+    out = tmp_path / "out"
+    assert main(_argv(encoder_dir, text_file, out, "--onnx")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs onnxruntime" in err
+    assert not out.exists() or not any(out.iterdir())

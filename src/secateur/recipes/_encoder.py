@@ -8,6 +8,7 @@ Nothing is downloaded: the model and its tokenizer are read from the given folde
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import random
@@ -391,6 +392,8 @@ def run_encoder(config: EncoderConfig, *, console: Console | None = None) -> Enc
     """
     console = console or Console()
     assert config.model is not None and config.text is not None  # checked by the config
+    if config.onnx and importlib.util.find_spec("onnxruntime") is None:  # before the work
+        raise ConfigError("onnx=true needs onnxruntime: pip install 'secateur[onnx]'")
     out = ensure_writable_dir(config.out)
     device = resolve_device(config.device)
     if config.threads is not None:
