@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 
 from ..recipes import EncoderConfig, run_encoder
-from ..recipes._encoder import FILE_VALUES, METHODS
+from ..recipes._encoder_config import FILE_VALUES, METHODS
 from ._recipe import given_settings
 
 SECTION = "encoder"

@@ -10,9 +10,9 @@ from ._compress_config import Recovery as Recovery
 from ._distill import DistillJobConfig as DistillJobConfig
 from ._distill import DistillResult as DistillResult
 from ._distill import run_distill as run_distill
-from ._encoder import EncoderConfig as EncoderConfig
 from ._encoder import EncoderResult as EncoderResult
 from ._encoder import run_encoder as run_encoder
+from ._encoder_config import EncoderConfig as EncoderConfig
 from ._export import ExportResult as ExportResult
 from ._export import run_export as run_export
 from ._export_config import FORMAT_SETTINGS as FORMAT_SETTINGS
