@@ -259,3 +259,36 @@ def test_transposes_are_followed_and_movedim_blocks() -> None:
     ).mean(dim=1)
     (group,) = build_dependency_graph(model, torch.randn(2, 6, 5)).groups
     assert group.module_names() == ["a", "b"]
+
+
+class ScaledNormAndStack(nn.Module):
+    """A norm that scales by ``1 + weight`` and casts with ``type_as`` (Gemma), and channels
+    paired through ``torch.stack`` (an interleaved rotary embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.scale = nn.Parameter(torch.randn(8) * 0.1)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = (h * (1.0 + self.scale.float())).type_as(x)
+        h = torch.stack((-h, h.relu()), dim=-1).sum(-1)  # the new axis comes after the channels
+        return self.b(h)
+
+
+def test_param_arithmetic_type_as_and_stack_are_followed() -> None:
+    model = ScaledNormAndStack().eval()
+    x = torch.randn(4, 6)
+    (group,) = build_dependency_graph(model, x).groups
+    assert group.size == 8
+    assert {(m.module_name, m.tensor) for m in group.members if m.role == "param"} == {
+        ("", "scale")
+    }
+    units = torch.tensor([1, 4, 6])
+    silence_(model, group, units)
+    reference = model(x)
+    remove_units_(model, [(group, units)])
+    assert model.scale.shape == (5,)
+    torch.testing.assert_close(model(x), reference)

@@ -19,6 +19,13 @@ FAMILIES = {
     "gpt2": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
     "llama": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
     "qwen2": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
+    # Gemma 3: q/k norms scale by `1 + weight` and cast back with type_as
+    "gemma3_text": ("causal-lm", dict(SMALL, num_key_value_heads=2, head_dim=16)),
+    # StableLM: rotary_ndims equals num_heads here; only num_heads is spelled in the view
+    "stablelm": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
+    # Cohere and GPT-J: interleaved rotary embedding through torch.stack
+    "cohere": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
+    "gptj": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=32)),
 }
 AUTO = {
     "causal-lm": transformers.AutoModelForCausalLM,
@@ -200,3 +207,34 @@ def test_reconstruction_refits_attention_and_ffn_readers(family: str) -> None:
         prune_(model, config, example_inputs=x, calibration=[x])
         errors[reconstruct] = float((_logits(model, x) - dense).norm() / dense.norm())
     assert errors[True] < 0.5 * errors[False]  # measured: 0.001-0.1 against 0.35-0.57
+
+
+@pytest.mark.parametrize("family", [f for f, (task, _) in FAMILIES.items() if task == "causal-lm"])
+def test_pruned_causal_lm_generates_with_its_kv_cache(family: str) -> None:
+    """Generation reads the head counts again through the KV cache (not in the traced pass):
+    greedy decoding of the pruned model matches its own full forward pass."""
+    model, x = _build(family)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    prompt = x["input_ids"][:1]
+    with torch.no_grad():
+        ids = model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        full = model(input_ids=ids).logits
+    assert ids.shape == (1, prompt.shape[1] + 4)
+    assert torch.equal(full[0, prompt.shape[1] - 1 : -1].argmax(-1), ids[0, prompt.shape[1] :])
+
+
+def test_all_head_size_follows_but_per_head_sizes_stay() -> None:
+    """MPNet reshapes its context with ``all_head_size`` (every head together), which must
+    follow the heads, while ``attention_head_size`` (inside one head) stays."""
+    config = transformers.AutoConfig.for_model(
+        "mpnet", vocab_size=100, num_labels=3, **SMALL, max_position_embeddings=32
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    x = {"input_ids": torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))}
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    attn = model.mpnet.encoder.layer[0].attention.attn
+    assert attn.q.out_features == attn.all_head_size == 2 * attn.attention_head_size
+    assert attn.attention_head_size == 16
+    assert model.mpnet.encoder.relative_attention_bias.embedding_dim == 2  # shared by all layers
+    assert _logits(model, x).shape == (3, 3)

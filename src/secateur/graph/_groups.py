@@ -85,12 +85,16 @@ class WidthAttribute:
     used in a ``view``). Its new value is ``sum(width(term) * factor)`` over ``terms``, where a
     term is ``(group index or None, units, factor)`` and ``None`` means a fixed ``units``.
     ``names``: what the module's code running at the reshape referred to; only attributes among
-    them are rewritten (all holding ``value`` when it is empty)."""
+    them are rewritten (all holding ``value`` when it is empty). ``spelled``: the identifiers in
+    the reshape's own expression; when one of the candidates appears there, only those are
+    rewritten (StableLM's ``num_heads`` in the ``view``, not its ``rotary_ndims`` of the same
+    value, read later by a slice)."""
 
     module_name: str
     value: int
     terms: tuple[tuple[int | None, int, int], ...]
     names: frozenset[str] = frozenset()
+    spelled: frozenset[str] = frozenset()
 
     def new_value(self, kept: Mapping[int, int]) -> int:
         return sum((kept.get(g, n) if g is not None else n) * f for g, n, f in self.terms)
@@ -157,7 +161,9 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
         for seg in note.layout:
             for root, _, factor in table.resolve(seg.space, 0, seg.factor):
                 terms.append((index.get(root), table.sizes[root], factor))
-        attributes.append(WidthAttribute(note.module_name, note.value, tuple(terms), note.names))
+        attributes.append(
+            WidthAttribute(note.module_name, note.value, tuple(terms), note.names, note.spelled)
+        )
     return DependencyGraph(
         tuple(groups), tuple(blocked), tuple(dict.fromkeys(attributes)), tr.output_shapes
     )

@@ -331,6 +331,28 @@ class OpRules:
         self.set(out, layout, dim)
         return True
 
+    def stacked(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
+        """``torch.stack`` along a new axis (e.g. the interleaved rotary embedding of GPT-J,
+        Cohere and GLM): every input names the same channels, which move past the new axis
+        when it comes before them."""
+        tensors = list(args[0])
+        new_axis = int(_dim_arg(args, kwargs, 1, 0)) % out.dim()
+        infos = [self.info(t) for t in tensors]
+        known = [i for i in infos if i is not None]
+        if len({i[1] for i in known}) != 1:
+            return False
+        dim = known[0][1]
+        layout = known[0][0]
+        for other, _ in known[1:]:
+            layout = self.unify(layout, other)
+            if layout is None:
+                return False
+        for t, info in zip(tensors, infos, strict=True):
+            if info is None and t.shape[dim] != 1 and not self.add_param(t, dim, layout):
+                return False
+        self.set(out, layout, dim + (new_axis <= dim))
+        return True
+
     def matmul(self, args: tuple, out: torch.Tensor) -> bool:
         a, b = args[0], args[1]
         ia, ib = self.info(a), self.info(b)

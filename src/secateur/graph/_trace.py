@@ -12,6 +12,8 @@ ViT position embedding, a ConvNeXt layer scale) become members of the space they
 
 from __future__ import annotations
 
+import linecache
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +51,22 @@ _SHAPE_KEEPING = {
 }
 _PARAM_PASS = {"to", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"}
 _PARAM_SHAPE = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten"}
+# ops whose second tensor gives only a dtype or a shape: the first one's channels pass
+_LIKE = {"type_as", "expand_as", "view_as", "reshape_as"}
+
+
+def _scalar_arithmetic(name: str, args: tuple, out: Any) -> bool:
+    """Whether ``out`` is an elementwise function of ``args[0]`` alone (e.g. Gemma's
+    ``1.0 + norm.weight``): other operands are plain numbers or 0-d tensors, and the shape
+    stays, so each of its entries still belongs to the same channel as the parameter's."""
+    if name not in POINTWISE and name not in ELEMENTWISE:
+        return False
+    others = args[1:3] if name in ELEMENTWISE else ()
+    return (
+        isinstance(out, torch.Tensor)
+        and out.shape == args[0].shape
+        and all(not isinstance(a, torch.Tensor) or a.dim() == 0 for a in others)
+    )
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,35 @@ class WidthNote:
     value: int
     layout: Layout
     names: frozenset[str] = frozenset()  # what the module's running code refers to
+    spelled: frozenset[str] = frozenset()  # the identifiers in the reshape's own expression
+
+
+def _module_frames(module: nn.Module) -> list[Any]:
+    """The frames on the call stack whose ``self`` is ``module``, innermost first."""
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is module:
+            frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+def _spelled(frame: Any) -> frozenset[str]:
+    """The identifiers in the source of the expression ``frame`` is executing (e.g. ``view(b,
+    t, self.num_heads, self.head_dim)``), or nothing when the source is not available."""
+    try:
+        positions = list(frame.f_code.co_positions())[frame.f_lasti // 2]
+    except (AttributeError, IndexError):
+        return frozenset()
+    first, last, start, end = positions
+    if None in positions:
+        return frozenset()
+    lines = [linecache.getline(frame.f_code.co_filename, n) for n in range(first, last + 1)]
+    if not all(lines):
+        return frozenset()
+    lines[-1] = lines[-1][:end]
+    lines[0] = lines[0][start:]
+    return frozenset(re.findall(r"[A-Za-z_]\w*", "".join(lines)))
 
 
 def _names_in_use(module: nn.Module) -> frozenset[str]:
@@ -69,11 +116,8 @@ def _names_in_use(module: nn.Module) -> frozenset[str]:
     attribute that merely holds the same value (GPT-2's unused ``embed_dim`` beside its
     ``split_size``) is left alone. Empty when no such frame is found."""
     names: set[str] = set()
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_locals.get("self") is module:
-            names.update(frame.f_code.co_names)
-        frame = frame.f_back
+    for frame in _module_frames(module):
+        names.update(frame.f_code.co_names)
     return frozenset(names)
 
 
@@ -162,8 +206,11 @@ class _Tracer(OpRules, TorchFunctionMode):
 
     def note_width(self, value: int, layout: Layout) -> None:
         if self.stack:
-            names = _names_in_use(self.running[-1])
-            self.notes.append(WidthNote(self.stack[-1], int(value), layout, names))
+            module = self.running[-1]
+            frames = _module_frames(module)
+            spelled = _spelled(frames[0]) if frames else frozenset()
+            names = _names_in_use(module)
+            self.notes.append(WidthNote(self.stack[-1], int(value), layout, names, spelled))
 
     def note_literals(self, args: tuple, axis: int, value: int, layout: Layout) -> None:
         """Note ``value`` when the reshape's shape argument spells it at ``axis`` (not -1)."""
@@ -190,7 +237,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         entry = self.params.get(id(src)) if isinstance(src, torch.Tensor) else None
         if entry is None or not isinstance(out, torch.Tensor):
             return
-        if name in _PARAM_PASS:
+        if name in _PARAM_PASS or _scalar_arithmetic(name, args, out):
             dims = entry[2]
         elif name in _PARAM_SHAPE:
             dims_list: list[int | None] = [None] * out.dim()
@@ -213,7 +260,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         x = inputs[0]
         layout, dim = self.layouts[id(x)]
-        single = len(inputs) == 1 and args and args[0] is x
+        single = bool(args) and args[0] is x and (len(inputs) == 1 or name in _LIKE)
         tensor_out = isinstance(out, torch.Tensor)
         rules = (
             (
@@ -235,6 +282,11 @@ class _Tracer(OpRules, TorchFunctionMode):
                 lambda: self.reduce(x, name, args, kwargs, layout, dim, out),
             ),
             (name in CAT, lambda: self.cat(args, kwargs, out)),
+            (name == "stack" and tensor_out, lambda: self.stacked(args, kwargs, out)),
+            (
+                name in ("view_as", "reshape_as") and single,
+                lambda: self.reshape(x, layout, dim, out, name, args),
+            ),
             (
                 name in SPLIT and single,
                 lambda: self.narrow_split(x, name, args, kwargs, layout, dim, out),

@@ -341,6 +341,13 @@ def apply_removals_(
     _update_attributes(model, graph, kept)
 
 
+def _within_head(name: str) -> bool:
+    """Whether an attribute names a size inside one head (``head_dim``, BERT's
+    ``attention_head_size``), which never changes since whole heads go; ``all_head_size``
+    (every head's width together) is not one."""
+    return not name.startswith("all_") and ("head_dim" in name or name.endswith("head_size"))
+
+
 def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:
     edits: dict[str, dict[str, int]] = getattr(model, "secateur_attributes", {})
     # Match against the values before any rewrite: with grouped-query attention num_heads may
@@ -352,13 +359,19 @@ def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int,
             continue
         module = model.get_submodule(attr.module_name)
         original = before.setdefault(attr.module_name, dict(vars(module)))
-        for name, value in original.items():
-            if name.startswith("_") or isinstance(value, bool) or value != attr.value:
-                continue
-            if attr.names and name not in attr.names:
-                continue  # holds the same value, but the code at the reshape never read it
-            if "head_dim" in name or "head_size" in name:
-                continue  # within-head sizes never change: whole heads go
+        candidates = [
+            name
+            for name, value in original.items()
+            if not name.startswith("_")
+            and not isinstance(value, bool)
+            and value == attr.value
+            # holding the same value is not enough: the code at the reshape must have read it
+            and (not attr.names or name in attr.names)
+            and not _within_head(name)
+        ]
+        if spelled := [name for name in candidates if name in attr.spelled]:
+            candidates = spelled  # named in the reshape itself: the others only share the value
+        for name in candidates:
             setattr(module, name, new)
             edits.setdefault(attr.module_name, {})[name] = new
     if edits:
