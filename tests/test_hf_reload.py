@@ -30,6 +30,8 @@ CASES: dict[str, dict[str, Any]] = {
     "hf.llama": dict(SMALL, task="causal-lm", num_key_value_heads=2),
     "hf.qwen2": dict(SMALL, task="causal-lm", num_key_value_heads=2),
     "hf.bert": dict(SMALL, task="sequence-classification", num_labels=3),
+    "hf.mixtral": dict(SMALL, task="causal-lm", num_key_value_heads=2, num_local_experts=4),
+    "hf.stablelm": dict(SMALL, task="causal-lm", num_key_value_heads=2),
 }
 
 

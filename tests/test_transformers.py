@@ -26,6 +26,12 @@ FAMILIES = {
     # Cohere and GPT-J: interleaved rotary embedding through torch.stack
     "cohere": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
     "gptj": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=32)),
+    # mixture of experts: stacked expert weights run by grouped_mm, top-k routing weights
+    "mixtral": ("causal-lm", dict(SMALL, num_key_value_heads=2, num_local_experts=4)),
+    "qwen2_moe": (
+        "causal-lm",
+        dict(SMALL, num_key_value_heads=2, num_experts=4, moe_intermediate_size=32),
+    ),
 }
 AUTO = {
     "causal-lm": transformers.AutoModelForCausalLM,
@@ -238,3 +244,41 @@ def test_all_head_size_follows_but_per_head_sizes_stay() -> None:
     assert attn.attention_head_size == 16
     assert model.mpnet.encoder.relative_attention_bias.embedding_dim == 2  # shared by all layers
     assert _logits(model, x).shape == (3, 3)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_moe_experts_lose_the_same_neuron_slots_and_hidden_channels(implementation: str) -> None:
+    """Mixtral's experts are slices of stacked tensors (E, 2I, H) and (E, H, I): one group per
+    layer removes the same neuron slots from every expert, and the hidden size reaches the
+    router and the experts. ``eager`` runs them one by one (F.linear, ``index_add_`` into
+    ``zeros_like``), ``grouped_mm`` in one kernel; removing silenced units is exact in both."""
+    task, kwargs = FAMILIES["mixtral"]
+    config = transformers.AutoConfig.for_model("mixtral", vocab_size=100, **kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, experts_implementation=implementation
+    ).eval()
+    x = {"input_ids": torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))}
+    graph = build_dependency_graph(model, x)
+    experts = [
+        g for g in graph.groups if g.kind == "channel" and any(m.tensor for m in g.members)
+    ]
+    assert [g.size for g in experts] == [128, 128]  # one per layer, intermediate_size slots
+    gen = torch.Generator().manual_seed(3)
+    removals = []
+    for group in graph.groups:
+        if group.kind != "hidden":
+            units = torch.randperm(group.size, generator=gen)[: group.size // 2]
+            silence_(model, group, units)
+            removals.append((group, units))
+    reference = _logits(model, x)
+    apply_removals_(model, graph, removals)
+    torch.testing.assert_close(_logits(model, x), reference, atol=1e-5, rtol=1e-5)
+
+    model, x = _build("mixtral")
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    moe = model.model.layers[0].mlp
+    assert moe.experts.gate_up_proj.shape == (4, 2 * 64, 32)
+    assert moe.experts.down_proj.shape == (4, 32, 64)
+    assert moe.gate.weight.shape == (4, 32)  # every expert stays; the hidden size fell
+    assert _logits(model, x).shape == (3, 8, 100)

@@ -51,6 +51,12 @@ MATMUL = {"matmul", "__matmul__", "bmm"}
 SOFTMAX = {"softmax", "log_softmax", "_softmax", "roll", "cumsum", "flip"}
 NORM_FN = {"layer_norm", "rms_norm"}
 LINEAR_FN = {"linear"}
+GROUPED_MM = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+
+
+def _picks_rows(index: torch.Tensor) -> bool:
+    """A 1-D integer tensor used as ``x[index]``: it picks whole rows of the first axis."""
+    return index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool
 
 
 def _dim_arg(args: tuple, kwargs: dict, pos: int, default: Any = None) -> Any:
@@ -192,7 +198,14 @@ class OpRules:
         return True
 
     def getitem(self, x, args, layout, dim, out) -> bool:  # noqa: ANN001
-        axes = index_axes(x.shape, args[1] if len(args) > 1 else ())
+        index = args[1] if len(args) > 1 else ()
+        if isinstance(index, torch.Tensor) and dim > 0 and _picks_rows(index):
+            # x[rows]: rows of the first axis (tokens routed to an MoE expert); channels stay
+            if out.dim() != x.dim() or out.shape[dim] != x.shape[dim]:
+                return False
+            self.set(out, layout, dim)
+            return True
+        axes = index_axes(x.shape, index)
         if axes is None:
             return False
         out_axis, sel = axes[dim]
@@ -237,6 +250,33 @@ class OpRules:
                 self.note_width(sizes, piece)
         return True
 
+    def fresh_like(self, x, dim, out) -> bool:  # noqa: ANN001
+        """``zeros_like(x)`` and kin: the same shape, none of x's values. The channel axis stays
+        where it was, in a space of its own that whatever is later added in joins (Mixtral's
+        experts ``index_add_`` their outputs into ``zeros_like(hidden_states)``)."""
+        if out.shape != x.shape:
+            return False
+        self.fresh(out, dim)
+        return True
+
+    def index_add(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
+        """``x.index_add_(axis, index, source)`` along an axis other than the channels':
+        rows of ``source`` are added into rows of ``x``, so both name the same channels."""
+        x = args[0]
+        axis = int(_dim_arg(args, kwargs, 1, 0)) % x.dim()
+        source = args[3] if len(args) > 3 else kwargs.get("source")
+        ix, isrc = self.info(x), self.info(source)
+        if ix is None or isrc is None or x.dim() != source.dim():
+            return False
+        (lx, dx), (ls, ds) = ix, isrc
+        if dx != ds or dx == axis:
+            return False
+        layout = self.unify(lx, ls)
+        if layout is None:
+            return False
+        self.set(out, layout, dx)
+        return True
+
     def split_layout(self, layout: Layout, cuts: list[int]) -> list[Layout] | None:
         """Cut a layout at feature positions; refines spaces where a cut falls inside one."""
         total = sum(self.table.sizes[self.table.find(s.space)] * s.factor for s in layout)
@@ -277,24 +317,27 @@ class OpRules:
 
     def elementwise(self, args: tuple, out: torch.Tensor) -> bool:
         operands = [a for a in args[:3] if isinstance(a, torch.Tensor)]
-        axis, layout = None, None
+        tracked = []  # (tensor, layout, output axis, whether it spans that axis whole)
         for t in operands:
-            info = self.info(t)
-            if info is None:
-                continue
-            lt, dt = info
-            at = dt + out.dim() - t.dim()
-            if at < 0 or t.shape[dt] != out.shape[at]:
-                return False
-            if axis is None:
-                axis, layout = at, lt
-            elif at != axis:
-                return False
-            else:
-                layout = self.unify(layout, lt)
+            if (info := self.info(t)) is not None:
+                at = info[1] + out.dim() - t.dim()
+                tracked.append((t, info[0], at, at >= 0 and t.shape[info[1]] == out.shape[at]))
+        axis = self._main_axis(tracked)
+        if axis is None:
+            return False
+        layout = None
+        for t, lt, at, whole in tracked:
+            if at == axis and whole:
+                layout = lt if layout is None else self.unify(layout, lt)
                 if layout is None:
                     return False
-        assert axis is not None and layout is not None
+            elif self._broadcasts(t, axis, out):
+                # a factor constant along our channels (MoE routing weights, a one-unit gate):
+                # its own channels run along another axis, so they are left whole
+                self.table.block_layout(lt, "broadcast against other channels")
+            else:
+                return False
+        assert layout is not None
         for t in operands:
             if self.info(t) is not None:
                 continue
@@ -305,6 +348,22 @@ class OpRules:
                 return False  # a constant with its own per-channel values
         self.set(out, layout, axis)
         return True
+
+    def _main_axis(self, tracked: list) -> int | None:
+        """The output axis the channels run along: the one every operand spanning it whole
+        agrees on, preferring operands whose channels may be pruned."""
+        whole = [(lt, at) for _, lt, at, w in tracked if w]
+        free = {at for lt, at in whole if not self._all_blocked(lt)}
+        axes = free or {at for _, at in whole}
+        return axes.pop() if len(axes) == 1 else None
+
+    def _all_blocked(self, layout: Layout) -> bool:
+        return all(self.table.find(s.space) in self.table.blocked for s in layout)
+
+    @staticmethod
+    def _broadcasts(t: torch.Tensor, axis: int, out: torch.Tensor) -> bool:
+        at = axis - (out.dim() - t.dim())
+        return at < 0 or t.shape[at] == 1
 
     def cat(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
         tensors = list(args[0])
@@ -415,8 +474,34 @@ class OpRules:
         self.fresh(out, -1)
         produced = self.info(out)[0]
         self.add_param(weight, 0, produced, role="param_out")
+        self.same_rows_same_space(weight, 0, produced)
         if isinstance(bias, torch.Tensor):
             self.add_param(bias, 0, produced, role="param_out")
+        return True
+
+    def same_rows_same_space(self, weight: torch.Tensor, axis: int, produced: Layout) -> None:
+        """The same rows of one parameter write the same channels, call after call: the
+        experts of an MoE layer are slices of one stacked tensor, run one after another."""
+        module_name, pname, dims = self.params[id(weight)]
+        key = (module_name, pname, dims[axis])
+        earlier = self.param_outputs.setdefault(key, produced[0].space)
+        if earlier != produced[0].space:
+            self.table.unite(earlier, produced[0].space)
+
+    def grouped_mm(self, args: tuple, x, layout, dim, out) -> bool:  # noqa: ANN001
+        """``grouped_mm(x (S, K), w (E, K, N), offs)`` with ``w`` from a module's stacked
+        expert weights (the MoE kernel of transformers 5): each row of ``x`` is multiplied by
+        one expert's matrix, so ``K`` reads x's channels and ``N`` writes a new space shared by
+        every expert."""
+        weight = args[1] if len(args) > 1 else None
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or dim != x.dim() - 1:
+            return False
+        if out.dim() != 2 or not self.add_param(weight, 1, layout):
+            return False
+        self.fresh(out, -1)
+        produced = self.info(out)[0]
+        self.add_param(weight, 2, produced, role="param_out")
+        self.same_rows_same_space(weight, 2, produced)
         return True
 
     def norm_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001

@@ -29,6 +29,7 @@ from .._inputs import split_inputs
 from ._ops import (
     CAT,
     ELEMENTWISE,
+    GROUPED_MM,
     LINEAR_FN,
     MATMUL,
     NORM_FN,
@@ -51,8 +52,27 @@ _SHAPE_KEEPING = {
 }
 _PARAM_PASS = {"to", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"}
 _PARAM_SHAPE = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten"}
+# new tensors shaped like their input, holding none of its values
+_LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
 _LIKE = {"type_as", "expand_as", "view_as", "reshape_as"}
+
+
+def _single_number(index: Any) -> bool:
+    """Whether ``index`` picks one entry of the first axis (an int or a 0-d integer tensor)."""
+    if isinstance(index, torch.Tensor):
+        return index.dim() == 0 and not index.is_floating_point() and index.dtype != torch.bool
+    return isinstance(index, int) and not isinstance(index, bool)
+
+
+def _indexed_by_numbers(x: torch.Tensor, args: tuple, inputs: list[torch.Tensor]) -> bool:
+    """``x[index]`` where the other tracked tensors are integer indices (token positions
+    computed from a router's output): their values pick rows, their channels play no part."""
+    return (
+        bool(args)
+        and args[0] is x
+        and all(not t.is_floating_point() and t.dtype != torch.bool for t in inputs[1:])
+    )
 
 
 def _scalar_arithmetic(name: str, args: tuple, out: Any) -> bool:
@@ -146,6 +166,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.meta = bool(state)
         self.layouts: dict[int, tuple[Layout, int]] = {}  # id(tensor) -> (layout, feature dim)
         self.params: dict[int, tuple[str, str, tuple[int | None, ...]]] = {}
+        # (module, tensor, dim) of a parameter read by F.linear -> the first space its rows wrote
+        self.param_outputs: dict[tuple[str, str, int | None], int] = {}
         self.keepalive: list[torch.Tensor] = []  # ids stay unique while tracing
         self.depth = 0
         self.stack: list[str] = []
@@ -239,6 +261,13 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         if name in _PARAM_PASS or _scalar_arithmetic(name, args, out):
             dims = entry[2]
+        elif name in ("transpose", "swapaxes") and len(args) == 3:
+            a, b = (int(v) % src.dim() for v in args[1:3])
+            swapped = list(entry[2])
+            swapped[a], swapped[b] = swapped[b], swapped[a]
+            dims = tuple(swapped)
+        elif name == "__getitem__" and len(args) > 1 and _single_number(args[1]):
+            dims = entry[2][1:]  # one slice of a stacked parameter (an MoE expert's weight)
         elif name in _PARAM_SHAPE:
             dims_list: list[int | None] = [None] * out.dim()
             for d, pd in enumerate(entry[2]):
@@ -283,6 +312,12 @@ class _Tracer(OpRules, TorchFunctionMode):
             ),
             (name in CAT, lambda: self.cat(args, kwargs, out)),
             (name == "stack" and tensor_out, lambda: self.stacked(args, kwargs, out)),
+            (name in _LIKE_NEW and single, lambda: self.fresh_like(x, dim, out)),
+            (name in ("index_add", "index_add_"), lambda: self.index_add(args, kwargs, out)),
+            (
+                name in GROUPED_MM and args[0] is x,
+                lambda: self.grouped_mm(args, x, layout, dim, out),
+            ),
             (
                 name in ("view_as", "reshape_as") and single,
                 lambda: self.reshape(x, layout, dim, out, name, args),
@@ -291,7 +326,10 @@ class _Tracer(OpRules, TorchFunctionMode):
                 name in SPLIT and single,
                 lambda: self.narrow_split(x, name, args, kwargs, layout, dim, out),
             ),
-            (name == "__getitem__" and single, lambda: self.getitem(x, args, layout, dim, out)),
+            (
+                name == "__getitem__" and (single or _indexed_by_numbers(x, args, inputs)),
+                lambda: self.getitem(x, args, layout, dim, out),
+            ),
             (name in MATMUL, lambda: self.matmul(args, out)),
             (name == "scaled_dot_product_attention", lambda: self.attention(args, kwargs, out)),
             (name in NORM_FN and single, lambda: self.norm_fn(args, kwargs, x, layout, dim, out)),

@@ -1,0 +1,296 @@
+"""Which Hugging Face causal-LM families each tool prunes structurally into a working model.
+
+Every family is built from a small random config (2 layers, hidden 64, 4 query heads, 2
+key/value heads where the family has grouped-query attention; no download), then pruned at
+ratio 0.5 by each tool in the same run:
+
+- Torch-Pruning, following its LLM example (``examples/LLMs/prune_llm.py``) through its public
+  API: ``num_heads`` for the ``q_proj/k_proj/v_proj`` (or fused ``qkv_proj``) layers of every
+  ``self_attn``, two output groups for a fused ``gate_up_proj``, ``MetaPruner`` with
+  ``GroupNormImportance(p=2)``, whole heads (``prune_num_heads=True, prune_head_dims=False``),
+  the hidden size, heads and FFN all at the ratio, ``lm_head`` ignored, ``round_to=4``; then the
+  attribute updates the example makes by hand (``num_heads``, ``num_key_value_groups``,
+  ``hidden_size``, the config's sizes). ``config.use_cache`` is off while it traces, the
+  workaround its users give for tracing HF models (Torch-Pruning issue #461).
+- secateur: ``prune_(model, StructuredConfig(ratio=0.5), example_inputs=ids)``: hidden size,
+  heads and FFN neurons, found from one traced forward pass, with no per-family setting.
+
+A family counts as pruned when (a) pruning raised nothing, (b) the pruned model runs forward,
+(c) greedy generation through the KV cache gives the tokens its own full forward pass predicts,
+and (d) parameters fell. A tool gets ``--limit`` seconds per model (each
+prunes these 2-layer models in well under a second when it works); past that it is stopped. The table also shows what was removed, so that a tool that left the
+attention whole (or refused a group) is visible.
+
+    .venv/bin/pip install -c constraints.txt torch-pruning==1.6.1
+    .venv/bin/python -W ignore benchmarks/hf_llm_coverage.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import platform
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+
+from secateur import StructuredConfig, prune_
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+GQA = dict(SMALL, num_key_value_heads=2, max_position_embeddings=64)
+MHA = dict(SMALL, max_position_embeddings=64)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": GQA,
+    "mistral": GQA,
+    "qwen2": GQA,
+    "qwen3": dict(GQA, head_dim=16),
+    "gemma": dict(GQA, head_dim=16),
+    "gemma2": dict(GQA, head_dim=16),
+    "gemma3_text": dict(GQA, head_dim=16),
+    "phi3": GQA,
+    "phi": MHA,
+    "olmo": MHA,
+    "olmo2": MHA,
+    "granite": GQA,
+    "stablelm": GQA,
+    "starcoder2": GQA,
+    "cohere": GQA,
+    "glm": GQA,
+    "smollm3": GQA,
+    "helium": dict(GQA, head_dim=16),
+    "gpt_neox": MHA,
+    "opt": dict(MHA, ffn_dim=128, word_embed_proj_dim=64),
+    "gptj": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64),
+    "codegen": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    "falcon": dict(MHA, new_decoder_architecture=True, num_kv_heads=2),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    "mixtral": dict(GQA, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        GQA,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    ),
+}
+RATIO = 0.5
+FFN_OUT = ("down_proj", "fc2", "dense_4h_to_h", "c_proj", "fc_out", "w2")
+VOCAB = 100
+
+
+def build(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB, **FAMILIES[family])
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def torch_pruning(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
+    """Torch-Pruning's LLM recipe, as its example sets it up (see the module docstring)."""
+    import torch_pruning as tp
+
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    num_heads, groups = {}, {}
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            if hasattr(module, "q_proj"):
+                num_heads[module.q_proj] = config.num_attention_heads
+                num_heads[module.k_proj] = kv_heads
+                num_heads[module.v_proj] = kv_heads
+            elif hasattr(module, "qkv_proj"):
+                num_heads[module.qkv_proj] = config.num_attention_heads
+        if name.endswith("mlp") and hasattr(module, "gate_up_proj"):
+            groups[module.gate_up_proj] = 2
+    gqa = config.num_attention_heads != kv_heads
+    config.use_cache = False  # the workaround its users give (issue #461): traces fail otherwise
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example_inputs=ids,
+        importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
+        global_pruning=False,
+        pruning_ratio=RATIO,
+        ignored_layers=[model.lm_head],
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=RATIO,
+        out_channel_groups=groups,
+        round_to=4,
+    )
+    for group in pruner.step(interactive=True):
+        group.prune()
+    # the example's hand-written attribute updates, in the same order
+    config.hidden_size = model.lm_head.in_features
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            if hasattr(module, "q_proj"):
+                module.hidden_size = module.q_proj.out_features
+            else:
+                module.hidden_size = module.qkv_proj.out_features // 3
+            module.num_heads = module.hidden_size // module.head_dim
+            config.num_attention_heads = module.num_heads
+            if not gqa:
+                module.num_key_value_heads = module.num_heads
+            module.num_key_value_groups = module.num_heads // module.num_key_value_heads
+        elif name.endswith("mlp"):
+            if hasattr(module, "gate_proj"):
+                module.hidden_size = module.gate_proj.in_features
+                config.intermediate_size = module.gate_proj.out_features
+            elif hasattr(module, "gate_up_proj"):
+                module.hidden_size = module.gate_up_proj.in_features
+                config.intermediate_size = module.gate_up_proj.out_features // 2
+    if not gqa:
+        config.num_key_value_heads = config.num_attention_heads
+    config.use_cache = True
+    return None
+
+
+def secateur(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
+    result = prune_(model, StructuredConfig(ratio=RATIO), example_inputs={"input_ids": ids})
+    if result.refused:
+        return f"{len(result.refused)} group(s) left whole by the forward check"
+    return None
+
+
+TOOLS: dict[str, Callable[[torch.nn.Module, torch.Tensor], str | None]] = {
+    "Torch-Pruning": torch_pruning,
+    "secateur": secateur,
+}
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:70]}"
+
+
+def _widths(model: torch.nn.Module) -> str:
+    """hidden size / attention width (heads × head_dim) / FFN width, read from layer 0's
+    output projections (the layers that read the heads and the FFN neurons)."""
+    hidden = model.get_output_embeddings().in_features
+    attn = ffn = "?"
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            inputs = module.in_features
+        elif type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
+            inputs = module.weight.shape[0]
+        else:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        in_attention = "attn" in name or "attention" in name
+        if attn == "?" and in_attention and leaf in ("o_proj", "dense", "out_proj", "c_proj"):
+            attn = inputs
+        elif ffn == "?" and not in_attention and leaf in FFN_OUT:
+            ffn = inputs
+    return f"{hidden} / {attn} / {ffn}"
+
+
+def check(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
+    """None when the pruned model runs and its cached greedy decoding agrees with itself."""
+    prompt = ids[:1, :6]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    except Exception as exc:  # noqa: BLE001 - a failure is a result to report
+        return f"forward fails ({_short(exc)})"
+    try:
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            full = model(input_ids=out).logits
+    except Exception as exc:  # noqa: BLE001
+        return f"generate fails ({_short(exc)})"
+    predicted = full[0, prompt.shape[1] - 1 : -1].argmax(-1)
+    if not torch.equal(predicted, out[0, prompt.shape[1] :]):
+        return "generate disagrees with the forward pass"
+    return None
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def _out_of_time(signum: int, frame: Any) -> None:
+    raise _OutOfTime
+
+
+def run(family: str, tool: str, limit: int) -> dict[str, Any]:
+    model, ids = build(family)
+    params = sum(p.numel() for p in model.parameters())
+    before = _widths(model)
+    start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(limit)
+    try:
+        note = TOOLS[tool](model, ids)
+    except _OutOfTime:
+        return {"status": f"no result after {limit} s (stopped)", "before": before}
+    except Exception as exc:  # noqa: BLE001
+        return {"status": f"pruning fails ({_short(exc)})", "before": before}
+    finally:
+        signal.alarm(0)
+    seconds = time.perf_counter() - start
+    kept = sum(p.numel() for p in model.parameters()) / params
+    problem = check(model, ids)
+    if problem is None and kept >= 1.0:
+        problem = "nothing removed"
+    return {
+        "status": problem or ("ok" + (f"; {note}" if note else "")),
+        "kept": kept,
+        "before": before,
+        "after": _widths(model),
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES))
+    parser.add_argument(
+        "--limit", type=int, default=60, help="seconds a tool may take to prune one model"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    versions = {
+        name: importlib.metadata.version(name)
+        for name in ("torch", "transformers", "torch-pruning", "secateur")
+    }
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"limit {args.limit} s per pruning")
+    print(f"ratio {RATIO}; widths are hidden / attention (q heads x head_dim) / FFN of layer 0\n")
+    print("| family | widths before | tool | result | widths after | params kept | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    score = dict.fromkeys(TOOLS, 0)
+    for family in args.families:
+        for tool in TOOLS:
+            r = run(family, tool, args.limit)
+            if r["status"].startswith("ok"):
+                score[tool] += 1
+            kept = f"{r['kept']:.1%}" if "kept" in r else "–"
+            secs = f"{r['seconds']:.2f}" if "seconds" in r else "–"
+            after = r.get("after", "–")
+            print(
+                f"| {family} | {r['before']} | {tool} | {r['status']} | {after} | {kept} | {secs} |",
+                flush=True,
+            )
+    total = len(args.families)
+    print(
+        "\n"
+        + ", ".join(f"{tool}: {n}/{total} families pruned and working" for tool, n in score.items())
+    )
+
+
+if __name__ == "__main__":
+    main()
