@@ -260,9 +260,7 @@ def test_moe_experts_lose_the_same_neuron_slots_and_hidden_channels(implementati
     ).eval()
     x = {"input_ids": torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))}
     graph = build_dependency_graph(model, x)
-    experts = [
-        g for g in graph.groups if g.kind == "channel" and any(m.tensor for m in g.members)
-    ]
+    experts = [g for g in graph.groups if g.kind == "channel" and any(m.tensor for m in g.members)]
     assert [g.size for g in experts] == [128, 128]  # one per layer, intermediate_size slots
     gen = torch.Generator().manual_seed(3)
     removals = []
