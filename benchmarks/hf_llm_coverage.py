@@ -179,6 +179,10 @@ def _widths(model: torch.nn.Module) -> str:
     hidden = model.get_output_embeddings().in_features
     attn = ffn = "?"
     for name, module in model.named_modules():
+        stacked = getattr(module, "down_proj", None)
+        if isinstance(stacked, torch.nn.Parameter) and stacked.dim() == 3 and ffn == "?":
+            ffn = f"{stacked.shape[-1]} ×{stacked.shape[0]} experts"  # (experts, hidden, I)
+            continue
         if isinstance(module, torch.nn.Linear):
             inputs = module.in_features
         elif type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
@@ -208,6 +212,7 @@ def check(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
             full = model(input_ids=out).logits
     except Exception as exc:  # noqa: BLE001
         return f"generate fails ({_short(exc)})"
+    full[..., model.generation_config.eos_token_id] = -torch.inf  # min_new_tokens bars it
     predicted = full[0, prompt.shape[1] - 1 : -1].argmax(-1)
     if not torch.equal(predicted, out[0, prompt.shape[1] :]):
         return "generate disagrees with the forward pass"
@@ -269,7 +274,9 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"limit {args.limit} s per pruning")
-    print(f"ratio {RATIO}; widths are hidden / attention (q heads x head_dim) / FFN of layer 0\n")
+    print(
+        f"ratio {RATIO}; widths are hidden / attention (q heads x head_dim) / FFN (per expert for MoE) of layer 0\n"
+    )
     print("| family | widths before | tool | result | widths after | params kept | seconds |")
     print("|---|---|---|---|---|---|---|")
     score = dict.fromkeys(TOOLS, 0)

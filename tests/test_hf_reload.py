@@ -32,6 +32,7 @@ CASES: dict[str, dict[str, Any]] = {
     "hf.bert": dict(SMALL, task="sequence-classification", num_labels=3),
     "hf.mixtral": dict(SMALL, task="causal-lm", num_key_value_heads=2, num_local_experts=4),
     "hf.stablelm": dict(SMALL, task="causal-lm", num_key_value_heads=2),
+    "hf.olmo": dict(SMALL, task="causal-lm"),  # normalized_shape = (hidden,) follows
 }
 
 

@@ -26,6 +26,8 @@ FAMILIES = {
     # Cohere and GPT-J: interleaved rotary embedding through torch.stack
     "cohere": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
     "gptj": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=32)),
+    # OLMo: a LayerNorm without weights whose normalized_shape is a one-int tuple attribute
+    "olmo": ("causal-lm", dict(SMALL, max_position_embeddings=32)),
     # mixture of experts: stacked expert weights run by grouped_mm, top-k routing weights
     "mixtral": ("causal-lm", dict(SMALL, num_key_value_heads=2, num_local_experts=4)),
     "qwen2_moe": (
@@ -226,6 +228,7 @@ def test_pruned_causal_lm_generates_with_its_kv_cache(family: str) -> None:
         ids = model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
         full = model(input_ids=ids).logits
     assert ids.shape == (1, prompt.shape[1] + 4)
+    full[..., model.generation_config.eos_token_id] = -torch.inf  # min_new_tokens bars it
     assert torch.equal(full[0, prompt.shape[1] - 1 : -1].argmax(-1), ids[0, prompt.shape[1] :])
 
 

@@ -44,6 +44,7 @@ from .._atomic import atomic_write_bytes, atomic_write_text
 from ..errors import ArtifactError, ConfigError
 from ..pruning._attention import PrunedMultiheadAttention, set_num_heads_
 from ..pruning._depth import replace_with_skip_, skipped_modules
+from ..pruning._structured import one_int, with_width
 from ..pruning._surgery import resize_to_state_
 from ..zoo import create_model
 
@@ -92,13 +93,15 @@ def _apply_attributes(model: nn.Module, edits: Any) -> None:
         for attr, value in attrs.items():
             where = f"{module_name}.{attr}" if module_name else str(attr)
             current = getattr(module, str(attr), None)
-            if isinstance(current, bool) or not isinstance(current, int):
+            if (isinstance(current, bool) or not isinstance(current, int)) and one_int(
+                current
+            ) is None:
                 raise ValueError(
                     f"attribute edit {where}: the module has no integer attribute {attr!r}"
                 )
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"attribute edit {where} = {value!r}: must be a positive integer")
-            setattr(module, attr, value)
+            setattr(module, attr, with_width(current, value))
     # kept on the model, so that saving it again (or pruning it further) keeps the edits
     model.secateur_attributes = {m: dict(attrs) for m, attrs in edits.items()}
 

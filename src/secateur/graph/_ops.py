@@ -514,4 +514,7 @@ class OpRules:
         for seg in layout:
             self.table.flag(seg.space, "pooled")
         self.set(out, layout, dim)
+        (width,) = tuple(shape)
+        if isinstance(width, int):
+            self.note_width(width, layout)  # a module's own normalized_shape (OLMo's LayerNorm)
         return True

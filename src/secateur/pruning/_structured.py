@@ -341,6 +341,20 @@ def apply_removals_(
     _update_attributes(model, graph, kept)
 
 
+def one_int(value: Any) -> int | None:
+    """The int in a one-int shape such as OLMo's ``normalized_shape = (hidden,)``, else None."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        (item,) = value
+        if isinstance(item, int) and not isinstance(item, bool):
+            return item
+    return None
+
+
+def with_width(current: Any, width: int) -> Any:
+    """``width`` in the form of ``current``: an int, or a one-int shape of the same type."""
+    return type(current)((width,)) if one_int(current) is not None else width
+
+
 def _within_head(name: str) -> bool:
     """Whether an attribute names a size inside one head (``head_dim``, BERT's
     ``attention_head_size``), which never changes since whole heads go; ``all_head_size``
@@ -364,7 +378,7 @@ def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int,
             for name, value in original.items()
             if not name.startswith("_")
             and not isinstance(value, bool)
-            and value == attr.value
+            and (value == attr.value or one_int(value) == attr.value)
             # holding the same value is not enough: the code at the reshape must have read it
             and (not attr.names or name in attr.names)
             and not _within_head(name)
@@ -372,7 +386,7 @@ def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int,
         if spelled := [name for name in candidates if name in attr.spelled]:
             candidates = spelled  # named in the reshape itself: the others only share the value
         for name in candidates:
-            setattr(module, name, new)
+            setattr(module, name, with_width(original[name], new))
             edits.setdefault(attr.module_name, {})[name] = new
     if edits:
         model.secateur_attributes = edits
