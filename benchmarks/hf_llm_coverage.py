@@ -2,7 +2,8 @@
 
 Every family is built from a small random config (2 layers, hidden 64, 4 query heads, 2
 key/value heads where the family has grouped-query attention; no download), then pruned at
-ratio 0.5 by each tool in the same run:
+ratio 0.5 by each tool in the same run (``--real-widths``: three 2-layer bfloat16 models with the
+widths of Llama 3.2 3B, Qwen2.5 7B and Mixtral 8x7B instead):
 
 - Torch-Pruning, following its LLM example (``examples/LLMs/prune_llm.py``) through its public
   API: ``num_heads`` for the ``q_proj/k_proj/v_proj`` (or fused ``qkv_proj``) layers of every
@@ -85,11 +86,51 @@ FFN_OUT = ("down_proj", "fc2", "dense_4h_to_h", "c_proj", "fc_out", "w2")
 VOCAB = 100
 
 
+# The widths of released models (their head arithmetic: 24 query heads over 8 key/value heads
+# for Llama 3.2 3B, the shape of Torch-Pruning's issue #516), 2 layers each, in bfloat16
+REAL_WIDTHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama, Llama-3.2-3B widths": (
+        "llama",
+        dict(
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2, Qwen2.5-7B widths": (
+        "qwen2",
+        dict(
+            hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
+        ),
+    ),
+    "mixtral, Mixtral-8x7B widths, 4 experts": (
+        "mixtral",
+        dict(
+            hidden_size=4096,
+            intermediate_size=4096,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=4,
+        ),
+    ),
+}
+
+
 def build(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB, **FAMILIES[family])
+    dtype = torch.float32
+    if family in REAL_WIDTHS:
+        model_type, kwargs = REAL_WIDTHS[family]
+        kwargs = dict(kwargs, num_hidden_layers=2, max_position_embeddings=64)
+        dtype = torch.bfloat16
+    else:
+        model_type, kwargs = family, FAMILIES[family]
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, **kwargs)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     return model, ids
 
@@ -261,9 +302,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
     parser.add_argument(
+        "--real-widths",
+        action="store_true",
+        help="instead, 2-layer models with the widths of Llama 3.2 3B, Qwen2.5 7B and Mixtral",
+    )
+    parser.add_argument(
         "--limit", type=int, default=60, help="seconds a tool may take to prune one model"
     )
     args = parser.parse_args()
+    if args.real_widths:
+        args.families = list(REAL_WIDTHS)
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
