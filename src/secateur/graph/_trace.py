@@ -129,14 +129,14 @@ def _spelled(frame: Any) -> frozenset[str]:
     return frozenset(re.findall(r"[A-Za-z_]\w*", "".join(lines)))
 
 
-def _names_in_use(module: nn.Module) -> frozenset[str]:
-    """Every name the code now running on ``module`` refers to: ``co_names`` of each frame on
-    the call stack whose ``self`` is the module (its forward and any helper method it called).
+def _names_in_use(frames: list[Any]) -> frozenset[str]:
+    """Every name the code now running on a module refers to: ``co_names`` of ``frames``, the
+    frames whose ``self`` is the module (its forward and any helper method it called).
     An attribute holding a width can only have reached a reshape through one of these, so an
     attribute that merely holds the same value (GPT-2's unused ``embed_dim`` beside its
     ``split_size``) is left alone. Empty when no such frame is found."""
     names: set[str] = set()
-    for frame in _module_frames(module):
+    for frame in frames:
         names.update(frame.f_code.co_names)
     return frozenset(names)
 
@@ -228,10 +228,9 @@ class _Tracer(OpRules, TorchFunctionMode):
 
     def note_width(self, value: int, layout: Layout) -> None:
         if self.stack:
-            module = self.running[-1]
-            frames = _module_frames(module)
+            frames = _module_frames(self.running[-1])
             spelled = _spelled(frames[0]) if frames else frozenset()
-            names = _names_in_use(module)
+            names = _names_in_use(frames)
             self.notes.append(WidthNote(self.stack[-1], int(value), layout, names, spelled))
 
     def note_literals(self, args: tuple, axis: int, value: int, layout: Layout) -> None:

@@ -1,0 +1,134 @@
+"""Does structured pruning make a decoder LLM faster on this CPU? Prefill and decode, measured.
+
+A Llama model with the widths of Llama 3.2 1B (hidden 2048, FFN 8192, 32 query heads over 8
+key/value heads of 64; ``--layers`` of its 16 layers, random weights, no download) is pruned by
+secateur at each ``--ratios`` two ways: heads and FFN neurons only (the hidden size stays), and
+the hidden size too. Every model is then timed in one interleaved loop, round after round, so
+that the machine's drift falls on all of them alike:
+
+- prefill: one forward pass over a ``--prompt``-token prompt, batch 1;
+- decode: greedy generation of ``--new-tokens`` tokens after that prompt through the KV cache,
+  reported as tokens per second.
+
+Medians over ``--rounds`` rounds. Torch-Pruning is not in this table: its LLM recipe fails on
+these widths (see ``hf_llm_coverage.py --real-widths``), so there is no peer model to time.
+
+    .venv/bin/python -W ignore benchmarks/llm_decode_speed.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import logging
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+
+from secateur import StructuredConfig, prune_
+from secateur.measure import count_macs
+
+WIDTHS = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=32000,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+
+
+def build(layers: int) -> torch.nn.Module:
+    config = transformers.AutoConfig.for_model("llama", num_hidden_layers=layers, **WIDTHS)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def prefill_seconds(model: torch.nn.Module, prompt: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=prompt, use_cache=False)
+    return time.perf_counter() - start
+
+
+def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(input_ids=prompt)  # the same prefill as generate's, timed to be subtracted
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        total = time.perf_counter() - start
+    return (new - 1) / max(total - prefill, 1e-9)  # the first new token comes from prefill
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+
+    dense = build(args.layers)
+    prompt = torch.randint(1, WIDTHS["vocab_size"], (1, args.prompt))
+    example = {"input_ids": prompt[:, :16]}
+    models = {"dense": dense}
+    for ratio in args.ratios:
+        for label, kinds in (
+            ("heads+FFN", ("head", "channel")),
+            ("heads+FFN+hidden", ("head", "channel", "hidden")),
+        ):
+            model = copy.deepcopy(dense)
+            prune_(model, StructuredConfig(ratio=ratio, kinds=kinds), example_inputs=example)
+            models[f"{label} {ratio}"] = model
+
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    macs = {k: count_macs(m, {"input_ids": prompt}).dense for k, m in models.items()}
+    prefill: dict[str, list[float]] = {k: [] for k in models}
+    decode: dict[str, list[float]] = {k: [] for k in models}
+    for model in models.values():  # warm-up
+        prefill_seconds(model, prompt)
+        decode_tokens_per_second(model, prompt, 4)
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            prefill[name].append(prefill_seconds(model, prompt))
+            decode[name].append(decode_tokens_per_second(model, prompt, args.new_tokens))
+
+    versions = ", ".join(
+        f"{n} {importlib.metadata.version(n)}" for n in ("torch", "transformers", "secateur")
+    )
+    print(f"machine: {platform.machine()}, {args.threads} threads; {versions}")
+    print(
+        f"Llama 3.2 1B widths, {args.layers} layers, fp32; prompt {args.prompt} tokens, "
+        f"{args.new_tokens} new tokens, batch 1; medians of {args.rounds} interleaved rounds\n"
+    )
+    print(
+        "| model | params | prefill MACs | prefill ms | prefill speedup | decode tokens/s "
+        "| decode speedup |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    base_p = statistics.median(prefill["dense"])
+    base_d = statistics.median(decode["dense"])
+    for name in models:
+        p, d = statistics.median(prefill[name]), statistics.median(decode[name])
+        print(
+            f"| {name} | {params[name] / 1e6:.1f} M | {macs[name] / 1e9:.2f} G | {p * 1e3:.1f} "
+            f"| {base_p / p:.2f}× | {d:.1f} | {d / base_d:.2f}× |"
+        )
+
+
+if __name__ == "__main__":
+    main()
