@@ -283,3 +283,36 @@ def test_moe_experts_lose_the_same_neuron_slots_and_hidden_channels(implementati
     assert moe.experts.down_proj.shape == (4, 32, 64)
     assert moe.gate.weight.shape == (4, 32)  # every expert stays; the hidden size fell
     assert _logits(model, x).shape == (3, 8, 100)
+
+
+def test_gpt2_conv1d_weights_are_pruned_unstructured_and_compressed(tmp_path) -> None:
+    """GPT-2's projections are HF Conv1D (weights stored in × out): magnitude, Wanda and 2:4
+    reach them (2:4 along their inputs, dim 0), and the compressed file codes them sparsely."""
+    from secateur import UnstructuredConfig, create_model
+    from secateur.export import CompressionConfig, load_compressed, save_compressed
+
+    model, x = _build("gpt2")
+    masks = prune_(model, UnstructuredConfig(sparsity=0.5))
+    assert "transformer.h.0.attn.c_attn.weight" in masks.masks
+    assert "transformer.h.1.mlp.c_proj.weight" in masks.masks
+    c_fc = model.transformer.h[0].mlp.c_fc.weight
+    assert 0.3 < float((c_fc == 0).float().mean()) < 0.7
+
+    model, x = _build("gpt2")
+    batches = [({"input_ids": x["input_ids"]}, x["input_ids"])]
+    prune_(model, UnstructuredConfig(nm="2:4", criterion="wanda"), calibration=batches)
+    weight = model.transformer.h[0].attn.c_attn.weight  # (in 64, out 192)
+    per_run = (weight.t().reshape(192, -1, 4) != 0).sum(-1)
+    assert bool((per_run <= 2).all()) and int(per_run.sum()) == 192 * 64 // 2
+
+    torch.manual_seed(0)
+    config = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
+    net = create_model("hf.gpt2", task="causal-lm", **config)
+    exact = CompressionConfig(values="exact")  # lossless: the reload is bit-exact
+    dense_path = save_compressed(net, tmp_path / "dense.secz", exact)
+    masks = prune_(net, UnstructuredConfig(sparsity=0.8, exclude=("lm_head",)))
+    masks.make_permanent()
+    sparse_path = save_compressed(net, tmp_path / "sparse.secz", exact)
+    assert sparse_path.stat().st_size < 0.6 * dense_path.stat().st_size
+    restored = load_compressed(sparse_path).model
+    torch.testing.assert_close(_logits(restored, x), _logits(net.eval(), x), rtol=0, atol=0)

@@ -45,7 +45,7 @@ from torch import nn
 from .._atomic import atomic_write_bytes
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
 from ..errors import ArtifactError, ConfigError
-from ..pruning._unstructured import PRUNABLE_TYPES
+from ..pruning._unstructured import is_weight_layer
 from ..quantization._codebook import CodebookConfig
 from ._codec import best_relative_bits, encode_bitmask, pack_bits, relative_codes
 from ._safetensors import LoadedModel, model_edits, rebuild_model, tensors_to_save
@@ -59,7 +59,6 @@ _PREFIX = struct.Struct("<4sIQ32s")
 MAX_HEADER_BYTES = 64 << 20
 MAX_PAYLOAD_BYTES = 1 << 36
 _FIX = "pass a file written by secateur export --format compressed"
-_WEIGHT_TYPES = (*PRUNABLE_TYPES, nn.Embedding)
 
 
 class ValueCoding(str, enum.Enum):
@@ -133,7 +132,9 @@ def _weight_names(model: nn.Module) -> dict[str, str]:
     """state-dict name of each shareable weight → its module's name."""
     out = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, _WEIGHT_TYPES) and isinstance(module.weight, torch.Tensor):
+        if (isinstance(module, nn.Embedding) or is_weight_layer(module)) and isinstance(
+            module.weight, torch.Tensor
+        ):
             out[f"{module_name}.weight" if module_name else "weight"] = module_name
     return out
 

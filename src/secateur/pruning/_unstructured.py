@@ -15,6 +15,7 @@ from .._config import check_range, coerce_enum, config_from_dict, config_to_dict
 from ..errors import ConfigError
 from ..importance import NORMALIZATIONS, create_criterion, normalize, weight_scores
 from ..importance._statistics import LossFn
+from ._layer_matrix import is_hf_conv1d
 from ._masks import MaskSet
 
 PRUNABLE_TYPES = (
@@ -37,7 +38,7 @@ class Scope(str, enum.Enum):
 
 @dataclass(frozen=True)
 class UnstructuredConfig:
-    """Prune individual weights of Linear/Conv layers to ``sparsity``.
+    """Prune individual weights of Linear/Conv/Conv1D layers to ``sparsity``.
 
     Attributes:
         sparsity: fraction in [0, 1) of the selected weights to set to zero.
@@ -115,12 +116,19 @@ def match_per_layer(names: list[str], per_layer: dict[str, float]) -> float | No
     return None
 
 
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer whose ``weight`` unstructured pruning, codebooks and the
+    compressed format treat as a kernel: Linear, Conv and HF ``Conv1D`` (GPT-2's projections,
+    a Linear stored transposed)."""
+    return isinstance(module, PRUNABLE_TYPES) or is_hf_conv1d(module)
+
+
 def prunable_weights(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """``{"<module>.weight": module}`` for every Linear/Conv not matched by ``exclude``."""
+    """``{"<module>.weight": module}`` for every Linear/Conv/Conv1D not matched by ``exclude``."""
     return {
         f"{name}.weight": module
         for name, module in model.named_modules()
-        if isinstance(module, PRUNABLE_TYPES)
+        if is_weight_layer(module)
         and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
     }
 

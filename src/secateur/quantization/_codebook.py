@@ -26,7 +26,7 @@ from torch import nn
 
 from .._config import check_int, config_from_dict, config_to_dict
 from ..errors import ConfigError
-from ..pruning._unstructured import PRUNABLE_TYPES
+from ..pruning._unstructured import is_weight_layer
 
 MAX_BITS = 8
 
@@ -202,7 +202,7 @@ def cluster_weights_(model: nn.Module, config: CodebookConfig | None = None) -> 
     shared: dict[str, _Shared] = {}
     bits: dict[str, int] = {}
     for module_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES):
+        if not is_weight_layer(module):
             continue
         if any(fnmatch.fnmatchcase(module_name, p) for p in config.exclude):
             continue
