@@ -316,3 +316,17 @@ def test_gpt2_conv1d_weights_are_pruned_unstructured_and_compressed(tmp_path) ->
     assert sparse_path.stat().st_size < 0.6 * dense_path.stat().st_size
     restored = load_compressed(sparse_path).model
     torch.testing.assert_close(_logits(restored, x), _logits(net.eval(), x), rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_layers_run_int8_dynamic() -> None:
+    """PyTorch's dynamic int8 covers nn.Linear only: GPT-2's Conv1D projections become the
+    equivalent Linear first, so they are quantized too, and the logits stay close."""
+    from secateur.quantization import quantize_dynamic_torch
+
+    model, x = _build("gpt2")
+    quantized = quantize_dynamic_torch(model)
+    layer = quantized.transformer.h[0].attn.c_attn
+    assert "quantized" in type(layer).__module__
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the original stays
+    reference, got = _logits(model, x), _logits(quantized, x)
+    assert float((got - reference).norm() / reference.norm()) < 0.05

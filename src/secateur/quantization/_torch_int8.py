@@ -15,10 +15,29 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..pruning._layer_matrix import is_hf_conv1d
+
+
+def _conv1d_as_linear_(model: nn.Module) -> None:
+    """Swap every HF ``Conv1D`` (GPT-2's projections: ``x @ W + b`` with ``W`` stored in × out)
+    for the ``nn.Linear`` that computes the same, so the int8 kernels reach it too."""
+    for name, module in list(model.named_modules()):
+        if not is_hf_conv1d(module):
+            continue
+        weight = module.weight.detach()
+        bias = getattr(module, "bias", None)
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if bias is not None:
+                linear.bias.copy_(bias.detach())
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, linear)
 
 
 def quantize_dynamic_torch(model: nn.Module) -> nn.Module:
-    """Return a CPU copy of ``model`` in eval mode whose every ``nn.Linear`` runs int8 dynamic.
+    """Return a CPU copy of ``model`` in eval mode whose every ``nn.Linear`` runs int8 dynamic
+    (HF ``Conv1D`` layers, GPT-2's projections, are turned into the equivalent Linear first).
 
     ``model`` itself (weights, device, mode) is untouched. The copy runs on CPU only (PyTorch has
     no CUDA kernels for it) and holds packed int8 weights, so it cannot be saved with
@@ -33,12 +52,13 @@ def quantize_dynamic_torch(model: nn.Module) -> nn.Module:
         >>> q(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+    if not any(isinstance(m, nn.Linear) or is_hf_conv1d(m) for m in model.modules()):
         raise ConfigError(
             f"{type(model).__name__} has no nn.Linear to quantize: dynamic int8 covers Linear "
             "layers only; use quantize_onnx for convolutional models"
         )
     clone = copy.deepcopy(model).cpu().eval()
+    _conv1d_as_linear_(clone)
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, which is not a dependency
         warnings.simplefilter("ignore", DeprecationWarning)
