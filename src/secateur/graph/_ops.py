@@ -379,16 +379,26 @@ class OpRules:
                 return False
             self.set(out, tuple(seg for layout, _ in known for seg in layout), dim)
             return True
-        layout = known[0][0]
-        for other, _ in known[1:]:
-            layout = self.unify(layout, other)
-            if layout is None:
-                return False
-        for t, info in zip(tensors, infos, strict=True):
-            if info is None and t.numel() > 0 and not self.add_param(t, dim, layout):
-                return False
+        layout = self._shared_layout(tensors, infos, dim)
+        if layout is None:
+            return False
         self.set(out, layout, dim)
         return True
+
+    def _shared_layout(self, tensors: list, infos: list, dim: int) -> Layout | None:
+        """The channels every tensor of a cat (along another axis) or a stack names along
+        ``dim``: the tracked ones are united, an untracked one must be a parameter sliced
+        there too. None when they cannot be made one."""
+        known = [info[0] for info in infos if info is not None]
+        layout = known[0]
+        for other in known[1:]:
+            layout = self.unify(layout, other)
+            if layout is None:
+                return None
+        for t, info in zip(tensors, infos, strict=True):
+            if info is None and t.numel() > 0 and not self.add_param(t, dim, layout):
+                return None
+        return layout
 
     def stacked(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
         """``torch.stack`` along a new axis (e.g. the interleaved rotary embedding of GPT-J,
@@ -401,14 +411,9 @@ class OpRules:
         if len({i[1] for i in known}) != 1:
             return False
         dim = known[0][1]
-        layout = known[0][0]
-        for other, _ in known[1:]:
-            layout = self.unify(layout, other)
-            if layout is None:
-                return False
-        for t, info in zip(tensors, infos, strict=True):
-            if info is None and t.shape[dim] != 1 and not self.add_param(t, dim, layout):
-                return False
+        layout = self._shared_layout(tensors, infos, dim)
+        if layout is None:
+            return False
         self.set(out, layout, dim + (new_axis <= dim))
         return True
 
@@ -473,8 +478,8 @@ class OpRules:
             return False
         self.fresh(out, -1)
         produced = self.info(out)[0]
-        self.add_param(weight, 0, produced, role="param_out")
-        self.same_rows_same_space(weight, 0, produced)
+        if self.add_param(weight, 0, produced, role="param_out"):
+            self.same_rows_same_space(weight, 0, produced)
         if isinstance(bias, torch.Tensor):
             self.add_param(bias, 0, produced, role="param_out")
         return True
@@ -500,8 +505,8 @@ class OpRules:
             return False
         self.fresh(out, -1)
         produced = self.info(out)[0]
-        self.add_param(weight, 2, produced, role="param_out")
-        self.same_rows_same_space(weight, 2, produced)
+        if self.add_param(weight, 2, produced, role="param_out"):
+            self.same_rows_same_space(weight, 2, produced)
         return True
 
     def norm_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001

@@ -378,7 +378,7 @@ def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int,
             for name, value in original.items()
             if not name.startswith("_")
             and not isinstance(value, bool)
-            and (value == attr.value or one_int(value) == attr.value)
+            and ((isinstance(value, int) and value == attr.value) or one_int(value) == attr.value)
             # holding the same value is not enough: the code at the reshape must have read it
             and (not attr.names or name in attr.names)
             and not _within_head(name)
