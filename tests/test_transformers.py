@@ -330,3 +330,24 @@ def test_gpt2_conv1d_layers_run_int8_dynamic() -> None:
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the original stays
     reference, got = _logits(model, x), _logits(quantized, x)
     assert float((got - reference).norm() / reference.norm()) < 0.05
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_moe_macs_count_the_experts_each_token_meets(implementation: str) -> None:
+    """Expert weights run outside any Linear module (grouped_mm, or F.linear per expert):
+    MACs count each token's top-2 experts, the router too, and fall after pruning."""
+    task, kwargs = FAMILIES["mixtral"]
+    config = transformers.AutoConfig.for_model("mixtral", vocab_size=100, **kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, experts_implementation=implementation
+    ).eval()
+    x = {"input_ids": torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))}
+    hidden, ffn, layers, tokens = 64, 128, 2, 8
+    attention = 2 * hidden * hidden + 2 * hidden * (hidden // 2)  # q, o; k, v of 2 kv heads
+    experts = config.num_experts_per_tok * 3 * hidden * ffn
+    router = hidden * config.num_local_experts
+    expected = tokens * (layers * (attention + experts + router) + hidden * 100)  # + lm_head
+    assert count_macs(model, x).dense == expected
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert count_macs(model, x).dense < expected / 3

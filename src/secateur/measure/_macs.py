@@ -12,6 +12,10 @@ per weight element per output position it is applied at:
 * ``nn.MultiheadAttention`` (which reads its projection weights directly, so its ``out_proj``
   module never runs): its q, k and v projections per row of query, key and value, and its
   output projection per row of query, each ``in * out`` as for a Linear.
+* Weights applied outside such layers, as mixture-of-experts layers do with stacked expert
+  tensors: each ``F.linear`` call as a Linear, and each ``grouped_mm(x, w, offs)`` call
+  ``in * out`` per row of ``x`` (each row meets one expert's matrix; ``nonzero`` counts the
+  non-zero weights of the expert that row meets).
 
 Bias additions, normalisation, activations, pooling, element-wise ops and products between two
 activations (attention scores) are not counted, the convention of ptflops/fvcore "MACs". Totals are divided by the batch size (first dimension of the
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .._inputs import split_inputs
 
@@ -63,6 +68,43 @@ def _attention_macs(module: nn.MultiheadAttention, args: tuple) -> tuple[int, in
     return dense, nonzero
 
 
+class _FunctionalMacs(TorchFunctionMode):
+    """Counts ``F.linear`` and ``grouped_mm`` calls made outside the hooked layers (``inside``
+    is raised while one of those runs, so no weight is counted twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = 0
+        self.dense = 0
+        self.nonzero = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.inside == 0 and args:
+            name = getattr(func, "__name__", "")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if name == "linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                rows = _rows(args[0])
+                self.dense += rows * weight.numel()
+                self.nonzero += rows * int((weight.detach() != 0).sum())
+            elif name in ("grouped_mm", "_grouped_mm") and isinstance(weight, torch.Tensor):
+                self._grouped(
+                    args[0], weight, kwargs.get("offs", args[2] if len(args) > 2 else None)
+                )
+        return out
+
+    def _grouped(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None) -> None:
+        if weight.dim() != 3 or x.dim() != 2 or offs is None:
+            return
+        per_expert = weight[0].numel()
+        ends = offs.detach().long().tolist()
+        rows = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+        nonzero = (weight.detach() != 0).flatten(1).sum(1).tolist()
+        self.dense += sum(rows) * per_expert
+        self.nonzero += sum(r * int(n) for r, n in zip(rows, nonzero, strict=True))
+
+
 def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
     weight = module.weight.detach()
     if isinstance(module, nn.Linear) or _is_conv1d(module):
@@ -91,7 +133,13 @@ def count_macs(
     batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
     totals = [0, 0]
 
+    functional = _FunctionalMacs()
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        functional.inside += 1
+
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        functional.inside -= 1
         if isinstance(module, nn.MultiheadAttention):
             dense, nonzero = _attention_macs(module, args)
         else:
@@ -99,15 +147,18 @@ def count_macs(
         totals[0] += dense
         totals[1] += nonzero
 
-    handles = [
-        m.register_forward_hook(hook)
+    layers = [
+        m
         for m in model.modules()
         if isinstance(m, (nn.Linear, nn.MultiheadAttention, *_CONVS, *_TRANSPOSED)) or _is_conv1d(m)
     ]
+    handles = [m.register_forward_pre_hook(enter) for m in layers]
+    handles += [m.register_forward_hook(hook) for m in layers]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), functional:
             model(*inputs, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return MacCount(dense=totals[0] // batch, nonzero=totals[1] // batch)
+    dense, nonzero = totals[0] + functional.dense, totals[1] + functional.nonzero
+    return MacCount(dense=dense // batch, nonzero=nonzero // batch)

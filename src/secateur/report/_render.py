@@ -39,8 +39,9 @@ def conditions(metrics: Metrics) -> list[str]:
             f"accuracy: top-1 on {metrics.accuracy.samples:,} {metrics.accuracy.split} images"
         )
     lines.append(
-        "MACs: per sample, one per weight per output position of Linear/Conv layers "
-        "(bias, norms, activations and pooling not counted)"
+        "MACs: per sample, one per weight per output position of Linear/Conv layers and of "
+        "weights applied directly (MoE experts: those each token meets); bias, norms, "
+        "activations and pooling not counted"
     )
     return lines
 
