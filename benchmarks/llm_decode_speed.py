@@ -1,7 +1,9 @@
 """Does structured pruning make a decoder LLM faster on this CPU? Prefill and decode, measured.
 
 A Llama model with the widths of Llama 3.2 1B (hidden 2048, FFN 8192, 32 query heads over 8
-key/value heads of 64; ``--layers`` of its 16 layers, random weights, no download) is pruned by
+key/value heads of 64; ``--layers`` of its 16 layers, random weights, no download), or with
+``--family qwen2_moe`` a mixture-of-experts model with Qwen1.5-MoE-A2.7B's widths (16 of its 60
+experts of 1408 neurons, top-4 routing, a shared expert of 5632), is pruned by
 secateur at each ``--ratios`` two ways: heads and FFN neurons only (the hidden size stays), and
 the hidden size too. Every model is then timed in one interleaved loop, round after round, so
 that the machine's drift falls on all of them alike:
@@ -32,20 +34,42 @@ import transformers
 from secateur import StructuredConfig, prune_
 from secateur.measure import count_macs
 
-WIDTHS = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=32000,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
+PRESETS = {
+    "llama": (
+        "Llama 3.2 1B widths",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=32000,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # Qwen1.5-MoE-A2.7B's widths with 16 of its 60 experts (top-4 routing, a shared expert)
+    "qwen2_moe": (
+        "Qwen1.5-MoE-A2.7B widths, 16 of 60 experts",
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            moe_intermediate_size=1408,
+            shared_expert_intermediate_size=5632,
+            num_experts=16,
+            num_experts_per_tok=4,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=32000,
+            max_position_embeddings=512,
+        ),
+    ),
+}
 
 
-def build(layers: int) -> torch.nn.Module:
-    config = transformers.AutoConfig.for_model("llama", num_hidden_layers=layers, **WIDTHS)
+def build(family: str, layers: int) -> torch.nn.Module:
+    widths = PRESETS[family][1]
+    config = transformers.AutoConfig.for_model(family, num_hidden_layers=layers, **widths)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -72,6 +96,7 @@ def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--family", choices=sorted(PRESETS), default="llama")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--prompt", type=int, default=128)
@@ -82,8 +107,9 @@ def main() -> None:
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
 
-    dense = build(args.layers)
-    prompt = torch.randint(1, WIDTHS["vocab_size"], (1, args.prompt))
+    dense = build(args.family, args.layers)
+    title, widths = PRESETS[args.family]
+    prompt = torch.randint(1, widths["vocab_size"], (1, args.prompt))
     example = {"input_ids": prompt[:, :16]}
     models = {"dense": dense}
     for ratio in args.ratios:
@@ -112,7 +138,7 @@ def main() -> None:
     )
     print(f"machine: {platform.machine()}, {args.threads} threads; {versions}")
     print(
-        f"Llama 3.2 1B widths, {args.layers} layers, fp32; prompt {args.prompt} tokens, "
+        f"{title}, {args.layers} layers, fp32; prompt {args.prompt} tokens, "
         f"{args.new_tokens} new tokens, batch 1; medians of {args.rounds} interleaved rounds\n"
     )
     print(
