@@ -41,12 +41,14 @@ AUTO = {
 }
 
 
-def _build(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def _build(family: str, **options: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A small random model of ``family`` and its example token ids; ``options`` go to
+    ``from_config`` (e.g. ``experts_implementation``)."""
     task, kwargs = FAMILIES[family]
     config = transformers.AutoConfig.for_model(family, vocab_size=100, **kwargs)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     torch.manual_seed(0)
-    model = AUTO[task].from_config(config).eval()
+    model = AUTO[task].from_config(config, **options).eval()
     ids = torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))
     return model, {"input_ids": ids}
 
@@ -255,13 +257,7 @@ def test_moe_experts_lose_the_same_neuron_slots_and_hidden_channels(implementati
     layer removes the same neuron slots from every expert, and the hidden size reaches the
     router and the experts. ``eager`` runs them one by one (F.linear, ``index_add_`` into
     ``zeros_like``), ``grouped_mm`` in one kernel; removing silenced units is exact in both."""
-    task, kwargs = FAMILIES["mixtral"]
-    config = transformers.AutoConfig.for_model("mixtral", vocab_size=100, **kwargs)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, experts_implementation=implementation
-    ).eval()
-    x = {"input_ids": torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))}
+    model, x = _build("mixtral", experts_implementation=implementation)
     graph = build_dependency_graph(model, x)
     experts = [g for g in graph.groups if g.kind == "channel" and any(m.tensor for m in g.members)]
     assert [g.size for g in experts] == [128, 128]  # one per layer, intermediate_size slots
@@ -336,17 +332,11 @@ def test_gpt2_conv1d_layers_run_int8_dynamic() -> None:
 def test_moe_macs_count_the_experts_each_token_meets(implementation: str) -> None:
     """Expert weights run outside any Linear module (grouped_mm, or F.linear per expert):
     MACs count each token's top-2 experts, the router too, and fall after pruning."""
-    task, kwargs = FAMILIES["mixtral"]
-    config = transformers.AutoConfig.for_model("mixtral", vocab_size=100, **kwargs)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, experts_implementation=implementation
-    ).eval()
-    x = {"input_ids": torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))}
+    model, x = _build("mixtral", experts_implementation=implementation)
     hidden, ffn, layers, tokens = 64, 128, 2, 8
     attention = 2 * hidden * hidden + 2 * hidden * (hidden // 2)  # q, o; k, v of 2 kv heads
-    experts = config.num_experts_per_tok * 3 * hidden * ffn
-    router = hidden * config.num_local_experts
+    experts = model.config.num_experts_per_tok * 3 * hidden * ffn
+    router = hidden * model.config.num_local_experts
     expected = tokens * (layers * (attention + experts + router) + hidden * 100)  # + lm_head
     assert count_macs(model, x).dense == expected
     prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
