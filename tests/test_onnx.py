@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -255,3 +256,42 @@ def test_measure_fills_onnx_latency_and_round_trips(lenet_onnx) -> None:
     assert labels.index("latency, ONNX Runtime median") == labels.index("latency, p90") + 1
     assert rows["latency, ONNX Runtime median"][0].endswith(" ms")
     assert rows["latency, ONNX Runtime median"][1] == "–"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_pruned_hf_decoder_exports_and_matches_any_length(tmp_path, family: str) -> None:
+    """A structurally pruned transformers decoder exports with its attention mask (without
+    one, transformers builds its mask with torch.diff, which the exporter lacks: the error
+    says what to pass) and runs in ONNX Runtime at another batch and length."""
+    transformers = pytest.importorskip("transformers")
+    import onnxruntime
+
+    config = transformers.AutoConfig.for_model(
+        family,
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        head_dim=16,
+    )
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
+    with pytest.raises(ArtifactError, match="pass an attention_mask"):
+        export_onnx(model, {"input_ids": ids}, tmp_path / "bare.onnx")
+    assert not (tmp_path / "bare.onnx").exists()
+
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = export_onnx(model, inputs, tmp_path / "m.onnx", dynamic_sequence=True)
+    assert out.input_names == ("input_ids", "attention_mask") and out.max_abs_diff < ATOL
+    longer = torch.randint(1, 100, (3, 13), generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": longer.numpy(), "attention_mask": torch.ones_like(longer).numpy()}
+    (got,) = session.run(None, feed)
+    with torch.no_grad():
+        expected = model(input_ids=longer).logits
+    np.testing.assert_allclose(got, expected.numpy(), atol=ATOL, rtol=1e-3)

@@ -216,9 +216,12 @@ def _to_onnx_bytes(
             raise
         except Exception as exc:  # an operator or construct the exporter cannot convert
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            fix = "try another opset or replace the unsupported operation"
+            if "aten::diff" in first and "attention_mask" not in input_names:
+                # transformers looks for packed sequences with torch.diff when no mask is given
+                fix = "pass an attention_mask beside the input_ids in the example inputs"
             raise ArtifactError(
-                f"cannot export {type(flat.model).__name__} to ONNX (opset {opset}): {first}: "
-                "try another opset or replace the unsupported operation"
+                f"cannot export {type(flat.model).__name__} to ONNX (opset {opset}): {first}: {fix}"
             ) from exc
     return buffer.getvalue()
 
