@@ -148,7 +148,7 @@ def test_bad_scope_and_criterion_and_config_type() -> None:
         create_criterion("nope")
     with pytest.raises(ConfigError, match="prune_ does not know"):
         prune_(mlp(), {"sparsity": 0.5})
-    with pytest.raises(ConfigError, match="no Linear or Conv"):
+    with pytest.raises(ConfigError, match="no Linear, Conv or expert"):
         prune_(nn.Sequential(nn.ReLU()), UnstructuredConfig(sparsity=0.5))
 
 

@@ -251,12 +251,13 @@ def test_all_head_size_follows_but_per_head_sizes_stay() -> None:
     assert _logits(model, x).shape == (3, 3)
 
 
-@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
 def test_moe_experts_lose_the_same_neuron_slots_and_hidden_channels(implementation: str) -> None:
     """Mixtral's experts are slices of stacked tensors (E, 2I, H) and (E, H, I): one group per
     layer removes the same neuron slots from every expert, and the hidden size reaches the
     router and the experts. ``eager`` runs them one by one (F.linear, ``index_add_`` into
-    ``zeros_like``), ``grouped_mm`` in one kernel; removing silenced units is exact in both."""
+    ``zeros_like``), ``grouped_mm`` in one kernel, ``batched_mm`` by ``bmm`` on one gathered
+    matrix per token; removing silenced units is exact in all three."""
     model, x = _build("mixtral", experts_implementation=implementation)
     graph = build_dependency_graph(model, x)
     experts = [g for g in graph.groups if g.kind == "channel" and any(m.tensor for m in g.members)]
@@ -328,10 +329,11 @@ def test_gpt2_conv1d_layers_run_int8_dynamic() -> None:
     assert float((got - reference).norm() / reference.norm()) < 0.05
 
 
-@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
 def test_moe_macs_count_the_experts_each_token_meets(implementation: str) -> None:
-    """Expert weights run outside any Linear module (grouped_mm, or F.linear per expert):
-    MACs count each token's top-2 experts, the router too, and fall after pruning."""
+    """Expert weights run outside any Linear module (grouped_mm, F.linear per expert, or bmm
+    on one gathered matrix per token): MACs count each token's top-2 experts, the router too,
+    and fall after pruning."""
     model, x = _build("mixtral", experts_implementation=implementation)
     hidden, ffn, layers, tokens = 64, 128, 2, 8
     attention = 2 * hidden * hidden + 2 * hidden * (hidden // 2)  # q, o; k, v of 2 kv heads

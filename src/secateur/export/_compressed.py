@@ -1,12 +1,13 @@
 """The compressed model file: sparse index + quantized values + entropy coding, no pickle.
 
 Deep Compression's pipeline (Han et al. 2016), as a file format. Each Linear/Conv/Embedding
-weight with zeros is stored as the positions of its non-zeros (a bitmask or relative gap codes,
+weight (and each stacked expert weight of a mixture-of-experts layer) with zeros is stored as the positions of its non-zeros (a bitmask or relative gap codes,
 whichever is smaller; see ``_codec``) plus their values, encoded as:
 
 * ``exact``: the tensor's own dtype, bit for bit (lossless);
 * ``float16``: half precision;
-* ``int8``: symmetric linear codes with one float32 scale per output row;
+* ``int8``: symmetric linear codes with one float32 scale per output row (per row of each
+  expert's matrix for an expert stack; the header's ``rows`` says how many);
 * ``codebook``: ``bits``-bit codes into a per-layer table of at most ``2**bits`` float32 values.
   A layer with that few distinct non-zeros (e.g. after ``quantization.cluster_weights_`` and
   centroid fine-tuning) is stored exactly; otherwise it is clustered by k-means here.
@@ -44,6 +45,7 @@ from torch import nn
 
 from .._atomic import atomic_write_bytes
 from .._config import check_int, check_range, coerce_enum, config_from_dict, config_to_dict
+from .._experts import expert_stacks
 from ..errors import ArtifactError, ConfigError
 from ..pruning._unstructured import is_weight_layer
 from ..quantization._codebook import CodebookConfig
@@ -129,13 +131,16 @@ class CompressionConfig:
 
 
 def _weight_names(model: nn.Module) -> dict[str, str]:
-    """state-dict name of each shareable weight → its module's name."""
+    """state-dict name of each shareable weight → its module's name: Embedding, Linear, Conv
+    and Conv1D weights, and stacked expert weights."""
     out = {}
     for module_name, module in model.named_modules():
         if (isinstance(module, nn.Embedding) or is_weight_layer(module)) and isinstance(
             module.weight, torch.Tensor
         ):
             out[f"{module_name}.weight" if module_name else "weight"] = module_name
+    for param_name, (module_name, _) in expert_stacks(model).items():
+        out[param_name] = module_name
     return out
 
 
@@ -203,6 +208,7 @@ def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any
         raise ConfigError("model has no secateur_spec: build it with secateur.zoo.create_model")
     tensors, tied = tensors_to_save(model)
     weights = _weight_names(model)
+    stacks = expert_stacks(model)
     payload = _Payload(aligned=config.entropy is Entropy.ZSTD)
     entries = []
     for name, tensor in tensors.items():
@@ -229,7 +235,8 @@ def _encode(model: nn.Module, config: CompressionConfig, metadata: dict[str, Any
             entry["layout"] = "dense"
             positions = torch.arange(flat.numel())
         bits = config.bits_for(weights[name])
-        entry["values"] = encode_values(t, positions, config.values.value, bits, payload)
+        rows = t.shape[0] * t.shape[1] if name in stacks else None  # a scale per expert row
+        entry["values"] = encode_values(t, positions, config.values.value, bits, payload, rows)
         entries.append(entry)
     raws = payload.finish()
     if config.entropy is Entropy.ZSTD:

@@ -52,10 +52,17 @@ def _from_bytes(data: bytes, dtype: torch.dtype, count: int) -> torch.Tensor:
 
 
 def encode_values(
-    t: torch.Tensor, positions: torch.Tensor, coding: str, bits: int, payload: Any
+    t: torch.Tensor,
+    positions: torch.Tensor,
+    coding: str,
+    bits: int,
+    payload: Any,
+    rows: int | None = None,
 ) -> dict[str, Any]:
     """Encode ``t.reshape(-1)[positions]`` as ``coding`` into ``payload`` (the container's
-    segment store); return the entry's ``values`` header fields."""
+    segment store); return the entry's ``values`` header fields. ``int8`` keeps one scale per
+    row, ``t`` seen as ``rows`` equal rows (default its first dimension; a stacked expert
+    weight passes ``experts × dim 1``, recorded in the header)."""
     values = t.reshape(-1)[positions]
     if coding != "exact" and not bool(torch.isfinite(values).all()):
         raise ConfigError(
@@ -68,7 +75,8 @@ def encode_values(
         data = payload.add(tensor_bytes(values.to(torch.float16)))
         return {"code": "float16", "segments": {"data": data}}
     if coding == "int8":
-        rows = t.shape[0]
+        fields: dict[str, Any] = {} if rows is None else {"rows": rows}
+        rows = t.shape[0] if rows is None else rows
         row_of = positions // max(1, t.numel() // max(1, rows))
         peak = torch.zeros(rows).scatter_reduce_(
             0, row_of, values.abs().float(), "amax", include_self=True
@@ -79,7 +87,7 @@ def encode_values(
             "scales": payload.add(tensor_bytes(scales)),
             "data": payload.add(tensor_bytes(codes), "codes"),
         }
-        return {"code": "int8", "segments": segments}
+        return {"code": "int8", "segments": segments, **fields}
     if coding == "codebook":
         centroids, codes = kmeans_1d(values, 1 << bits)
         table = payload.add(tensor_bytes(centroids))
@@ -139,7 +147,9 @@ def _values(
     if code == "float16":
         return _from_bytes(data, torch.float16, count).to(dtype)
     if code == "int8":
-        rows = shape[0]
+        rows = _int(fields, "rows", 1) if "rows" in fields else shape[0]
+        if math.prod(shape) % max(1, rows):
+            raise ValueError(f"int8 rows={rows} do not divide a tensor of shape {shape}")
         scales = _from_bytes(_segment(segments, "scales", raw), torch.float32, rows)
         codes = _from_bytes(data, torch.int8, count).float()
         flat = torch.arange(count) if pos is None else torch.from_numpy(pos)

@@ -54,7 +54,7 @@ LINEAR_FN = {"linear"}
 GROUPED_MM = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
 
 
-def _picks_rows(index: torch.Tensor) -> bool:
+def picks_rows(index: torch.Tensor) -> bool:
     """A 1-D integer tensor used as ``x[index]``: it picks whole rows of the first axis."""
     return index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool
 
@@ -199,7 +199,7 @@ class OpRules:
 
     def getitem(self, x, args, layout, dim, out) -> bool:  # noqa: ANN001
         index = args[1] if len(args) > 1 else ()
-        if isinstance(index, torch.Tensor) and dim > 0 and _picks_rows(index):
+        if isinstance(index, torch.Tensor) and dim > 0 and picks_rows(index):
             # x[rows]: rows of the first axis (tokens routed to an MoE expert); channels stay
             if out.dim() != x.dim() or out.shape[dim] != x.shape[dim]:
                 return False
@@ -507,6 +507,28 @@ class OpRules:
         produced = self.info(out)[0]
         if self.add_param(weight, 2, produced, role="param_out"):
             self.same_rows_same_space(weight, 2, produced)
+        return True
+
+    def gathered_bmm(self, args: tuple, x, layout, dim, out) -> bool:  # noqa: ANN001
+        """``bmm`` of token rows with one matrix per row gathered from a module's stacked
+        expert weights, ``W[ids]`` (transformers' ``batched_mm`` experts): either
+        ``W[ids] (S, N, K) @ x (S, K, 1)`` or ``x (S, 1, K) @ W[ids] (S, K, N)``. ``K`` reads
+        x's channels, ``N`` writes a new space shared by every expert."""
+        a, b = args[0], args[1]
+        if a.dim() != 3 or b.dim() != 3 or x.dim() != 3:
+            return False
+        if b is x and dim == 1 and id(a) in self.params:
+            weight, read, write = a, 2, 1
+        elif a is x and dim == 2 and id(b) in self.params:
+            weight, read, write = b, 1, 2
+        else:
+            return False
+        if not self.add_param(weight, read, layout):
+            return False
+        self.fresh(out, write)
+        produced = self.info(out)[0]
+        if self.add_param(weight, write, produced, role="param_out"):
+            self.same_rows_same_space(weight, write, produced)
         return True
 
     def norm_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001

@@ -40,6 +40,7 @@ from ._ops import (
     SOFTMAX,
     SPLIT,
     OpRules,
+    picks_rows,
 )
 from ._shapes import follow_axis
 from ._spaces import Layout, Segment, SpaceTable
@@ -58,6 +59,16 @@ _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
 _LIKE = {"type_as", "expand_as", "view_as", "reshape_as"}
 
 
+def _gathers_rows(index: Any, src: torch.Tensor, out: torch.Tensor) -> bool:
+    """``src[index]`` with a 1-D integer ``index`` keeps every axis but the first."""
+    return (
+        isinstance(index, torch.Tensor)
+        and picks_rows(index)
+        and out.dim() == src.dim()
+        and out.shape[1:] == src.shape[1:]
+    )
+
+
 def _single_number(index: Any) -> bool:
     """Whether ``index`` picks one entry of the first axis (an int or a 0-d integer tensor)."""
     if isinstance(index, torch.Tensor):
@@ -72,6 +83,16 @@ def _indexed_by_numbers(x: torch.Tensor, args: tuple, inputs: list[torch.Tensor]
         bool(args)
         and args[0] is x
         and all(not t.is_floating_point() and t.dtype != torch.bool for t in inputs[1:])
+    )
+
+
+def _param_gather(params: dict, args: tuple, inputs: list[torch.Tensor]) -> bool:
+    """``stack[ids]``: a parameter indexed by tracked integer tensors (expert ids computed
+    from a router's output) only picks whole matrices; the ids' channels play no part."""
+    return (
+        len(args) == 2
+        and id(args[0]) in params
+        and all(not t.is_floating_point() and t.dtype != torch.bool for t in inputs)
     )
 
 
@@ -267,6 +288,8 @@ class _Tracer(OpRules, TorchFunctionMode):
             dims = tuple(swapped)
         elif name == "__getitem__" and len(args) > 1 and _single_number(args[1]):
             dims = entry[2][1:]  # one slice of a stacked parameter (an MoE expert's weight)
+        elif name == "__getitem__" and len(args) > 1 and _gathers_rows(args[1], src, out):
+            dims = (None, *entry[2][1:])  # stack[ids]: one expert's matrix per token row
         elif name in _PARAM_SHAPE:
             dims_list: list[int | None] = [None] * out.dim()
             for d, pd in enumerate(entry[2]):
@@ -283,7 +306,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         if name in _IGNORED:
             return
         inputs = self.tracked([args, kwargs])
-        if not inputs:
+        if not inputs or (name == "__getitem__" and _param_gather(self.params, args, inputs)):
             self.follow_param(name, args, out)
             return
         x = inputs[0]
@@ -329,6 +352,7 @@ class _Tracer(OpRules, TorchFunctionMode):
                 name == "__getitem__" and (single or _indexed_by_numbers(x, args, inputs)),
                 lambda: self.getitem(x, args, layout, dim, out),
             ),
+            (name == "bmm", lambda: self.gathered_bmm(args, x, layout, dim, out)),
             (name in MATMUL, lambda: self.matmul(args, out)),
             (name == "scaled_dot_product_attention", lambda: self.attention(args, kwargs, out)),
             (name in NORM_FN and single, lambda: self.norm_fn(args, kwargs, x, layout, dim, out)),

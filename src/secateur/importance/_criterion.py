@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._experts import ExpertFeatures, is_expert_stack, per_expert_input, transposed
 from ._statistics import NEEDS, FeatureStats, Statistics
 
 
@@ -38,13 +39,16 @@ class WeightContext:
             return torch.zeros(self.weight.shape, device=self.weight.device)
         return value.to(self.weight.device)
 
-    def input_features(self) -> FeatureStats | None:
-        """Statistics of the features this weight multiplies, when the module was seen running."""
-        return self.stats.inputs.get(self.module_name)
+    def input_features(self) -> FeatureStats | ExpertFeatures | None:
+        """Statistics of the features this weight multiplies, when the module was seen running:
+        per input feature, or per expert and input feature for a stacked expert weight."""
+        experts = self.stats.experts.get(self.name)
+        return experts if experts is not None else self.stats.inputs.get(self.module_name)
 
     def per_input(self, values: torch.Tensor) -> torch.Tensor | None:
-        """``values`` (one per input feature of the module) shaped to broadcast over the weight,
-        or None when the weight is not a Linear/Conv/Conv1D kernel with that many inputs."""
+        """``values`` (one per input feature of the module; ``(experts, in)`` for an expert
+        stack) shaped to broadcast over the weight, or None when the weight is not a
+        Linear/Conv/Conv1D kernel or expert stack with that many inputs."""
         return broadcast_inputs(self.module, self.weight, values.to(self.weight.device))
 
 
@@ -79,6 +83,8 @@ def broadcast_inputs(
     module: nn.Module, weight: torch.Tensor, values: torch.Tensor
 ) -> torch.Tensor | None:
     """Per-input-feature ``values`` laid out to broadcast against ``module``'s ``weight``."""
+    if values.dim() == 2:
+        return _per_expert(module, weight, values)
     n = values.numel()
     if type(module).__name__ == "Conv1D" and weight.dim() == 2 and weight.shape[0] == n:
         return values[:, None]  # HF Conv1D stores (in, out)
@@ -95,3 +101,12 @@ def broadcast_inputs(
         rows = values.view(groups, per_group_in).repeat_interleave(per_group_out, dim=0)
         return rows.view(*rows.shape, *([1] * (weight.dim() - 2)))
     return None
+
+
+def _per_expert(
+    module: nn.Module, weight: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor | None:
+    if not is_expert_stack(module, weight) or values.shape[0] != weight.shape[0]:
+        return None
+    inputs = weight.shape[1] if transposed(module) else weight.shape[2]
+    return per_expert_input(module, values) if values.shape[1] == inputs else None

@@ -64,21 +64,23 @@ def weight_scores(
     loss_fn: LossFn | None = None,
     stats: Statistics | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``{"<module>.weight": scores}`` of ``layers`` (as from ``prunable_weights``), each of the
-    weight's shape, float32, on the weight's device.
+    """``{parameter name: scores}`` of ``layers`` (as from ``prunable_weights``: keys are the
+    parameter names, values the modules holding them), each of the weight's shape, float32, on
+    the weight's device.
 
     Raises:
         ConfigError: the criterion needs calibration data and none was given, or it returned
             scores of the wrong shape.
     """
     ids = _param_names(model)
-    names = [ids[id(m.weight)] for m in layers.values()]
+    weights = {key: model.get_parameter(key) for key in layers}
+    names = [ids[id(w)] for w in weights.values()]
     stats = stats if stats is not None else gather(model, criterion, names, calibration, loss_fn)
     out = {}
     for (key, module), name in zip(layers.items(), names, strict=True):
-        module_name = key.rsplit(".", 1)[0]
-        ctx = WeightContext(name, module_name, module, module.weight, stats)
-        out[key] = _checked(criterion.score(ctx), module.weight, key)
+        module_name = key.rsplit(".", 1)[0] if "." in key else ""
+        ctx = WeightContext(name, module_name, module, weights[key], stats)
+        out[key] = _checked(criterion.score(ctx), weights[key], key)
     return out
 
 

@@ -7,6 +7,8 @@ statistics) and the model's training mode and gradients are left as they were.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .._calibration import iter_calibration
+from .._experts import ExpertFeatures, ExpertInputs
 from .._inputs import call_model, split_inputs
 from ..errors import ConfigError
 
@@ -60,6 +63,7 @@ class Statistics:
     hutchinson: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: dict[str, FeatureStats] = field(default_factory=dict)
     outputs: dict[str, FeatureStats] = field(default_factory=dict)
+    experts: dict[str, ExpertFeatures] = field(default_factory=dict)
 
 
 def default_loss(outputs: Any, targets: torch.Tensor | None) -> torch.Tensor:
@@ -101,7 +105,9 @@ def collect_statistics(
       gradients (``torch.func``; a per-sample loop where vmap cannot run the model).
     - ``hutchinson``: the Hessian diagonal of the mean loss, ``E_z[z ⊙ Hz]`` with Rademacher
       ``z``, ``hutchinson_probes`` probes per batch, averaged over batches.
-    - ``activations``: :class:`FeatureStats` of every Linear/Conv/Conv1D input and output.
+    - ``activations``: :class:`FeatureStats` of every Linear/Conv/Conv1D input and output, and
+      per-expert input statistics of every stacked expert weight (``stats.experts``, keyed by
+      parameter name; see :mod:`secateur._experts`).
 
     ``params`` limits gradient statistics to those parameter names (default: all that need grad).
     """
@@ -121,32 +127,35 @@ def collect_statistics(
     grads_before = {n: p.grad for n, p in named.items()}
     generator = torch.Generator(device="cpu").manual_seed(seed)
     hooks = _activation_hooks(model, stats) if "activations" in needs else []
+    experts = ExpertInputs(model) if "activations" in needs else None
+    watching = experts if experts is not None and experts.params else contextlib.nullcontext()
     batches = samples = 0
     try:
-        for inputs, targets in iter_calibration(
-            calibration, device=device, max_batches=max_batches
-        ):
-            batches += 1
-            if needs & {"taylor", "hutchinson"}:
-                _gradient_pass(
-                    model,
-                    named,
-                    wanted,
-                    inputs,
-                    targets,
-                    loss_fn,
-                    needs,
-                    stats,
-                    hutchinson_probes,
-                    generator,
-                )
-            elif "activations" in needs:
-                with torch.no_grad():
-                    call_model(model, inputs)
-            if "fisher" in needs:
-                samples += _fisher_pass(
-                    model, named, wanted, inputs, targets, loss_fn, stats, fisher_chunk
-                )
+        with watching:
+            for inputs, targets in iter_calibration(
+                calibration, device=device, max_batches=max_batches
+            ):
+                batches += 1
+                if needs & {"taylor", "hutchinson"}:
+                    _gradient_pass(
+                        model,
+                        named,
+                        wanted,
+                        inputs,
+                        targets,
+                        loss_fn,
+                        needs,
+                        stats,
+                        hutchinson_probes,
+                        generator,
+                    )
+                elif "activations" in needs:
+                    with torch.no_grad():
+                        call_model(model, inputs)
+                if "fisher" in needs:
+                    samples += _fisher_pass(
+                        model, named, wanted, inputs, targets, loss_fn, stats, fisher_chunk
+                    )
     finally:
         for handle in hooks:
             handle.remove()
@@ -159,6 +168,17 @@ def collect_statistics(
         stats.fisher[name] /= max(1, samples)
     for name in stats.hutchinson:
         stats.hutchinson[name] /= batches
+    if experts is not None:
+        stats.experts = {name: entry.filled() for name, entry in experts.features.items()}
+        unseen = sorted(set(experts.params) - set(stats.experts))
+        if unseen:
+            warnings.warn(
+                f"no calibration row reached the expert weights {', '.join(unseen)} through "
+                "F.linear or grouped_mm, so they are scored without input statistics: load the "
+                "model with experts_implementation='grouped_mm' or 'eager'",
+                UserWarning,
+                stacklevel=3,
+            )
     return stats
 
 

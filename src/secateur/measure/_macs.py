@@ -15,7 +15,8 @@ per weight element per output position it is applied at:
 * Weights applied outside such layers, as mixture-of-experts layers do with stacked expert
   tensors: each ``F.linear`` call as a Linear, and each ``grouped_mm(x, w, offs)`` call
   ``in * out`` per row of ``x`` (each row meets one expert's matrix; ``nonzero`` counts the
-  non-zero weights of the expert that row meets).
+  non-zero weights of the expert that row meets), and each ``bmm`` on a gathered
+  ``stack[expert_ids]`` (one matrix per row) one MAC per gathered weight.
 
 Bias additions, normalisation, activations, pooling, element-wise ops and products between two
 activations (attention scores) are not counted, the convention of ptflops/fvcore "MACs". Totals are divided by the batch size (first dimension of the
@@ -25,6 +26,7 @@ non-zero: the work left for a kernel that skips zeros.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,12 +79,22 @@ class _FunctionalMacs(TorchFunctionMode):
         self.inside = 0
         self.dense = 0
         self.nonzero = 0
+        self.gathered: dict[int, weakref.ref] = {}  # copies of parameter[index_tensor]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.inside == 0 and args:
             name = getattr(func, "__name__", "")
+            if name == "__getitem__" and _gathers_matrices(args, out):
+                self.gathered = {k: r for k, r in self.gathered.items() if r() is not None}
+                self.gathered[id(out)] = weakref.ref(out)
+            elif name == "bmm" and len(args) == 2:
+                for operand in args:
+                    ref = self.gathered.get(id(operand))
+                    if ref is not None and ref() is operand:  # one matrix per row, applied once
+                        self.dense += operand.numel()
+                        self.nonzero += int((operand.detach() != 0).sum())
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if name == "linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
                 rows = _rows(args[0])
@@ -103,6 +115,22 @@ class _FunctionalMacs(TorchFunctionMode):
         nonzero = (weight.detach() != 0).flatten(1).sum(1).tolist()
         self.dense += sum(rows) * per_expert
         self.nonzero += sum(r * int(n) for r, n in zip(rows, nonzero, strict=True))
+
+
+def _gathers_matrices(args: tuple, out: object) -> bool:
+    """``stack[ids]``: a 3-D parameter gathered by a 1-D integer index (transformers'
+    ``batched_mm`` experts pick one expert matrix per token row this way)."""
+    if len(args) != 2 or not isinstance(out, torch.Tensor):
+        return False
+    source, index = args
+    return (
+        isinstance(source, nn.Parameter)
+        and source.dim() == 3
+        and isinstance(index, torch.Tensor)
+        and index.dim() == 1
+        and not index.is_floating_point()
+        and index.dtype is not torch.bool
+    )
 
 
 def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:

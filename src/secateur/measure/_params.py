@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._experts import is_expert_stack
 from ._metrics import LayerSparsity
 
 
@@ -17,10 +18,15 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def layer_sparsity(model: nn.Module) -> tuple[LayerSparsity, ...]:
-    """Per-module counts of each module's own ``weight`` parameter, in module order."""
+    """Per-module counts of each module's own ``weight`` parameter, in module order; a
+    mixture-of-experts module's stacked expert weights get a row each, named by parameter."""
     rows = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter) and weight.dim() > 1:
             rows.append(LayerSparsity(name, weight.numel(), int((weight.detach() != 0).sum())))
+        for attr, param in module.named_parameters(recurse=False):
+            if is_expert_stack(module, param):
+                label = f"{name}.{attr}" if name else attr
+                rows.append(LayerSparsity(label, param.numel(), int((param.detach() != 0).sum())))
     return tuple(rows)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._config import check_range, coerce_enum, config_from_dict, config_to_dict
+from .._experts import as_rows, expert_stacks, from_rows, is_expert_stack
 from ..errors import ConfigError
 from ..importance import NORMALIZATIONS, create_criterion, normalize, weight_scores
 from ..importance._statistics import LossFn
@@ -124,13 +125,23 @@ def is_weight_layer(module: nn.Module) -> bool:
 
 
 def prunable_weights(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """``{"<module>.weight": module}`` for every Linear/Conv/Conv1D not matched by ``exclude``."""
-    return {
-        f"{name}.weight": module
+    """``{parameter name: module}`` of every weight unstructured pruning reaches: the
+    ``"<module>.weight"`` of each Linear/Conv/Conv1D and each stacked expert weight of a
+    mixture-of-experts layer (``"<experts>.gate_up_proj"``, see :mod:`secateur._experts`).
+    ``exclude`` patterns match module names, and parameter names too for expert stacks."""
+
+    def excluded(*names: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude)
+
+    found = {
+        f"{name}.weight" if name else "weight": module
         for name, module in model.named_modules()
-        if is_weight_layer(module)
-        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+        if is_weight_layer(module) and not excluded(name)
     }
+    for param_name, (module_name, module) in expert_stacks(model).items():
+        if not excluded(module_name, param_name):
+            found[param_name] = module
+    return found
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -147,11 +158,14 @@ def nm_mask(scores: torch.Tensor, module: nn.Module, n: int, m: int, name: str) 
     """Keep-mask keeping the ``n`` best of every ``m`` consecutive input weights of each row.
 
     Rows are output units; a Conv kernel's row is its ``in × k...`` slice (the layout sparse
-    kernels use), an HF Conv1D (stored ``in × out``) is transposed first.
+    kernels use), an HF Conv1D (stored ``in × out``) is transposed first, and a stacked expert
+    weight has one row per output unit of each expert.
     """
-    transposed = type(module).__name__ == "Conv1D"
-    s = scores.t() if transposed else scores
-    rows = s.reshape(s.shape[0], -1)
+    if is_expert_stack(module, scores):
+        rows = as_rows(module, scores)
+    else:
+        rows = scores.t() if is_hf_conv1d(module) else scores
+        rows = rows.reshape(rows.shape[0], -1)
     if rows.shape[1] % m:
         raise ConfigError(
             f"{name} has {rows.shape[1]} inputs per row, not a multiple of {m}: "
@@ -159,9 +173,10 @@ def nm_mask(scores: torch.Tensor, module: nn.Module, n: int, m: int, name: str) 
         )
     runs = rows.float().reshape(rows.shape[0], -1, m)
     best = runs.topk(n, dim=-1).indices
-    keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, best, True)
-    keep = keep.reshape(s.shape)
-    return keep.t() if transposed else keep
+    keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, best, True).reshape(rows.shape)
+    if is_expert_stack(module, scores):
+        return from_rows(module, keep, scores.shape)
+    return keep.t() if is_hf_conv1d(module) else keep.reshape(scores.shape)
 
 
 def unstructured_masks(
@@ -183,7 +198,9 @@ def unstructured_masks(
     """
     layers = prunable_weights(model, config.exclude)
     if not layers:
-        raise ConfigError("no Linear or Conv weights to prune: check the model and `exclude`")
+        raise ConfigError(
+            "no Linear, Conv or expert weights to prune: check the model and `exclude`"
+        )
     criterion = create_criterion(config.criterion)
     scores = weight_scores(model, criterion, layers, calibration=calibration, loss_fn=loss_fn)
     pruned = pruned or {}
@@ -198,7 +215,7 @@ def unstructured_masks(
     masks: dict[str, torch.Tensor] = {}
     pooled = {}
     for name, s in scores.items():
-        own = match_per_layer([name.rsplit(".", 1)[0]], config.per_layer)
+        own = match_per_layer([name.rsplit(".", 1)[0], name], config.per_layer)
         if own is None and config.scope is Scope.LAYER:
             own = config.sparsity
         if own is None:

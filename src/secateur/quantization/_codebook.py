@@ -26,7 +26,7 @@ from torch import nn
 
 from .._config import check_int, config_from_dict, config_to_dict
 from ..errors import ConfigError
-from ..pruning._unstructured import is_weight_layer
+from ..pruning._unstructured import prunable_weights
 
 MAX_BITS = 8
 
@@ -186,7 +186,8 @@ class Codebooks:
 
 @torch.no_grad()
 def cluster_weights_(model: nn.Module, config: CodebookConfig | None = None) -> Codebooks:
-    """Replace the non-zero weights of every Linear/Conv layer by k-means shared values, in place.
+    """Replace the non-zero weights of every Linear/Conv/Conv1D layer and stacked expert weight
+    by k-means shared values (one codebook per tensor), in place.
 
     Returns the :class:`Codebooks` to fine-tune centroids with. Weights that are already zero
     stay zero. Raises ``ConfigError`` when no layer is selected.
@@ -201,13 +202,9 @@ def cluster_weights_(model: nn.Module, config: CodebookConfig | None = None) -> 
     config = config or CodebookConfig()
     shared: dict[str, _Shared] = {}
     bits: dict[str, int] = {}
-    for module_name, module in model.named_modules():
-        if not is_weight_layer(module):
-            continue
-        if any(fnmatch.fnmatchcase(module_name, p) for p in config.exclude):
-            continue
-        name = f"{module_name}.weight" if module_name else "weight"
-        param = module.weight
+    for name in prunable_weights(model, tuple(config.exclude)):
+        module_name = name.rsplit(".", 1)[0] if "." in name else ""
+        param = model.get_parameter(name)
         flat = param.detach().reshape(-1)
         if not bool(torch.isfinite(flat).all()):
             raise ConfigError(
@@ -227,7 +224,7 @@ def cluster_weights_(model: nn.Module, config: CodebookConfig | None = None) -> 
         bits[name] = b
     if not shared:
         raise ConfigError(
-            "no Linear or Conv weights to cluster: check exclude patterns "
+            "no Linear, Conv or expert weights to cluster: check exclude patterns "
             f"{list(config.exclude)} against the model's module names"
         )
     return Codebooks(shared, bits)

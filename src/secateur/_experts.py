@@ -1,0 +1,237 @@
+"""Stacked expert weights: the 3-D tensors in which mixture-of-experts layers keep one matrix
+per expert (transformers 5's ``*Experts`` modules: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, GPT-OSS
+...), applied by ``F.linear`` on one expert's slice or by ``grouped_mm`` over all of them.
+
+A parameter is an expert stack when it is a 3-D floating tensor held by a module that is not a
+Linear/Conv layer, and that module counts its experts (``num_experts``, ``num_local_experts``,
+``total_experts`` or ``n_routed_experts``) equal to the tensor's first dimension. Each expert's
+matrix is ``(out, in)``, the ``F.linear`` layout, unless the module sets ``is_transposed`` (then
+``(in, out)``, the ``grouped_mm`` layout), as transformers' experts decorator records it.
+
+:class:`ExpertInputs` watches a forward pass for those products and adds up, per expert, the
+statistics of the input features each expert's matrix multiplied.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+_COUNTS = ("num_experts", "num_local_experts", "total_experts", "n_routed_experts")
+_GROUPED = ("grouped_mm", "_grouped_mm")
+
+
+def _counts_experts(module: nn.Module, experts: int) -> bool:
+    return any(getattr(module, attr, None) == experts for attr in _COUNTS)
+
+
+def is_expert_stack(module: nn.Module, tensor: object) -> bool:
+    """Whether ``tensor`` (a parameter of ``module``) stacks one weight matrix per expert."""
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.dim() == 3
+        and tensor.is_floating_point()
+        and not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+        and _counts_experts(module, tensor.shape[0])
+    )
+
+
+def transposed(module: nn.Module) -> bool:
+    """True when ``module`` stores each expert's matrix ``(in, out)`` rather than ``(out, in)``."""
+    return bool(getattr(module, "is_transposed", False))
+
+
+def expert_stacks(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """``{parameter name: (module name, module)}`` for every expert stack of ``model``."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            if is_expert_stack(module, param):
+                found[f"{module_name}.{attr}" if module_name else attr] = (module_name, module)
+    return found
+
+
+def as_rows(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """An expert stack as ``(experts·out, in)``: one row per output unit of each expert, columns
+    along the input features (a copy when the stack is stored transposed)."""
+    matrices = tensor.transpose(1, 2) if transposed(module) else tensor
+    return matrices.reshape(-1, matrices.shape[-1])
+
+
+def from_rows(module: nn.Module, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`as_rows` for a stack of ``shape``."""
+    if transposed(module):
+        return rows.reshape(shape[0], shape[2], shape[1]).transpose(1, 2)
+    return rows.reshape(shape)
+
+
+def per_expert_input(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """``(experts, in)`` values laid out to broadcast over the stack's ``(experts, ·, ·)``."""
+    return values[:, :, None] if transposed(module) else values[:, None, :]
+
+
+@dataclass
+class ExpertFeatures:
+    """Per-expert sums over the input rows each expert's matrix multiplied: ``sq_sum[e, j]``,
+    ``abs_sum[e, j]`` and ``zeros[e, j]`` add up ``x²``, ``|x|`` and ``x == 0`` over the
+    ``count[e]`` rows routed to expert ``e``."""
+
+    sq_sum: torch.Tensor
+    abs_sum: torch.Tensor
+    zeros: torch.Tensor
+    count: torch.Tensor
+
+    @classmethod
+    def empty(cls, experts: int, width: int, device: torch.device) -> ExpertFeatures:
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, device=device)
+
+        return cls(
+            zeros(experts, width), zeros(experts, width), zeros(experts, width), zeros(experts)
+        )
+
+    @torch.no_grad()
+    def add(self, expert: int, x: torch.Tensor) -> None:
+        rows = x.detach().float().reshape(-1, x.shape[-1])
+        self.sq_sum[expert] += rows.pow(2).sum(0)
+        self.abs_sum[expert] += rows.abs().sum(0)
+        self.zeros[expert] += (rows == 0).sum(0).float()
+        self.count[expert] += rows.shape[0]
+
+    @torch.no_grad()
+    def add_rows(self, experts: torch.Tensor, x: torch.Tensor) -> None:
+        """Add row ``r`` of ``x`` to expert ``experts[r]``."""
+        rows = x.detach().float()
+        ids = experts.to(rows.device)
+        self.sq_sum.index_add_(0, ids, rows.pow(2))
+        self.abs_sum.index_add_(0, ids, rows.abs())
+        self.zeros.index_add_(0, ids, (rows == 0).float())
+        self.count.index_add_(0, ids, torch.ones(ids.numel(), device=rows.device))
+
+    def filled(self) -> ExpertFeatures:
+        """An expert no calibration row reached takes the mean statistics of the experts that
+        were reached (so it ranks like a typical expert, not as all-zero inputs)."""
+        seen = self.count > 0
+        if bool(seen.all()) or not bool(seen.any()):
+            return self
+        out = []
+        for table in (self.sq_sum, self.abs_sum, self.zeros):
+            table = table.clone()
+            table[~seen] = table[seen].mean(0)
+            out.append(table)
+        count = self.count.clone()
+        count[~seen] = count[seen].mean()
+        return ExpertFeatures(*out, count)
+
+    def norm(self) -> torch.Tensor:
+        """‖X_j‖₂ per expert and input feature, ``(experts, in)``."""
+        return self.sq_sum.sqrt()
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.count.clamp_min(1)[:, None]
+
+    def apoz(self) -> torch.Tensor:
+        return self.zeros / self.count.clamp_min(1)[:, None]
+
+
+class ExpertInputs(TorchFunctionMode):
+    """While active, records the input rows each expert matrix of ``stacks`` multiplies into
+    ``self.features`` (parameter name → :class:`ExpertFeatures`).
+
+    Seen: ``F.linear(x, stack[e])`` (one expert's slice, a view of the stack),
+    ``grouped_mm(x, stack or stack.mT, offs=...)`` (rows of ``x`` grouped by expert) and
+    ``bmm`` on ``stack[expert_ids]``, one gathered matrix per row (transformers' ``eager``,
+    ``grouped_mm`` and ``batched_mm`` experts). Other kernels go unseen.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str] | None = None) -> None:
+        super().__init__()
+        stacks = expert_stacks(model)
+        wanted = stacks if names is None else {n: stacks[n] for n in names if n in stacks}
+        self.params = {n: model.get_parameter(n) for n in wanted}
+        self.features: dict[str, ExpertFeatures] = {}
+        # id of a gathered ``stack[expert_ids]`` -> (a weak reference to it, stack name, ids)
+        self.gathered: dict[int, tuple[weakref.ref, str, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if self.params and name == "__getitem__" and len(args) == 2:
+            self._remember_gather(args[0], args[1], out)
+        elif self.params and name == "bmm" and len(args) == 2:
+            self._batched(*args)
+        if self.params and args and name in ("linear", *_GROUPED):
+            weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("mat2"))
+            x = args[0]
+            if isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor):
+                if name == "linear" and weight.dim() == 2:
+                    self._one(x, weight)
+                elif name in _GROUPED and weight.dim() == 3:
+                    self._grouped(x, weight, kwargs.get("offs", args[2] if len(args) > 2 else None))
+        return out
+
+    def _remember_gather(self, source: object, index: object, out: object) -> None:
+        if not (
+            isinstance(index, torch.Tensor) and index.dim() == 1 and isinstance(out, torch.Tensor)
+        ):
+            return
+        if index.dtype in (torch.bool, torch.uint8) or not isinstance(source, torch.Tensor):
+            return
+        for name, param in self.params.items():
+            if source is param:
+                self.gathered = {k: v for k, v in self.gathered.items() if v[0]() is not None}
+                self.gathered[id(out)] = (weakref.ref(out), name, index.detach().long())
+                return
+
+    def _batched(self, a: object, b: object) -> None:
+        """``bmm(W[ids], x[..., None])`` (``(out, in)`` experts) or ``bmm(x[:, None], W[ids])``
+        (``(in, out)`` experts): row ``r`` of ``x`` met expert ``ids[r]``."""
+        for weight, x in ((a, b), (b, a)):
+            found = self.gathered.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+            if found is None or found[0]() is not weight or not isinstance(x, torch.Tensor):
+                continue
+            _, name, ids = found
+            rows = x.squeeze(-1) if weight is a else x.squeeze(1)
+            if rows.dim() == 2 and rows.shape[0] == ids.numel():
+                entry = self._entry(name, self.params[name], rows.shape[-1])
+                entry.add_rows(ids, rows)
+            return
+
+    def _owner(self, weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        storage = weight.untyped_storage().data_ptr()
+        for name, param in self.params.items():
+            if param.untyped_storage().data_ptr() == storage:
+                return name, param
+        return None
+
+    def _entry(self, name: str, param: torch.Tensor, width: int) -> ExpertFeatures:
+        entry = self.features.get(name)
+        if entry is None:
+            entry = self.features[name] = ExpertFeatures.empty(param.shape[0], width, param.device)
+        return entry
+
+    def _one(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        owner = self._owner(weight)
+        if owner is None or x.shape[-1] != weight.shape[-1]:
+            return
+        name, param = owner
+        expert = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
+        if 0 <= expert < param.shape[0]:
+            self._entry(name, param, x.shape[-1]).add(expert, x)
+
+    def _grouped(self, x: torch.Tensor, weight: torch.Tensor, offs: object) -> None:
+        owner = self._owner(weight)
+        if owner is None or not isinstance(offs, torch.Tensor) or x.dim() != 2:
+            return
+        name, param = owner
+        entry = self._entry(name, param, x.shape[-1])
+        start = 0
+        for expert, end in enumerate(offs.detach().long().tolist()[: param.shape[0]]):
+            if end > start:
+                entry.add(expert, x[start:end])
+            start = end

@@ -1,0 +1,193 @@
+"""Unstructured pruning, codebooks and the compressed file on stacked MoE expert weights."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from secateur import create_model
+from secateur._experts import ExpertInputs, expert_stacks
+from secateur.export import CompressionConfig, load_compressed, save_compressed
+from secateur.importance._statistics import collect_statistics
+from secateur.measure import count_params, layer_sparsity
+from secateur.pruning import UnstructuredConfig, prunable_weights, prune_
+from secateur.quantization import CodebookConfig, cluster_weights_
+from secateur.runtime import nm_pattern
+
+transformers = pytest.importorskip("transformers")
+
+MIXTRAL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    num_local_experts=4,
+    vocab_size=100,
+)
+STACKS = [
+    f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
+]
+
+
+def _mixtral(implementation: str = "grouped_mm") -> nn.Module:
+    config = transformers.MixtralConfig(**MIXTRAL)
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM._from_config(
+        config, experts_implementation=implementation
+    ).eval()
+
+
+def _ids() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))}
+
+
+def _batches() -> list:
+    x = _ids()
+    return [(x, x["input_ids"])]
+
+
+def test_expert_stacks_are_found_and_routers_are_not() -> None:
+    model = _mixtral()
+    assert sorted(expert_stacks(model)) == sorted(STACKS)
+    weights = prunable_weights(model)
+    assert set(STACKS) <= set(weights)
+    assert "model.layers.0.mlp.gate.weight" not in weights  # the router is not a stack
+    assert not set(prunable_weights(model, exclude=("*.experts",))) & set(STACKS)
+    assert not set(prunable_weights(model, exclude=("*down_proj",))) & set(STACKS[1::2])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_expert_inputs_agree_across_kernels(implementation: str) -> None:
+    """The rows each expert multiplied are seen through F.linear on a slice (eager), grouped_mm
+    and bmm on gathered weights (batched_mm) alike; every token meets top-k=2 experts."""
+    reference = collect_statistics(_mixtral("grouped_mm"), _batches(), ["activations"]).experts
+    other = collect_statistics(_mixtral(implementation), _batches(), ["activations"]).experts
+    assert sorted(reference) == sorted(STACKS)
+    for name in STACKS:
+        assert int(reference[name].count.sum()) == 3 * 8 * 2
+        torch.testing.assert_close(other[name].count, reference[name].count)
+        torch.testing.assert_close(other[name].sq_sum, reference[name].sq_sum)
+        torch.testing.assert_close(other[name].abs_sum, reference[name].abs_sum)
+
+
+def test_expert_inputs_match_the_rows_routed_to_each_expert() -> None:
+    """Hand check on one expert: its gate_up rows are the hidden states routed to it."""
+    model = _mixtral("eager")
+    experts = model.model.layers[0].mlp.experts
+    seen = {}
+
+    def hook(module, args) -> None:  # noqa: ANN001
+        seen["x"], seen["index"] = args[0].detach(), args[1].detach()
+
+    handle = experts.register_forward_pre_hook(hook)
+    with ExpertInputs(model) as watch, torch.no_grad():
+        model(**_ids())
+    handle.remove()
+    feature = watch.features[STACKS[0]]
+    for expert in range(4):
+        rows = seen["x"][(seen["index"] == expert).any(dim=-1)]
+        assert int(feature.count[expert]) == rows.shape[0]
+        torch.testing.assert_close(feature.sq_sum[expert], rows.pow(2).sum(0))
+
+
+def test_wanda_two_four_runs_along_each_experts_inputs() -> None:
+    model = _mixtral()
+    stats = collect_statistics(model, _batches(), ["activations"]).experts
+    before = model.model.layers[0].mlp.experts.down_proj.detach().clone()
+    masks = prune_(model, UnstructuredConfig(nm="2:4", criterion="wanda"), calibration=_batches())
+    assert set(STACKS) <= set(masks.masks)
+    down = model.model.layers[0].mlp.experts.down_proj  # (experts, hidden, intermediate)
+    assert all(nm_pattern(down[e]) for e in range(4))
+    # in each run of 4 inputs the two largest |w| * ||x|| stay
+    score = before.abs() * stats[STACKS[1]].norm()[:, None, :]
+    runs = score.reshape(4, 64, -1, 4)
+    kept = (down != 0).reshape(4, 64, -1, 4)
+    best = torch.zeros_like(kept).scatter_(-1, runs.topk(2, dim=-1).indices, True)
+    assert torch.equal(kept, best)
+    with torch.no_grad():
+        assert torch.isfinite(model(**_ids()).logits).all()
+
+
+def test_magnitude_sparsity_reaches_the_experts_and_the_counts() -> None:
+    model = _mixtral()
+    total, _ = count_params(model)
+    prune_(model, UnstructuredConfig(sparsity=0.5, scope="layer"))
+    for name in STACKS:
+        stack = model.get_parameter(name)
+        assert float((stack == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+    expert_weights = sum(model.get_parameter(n).numel() for n in STACKS)
+    assert total - count_params(model)[1] >= expert_weights // 2
+    rows = {row.name: row for row in layer_sparsity(model)}
+    assert rows[STACKS[0]].params == 4 * 256 * 64
+    assert rows[STACKS[0]].nonzero == pytest.approx(4 * 256 * 64 / 2, abs=2)
+
+
+class _TransposedExperts(nn.Module):
+    """Experts stored (experts, in, out), the grouped_mm layout, as GPT-OSS keeps them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = 2
+        self.is_transposed = True
+        self.up = nn.Parameter(torch.randn(2, 16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offs = torch.tensor([x.shape[0] // 2, x.shape[0]], dtype=torch.int32)
+        return torch._grouped_mm(x, self.up, offs=offs)
+
+
+def test_transposed_stacks_prune_along_their_input_axis() -> None:
+    model = nn.Sequential(_TransposedExperts())
+    x = torch.randn(6, 16)
+    loud = torch.arange(16) % 4 < 2
+    x[:3, loud] *= 100.0  # expert 0 sees huge inputs 0, 1 of every run of 4: Wanda keeps them
+    stats = collect_statistics(model, [(x, None)], ["activations"]).experts["0.up"]
+    assert stats.count.tolist() == [3.0, 3.0]
+    prune_(model, UnstructuredConfig(nm="2:4", criterion="wanda"), calibration=[(x, None)])
+    up = model[0].up.detach()
+    assert all(nm_pattern(up[e].t()) for e in range(2))  # 2:4 along the 16 inputs
+    assert bool((up[0, loud] != 0).all()) and bool((up[0, ~loud] == 0).all())
+
+
+def test_compressed_file_codes_expert_stacks_sparsely(tmp_path) -> None:
+    model = create_model("hf.mixtral", task="causal-lm", **MIXTRAL)
+    dense = save_compressed(model, tmp_path / "dense.secz", CompressionConfig(values="exact"))
+    prune_(model, UnstructuredConfig(sparsity=0.75, scope="layer"))
+    x = _ids()
+    with torch.no_grad():
+        reference = model(**x).logits
+    exact = save_compressed(model, tmp_path / "exact.secz", CompressionConfig(values="exact"))
+    loaded = load_compressed(exact).model
+    for name in STACKS:
+        assert torch.equal(loaded.get_parameter(name), model.get_parameter(name))
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, reference)
+
+    int8 = save_compressed(model, tmp_path / "int8.secz", CompressionConfig(values="int8"))
+    header_length = struct.unpack("<4sIQ32s", int8.read_bytes()[:48])[2]
+    header = json.loads(int8.read_bytes()[48 : 48 + header_length])
+    entries = {e["name"]: e for e in header["tensors"]}
+    assert entries[STACKS[0]]["layout"] == "sparse"
+    assert entries[STACKS[0]]["values"]["rows"] == 4 * 2 * 128  # a scale per expert row
+    restored = load_compressed(int8).model
+    for name in STACKS:
+        original, back = model.get_parameter(name), restored.get_parameter(name)
+        assert torch.equal(original == 0, back == 0)
+        step = original.abs().amax(dim=-1, keepdim=True) / 127
+        assert bool(((back - original).abs() <= step / 2 + 1e-7).all())
+    assert exact.stat().st_size < 0.5 * dense.stat().st_size  # the experts shrank on disk
+
+
+def test_codebooks_share_expert_values() -> None:
+    model = _mixtral()
+    prune_(model, UnstructuredConfig(sparsity=0.5))
+    books = cluster_weights_(model, CodebookConfig(bits=3))
+    assert set(STACKS) <= set(books.bits)
+    for name in STACKS:
+        stack = model.get_parameter(name)
+        assert stack.unique().numel() <= 8 + 1  # 8 shared values and the pruned zeros
