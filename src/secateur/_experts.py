@@ -95,14 +95,6 @@ class ExpertFeatures:
         )
 
     @torch.no_grad()
-    def add(self, expert: int, x: torch.Tensor) -> None:
-        rows = x.detach().float().reshape(-1, x.shape[-1])
-        self.sq_sum[expert] += rows.pow(2).sum(0)
-        self.abs_sum[expert] += rows.abs().sum(0)
-        self.zeros[expert] += (rows == 0).sum(0).float()
-        self.count[expert] += rows.shape[0]
-
-    @torch.no_grad()
     def add_rows(self, experts: torch.Tensor, x: torch.Tensor) -> None:
         """Add row ``r`` of ``x`` to expert ``experts[r]``."""
         rows = x.detach().float()
@@ -198,8 +190,7 @@ class ExpertInputs(TorchFunctionMode):
             _, name, ids = found
             rows = x.squeeze(-1) if weight is a else x.squeeze(1)
             if rows.dim() == 2 and rows.shape[0] == ids.numel():
-                entry = self._entry(name, self.params[name], rows.shape[-1])
-                entry.add_rows(ids, rows)
+                self.take(name, ids, rows)
             return
 
     def _owner(self, weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
@@ -209,12 +200,6 @@ class ExpertInputs(TorchFunctionMode):
                 return name, param
         return None
 
-    def _entry(self, name: str, param: torch.Tensor, width: int) -> ExpertFeatures:
-        entry = self.features.get(name)
-        if entry is None:
-            entry = self.features[name] = ExpertFeatures.empty(param.shape[0], width, param.device)
-        return entry
-
     def _one(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         owner = self._owner(weight)
         if owner is None or x.shape[-1] != weight.shape[-1]:
@@ -222,16 +207,25 @@ class ExpertInputs(TorchFunctionMode):
         name, param = owner
         expert = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
         if 0 <= expert < param.shape[0]:
-            self._entry(name, param, x.shape[-1]).add(expert, x)
+            rows = x.reshape(-1, x.shape[-1])
+            self.take(name, torch.full((rows.shape[0],), expert, device=x.device), rows)
 
     def _grouped(self, x: torch.Tensor, weight: torch.Tensor, offs: object) -> None:
         owner = self._owner(weight)
         if owner is None or not isinstance(offs, torch.Tensor) or x.dim() != 2:
             return
         name, param = owner
-        entry = self._entry(name, param, x.shape[-1])
-        start = 0
-        for expert, end in enumerate(offs.detach().long().tolist()[: param.shape[0]]):
-            if end > start:
-                entry.add(expert, x[start:end])
-            start = end
+        ends = offs.detach().long()[: param.shape[0]].to(x.device)
+        sizes = torch.diff(ends, prepend=ends.new_zeros(1))
+        ids = torch.repeat_interleave(torch.arange(ends.numel(), device=x.device), sizes)
+        self.take(name, ids, x[: ids.numel()])
+
+    def take(self, name: str, experts: torch.Tensor, rows: torch.Tensor) -> None:
+        """Row ``r`` of ``rows`` (``(n, in)``) was multiplied by expert ``experts[r]`` of the
+        stack ``name``: add it to that expert's statistics. Subclasses gather other sums."""
+        entry = self.features.get(name)
+        if entry is None:
+            param = self.params[name]
+            entry = ExpertFeatures.empty(param.shape[0], rows.shape[-1], param.device)
+            self.features[name] = entry
+        entry.add_rows(experts, rows)

@@ -11,8 +11,10 @@ matmul after the block (the lazy batch update).
 
 Layers handled: those :mod:`._layer_matrix` sees as one matrix product (``nn.Linear``;
 ``nn.Conv1d``/``Conv2d``/``Conv3d`` with ``groups == 1``, their input unfolded with the conv's
-own kernel, stride, padding and dilation; Hugging Face ``Conv1D``). Grouped and depthwise convs,
-transposed convs and every other module are left dense. Layers that never run on the
+own kernel, stride, padding and dilation; Hugging Face ``Conv1D``), and the stacked expert
+weights of mixture-of-experts layers, one SparseGPT problem per expert on the rows routed to it
+(:mod:`._sparsegpt_experts`). Grouped and depthwise convs, transposed convs and every other
+module are left dense. Layers that never run on the
 calibration inputs are left dense too, with a warning. A weight shared with another module
 (a language model's head tied to its embedding) is pruned for both: exclude such a layer.
 """
@@ -33,6 +35,7 @@ from torch import nn
 
 from .._calibration import iter_calibration
 from .._config import check_int, check_range, config_from_dict, config_to_dict
+from .._experts import expert_stacks
 from .._inputs import call_model
 from .._progress import make_progress
 from ..errors import ConfigError
@@ -46,6 +49,8 @@ from ._layer_matrix import (
     weight_matrix,
 )
 from ._masks import MaskSet
+from ._sparsegpt_experts import FirstUse, prune_stack, stack_width, warn_unseen
+from ._sparsegpt_solver import LayerTarget, StopForward, retarget, sparsegpt_matrix
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -134,19 +139,6 @@ class SparseGPTConfig:
         return config_from_dict(cls, data)
 
 
-@dataclass(frozen=True)
-class _Target:
-    """What one layer is pruned to: unstructured ``sparsity`` when ``m == 0``, else ``n:m``."""
-
-    sparsity: float
-    n: int = 0
-    m: int = 0
-
-
-class _StopForward(Exception):
-    """Raised in a forward pre-hook once the layers of the current step have seen their inputs."""
-
-
 # --- layers ----------------------------------------------------------------------------------
 
 
@@ -159,14 +151,24 @@ def _prunable(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, nn.Module
     return out
 
 
-def _target(name: str, config: SparseGPTConfig) -> _Target:
+def _stacks(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, str]:
+    """``{parameter name: module name}`` of every stacked expert weight not excluded (patterns
+    match the module or the parameter name)."""
+    return {
+        name: module_name
+        for name, (module_name, _) in expert_stacks(model).items()
+        if not any(fnmatch.fnmatchcase(n, p) for n in (name, module_name) for p in exclude)
+    }
+
+
+def _target(name: str, config: SparseGPTConfig, alias: str | None = None) -> LayerTarget:
     for pattern, sparsity in config.per_layer.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            return _Target(float(sparsity))
+        if fnmatch.fnmatchcase(name, pattern) or (alias and fnmatch.fnmatchcase(alias, pattern)):
+            return LayerTarget(float(sparsity))
     if config.nm is not None:
         n, m = _parse_nm(config.nm)
-        return _Target(1.0 - n / m, n, m)
-    return _Target(float(config.sparsity))
+        return LayerTarget(1.0 - n / m, n, m)
+    return LayerTarget(float(config.sparsity))
 
 
 def _input_key(module: nn.Module) -> tuple:
@@ -230,90 +232,6 @@ class _Hessian:
         return self.cross * (2.0 / self.rows)
 
 
-def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool tensor of ``scores``' shape, True at exactly its ``k`` lowest entries."""
-    out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        out[torch.sort(scores.flatten(), stable=True).indices[:k]] = True
-    return out.view_as(scores)
-
-
-def _inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened ``H⁻¹``; zeros ``w``'s columns of dead inputs."""
-    fix = f"raise damp (e.g. damp=0.1) or check the calibration data of layer {name} for inf/NaN"
-    if not bool(torch.isfinite(h).all()):
-        raise ConfigError(f"layer {name}: its input Hessian holds inf/NaN: {fix}")
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    lower, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-        if int(info) == 0:
-            return upper
-    raise ConfigError(f"layer {name}: its input Hessian is not positive definite: {fix}")
-
-
-def _retarget(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
-    """``W + W·(C − H)·(H + λI)⁻¹``: the weights that best map the pruned model's inputs of a
-    layer to the dense model's outputs of it, with a ridge term ``λ·‖Ŵ − W‖²`` (``λ`` as in
-    :func:`_inverse_factor`) so that directions the calibration inputs never span keep ``W``.
-    Equal to ``W`` when the inputs did not drift (``C = H``)."""
-    h = h.double()
-    drift = w.double() @ (cross.double() - h)
-    h = h.clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    # (W (C - H) H⁻¹)ᵀ = H⁻¹ ((C - H)ᵀ Wᵀ), H symmetric
-    return (w.double() + torch.linalg.solve(h, drift.t()).t()).to(w.dtype)
-
-
-def _sparsegpt_matrix(
-    w: torch.Tensor, h: torch.Tensor, target: _Target, blocksize: int, damp: float, name: str
-) -> torch.Tensor:
-    """Prune ``w`` (float32 ``rows × cols``, edited in place) against ``H``; return the pruned
-    positions (bool, ``rows × cols``)."""
-    rows, cols = w.shape
-    u = _inverse_factor(h.clone(), w, damp, name)
-    n, m = target.n, target.m
-    if m:
-        blocksize = max(m, blocksize - blocksize % m)
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    done = 0
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
-        u1 = u[i1:i2, i1:i2]
-        d = torch.diagonal(u1)
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        if m:
-            mask1 = torch.zeros_like(w1, dtype=torch.bool)
-        else:
-            # cumulative rounding: the per-block counts add up to exactly round(sparsity·numel)
-            k = round(target.sparsity * rows * i2) - done
-            k = min(max(k, 0), w1.numel())
-            mask1 = _lowest(w1**2 / d**2, k)
-            done += k
-        for i in range(i2 - i1):
-            if m and i % m == 0:
-                saliency = w1[:, i : i + m] ** 2 / d[i : i + m] ** 2
-                lowest = torch.topk(saliency, m - n, dim=1, largest=False).indices
-                mask1[:, i : i + m].scatter_(1, lowest, True)
-            col = w1[:, i]
-            q = col.masked_fill(mask1[:, i], 0.0)
-            err = (col - q) / d[i]
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            q1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = q1
-        pruned[:, i1:i2] = mask1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return pruned
-
-
 # --- the sequential driver -------------------------------------------------------------------
 
 
@@ -331,10 +249,16 @@ def _hooked(
 
 
 def _record_steps(
-    model: nn.Module, layers: dict[str, nn.Module], first_batch: Any
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    first_batch: Any,
+    stacks: Mapping[str, str] | None = None,
 ) -> tuple[list[list[str]], dict[str, int]]:
     """Run one batch; return the layers in execution order, grouped into steps, and how often
-    each was called. Consecutive layers called once on the very same tensor share a step."""
+    each was called. Consecutive layers called once on the very same tensor share a step.
+    Expert ``stacks`` (parameter name → module name) are steps of their own, placed where they
+    first multiply rows; their count is how often their module ran."""
+    stacks = stacks or {}
     events: list[tuple[str, bool]] = []
     calls: dict[str, int] = {}
     last: list[Any] = [None]
@@ -344,13 +268,27 @@ def _record_steps(
         calls[name] = calls.get(name, 0) + 1
         last[0] = x
 
+    def stack_seen(name: str) -> None:
+        events.append((name, False))
+        last[0] = None
+
+    owners = {module_name: model.get_submodule(module_name) for module_name in stacks.values()}
+    runs = dict.fromkeys(owners, 0)
+
+    def count(module_name: str) -> Any:
+        return lambda *_: runs.__setitem__(module_name, runs[module_name] + 1)
+
     handles = _hooked(layers, hook)
+    handles += [m.register_forward_pre_hook(count(n)) for n, m in owners.items()]
+    watch = FirstUse(model, list(stacks), stack_seen) if stacks else contextlib.nullcontext()
     try:
-        call_model(model, first_batch)
+        with watch:
+            call_model(model, first_batch)
     finally:
         for handle in handles:
             handle.remove()
         last[0] = None
+    calls.update({name: runs[stacks[name]] for name, _ in events if name in stacks})
     steps: list[list[str]] = []
     placed: set[str] = set()
     for j, (name, same_input) in enumerate(events):
@@ -395,12 +333,12 @@ def _accumulate(
         hessians[name].add(module, x, dense)
         seen[name] += 1
         if all(seen[n] >= calls[n] for n in step):
-            raise _StopForward
+            raise StopForward
 
     def dense_hook(name: str, _module: nn.Module, x: Any) -> None:
         dense_inputs[name].append(x)
         if all(len(dense_inputs[n]) >= calls[n] for n in step):
-            raise _StopForward
+            raise StopForward
 
     handles = _hooked(step, hook)
     if reference is not None:
@@ -411,9 +349,9 @@ def _accumulate(
             if reference is not None:
                 for found in dense_inputs.values():
                     found.clear()
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     call_model(reference, inputs)
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 call_model(model, inputs)
             for h in shared.values():
                 h.last = None
@@ -437,7 +375,8 @@ def prune_sparsegpt_(
     restored afterwards. Arithmetic is float32; weights are written back in their own dtype.
 
     Args:
-        model: the network; its Linear, Conv (groups=1) and HF ``Conv1D`` layers are pruned.
+        model: the network; its Linear, Conv (groups=1) and HF ``Conv1D`` layers and its
+            stacked MoE expert weights are pruned.
         config: what to prune and how (:class:`SparseGPTConfig`).
         calibration: a re-iterable set of batches, as :func:`secateur._calibration.iter_calibration`
             reads it (a list of ``(inputs, targets)`` pairs or bare inputs, tensors, tuples or
@@ -445,7 +384,8 @@ def prune_sparsegpt_(
         progress: show a progress bar, one tick per layer.
 
     Returns:
-        A :class:`MaskSet` keyed ``"<module>.weight"`` (``True`` = kept) over the pruned layers;
+        A :class:`MaskSet` keyed ``"<module>.weight"`` (an expert stack by its parameter
+        name; ``True`` = kept) over the pruned layers;
         layers at sparsity 0 get an all-True mask. Excluded layers, grouped convs and layers
         that never ran are absent.
 
@@ -464,28 +404,33 @@ def prune_sparsegpt_(
     if not isinstance(config, SparseGPTConfig):
         raise ConfigError(f"config must be a SparseGPTConfig, not {type(config).__name__}")
     layers = _prunable(model, config.exclude)
-    if not layers:
+    stacks = _stacks(model, config.exclude)
+    if not layers and not stacks:
         raise ConfigError(
-            "no Linear, Conv (groups=1) or HF Conv1D weights to prune: check the model and `exclude`"
+            "no Linear, Conv (groups=1), HF Conv1D or expert weights to prune: check the model "
+            "and `exclude`"
         )
     targets = {name: _target(name, config) for name in layers}
-    for name, module in layers.items():
+    targets.update({name: _target(name, config, alias) for name, alias in stacks.items()})
+    widths = {name: input_width(module) for name, module in layers.items()}
+    widths.update({name: stack_width(model, name) for name in stacks})
+    for name, width in widths.items():
         m = targets[name].m
-        if m and input_width(module) % m:
+        if m and width % m:
             raise ConfigError(
-                f"layer {name} has {input_width(module)} input columns, not a multiple of M={m} "
+                f"layer {name} has {width} input columns, not a multiple of M={m} "
                 f"of nm={config.nm!r}: exclude it (exclude=({name!r},)) or set per_layer={{{name!r}: 0.5}}"
             )
     if isinstance(calibration, Iterator):
         raise ConfigError(
             "calibration must be re-iterable (SparseGPT reads it once per layer): pass a list of batches or a data split"
         )
-    device = next(iter(layers.values())).weight.device
+    device = next(iter(model.parameters())).device
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            return _prune(model, config, calibration, layers, targets, device, progress)
+            return _prune(model, config, calibration, layers, stacks, targets, device, progress)
     finally:
         for module, training in modes.items():
             module.training = training
@@ -496,17 +441,18 @@ def _prune(
     config: SparseGPTConfig,
     calibration: Any,
     layers: dict[str, nn.Module],
-    targets: dict[str, _Target],
+    stacks: dict[str, str],
+    targets: dict[str, LayerTarget],
     device: torch.device,
     progress: bool,
 ) -> MaskSet:
     first = next(iter(iter_calibration(calibration, device=device, max_batches=1)), None)
     if first is None:
         raise ConfigError("calibration holds no batch: pass at least one batch of inputs")
-    steps, calls = _record_steps(model, layers, first[0])
+    steps, calls = _record_steps(model, layers, first[0], stacks)
     del first
-    idle = [name for name in layers if name not in calls]
-    if len(idle) == len(layers):
+    idle = [name for name in [*layers, *stacks] if name not in calls]
+    if len(idle) == len(layers) + len(stacks):
         raise ConfigError(
             "none of the prunable layers ran on the calibration inputs: check the inputs and `exclude`"
         )
@@ -514,12 +460,33 @@ def _prune(
     for name in layers:
         if name in calls and targets[name].sparsity == 0.0:
             masks[_param_name(name)] = torch.ones_like(layers[name].weight, dtype=torch.bool)
+    for name in stacks:
+        if name in calls and targets[name].sparsity == 0.0:
+            masks[name] = torch.ones_like(model.get_parameter(name), dtype=torch.bool)
+    unseen: dict[str, list[int]] = {}
     steps = [[n for n in step if targets[n].sparsity > 0.0] for step in steps]
     steps = [step for step in steps if step]
     reference = copy.deepcopy(model) if config.dense_targets else None
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("SparseGPT", total=sum(len(s) for s in steps), status="")
         for step in steps:
+            if step[0] in stacks:
+                bar.update(task, status=step[0])
+                masks[step[0]], experts = prune_stack(
+                    model,
+                    step[0],
+                    targets[step[0]],
+                    calls[step[0]],
+                    calibration,
+                    device=device,
+                    max_batches=config.max_batches,
+                    blocksize=config.blocksize,
+                    damp=config.damp,
+                )
+                if experts:
+                    unseen[step[0]] = experts
+                bar.advance(task)
+                continue
             modules = {name: layers[name] for name in step}
             hessians = _accumulate(
                 model, modules, calls, calibration, device, config.max_batches, reference
@@ -532,14 +499,15 @@ def _prune(
                     w = weight_matrix(module)
                     h = hessians[name].value()
                     if reference is not None:
-                        w = _retarget(w, h, hessians[name].cross_value(), config.damp)
-                    pruned = _sparsegpt_matrix(
+                        w = retarget(w, h, hessians[name].cross_value(), config.damp)
+                    pruned = sparsegpt_matrix(
                         w, h, targets[name], config.blocksize, config.damp, name
                     )
                     module.weight.copy_(to_weight_shape(module, w).to(module.weight.dtype))
                     masks[_param_name(name)] = to_weight_shape(module, ~pruned)
                 bar.advance(task)
             del hessians
+    warn_unseen(unseen)
     if idle:
         warnings.warn(
             f"SparseGPT left {', '.join(idle)} dense: never run on the calibration inputs",

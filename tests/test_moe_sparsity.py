@@ -1,4 +1,5 @@
-"""Unstructured pruning, codebooks and the compressed file on stacked MoE expert weights."""
+"""Unstructured pruning, SparseGPT, codebooks and the compressed file on stacked MoE expert
+weights."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from secateur._experts import ExpertInputs, expert_stacks
 from secateur.export import CompressionConfig, load_compressed, save_compressed
 from secateur.importance._statistics import collect_statistics
 from secateur.measure import count_params, layer_sparsity
-from secateur.pruning import UnstructuredConfig, prunable_weights, prune_
+from secateur.pruning import (
+    SparseGPTConfig,
+    UnstructuredConfig,
+    prunable_weights,
+    prune_,
+    prune_sparsegpt_,
+)
+from secateur.pruning._sparsegpt import _prunable, _record_steps, _stacks
+from secateur.pruning._sparsegpt_solver import LayerTarget, sparsegpt_matrix
 from secateur.quantization import CodebookConfig, cluster_weights_
 from secateur.runtime import nm_pattern
 
@@ -128,24 +137,26 @@ def test_magnitude_sparsity_reaches_the_experts_and_the_counts() -> None:
 
 
 class _TransposedExperts(nn.Module):
-    """Experts stored (experts, in, out), the grouped_mm layout, as GPT-OSS keeps them."""
+    """Experts stored (experts, in, out), the grouped_mm layout, as GPT-OSS keeps them; the
+    first ``split`` rows go to expert 0, the rest to expert 1."""
 
-    def __init__(self) -> None:
+    def __init__(self, split: float = 0.5) -> None:
         super().__init__()
         self.num_experts = 2
         self.is_transposed = True
-        self.up = nn.Parameter(torch.randn(2, 16, 8))
+        self.split = split
+        self.up = nn.Parameter(torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offs = torch.tensor([x.shape[0] // 2, x.shape[0]], dtype=torch.int32)
+        offs = torch.tensor([int(x.shape[0] * self.split), x.shape[0]], dtype=torch.int32)
         return torch._grouped_mm(x, self.up, offs=offs)
 
 
 def test_transposed_stacks_prune_along_their_input_axis() -> None:
     model = nn.Sequential(_TransposedExperts())
-    x = torch.randn(6, 16)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
     loud = torch.arange(16) % 4 < 2
-    x[:3, loud] *= 100.0  # expert 0 sees huge inputs 0, 1 of every run of 4: Wanda keeps them
+    x[:3, loud] *= 1000.0  # expert 0 sees huge inputs 0, 1 of every run of 4: Wanda keeps them
     stats = collect_statistics(model, [(x, None)], ["activations"]).experts["0.up"]
     assert stats.count.tolist() == [3.0, 3.0]
     prune_(model, UnstructuredConfig(nm="2:4", criterion="wanda"), calibration=[(x, None)])
@@ -191,3 +202,76 @@ def test_codebooks_share_expert_values() -> None:
     for name in STACKS:
         stack = model.get_parameter(name)
         assert stack.unique().numel() <= 8 + 1  # 8 shared values and the pruned zeros
+
+
+def _calibration() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"input_ids": torch.randint(1, 100, (4, 16), generator=torch.Generator().manual_seed(i))}
+        for i in range(4)
+    ]
+
+
+def test_sparsegpt_places_each_stack_where_it_first_runs() -> None:
+    model = _mixtral()
+    steps, calls = _record_steps(model, _prunable(model, ()), _ids(), _stacks(model, ()))
+    flat = [name for step in steps for name in step]
+    assert flat.index(STACKS[0]) == flat.index("model.layers.0.self_attn.o_proj") + 1
+    assert flat.index(STACKS[1]) == flat.index(STACKS[0]) + 1  # down after gate_up
+    assert [calls[name] for name in STACKS] == [1, 1, 1, 1]
+    assert all(len(step) == 1 for step in steps if step[0] in STACKS)
+
+
+def test_sparsegpt_prunes_experts_alike_under_every_kernel() -> None:
+    """Same masks and weights whichever kernel runs the experts; 2:4 along each expert's
+    inputs; the output moves less than under magnitude 2:4."""
+    x = _ids()
+    results = {}
+    for implementation in ("grouped_mm", "eager", "batched_mm"):
+        model = _mixtral(implementation)
+        masks = prune_sparsegpt_(model, SparseGPTConfig(nm="2:4"), _calibration())
+        results[implementation] = (model, masks)
+    model, masks = results["grouped_mm"]
+    assert set(STACKS) <= set(masks.masks)
+    for other, other_masks in (results["eager"], results["batched_mm"]):
+        for name in STACKS:
+            assert torch.equal(other_masks.masks[name], masks.masks[name])
+            torch.testing.assert_close(other.get_parameter(name), model.get_parameter(name))
+    down = model.model.layers[1].mlp.experts.down_proj
+    assert all(nm_pattern(down[e]) for e in range(4))
+
+    with torch.no_grad():
+        dense = _mixtral()(**x).logits
+        magnitude = _mixtral()
+        prune_(magnitude, UnstructuredConfig(nm="2:4"))
+
+        def error(net: nn.Module) -> float:
+            return float((net(**x).logits - dense).norm() / dense.norm())
+
+        assert error(model) < 0.85 * error(magnitude)
+
+
+def test_sparsegpt_solves_each_expert_on_its_own_rows() -> None:
+    """Hand check on a transposed stack: expert e is SparseGPT on H = 2/n·XₑᵀXₑ of its rows."""
+    model = nn.Sequential(_TransposedExperts(split=0.25))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    before = model[0].up.detach().clone()
+    masks = prune_sparsegpt_(model, SparseGPTConfig(sparsity=0.5, blocksize=4), [x])
+    for expert, rows in ((0, x[:8]), (1, x[8:])):
+        w = before[expert].t().clone()
+        pruned = sparsegpt_matrix(
+            w, 2.0 / rows.shape[0] * rows.t() @ rows, LayerTarget(0.5), 4, 0.01, "e"
+        )
+        torch.testing.assert_close(model[0].up[expert].t(), w)
+        assert torch.equal(masks.masks["0.up"][expert].t(), ~pruned)
+
+
+def test_sparsegpt_prunes_an_unrouted_expert_by_magnitude_and_says_so() -> None:
+    model = nn.Sequential(_TransposedExperts(split=1.0))  # expert 1 gets no row
+    before = model[0].up.detach().clone()
+    with pytest.warns(UserWarning, match=r"0.up: experts \[1\]"):
+        prune_sparsegpt_(model, SparseGPTConfig(nm="2:4"), [torch.randn(8, 16)])
+    up = model[0].up.detach()
+    kept = before[1].abs().t().reshape(8, 4, 4).topk(2, dim=-1).indices
+    expected = torch.zeros(8, 4, 4, dtype=torch.bool).scatter_(-1, kept, True).reshape(8, 16)
+    assert torch.equal(up[1].t() != 0, expected)
+    torch.testing.assert_close(up[1][up[1] != 0], before[1][up[1] != 0])  # no update, no rows
