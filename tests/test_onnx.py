@@ -258,11 +258,12 @@ def test_measure_fills_onnx_latency_and_round_trips(lenet_onnx) -> None:
     assert rows["latency, ONNX Runtime median"][1] == "–"
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "mixtral"])
 def test_pruned_hf_decoder_exports_and_matches_any_length(tmp_path, family: str) -> None:
     """A structurally pruned transformers decoder exports with its attention mask (without
     one, transformers builds its mask with torch.diff, which the exporter lacks: the error
-    says what to pass) and runs in ONNX Runtime at another batch and length."""
+    says what to pass) and runs in ONNX Runtime at another batch and length. An MoE model's
+    experts export as batched_mm, so other tokens are routed to other experts correctly."""
     transformers = pytest.importorskip("transformers")
     import onnxruntime
 
@@ -275,10 +276,12 @@ def test_pruned_hf_decoder_exports_and_matches_any_length(tmp_path, family: str)
         num_key_value_heads=2,
         intermediate_size=128,
         head_dim=16,
+        **({"num_local_experts": 4} if family == "mixtral" else {}),
     )
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    implementation = getattr(model.config, "_experts_implementation", None)
     ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
     with pytest.raises(ArtifactError, match="pass an attention_mask"):
@@ -295,3 +298,4 @@ def test_pruned_hf_decoder_exports_and_matches_any_length(tmp_path, family: str)
     with torch.no_grad():
         expected = model(input_ids=longer).logits
     np.testing.assert_allclose(got, expected.numpy(), atol=ATOL, rtol=1e-3)
+    assert getattr(model.config, "_experts_implementation", None) == implementation  # untouched

@@ -194,7 +194,10 @@ class ExpertInputs(TorchFunctionMode):
             return
 
     def _owner(self, weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        storage = weight.untyped_storage().data_ptr()
+        try:
+            storage = weight.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # a functorch or fake tensor has none
+            return None
         for name, param in self.params.items():
             if param.untyped_storage().data_ptr() == storage:
                 return name, param

@@ -20,6 +20,7 @@ unless ``dynamic_sequence`` is set; without it, such a file takes the example's 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import io
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_write_bytes, ensure_writable_dir
+from .._experts import expert_stacks
 from ..errors import ArtifactError, ConfigError
 
 DEFAULT_OPSET = 17
@@ -302,6 +304,17 @@ def _check(
     return worst
 
 
+def _traceable_experts_(model: nn.Module) -> None:
+    """Run a transformers MoE model's experts as ``batched_mm`` (one gathered matrix per token,
+    a static graph): ``grouped_mm`` counts tokens per expert with ``histc``, which ONNX lacks,
+    and ``eager`` loops over the experts the example happened to reach, which a trace would
+    freeze."""
+    switch = getattr(model, "set_experts_implementation", None)
+    if expert_stacks(model) and callable(switch):
+        with contextlib.suppress(ValueError, RuntimeError):  # a model that cannot switch
+            switch("batched_mm")
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Any,
@@ -360,6 +373,7 @@ def export_onnx(
     config = getattr(clone, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False  # a returned KV cache object cannot be traced
+    _traceable_experts_(clone)
     flat = _Flat(clone, keys).eval()
     with torch.no_grad():
         outputs = flat(*tensors)

@@ -131,11 +131,11 @@ def collect_statistics(
     watching = experts if experts is not None and experts.params else contextlib.nullcontext()
     batches = samples = 0
     try:
-        with watching:
-            for inputs, targets in iter_calibration(
-                calibration, device=device, max_batches=max_batches
-            ):
-                batches += 1
+        for inputs, targets in iter_calibration(
+            calibration, device=device, max_batches=max_batches
+        ):
+            batches += 1
+            with watching:  # not around vmap's per-sample gradients below
                 if needs & {"taylor", "hutchinson"}:
                     _gradient_pass(
                         model,
@@ -152,10 +152,10 @@ def collect_statistics(
                 elif "activations" in needs:
                     with torch.no_grad():
                         call_model(model, inputs)
-                if "fisher" in needs:
-                    samples += _fisher_pass(
-                        model, named, wanted, inputs, targets, loss_fn, stats, fisher_chunk
-                    )
+            if "fisher" in needs:
+                samples += _fisher_pass(
+                    model, named, wanted, inputs, targets, loss_fn, stats, fisher_chunk
+                )
     finally:
         for handle in hooks:
             handle.remove()
