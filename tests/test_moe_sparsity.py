@@ -3,6 +3,7 @@ weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from secateur import create_model
+from secateur import ExpertConfig, create_model, load_model, save_model
 from secateur._experts import ExpertInputs, expert_stacks
+from secateur.errors import ConfigError
 from secateur.export import CompressionConfig, load_compressed, save_compressed
 from secateur.importance._statistics import collect_statistics
 from secateur.measure import count_params, layer_sparsity
@@ -275,3 +277,132 @@ def test_sparsegpt_prunes_an_unrouted_expert_by_magnitude_and_says_so() -> None:
     expected = torch.zeros(8, 4, 4, dtype=torch.bool).scatter_(-1, kept, True).reshape(8, 16)
     assert torch.equal(up[1].t() != 0, expected)
     torch.testing.assert_close(up[1][up[1] != 0], before[1][up[1] != 0])  # no update, no rows
+
+
+# --- whole-expert removal --------------------------------------------------------------------
+
+
+def _routing_without(model: nn.Module, removed: dict[str, tuple[int, ...]]) -> None:
+    """Mixtral's routing with the ``removed`` experts' logits at -inf: what removing them
+    should compute (softmax, top-2 among the rest, renormalised)."""
+    for i, layer in enumerate(model.model.layers):
+        router, gone = layer.mlp.gate, list(removed[f"model.layers.{i}.mlp.experts"])
+
+        def forward(h: torch.Tensor, router: nn.Module = router, gone: list = gone) -> tuple:
+            logits = torch.nn.functional.linear(h.reshape(-1, router.hidden_dim), router.weight)
+            logits[:, gone] = -torch.inf
+            top, index = torch.topk(logits.float().softmax(-1), router.top_k, dim=-1)
+            return logits, top / top.sum(-1, keepdim=True), index
+
+        router.forward = forward
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
+def test_removing_experts_routes_tokens_among_the_rest_exactly(implementation: str) -> None:
+    model = _mixtral(implementation)
+    reference = copy.deepcopy(model)
+    result = prune_(model, ExpertConfig(ratio=0.5), calibration=_calibration())
+    assert set(result.removed) == {f"model.layers.{i}.mlp.experts" for i in (0, 1)}
+    for name, gone in result.removed.items():
+        scores = torch.tensor(result.scores[name])
+        assert len(gone) == 2 and set(gone) == set(scores.argsort()[:2].tolist())
+    moe = model.model.layers[0].mlp
+    assert moe.experts.gate_up_proj.shape == (2, 256, 64)
+    assert moe.experts.down_proj.shape == (2, 64, 128)
+    assert moe.gate.weight.shape == (2, 64)
+    assert moe.experts.num_experts == moe.gate.num_experts == 2
+    assert result.params_after == result.params_before - 2 * 2 * (256 * 64 + 64 * 128 + 64)
+    _routing_without(reference, result.removed)
+    x = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, reference(**x).logits)
+
+
+def test_expert_scores_count_tokens_and_routing_weight() -> None:
+    """Every token meets top-2 experts (frequency sums to 2 per token) whose normalised
+    weights sum to 1 (mass sums to 1 per token); the top-k experts always stay."""
+    tokens = 4 * 4 * 16
+    by_count = prune_(
+        _mixtral(), ExpertConfig(ratio=0.9, criterion="frequency"), calibration=_calibration()
+    )
+    by_mass = prune_(_mixtral(), ExpertConfig(ratio=0.9), calibration=_calibration())
+    for name in by_count.scores:
+        assert sum(by_count.scores[name]) == 2 * tokens
+        assert sum(by_mass.scores[name]) == pytest.approx(tokens)
+        assert len(by_count.removed[name]) == 2  # 4 experts, top-2 routing: 2 must stay
+
+
+def test_removed_experts_reload_exactly(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = create_model("hf.mixtral", task="causal-lm", **MIXTRAL)
+    prune_(model, ExpertConfig(ratio=0.5), calibration=_calibration())
+    x = _ids()
+    with torch.no_grad():
+        reference = model(**x).logits
+    loaded = load_model(save_model(model, tmp_path / "m.safetensors")).model
+    assert loaded.model.layers[1].mlp.gate.num_experts == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, reference)
+
+
+def test_qwen2_moe_experts_go_beside_a_shared_expert() -> None:
+    config = transformers.Qwen2MoeConfig(
+        **{k: v for k, v in MIXTRAL.items() if k != "num_local_experts"},
+        num_experts=8,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    result = prune_(model, ExpertConfig(ratio=0.5), calibration=_calibration())
+    moe = model.model.layers[0].mlp
+    assert len(result.removed["model.layers.0.mlp.experts"]) == 4
+    assert moe.experts.gate_up_proj.shape[0] == moe.gate.weight.shape[0] == 4
+    assert moe.shared_expert_gate.weight.shape == (1, 64)  # not a router: untouched
+    with torch.no_grad():
+        assert torch.isfinite(model(**_ids()).logits).all()
+
+
+class _FixedCountBlock(nn.Module):
+    """A toy MoE layer whose code hard-codes its four experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(8, 4, bias=False)
+        self.gate.num_experts, self.gate.top_k = 4, 1
+        self.experts = _ToyExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, index = self.gate(x).softmax(-1).topk(1, dim=-1)
+        assert self.gate.weight.shape[0] == 4, "four experts expected"
+        return self.experts(x, index, weights)
+
+
+class _ToyExperts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = 4
+        self.up = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        picked = self.up[index[:, 0]]
+        return torch.bmm(picked, x[:, :, None])[:, :, 0] * weights
+
+
+def test_expert_removal_errors_and_undo() -> None:
+    block = _FixedCountBlock()
+    x = torch.randn(16, 8)
+    before = {n: p.detach().clone() for n, p in block.named_parameters()}
+    with pytest.raises(ConfigError, match="experts fails with fewer experts.*exclude"):
+        prune_(block, ExpertConfig(ratio=0.5), calibration=[x])
+    assert {n: p.shape for n, p in block.named_parameters()} == {
+        n: p.shape for n, p in before.items()
+    }
+    assert block.experts.num_experts == block.gate.num_experts == 4
+    assert all(torch.equal(p, before[n]) for n, p in block.named_parameters())
+    with pytest.raises(ConfigError, match="no mixture-of-experts layer"):
+        prune_(nn.Linear(4, 4), ExpertConfig(), calibration=[torch.randn(2, 4)])
+    with pytest.raises(ConfigError, match="pass calibration"):
+        prune_(block, ExpertConfig())
+    with pytest.raises(ConfigError, match="criterion='nope'"):
+        ExpertConfig(criterion="nope")

@@ -26,6 +26,7 @@ from .export import save_model as save_model
 from .measure import Metrics as Metrics
 from .measure import measure as measure
 from .pruning import DepthConfig as DepthConfig
+from .pruning import ExpertConfig as ExpertConfig
 from .pruning import MaskSet as MaskSet
 from .pruning import Scope as Scope
 from .pruning import SparseGPTConfig as SparseGPTConfig
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "DepthConfig",
+    "ExpertConfig",
     "MaskSet",
     "Metrics",
     "OutputError",

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-_COUNTS = ("num_experts", "num_local_experts", "total_experts", "n_routed_experts")
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "total_experts", "n_routed_experts")
 _GROUPED = ("grouped_mm", "_grouped_mm")
 
 
 def _counts_experts(module: nn.Module, experts: int) -> bool:
-    return any(getattr(module, attr, None) == experts for attr in _COUNTS)
+    return any(getattr(module, attr, None) == experts for attr in EXPERT_COUNTS)
 
 
 def is_expert_stack(module: nn.Module, tensor: object) -> bool:

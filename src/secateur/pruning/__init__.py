@@ -7,6 +7,9 @@ from ._attention import PrunedMultiheadAttention as PrunedMultiheadAttention
 from ._depth import DepthConfig as DepthConfig
 from ._depth import DepthResult as DepthResult
 from ._depth import Skip as Skip
+from ._expert_removal import ExpertConfig as ExpertConfig
+from ._expert_removal import ExpertResult as ExpertResult
+from ._expert_removal import prune_experts_ as prune_experts_
 from ._masks import MaskSet as MaskSet
 from ._schedule import GradualPruner as GradualPruner
 from ._schedule import PruneSchedule as PruneSchedule
@@ -27,6 +30,8 @@ from ._unstructured import unstructured_masks as unstructured_masks
 __all__ = [
     "DepthConfig",
     "DepthResult",
+    "ExpertConfig",
+    "ExpertResult",
     "GradualPruner",
     "MaskSet",
     "PruneSchedule",
@@ -36,6 +41,7 @@ __all__ = [
     "agp_sparsity",
     "iterative_targets",
     "prune_iteratively_",
+    "prune_experts_",
     "prune_sparsegpt_",
     "Scope",
     "Skip",

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..importance._statistics import LossFn
 from ._depth import DepthConfig, DepthResult, prune_depth_
+from ._expert_removal import ExpertConfig, ExpertResult, prune_experts_
 from ._masks import MaskSet
 from ._sparsegpt import SparseGPTConfig, prune_sparsegpt_
 from ._structured import StructuredConfig, StructuredResult, prune_structured_
@@ -25,7 +26,7 @@ def prune_(
     calibration: Any = None,
     loss_fn: LossFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-) -> MaskSet | StructuredResult | DepthResult:
+) -> MaskSet | StructuredResult | DepthResult | ExpertResult:
     """Prune ``model`` in place as ``config`` says and return what was removed.
 
     ``UnstructuredConfig`` zeros weights and returns their :class:`MaskSet`;
@@ -34,7 +35,9 @@ def prune_(
     ``StructuredConfig`` traces the model on ``example_inputs`` (required), physically removes
     channels and returns a :class:`StructuredResult`; ``DepthConfig`` runs the model on
     ``example_inputs`` (required), replaces its least influential residual blocks by ``Skip``
-    and returns a :class:`DepthResult`.
+    and returns a :class:`DepthResult`; ``ExpertConfig`` reads the routing on ``calibration``
+    (required), removes the least-used experts of every mixture-of-experts layer and returns an
+    :class:`ExpertResult`.
 
     ``calibration`` (batches of ``(inputs, targets)``, or a data split) feeds data criteria
     (``taylor``, ``obd``, ``activation``, ``apoz``, ``wanda``); ``loss_fn(outputs, targets)``
@@ -64,7 +67,9 @@ def prune_(
         return prune_sparsegpt_(model, config, calibration)
     if isinstance(config, DepthConfig):
         return prune_depth_(model, config, example_inputs)
+    if isinstance(config, ExpertConfig):
+        return prune_experts_(model, config, calibration)
     raise ConfigError(
         f"prune_ does not know {type(config).__name__}: pass an UnstructuredConfig, "
-        "SparseGPTConfig, StructuredConfig or DepthConfig"
+        "SparseGPTConfig, StructuredConfig, DepthConfig or ExpertConfig"
     )

@@ -1,0 +1,311 @@
+"""Whole-expert removal from mixture-of-experts layers: the experts the router uses least go,
+physically, with their router rows.
+
+An MoE layer here is a module holding stacked expert weights (:mod:`secateur._experts`) and,
+beside it in the same parent, its router: a module whose ``weight`` is ``(experts, hidden)``.
+Removing expert ``e`` slices entry ``e`` off every stack and every other tensor of the experts
+module and of the router whose first dimension counts the experts (biases, DeepSeek's score
+correction), and lowers every expert count attribute (``num_experts`` and kin) of the experts
+module, the router and their parent. The router then chooses its top-k among the experts left.
+
+Scores come from the calibration data, read where transformers' experts modules receive them,
+``experts(hidden_states, top_k_index, top_k_weights)``:
+
+- ``mass``: the routing weight each expert received, summed over tokens (how much of the
+  layer's output it makes);
+- ``frequency``: how many tokens were routed to it.
+
+An expert the calibration never reached scores 0 and goes first. The model is run once more
+after the removal; a layer whose code breaks on fewer experts is restored and named in the
+error. Routing normalised after the top-k (Mixtral) gives tokens that never chose a removed
+expert exactly the output they had; a softmax over all experts kept unnormalised (Qwen2-MoE's
+default) shifts every token's weights slightly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._calibration import iter_calibration
+from .._config import check_range, config_from_dict, config_to_dict
+from .._experts import EXPERT_COUNTS, expert_stacks
+from .._inputs import call_model
+from ..errors import ConfigError
+
+CRITERIA = ("mass", "frequency")
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Remove whole experts from every mixture-of-experts layer.
+
+    Attributes:
+        ratio: fraction in [0, 1) of each layer's experts to remove (rounded down); at least
+            the router's top-k experts always stay.
+        criterion: ``mass`` (routing weight received) or ``frequency`` (tokens received).
+        exclude: fnmatch patterns of experts module names to leave whole.
+    """
+
+    ratio: float = 0.25
+    criterion: str = "mass"
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
+        if self.criterion not in CRITERIA:
+            raise ConfigError(
+                f"criterion={self.criterion!r} is not an expert criterion: choose "
+                f"{' or '.join(CRITERIA)}"
+            )
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExpertConfig:
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    """What :func:`prune_experts_` removed.
+
+    Attributes:
+        removed: experts module name → indices of the experts removed (original numbering).
+        scores: experts module name → every expert's score, original numbering.
+        params_before, params_after: parameter counts of the whole model.
+    """
+
+    removed: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    scores: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+
+@dataclass
+class _Layer:
+    name: str
+    experts: nn.Module
+    router_name: str
+    router: nn.Module
+    count: int
+
+
+def moe_layers(model: nn.Module) -> list[_Layer]:
+    """Every experts module of ``model`` with its router, in module order."""
+    layers = []
+    for module_name in dict.fromkeys(m for m, _ in expert_stacks(model).values()):
+        experts = model.get_submodule(module_name)
+        count = next(p.shape[0] for n, p in experts.named_parameters(recurse=False) if p.dim() == 3)
+        parent_name = module_name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name)
+        for child_name, child in parent.named_children():
+            weight = getattr(child, "weight", None)
+            if child is experts or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            if weight.shape[0] == count and not isinstance(child, nn.Embedding):
+                router_name = f"{parent_name}.{child_name}" if parent_name else child_name
+                layers.append(_Layer(module_name, experts, router_name, child, count))
+                break
+    return layers
+
+
+class _Routing:
+    """Forward pre-hook on an experts module: adds up tokens and routing weight per expert."""
+
+    def __init__(self, count: int) -> None:
+        self.frequency = torch.zeros(count, dtype=torch.float64)
+        self.mass = torch.zeros(count, dtype=torch.float64)
+        self.seen = False
+
+    def __call__(self, _module: nn.Module, args: tuple) -> None:
+        if len(args) < 3:
+            return
+        index, weights = args[1], args[2]
+        if not (isinstance(index, torch.Tensor) and isinstance(weights, torch.Tensor)):
+            return
+        if index.is_floating_point() or index.shape != weights.shape:
+            return
+        ids = index.detach().reshape(-1).long().cpu()
+        valid = (ids >= 0) & (ids < self.frequency.numel())
+        ids = ids[valid]
+        mass = weights.detach().reshape(-1).double().cpu()[valid]
+        self.frequency.index_add_(0, ids, torch.ones_like(mass))
+        self.mass.index_add_(0, ids, mass)
+        self.seen = True
+
+
+def _routing_scores(
+    model: nn.Module, layers: list[_Layer], calibration: Any, criterion: str
+) -> dict[str, torch.Tensor]:
+    routing = {layer.name: _Routing(layer.count) for layer in layers}
+    handles = [layer.experts.register_forward_pre_hook(routing[layer.name]) for layer in layers]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batches = 0
+    try:
+        with torch.no_grad():
+            for inputs, _ in iter_calibration(calibration, device=device):
+                call_model(model, inputs)
+                batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if batches == 0:
+        raise ConfigError("the calibration data holds no batch: pass at least one batch")
+    unseen = [name for name, r in routing.items() if not r.seen]
+    if unseen:
+        raise ConfigError(
+            f"the experts of {', '.join(unseen)} were not called as experts(hidden_states, "
+            "top_k_index, top_k_weights), so their routing cannot be read: exclude them"
+        )
+    return {name: getattr(r, criterion) for name, r in routing.items()}
+
+
+def _slice_first_dim_(module: nn.Module, count: int, keep: torch.Tensor) -> None:
+    """Keep entries ``keep`` of every parameter and buffer whose first dimension is ``count``."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.dim() and param.shape[0] == count:
+            sliced = param.detach()[keep.to(param.device)].clone()
+            setattr(module, name, nn.Parameter(sliced, requires_grad=param.requires_grad))
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if buffer is not None and buffer.dim() and buffer.shape[0] == count:
+            module._buffers[name] = buffer[keep.to(buffer.device)].clone()
+
+
+def _lower_counts_(
+    model: nn.Module, names: list[str], count: int, new: int, edits: dict[str, dict[str, int]]
+) -> None:
+    for module_name in names:
+        module = model.get_submodule(module_name)
+        for attr in EXPERT_COUNTS:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value == count:
+                setattr(module, attr, new)
+                edits.setdefault(module_name, {})[attr] = new
+
+
+def _top_k(router: nn.Module) -> int:
+    for attr in ("top_k", "num_experts_per_tok"):
+        value = getattr(router, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 1
+
+
+def prune_experts_(
+    model: nn.Module, config: ExpertConfig, calibration: Any, *, check: Any = None
+) -> ExpertResult:
+    """Remove the lowest-scoring ``config.ratio`` of the experts of every MoE layer, in place.
+
+    Args:
+        calibration: batches the model runs on to read the routing (required).
+        check: inputs to run the pruned model on (default: the first calibration batch).
+
+    Raises:
+        ConfigError: no MoE layer (or all excluded), no calibration batch, routing that cannot
+            be read, or a layer whose code fails with fewer experts (that layer is restored).
+
+    Example:
+        >>> from secateur import create_model  # doctest: +SKIP
+        >>> moe = create_model("hf.mixtral", task="causal-lm", num_local_experts=8)  # doctest: +SKIP
+        >>> prune_experts_(moe, ExpertConfig(ratio=0.5), batches).removed  # doctest: +SKIP
+    """
+    if not isinstance(config, ExpertConfig):
+        raise ConfigError(f"config must be an ExpertConfig, not {type(config).__name__}")
+    layers = [
+        layer
+        for layer in moe_layers(model)
+        if not any(fnmatch.fnmatchcase(layer.name, p) for p in config.exclude)
+    ]
+    if not layers:
+        raise ConfigError(
+            "no mixture-of-experts layer with stacked experts and a router beside them: check "
+            "the model and `exclude`"
+        )
+    if calibration is None:
+        raise ConfigError("expert removal reads the routing: pass calibration=batches")
+    scores = _routing_scores(model, layers, calibration, config.criterion)
+    before = sum(p.numel() for p in model.parameters())
+    edits: dict[str, dict[str, int]] = getattr(model, "secateur_attributes", {})
+    removed: dict[str, tuple[int, ...]] = {}
+    if check is None:
+        device = next(model.parameters()).device
+        check = next(iter(iter_calibration(calibration, device=device)))[0]
+    was_training = model.training
+    try:
+        for layer in layers:
+            gone = _remove_(model, layer, scores[layer.name], config.ratio, check, edits)
+            if gone:
+                removed[layer.name] = gone
+    finally:
+        model.train(was_training)
+    if edits:
+        model.secateur_attributes = edits
+    return ExpertResult(
+        removed=removed,
+        scores={name: tuple(float(v) for v in s) for name, s in scores.items()},
+        params_before=before,
+        params_after=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _remove_(
+    model: nn.Module,
+    layer: _Layer,
+    scores: torch.Tensor,
+    ratio: float,
+    check: Any,
+    edits: dict[str, dict[str, int]],
+) -> tuple[int, ...]:
+    """Remove ``layer``'s lowest-scoring experts; run ``check``; undo and raise if it fails."""
+    drop = min(int(ratio * layer.count), layer.count - _top_k(layer.router))
+    if drop <= 0:
+        return ()
+    order = torch.sort(scores, stable=True).indices
+    gone = torch.sort(order[:drop]).values
+    keep = torch.ones(layer.count, dtype=torch.bool)
+    keep[gone] = False
+    saved = {
+        m: (dict(m.named_parameters(recurse=False)), dict(m._buffers))
+        for m in (layer.experts, layer.router)
+    }
+    parent = layer.name.rpartition(".")[0]
+    owners = [layer.name, layer.router_name, parent]
+    layer_edits: dict[str, dict[str, int]] = {}
+    _slice_first_dim_(layer.experts, layer.count, keep)
+    _slice_first_dim_(layer.router, layer.count, keep)
+    _lower_counts_(model, owners, layer.count, layer.count - drop, layer_edits)
+    try:
+        with torch.no_grad():
+            call_model(model.eval(), check)
+    except Exception as exc:  # the layer's code needs the old count: undo, then say so
+        for module, (params, buffers) in saved.items():
+            for name, param in params.items():
+                setattr(module, name, param)
+            module._buffers.update(buffers)
+        _restore_counts(model, owners, layer_edits, layer.count)
+        raise ConfigError(
+            f"{layer.name} fails with fewer experts ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); exclude it "
+            f"(exclude=({layer.name!r},))"
+        ) from None
+    for module_name, attrs in layer_edits.items():
+        edits.setdefault(module_name, {}).update(attrs)
+    return tuple(int(i) for i in gone)
+
+
+def _restore_counts(
+    model: nn.Module, names: list[str], edits: dict[str, dict[str, int]], count: int
+) -> None:
+    for module_name in names:
+        for attr in edits.get(module_name, {}):
+            setattr(model.get_submodule(module_name), attr, count)
