@@ -5,7 +5,8 @@ key/value heads of 64; ``--layers`` of its 16 layers, random weights, no downloa
 ``--family qwen2_moe`` a mixture-of-experts model with Qwen1.5-MoE-A2.7B's widths (16 of its 60
 experts of 1408 neurons, top-4 routing, a shared expert of 5632), is pruned by
 secateur at each ``--ratios`` two ways: heads and FFN neurons only (the hidden size stays), and
-the hidden size too. Every model is then timed in one interleaved loop, round after round, so
+the hidden size too; the MoE model also loses that share of its experts whole (``ExpertConfig``,
+the least routed on the prompt first). Every model is then timed in one interleaved loop, round after round, so
 that the machine's drift falls on all of them alike:
 
 - prefill: one forward pass over a ``--prompt``-token prompt, batch 1;
@@ -31,7 +32,7 @@ import time
 import torch
 import transformers
 
-from secateur import StructuredConfig, prune_
+from secateur import ExpertConfig, StructuredConfig, prune_
 from secateur.measure import count_macs
 
 PRESETS = {
@@ -120,6 +121,10 @@ def main() -> None:
             model = copy.deepcopy(dense)
             prune_(model, StructuredConfig(ratio=ratio, kinds=kinds), example_inputs=example)
             models[f"{label} {ratio}"] = model
+        if "num_experts" in widths:  # whole experts, the least routed on the prompt, go
+            model = copy.deepcopy(dense)
+            prune_(model, ExpertConfig(ratio=ratio), calibration=[{"input_ids": prompt}])
+            models[f"experts {ratio}"] = model
 
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     macs = {k: count_macs(m, {"input_ids": prompt}).dense for k, m in models.items()}
