@@ -391,6 +391,7 @@ class _ToyExperts(nn.Module):
 
 def test_expert_removal_errors_and_undo() -> None:
     block = _FixedCountBlock()
+    assert "experts.up" not in prunable_weights(block)  # no is_transposed: layout unknown
     x = torch.randn(16, 8)
     before = {n: p.detach().clone() for n, p in block.named_parameters()}
     with pytest.raises(ConfigError, match="experts fails with fewer experts.*exclude"):
@@ -406,3 +407,53 @@ def test_expert_removal_errors_and_undo() -> None:
         prune_(block, ExpertConfig())
     with pytest.raises(ConfigError, match="criterion='nope'"):
         ExpertConfig(criterion="nope")
+
+
+MOE_FAMILIES = {
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, head_dim=16),
+    "olmoe": dict(num_experts=4),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        moe_intermediate_size=32,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=0,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+    ),  # fmt: skip
+    "gpt_oss": dict(num_local_experts=4, head_dim=16),  # (in, out) stacks with biases
+    "hunyuan_v1_moe": dict(num_experts=4, moe_intermediate_size=32, head_dim=16),  # gate.wg
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_intermediate_size=32, moe_k=2),  # (1, E) bias
+    "phimoe": dict(num_local_experts=4),
+}
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_moe_families_prune_by_weight_and_by_expert(family: str) -> None:
+    """Across MoE families: Wanda and SparseGPT 2:4 reach every expert stack along its inputs,
+    and half the experts go whole, the model still running."""
+    options = {k: v for k, v in MIXTRAL.items() if k != "num_local_experts"}
+    config = transformers.AutoConfig.for_model(
+        family, **options, num_experts_per_tok=2, **MOE_FAMILIES[family]
+    )
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    stacks = expert_stacks(base)
+    assert stacks
+    for pruning in (UnstructuredConfig(nm="2:4", criterion="wanda"), SparseGPTConfig(nm="2:4")):
+        model = copy.deepcopy(base)
+        prune_(model, pruning, calibration=_calibration())
+        for name, (_, module) in stacks.items():
+            stack = model.get_parameter(name)
+            rows = stack.transpose(1, 2) if module.is_transposed else stack
+            assert all(nm_pattern(rows[e]) for e in range(stack.shape[0])), (pruning, name)
+    model = copy.deepcopy(base)
+    result = prune_(model, ExpertConfig(ratio=0.5), calibration=_calibration())
+    assert result.removed and all(len(gone) == 2 for gone in result.removed.values())
+    assert all(model.get_parameter(name).shape[0] == 2 for name in stacks)
+    with torch.no_grad():
+        assert torch.isfinite(model(**_ids()).logits).all()

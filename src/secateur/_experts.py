@@ -3,10 +3,13 @@ per expert (transformers 5's ``*Experts`` modules: Mixtral, Qwen2/3-MoE, OLMoE, 
 ...), applied by ``F.linear`` on one expert's slice or by ``grouped_mm`` over all of them.
 
 A parameter is an expert stack when it is a 3-D floating tensor held by a module that is not a
-Linear/Conv layer, and that module counts its experts (``num_experts``, ``num_local_experts``,
-``total_experts`` or ``n_routed_experts``) equal to the tensor's first dimension. Each expert's
-matrix is ``(out, in)``, the ``F.linear`` layout, unless the module sets ``is_transposed`` (then
-``(in, out)``, the ``grouped_mm`` layout), as transformers' experts decorator records it.
+Linear/Conv layer, that module counts its experts (``num_experts``, ``num_local_experts``,
+``total_experts`` or ``n_routed_experts``) equal to the tensor's first dimension, and it says
+how each expert's matrix is laid out: ``is_transposed`` False for ``(out, in)``, the
+``F.linear`` layout, True for ``(in, out)``, the ``grouped_mm`` layout. transformers' experts
+decorator sets that flag on every experts module it wraps. Experts written otherwise (Llama 4's
+run a plain ``bmm`` on ``(in, out)`` stacks and carry no flag) have no known input axis: weight
+pruning leaves them dense, and only whole-expert removal, which needs no layout, reaches them.
 
 :class:`ExpertInputs` watches a forward pass for those products and adds up, per expert, the
 statistics of the input features each expert's matrix multiplied.
@@ -29,14 +32,16 @@ def _counts_experts(module: nn.Module, experts: int) -> bool:
     return any(getattr(module, attr, None) == experts for attr in EXPERT_COUNTS)
 
 
-def is_expert_stack(module: nn.Module, tensor: object) -> bool:
-    """Whether ``tensor`` (a parameter of ``module``) stacks one weight matrix per expert."""
+def is_expert_stack(module: nn.Module, tensor: object, *, any_layout: bool = False) -> bool:
+    """Whether ``tensor`` (a parameter of ``module``) stacks one weight matrix per expert in a
+    known layout (``any_layout``: in any layout)."""
     return (
         isinstance(tensor, torch.Tensor)
         and tensor.dim() == 3
         and tensor.is_floating_point()
         and not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
         and _counts_experts(module, tensor.shape[0])
+        and (any_layout or isinstance(getattr(module, "is_transposed", None), bool))
     )
 
 
@@ -45,12 +50,15 @@ def transposed(module: nn.Module) -> bool:
     return bool(getattr(module, "is_transposed", False))
 
 
-def expert_stacks(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """``{parameter name: (module name, module)}`` for every expert stack of ``model``."""
+def expert_stacks(
+    model: nn.Module, *, any_layout: bool = False
+) -> dict[str, tuple[str, nn.Module]]:
+    """``{parameter name: (module name, module)}`` for every expert stack of ``model`` (in a
+    known layout unless ``any_layout``)."""
     found = {}
     for module_name, module in model.named_modules():
         for attr, param in module.named_parameters(recurse=False):
-            if is_expert_stack(module, param):
+            if is_expert_stack(module, param, any_layout=any_layout):
                 found[f"{module_name}.{attr}" if module_name else attr] = (module_name, module)
     return found
 

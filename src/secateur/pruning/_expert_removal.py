@@ -1,12 +1,13 @@
 """Whole-expert removal from mixture-of-experts layers: the experts the router uses least go,
 physically, with their router rows.
 
-An MoE layer here is a module holding stacked expert weights (:mod:`secateur._experts`) and,
-beside it in the same parent, its router: a module whose ``weight`` is ``(experts, hidden)``.
+An MoE layer here is a module holding stacked expert weights (:mod:`secateur._experts`, in any
+layout) and, beside it in the same parent, its router: a module whose ``weight`` (or whose
+direct child's, as HunYuan's ``gate.wg``) is ``(experts, hidden)``.
 Removing expert ``e`` slices entry ``e`` off every stack and every other tensor of the experts
-module and of the router whose first dimension counts the experts (biases, DeepSeek's score
-correction), and lowers every expert count attribute (``num_experts`` and kin) of the experts
-module, the router and their parent. The router then chooses its top-k among the experts left.
+module and of the router (its children included) whose leading axis counts the experts
+(biases, DeepSeek's and Ernie's score corrections), and lowers every expert count attribute
+(``num_experts`` and kin) of the experts module, the router and their parent. The router then chooses its top-k among the experts left.
 
 Scores come from the calibration data, read where transformers' experts modules receive them,
 ``experts(hidden_states, top_k_index, top_k_weights)``:
@@ -94,24 +95,39 @@ class _Layer:
     experts: nn.Module
     router_name: str
     router: nn.Module
+    scorer: nn.Module  # the router itself, or its child holding the (experts, hidden) weight
     count: int
+
+
+def _scores_experts(module: nn.Module, count: int) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[0] == count
+        and not isinstance(module, nn.Embedding)
+    )
 
 
 def moe_layers(model: nn.Module) -> list[_Layer]:
     """Every experts module of ``model`` with its router, in module order."""
     layers = []
-    for module_name in dict.fromkeys(m for m, _ in expert_stacks(model).values()):
+    stacks = expert_stacks(model, any_layout=True)
+    for module_name in dict.fromkeys(m for m, _ in stacks.values()):
         experts = model.get_submodule(module_name)
-        count = next(p.shape[0] for n, p in experts.named_parameters(recurse=False) if p.dim() == 3)
+        count = next(
+            model.get_parameter(n).shape[0] for n, (m, _) in stacks.items() if m == module_name
+        )
         parent_name = module_name.rpartition(".")[0]
         parent = model.get_submodule(parent_name)
         for child_name, child in parent.named_children():
-            weight = getattr(child, "weight", None)
-            if child is experts or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            if child is experts:
                 continue
-            if weight.shape[0] == count and not isinstance(child, nn.Embedding):
+            inner = [c for c in child.children() if _scores_experts(c, count)]
+            scorer = child if _scores_experts(child, count) else (inner[0] if inner else None)
+            if scorer is not None:
                 router_name = f"{parent_name}.{child_name}" if parent_name else child_name
-                layers.append(_Layer(module_name, experts, router_name, child, count))
+                layers.append(_Layer(module_name, experts, router_name, child, scorer, count))
                 break
     return layers
 
@@ -170,15 +186,30 @@ def _routing_scores(
     return {name: getattr(r, criterion) for name, r in routing.items()}
 
 
-def _slice_first_dim_(module: nn.Module, count: int, keep: torch.Tensor) -> None:
-    """Keep entries ``keep`` of every parameter and buffer whose first dimension is ``count``."""
+def _expert_axis(tensor: torch.Tensor, count: int) -> int | None:
+    """The axis that counts the experts: the first of size ``count`` after leading 1s (a
+    stack's or router's axis 0, the last of Ernie's ``(1, experts)`` score bias)."""
+    for axis, size in enumerate(tensor.shape):
+        if size == count:
+            return axis
+        if size != 1:
+            return None
+    return None
+
+
+def _slice_experts_(module: nn.Module, count: int, keep: torch.Tensor) -> None:
+    """Keep experts ``keep`` in every parameter and buffer of ``module`` that counts them."""
     for name, param in list(module.named_parameters(recurse=False)):
-        if param.dim() and param.shape[0] == count:
-            sliced = param.detach()[keep.to(param.device)].clone()
+        axis = _expert_axis(param, count)
+        if axis is not None:
+            sliced = param.detach().index_select(axis, keep.nonzero()[:, 0].to(param.device))
             setattr(module, name, nn.Parameter(sliced, requires_grad=param.requires_grad))
     for name, buffer in list(module.named_buffers(recurse=False)):
-        if buffer is not None and buffer.dim() and buffer.shape[0] == count:
-            module._buffers[name] = buffer[keep.to(buffer.device)].clone()
+        axis = None if buffer is None else _expert_axis(buffer, count)
+        if axis is not None:
+            module._buffers[name] = buffer.index_select(
+                axis, keep.nonzero()[:, 0].to(buffer.device)
+            )
 
 
 def _lower_counts_(
@@ -274,15 +305,15 @@ def _remove_(
     gone = torch.sort(order[:drop]).values
     keep = torch.ones(layer.count, dtype=torch.bool)
     keep[gone] = False
-    saved = {
-        m: (dict(m.named_parameters(recurse=False)), dict(m._buffers))
-        for m in (layer.experts, layer.router)
-    }
+    touched = [layer.experts, *layer.router.modules()]  # the router's own children too
+    saved = {m: (dict(m.named_parameters(recurse=False)), dict(m._buffers)) for m in touched}
     parent = layer.name.rpartition(".")[0]
     owners = [layer.name, layer.router_name, parent]
     layer_edits: dict[str, dict[str, int]] = {}
-    _slice_first_dim_(layer.experts, layer.count, keep)
-    _slice_first_dim_(layer.router, layer.count, keep)
+    for module in dict.fromkeys(touched):
+        _slice_experts_(module, layer.count, keep)
+    if isinstance(layer.scorer, nn.Linear):
+        layer.scorer.out_features = layer.count - drop
     _lower_counts_(model, owners, layer.count, layer.count - drop, layer_edits)
     try:
         with torch.no_grad():
@@ -292,6 +323,8 @@ def _remove_(
             for name, param in params.items():
                 setattr(module, name, param)
             module._buffers.update(buffers)
+        if isinstance(layer.scorer, nn.Linear):
+            layer.scorer.out_features = layer.count
         _restore_counts(model, owners, layer_edits, layer.count)
         raise ConfigError(
             f"{layer.name} fails with fewer experts ({type(exc).__name__}: "
