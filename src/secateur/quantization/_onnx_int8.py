@@ -16,6 +16,7 @@ the original file.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import os
@@ -103,10 +104,25 @@ def _reader(ortq: Any, feeds: Iterator[dict[str, np.ndarray]]) -> Any:
     return _Reader()
 
 
+@contextlib.contextmanager
+def _working_dir(folder: Path) -> Iterator[None]:
+    """``contextlib.chdir`` for Python 3.10: the process's working directory, for the block."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _pre_process(ortq: Any, src: Path, folder: Path) -> Path:
     out = folder / "pre.onnx"
     try:
-        ortq.quant_pre_process(str(src), str(out))
+        # ONNX Runtime's symbolic shape inference saves a "sym_shape_infer_temp.onnx" (and
+        # its external data) into the working directory when it gives up: run it from the
+        # temporary folder, so nothing is left beside the user's files
+        with _working_dir(folder):
+            ortq.quant_pre_process(str(src.resolve()), str(out.resolve()))
     except Exception:  # shape inference cannot handle every graph; quantizing still works
         return src
     return out if out.is_file() else src
