@@ -16,7 +16,7 @@ from secateur._experts import ExpertInputs, expert_stacks
 from secateur.errors import ConfigError
 from secateur.export import CompressionConfig, load_compressed, save_compressed
 from secateur.importance._statistics import collect_statistics
-from secateur.measure import count_params, layer_sparsity
+from secateur.measure import count_macs, count_params, layer_sparsity
 from secateur.pruning import (
     SparseGPTConfig,
     UnstructuredConfig,
@@ -72,11 +72,17 @@ def test_expert_stacks_are_found_and_routers_are_not() -> None:
     assert not set(prunable_weights(model, exclude=("*down_proj",))) & set(STACKS[1::2])
 
 
-@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
-def test_expert_inputs_agree_across_kernels(implementation: str) -> None:
-    """The rows each expert multiplied are seen through F.linear on a slice (eager), grouped_mm
-    and bmm on gathered weights (batched_mm) alike; every token meets top-k=2 experts."""
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "fallback"])
+def test_expert_inputs_agree_across_kernels(implementation: str, monkeypatch) -> None:
+    """The rows each expert multiplied are seen through F.linear on a slice (eager), grouped_mm,
+    its fallback op (old torch, unaligned weights) and bmm on gathered weights (batched_mm)
+    alike; every token meets top-k=2 experts."""
     reference = collect_statistics(_mixtral("grouped_mm"), _batches(), ["activations"]).experts
+    if implementation == "fallback":
+        from transformers.integrations import moe
+
+        monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *args: False)
+        implementation = "grouped_mm"
     other = collect_statistics(_mixtral(implementation), _batches(), ["activations"]).experts
     assert sorted(reference) == sorted(STACKS)
     for name in STACKS:
@@ -364,17 +370,18 @@ def test_qwen2_moe_experts_go_beside_a_shared_expert() -> None:
 
 
 class _FixedCountBlock(nn.Module):
-    """A toy MoE layer whose code hard-codes its four experts."""
+    """A toy MoE layer; with ``strict`` its code hard-codes its four experts."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = True) -> None:
         super().__init__()
         self.gate = nn.Linear(8, 4, bias=False)
         self.gate.num_experts, self.gate.top_k = 4, 1
         self.experts = _ToyExperts()
+        self.strict = strict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.gate(x).softmax(-1).topk(1, dim=-1)
-        assert self.gate.weight.shape[0] == 4, "four experts expected"
+        assert not self.strict or self.gate.weight.shape[0] == 4, "four experts expected"
         return self.experts(x, index, weights)
 
 
@@ -390,17 +397,28 @@ class _ToyExperts(nn.Module):
 
 
 def test_expert_removal_errors_and_undo() -> None:
-    block = _FixedCountBlock()
-    assert "experts.up" not in prunable_weights(block)  # no is_transposed: layout unknown
+    """A layer whose code breaks with fewer experts undoes the whole removal, the layers
+    already done included; the model is left as it was."""
+    model = nn.Sequential(_FixedCountBlock(strict=False), _FixedCountBlock()).train()
+    assert "0.experts.up" not in prunable_weights(model)  # no is_transposed: layout unknown
     x = torch.randn(16, 8)
-    before = {n: p.detach().clone() for n, p in block.named_parameters()}
-    with pytest.raises(ConfigError, match="experts fails with fewer experts.*exclude"):
-        prune_(block, ExpertConfig(ratio=0.5), calibration=[x])
-    assert {n: p.shape for n, p in block.named_parameters()} == {
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match=r"1\.experts fails with fewer experts.*nothing was"):
+        prune_(model, ExpertConfig(ratio=0.5), calibration=[x])
+    assert {n: p.shape for n, p in model.named_parameters()} == {
         n: p.shape for n, p in before.items()
     }
-    assert block.experts.num_experts == block.gate.num_experts == 4
-    assert all(torch.equal(p, before[n]) for n, p in block.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    for block in model:
+        assert block.experts.num_experts == block.gate.num_experts == block.gate.out_features == 4
+    assert model.training and not hasattr(model, "secateur_attributes")
+    result = prune_(model, ExpertConfig(ratio=0.5, exclude=("1.experts",)), calibration=[x])
+    assert list(result.removed) == ["0.experts"] and model[0].gate.out_features == 2
+    with pytest.raises(ConfigError, match="re-iterable"):
+        prune_(model, ExpertConfig(), calibration=iter([x]))
+    with pytest.raises(ConfigError, match="sequence of fnmatch patterns"):
+        ExpertConfig(exclude="1.experts")
+    block = _FixedCountBlock()
     with pytest.raises(ConfigError, match="no mixture-of-experts layer"):
         prune_(nn.Linear(4, 4), ExpertConfig(), calibration=[torch.randn(2, 4)])
     with pytest.raises(ConfigError, match="pass calibration"):
@@ -444,6 +462,15 @@ def test_moe_families_prune_by_weight_and_by_expert(family: str) -> None:
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
     stacks = expert_stacks(base)
     assert stacks
+    seen = collect_statistics(base, _calibration(), ["activations"]).experts
+    assert set(seen) == set(stacks)  # Wanda reads every stack's routed rows
+    if family == "gpt_oss":  # its eager experts multiply by x @ stack[e]
+        eager = copy.deepcopy(base)
+        eager.set_experts_implementation("eager")
+        again = collect_statistics(eager, _calibration(), ["activations"]).experts
+        for name in stacks:
+            torch.testing.assert_close(again[name].sq_sum, seen[name].sq_sum)
+        assert count_macs(eager, _ids()) == count_macs(base, _ids())
     for pruning in (UnstructuredConfig(nm="2:4", criterion="wanda"), SparseGPTConfig(nm="2:4")):
         model = copy.deepcopy(base)
         prune_(model, pruning, calibration=_calibration())
@@ -457,3 +484,18 @@ def test_moe_families_prune_by_weight_and_by_expert(family: str) -> None:
     assert all(model.get_parameter(name).shape[0] == 2 for name in stacks)
     with torch.no_grad():
         assert torch.isfinite(model(**_ids()).logits).all()
+
+
+def test_the_fallback_grouped_kernel_is_traced_and_counted(monkeypatch) -> None:
+    """transformers falls back to its own grouped_mm op on old torch or unaligned weights:
+    MACs and the structural trace see it as they see grouped_mm."""
+    from transformers.integrations import moe
+
+    from secateur.pruning import StructuredConfig
+
+    reference = count_macs(_mixtral(), _ids())
+    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *args: False)
+    model = _mixtral()
+    assert count_macs(model, _ids()) == reference
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("channel",)), example_inputs=_ids())
+    assert model.model.layers[0].mlp.experts.down_proj.shape == (4, 64, 64)

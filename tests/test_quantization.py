@@ -151,3 +151,17 @@ def test_prune_finetune_quantize_composes(tmp_path, digits: DataSplits) -> None:
     expected, got = _logits(model, digits), _logits(runner, digits)
     assert float((expected.argmax(1) == got.argmax(1)).float().mean()) >= AGREEMENT
     assert evaluate(runner, digits.test) >= evaluate(model, digits.test) - 0.03
+
+
+def test_pre_processing_runs_on_a_relative_path(tmp_path, monkeypatch) -> None:
+    """ONNX Runtime's pre-processing runs from a temporary folder (it may drop files in the
+    working directory): a path relative to the caller's directory must still reach it."""
+    from secateur.quantization._onnx_int8 import _modules, _pre_process
+
+    export_onnx(create_model("lenet5"), torch.zeros(1, 1, 28, 28), tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "work"
+    folder.mkdir()
+    prepared = _pre_process(_modules()[1], Path("m.onnx"), folder)
+    assert prepared == (folder / "pre.onnx").resolve() and prepared.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "work"]

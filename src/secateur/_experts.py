@@ -25,7 +25,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "total_experts", "n_routed_experts")
-_GROUPED = ("grouped_mm", "_grouped_mm")
+_GROUPED = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
+_MATMUL = ("matmul", "__matmul__", "mm")
+
+
+def op_name(func: object) -> str:
+    """A torch function's name without an operator overload's suffix (``"x.default"``)."""
+    return str(getattr(func, "__name__", "")).partition(".")[0]
 
 
 def _counts_experts(module: nn.Module, experts: int) -> bool:
@@ -142,7 +148,8 @@ class ExpertInputs(TorchFunctionMode):
     """While active, records the input rows each expert matrix of ``stacks`` multiplies into
     ``self.features`` (parameter name → :class:`ExpertFeatures`).
 
-    Seen: ``F.linear(x, stack[e])`` (one expert's slice, a view of the stack),
+    Seen: ``F.linear(x, stack[e])`` or ``x @ stack[e]`` (one expert's slice, a view of the
+    stack, as transformers' ``eager`` experts run it),
     ``grouped_mm(x, stack or stack.mT, offs=...)`` (rows of ``x`` grouped by expert) and
     ``bmm`` on ``stack[expert_ids]``, one gathered matrix per row (transformers' ``eager``,
     ``grouped_mm`` and ``batched_mm`` experts). Other kernels go unseen.
@@ -160,17 +167,21 @@ class ExpertInputs(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        if self.params and name == "__getitem__" and len(args) == 2:
+        name = op_name(func)
+        if not self.params or not args:
+            return out
+        if name == "__getitem__" and len(args) == 2:
             self._remember_gather(args[0], args[1], out)
-        elif self.params and name == "bmm" and len(args) == 2:
+        elif name == "bmm" and len(args) == 2:
             self._batched(*args)
-        if self.params and args and name in ("linear", *_GROUPED):
+        elif name in ("linear", *_MATMUL, *_GROUPED):
             weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("mat2"))
             x = args[0]
             if isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor):
                 if name == "linear" and weight.dim() == 2:
-                    self._one(x, weight)
+                    self._one(x, weight, inputs_axis=1)
+                elif name in _MATMUL and weight.dim() == 2:
+                    self._one(x, weight, inputs_axis=0)  # x @ W: W's rows are the inputs
                 elif name in _GROUPED and weight.dim() == 3:
                     self._grouped(x, weight, kwargs.get("offs", args[2] if len(args) > 2 else None))
         return out
@@ -211,13 +222,19 @@ class ExpertInputs(TorchFunctionMode):
                 return name, param
         return None
 
-    def _one(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+    def _one(self, x: torch.Tensor, weight: torch.Tensor, inputs_axis: int) -> None:
+        """``F.linear(x, W)`` (inputs along W's axis 1) or ``x @ W`` (axis 0) where ``W`` is
+        one expert's matrix of a stack, or its transpose."""
         owner = self._owner(weight)
-        if owner is None or x.shape[-1] != weight.shape[-1]:
+        if owner is None or x.shape[-1] != weight.shape[inputs_axis]:
             return
         name, param = owner
-        expert = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
-        if 0 <= expert < param.shape[0]:
+        matrix = tuple(param.shape[1:])
+        if tuple(weight.shape) not in (matrix, matrix[::-1]) or param.stride(0) <= 0:
+            return  # not one expert's whole matrix (a reshaped stack, a part of one)
+        offset = weight.storage_offset() - param.storage_offset()
+        expert, within = divmod(offset, param.stride(0))
+        if within == 0 and 0 <= expert < param.shape[0]:
             rows = x.reshape(-1, x.shape[-1])
             self.take(name, torch.full((rows.shape[0],), expert, device=x.device), rows)
 

@@ -6,8 +6,9 @@ whichever is smaller; see ``_codec``) plus their values, encoded as:
 
 * ``exact``: the tensor's own dtype, bit for bit (lossless);
 * ``float16``: half precision;
-* ``int8``: symmetric linear codes with one float32 scale per output row (per row of each
-  expert's matrix for an expert stack; the header's ``rows`` says how many);
+* ``int8``: symmetric linear codes with one float32 scale per output row (for an expert
+  stack, per stored row of each expert's matrix: an output unit, or an input feature when the
+  stack is kept ``(in, out)``; the header's ``rows`` says how many);
 * ``codebook``: ``bits``-bit codes into a per-layer table of at most ``2**bits`` float32 values.
   A layer with that few distinct non-zeros (e.g. after ``quantization.cluster_weights_`` and
   centroid fine-tuning) is stored exactly; otherwise it is clustered by k-means here.

@@ -51,7 +51,7 @@ MATMUL = {"matmul", "__matmul__", "bmm"}
 SOFTMAX = {"softmax", "log_softmax", "_softmax", "roll", "cumsum", "flip"}
 NORM_FN = {"layer_norm", "rms_norm"}
 LINEAR_FN = {"linear"}
-GROUPED_MM = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+GROUPED_MM = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback", "grouped_mm_fallback.default"}
 
 
 def picks_rows(index: torch.Tensor) -> bool:

@@ -13,7 +13,8 @@ per weight element per output position it is applied at:
   module never runs): its q, k and v projections per row of query, key and value, and its
   output projection per row of query, each ``in * out`` as for a Linear.
 * Weights applied outside such layers, as mixture-of-experts layers do with stacked expert
-  tensors: each ``F.linear`` call as a Linear, and each ``grouped_mm(x, w, offs)`` call
+  tensors: each ``F.linear`` call, and each ``x @ W`` with ``W`` a parameter or a 2-D slice of
+  one, as a Linear, and each ``grouped_mm(x, w, offs)`` call
   ``in * out`` per row of ``x`` (each row meets one expert's matrix; ``nonzero`` counts the
   non-zero weights of the expert that row meets), and each ``bmm`` on a gathered
   ``stack[expert_ids]`` (one matrix per row) one MAC per gathered weight.
@@ -37,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from .._inputs import split_inputs
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_GROUPED_NAMES = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -85,7 +87,7 @@ class _FunctionalMacs(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.inside == 0 and args:
-            name = getattr(func, "__name__", "")
+            name = str(getattr(func, "__name__", "")).partition(".")[0]  # "op.default" -> "op"
             if name == "__getitem__" and _gathers_matrices(args, out):
                 self.gathered = {k: r for k, r in self.gathered.items() if r() is not None}
                 self.gathered[id(out)] = weakref.ref(out)
@@ -100,7 +102,11 @@ class _FunctionalMacs(TorchFunctionMode):
                 rows = _rows(args[0])
                 self.dense += rows * weight.numel()
                 self.nonzero += rows * int((weight.detach() != 0).sum())
-            elif name in ("grouped_mm", "_grouped_mm") and isinstance(weight, torch.Tensor):
+            elif name in ("matmul", "__matmul__", "mm") and _parameter_matrix(weight):
+                rows = _rows(args[0])  # x @ W with W a parameter's 2-D slice (eager experts)
+                self.dense += rows * weight.numel()
+                self.nonzero += rows * int((weight.detach() != 0).sum())
+            elif name in _GROUPED_NAMES and isinstance(weight, torch.Tensor):
                 self._grouped(
                     args[0], weight, kwargs.get("offs", args[2] if len(args) > 2 else None)
                 )
@@ -115,6 +121,13 @@ class _FunctionalMacs(TorchFunctionMode):
         nonzero = (weight.detach() != 0).flatten(1).sum(1).tolist()
         self.dense += sum(rows) * per_expert
         self.nonzero += sum(r * int(n) for r, n in zip(rows, nonzero, strict=True))
+
+
+def _parameter_matrix(weight: object) -> bool:
+    """A 2-D parameter, or a 2-D view of one (one expert's matrix of a stack)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    return isinstance(weight, nn.Parameter) or isinstance(weight._base, nn.Parameter)
 
 
 def _gathers_matrices(args: tuple, out: object) -> bool:

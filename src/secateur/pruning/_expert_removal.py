@@ -26,6 +26,7 @@ default) shifts every token's weights slightly.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,11 @@ class ExpertConfig:
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise ConfigError(
+                f"exclude={self.exclude!r} must be a sequence of fnmatch patterns, e.g. "
+                "('model.layers.0.*',)"
+            )
         if self.criterion not in CRITERIA:
             raise ConfigError(
                 f"criterion={self.criterion!r} is not an expert criterion: choose "
@@ -224,12 +230,15 @@ def _lower_counts_(
                 edits.setdefault(module_name, {})[attr] = new
 
 
-def _top_k(router: nn.Module) -> int:
-    for attr in ("top_k", "num_experts_per_tok"):
-        value = getattr(router, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return 1
+def _top_k(layer: _Layer, model: nn.Module) -> int:
+    """How many experts each token meets: the router's, experts module's or block's count."""
+    parent = model.get_submodule(layer.name.rpartition(".")[0])
+    for module in (layer.router, layer.experts, parent):
+        for attr in ("top_k", "num_experts_per_tok", "moe_k"):
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return 1  # unknown: the forward check catches a layer left with too few
 
 
 def prune_experts_(
@@ -238,12 +247,13 @@ def prune_experts_(
     """Remove the lowest-scoring ``config.ratio`` of the experts of every MoE layer, in place.
 
     Args:
-        calibration: batches the model runs on to read the routing (required).
+        calibration: re-iterable batches the model runs on to read the routing (required).
         check: inputs to run the pruned model on (default: the first calibration batch).
 
     Raises:
-        ConfigError: no MoE layer (or all excluded), no calibration batch, routing that cannot
-            be read, or a layer whose code fails with fewer experts (that layer is restored).
+        ConfigError: no MoE layer (or all excluded), no calibration batch or a one-shot
+            iterator, routing that cannot be read, or a layer whose code fails with fewer
+            experts (then every layer is restored: the model is as it was).
 
     Example:
         >>> from secateur import create_model  # doctest: +SKIP
@@ -264,21 +274,44 @@ def prune_experts_(
         )
     if calibration is None:
         raise ConfigError("expert removal reads the routing: pass calibration=batches")
+    if isinstance(calibration, Iterator):
+        raise ConfigError(
+            "calibration must be re-iterable (read for the routing, then to check the model): "
+            "pass a list of batches or a data split"
+        )
     scores = _routing_scores(model, layers, calibration, config.criterion)
     before = sum(p.numel() for p in model.parameters())
-    edits: dict[str, dict[str, int]] = getattr(model, "secateur_attributes", {})
-    removed: dict[str, tuple[int, ...]] = {}
     if check is None:
         device = next(model.parameters()).device
         check = next(iter(iter_calibration(calibration, device=device)))[0]
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
+    removed: dict[str, tuple[int, ...]] = {}
+    done: list[_Removal] = []
     try:
         for layer in layers:
-            gone = _remove_(model, layer, scores[layer.name], config.ratio, check, edits)
-            if gone:
-                removed[layer.name] = gone
+            removal = _Removal(model, layer, scores[layer.name], config.ratio)
+            if not removal.gone:
+                continue
+            done.append(removal)
+            try:
+                with torch.no_grad():
+                    call_model(model.eval(), check)
+            except Exception as exc:  # this layer's code needs the old count: undo them all
+                for earlier in reversed(done):
+                    earlier.undo()
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise ConfigError(
+                    f"{layer.name} fails with fewer experts ({type(exc).__name__}: {first}); "
+                    f"nothing was removed: exclude it (exclude=({layer.name!r},))"
+                ) from None
+            removed[layer.name] = removal.gone
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
+    edits: dict[str, dict[str, int]] = getattr(model, "secateur_attributes", {})
+    for removal in done:
+        for module_name, attrs in removal.edits.items():
+            edits.setdefault(module_name, {}).update(attrs)
     if edits:
         model.secateur_attributes = edits
     return ExpertResult(
@@ -289,56 +322,41 @@ def prune_experts_(
     )
 
 
-def _remove_(
-    model: nn.Module,
-    layer: _Layer,
-    scores: torch.Tensor,
-    ratio: float,
-    check: Any,
-    edits: dict[str, dict[str, int]],
-) -> tuple[int, ...]:
-    """Remove ``layer``'s lowest-scoring experts; run ``check``; undo and raise if it fails."""
-    drop = min(int(ratio * layer.count), layer.count - _top_k(layer.router))
-    if drop <= 0:
-        return ()
-    order = torch.sort(scores, stable=True).indices
-    gone = torch.sort(order[:drop]).values
-    keep = torch.ones(layer.count, dtype=torch.bool)
-    keep[gone] = False
-    touched = [layer.experts, *layer.router.modules()]  # the router's own children too
-    saved = {m: (dict(m.named_parameters(recurse=False)), dict(m._buffers)) for m in touched}
-    parent = layer.name.rpartition(".")[0]
-    owners = [layer.name, layer.router_name, parent]
-    layer_edits: dict[str, dict[str, int]] = {}
-    for module in dict.fromkeys(touched):
-        _slice_experts_(module, layer.count, keep)
-    if isinstance(layer.scorer, nn.Linear):
-        layer.scorer.out_features = layer.count - drop
-    _lower_counts_(model, owners, layer.count, layer.count - drop, layer_edits)
-    try:
-        with torch.no_grad():
-            call_model(model.eval(), check)
-    except Exception as exc:  # the layer's code needs the old count: undo, then say so
-        for module, (params, buffers) in saved.items():
+class _Removal:
+    """Removes ``layer``'s lowest-scoring experts on construction (``gone``: their original
+    indices, empty when none may go); :meth:`undo` puts everything back."""
+
+    def __init__(self, model: nn.Module, layer: _Layer, scores: torch.Tensor, ratio: float):
+        self.layer = layer
+        self.edits: dict[str, dict[str, int]] = {}
+        drop = min(int(ratio * layer.count), layer.count - _top_k(layer, model))
+        self.gone: tuple[int, ...] = ()
+        if drop <= 0:
+            return
+        order = torch.sort(scores, stable=True).indices
+        gone = torch.sort(order[:drop]).values
+        keep = torch.ones(layer.count, dtype=torch.bool)
+        keep[gone] = False
+        touched = dict.fromkeys([layer.experts, *layer.router.modules()])  # router's children too
+        self.saved = {
+            m: (dict(m.named_parameters(recurse=False)), dict(m._buffers)) for m in touched
+        }
+        names = [layer.name, layer.router_name, layer.name.rpartition(".")[0]]
+        self.owners = {name: model.get_submodule(name) for name in names}
+        for module in touched:
+            _slice_experts_(module, layer.count, keep)
+        if isinstance(layer.scorer, nn.Linear):
+            layer.scorer.out_features = layer.count - drop
+        _lower_counts_(model, names, layer.count, layer.count - drop, self.edits)
+        self.gone = tuple(int(i) for i in gone)
+
+    def undo(self) -> None:
+        for module, (params, buffers) in self.saved.items():
             for name, param in params.items():
                 setattr(module, name, param)
             module._buffers.update(buffers)
-        if isinstance(layer.scorer, nn.Linear):
-            layer.scorer.out_features = layer.count
-        _restore_counts(model, owners, layer_edits, layer.count)
-        raise ConfigError(
-            f"{layer.name} fails with fewer experts ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); exclude it "
-            f"(exclude=({layer.name!r},))"
-        ) from None
-    for module_name, attrs in layer_edits.items():
-        edits.setdefault(module_name, {}).update(attrs)
-    return tuple(int(i) for i in gone)
-
-
-def _restore_counts(
-    model: nn.Module, names: list[str], edits: dict[str, dict[str, int]], count: int
-) -> None:
-    for module_name in names:
-        for attr in edits.get(module_name, {}):
-            setattr(model.get_submodule(module_name), attr, count)
+        if isinstance(self.layer.scorer, nn.Linear):
+            self.layer.scorer.out_features = self.layer.count
+        for name, module in self.owners.items():
+            for attr in self.edits.get(name, {}):
+                setattr(module, attr, self.layer.count)

@@ -116,13 +116,13 @@ def _working_dir(folder: Path) -> Iterator[None]:
 
 
 def _pre_process(ortq: Any, src: Path, folder: Path) -> Path:
-    out = folder / "pre.onnx"
+    src, out = src.resolve(), (folder / "pre.onnx").resolve()  # before leaving the cwd
     try:
         # ONNX Runtime's symbolic shape inference saves a "sym_shape_infer_temp.onnx" (and
         # its external data) into the working directory when it gives up: run it from the
         # temporary folder, so nothing is left beside the user's files
         with _working_dir(folder):
-            ortq.quant_pre_process(str(src.resolve()), str(out.resolve()))
+            ortq.quant_pre_process(str(src), str(out))
     except Exception:  # shape inference cannot handle every graph; quantizing still works
         return src
     return out if out.is_file() else src
