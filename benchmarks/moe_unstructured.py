@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from llm_decode_speed import PRESETS  # Qwen1.5-MoE-A2.7B's widths, as the speed benchmark
 from torch.nn.utils import prune as torch_prune
 
 from secateur import SparseGPTConfig, UnstructuredConfig, create_model, prune_, save_model
@@ -41,17 +42,7 @@ from secateur._experts import expert_stacks
 from secateur.export import CompressionConfig, save_compressed
 from secateur.pruning import prunable_weights
 
-WIDTHS = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    moe_intermediate_size=1408,
-    shared_expert_intermediate_size=5632,
-    num_experts=16,
-    num_experts_per_tok=4,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    max_position_embeddings=512,
-)
+WIDTHS = {k: v for k, v in PRESETS["qwen2_moe"][1].items() if k != "vocab_size"}
 HEAD = ("lm_head",)
 
 
