@@ -148,11 +148,11 @@ class ExpertInputs(TorchFunctionMode):
     """While active, records the input rows each expert matrix of ``stacks`` multiplies into
     ``self.features`` (parameter name → :class:`ExpertFeatures`).
 
-    Seen: ``F.linear(x, stack[e])`` or ``x @ stack[e]`` (one expert's slice, a view of the
-    stack, as transformers' ``eager`` experts run it),
-    ``grouped_mm(x, stack or stack.mT, offs=...)`` (rows of ``x`` grouped by expert) and
-    ``bmm`` on ``stack[expert_ids]``, one gathered matrix per row (transformers' ``eager``,
-    ``grouped_mm`` and ``batched_mm`` experts). Other kernels go unseen.
+    Seen, as transformers' experts run them: ``F.linear(x, stack[e])`` or ``x @ stack[e]``
+    on one expert's whole matrix, a view of the stack (``eager``); ``grouped_mm(x, stack or
+    stack.mT, offs=...)`` and transformers' fallback op, rows of ``x`` grouped by expert
+    (``grouped_mm``); ``bmm`` on ``stack[expert_ids]``, one gathered matrix per row
+    (``batched_mm``). Other kernels go unseen.
     """
 
     def __init__(self, model: nn.Module, names: list[str] | None = None) -> None:
