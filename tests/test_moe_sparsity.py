@@ -425,6 +425,11 @@ def test_expert_removal_errors_and_undo() -> None:
         prune_(block, ExpertConfig())
     with pytest.raises(ConfigError, match="criterion='nope'"):
         ExpertConfig(criterion="nope")
+    first = prune_(_mixtral(), ExpertConfig(ratio=0.5, criterion="random"), calibration=[_ids()])
+    again = prune_(_mixtral(), ExpertConfig(ratio=0.5, criterion="random"), calibration=[_ids()])
+    by_mass = prune_(_mixtral(), ExpertConfig(ratio=0.5), calibration=[_ids()])
+    assert first.removed == again.removed  # seeded
+    assert first.scores != by_mass.scores and all(len(g) == 2 for g in first.removed.values())
 
 
 MOE_FAMILIES = {

@@ -14,7 +14,8 @@ Scores come from the calibration data, read where transformers' experts modules 
 
 - ``mass``: the routing weight each expert received, summed over tokens (how much of the
   layer's output it makes);
-- ``frequency``: how many tokens were routed to it.
+- ``frequency``: how many tokens were routed to it;
+- ``random``: seeded uniform scores, the control the others should beat.
 
 An expert the calibration never reached scores 0 and goes first. The model is run once more
 after the removal; a layer whose code breaks on fewer experts is restored and named in the
@@ -39,7 +40,7 @@ from .._experts import EXPERT_COUNTS, expert_stacks
 from .._inputs import call_model
 from ..errors import ConfigError
 
-CRITERIA = ("mass", "frequency")
+CRITERIA = ("mass", "frequency", "random")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class ExpertConfig:
     Attributes:
         ratio: fraction in [0, 1) of each layer's experts to remove (rounded down); at least
             the router's top-k experts always stay.
-        criterion: ``mass`` (routing weight received) or ``frequency`` (tokens received).
+        criterion: ``mass`` (routing weight received), ``frequency`` (tokens received) or
+            ``random`` (the control; the routing is still read, to check the model runs).
         exclude: fnmatch patterns of experts module names to leave whole.
     """
 
@@ -189,6 +191,11 @@ def _routing_scores(
             f"the experts of {', '.join(unseen)} were not called as experts(hidden_states, "
             "top_k_index, top_k_weights), so their routing cannot be read: exclude them"
         )
+    if criterion == "random":
+        generator = torch.Generator().manual_seed(0)
+        return {
+            name: torch.rand(r.mass.numel(), generator=generator) for name, r in routing.items()
+        }
     return {name: getattr(r, criterion) for name, r in routing.items()}
 
 
