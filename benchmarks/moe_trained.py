@@ -32,12 +32,10 @@ import time
 import torch
 import transformers
 from minilm_fidelity import more_sentences
-from torch.nn.utils import prune as torch_prune
+from moe_unstructured import HEAD as KEEP  # the head tied to the embeddings
+from moe_unstructured import peer  # torch.nn.utils.prune, global L1
 
 from secateur import ExpertConfig, SparseGPTConfig, UnstructuredConfig, prune_
-from secateur.pruning import prunable_weights
-
-KEEP = ("lm_head",)  # tied to the embeddings
 
 
 def windows(length: int) -> tuple[torch.Tensor, int]:
@@ -103,16 +101,6 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor) -> float:
     return math.exp(total / count)
 
 
-def peer(model: torch.nn.Module) -> None:
-    targets = []
-    for name in prunable_weights(model, KEEP):
-        module_name, attr = name.rsplit(".", 1)
-        targets.append((model.get_submodule(module_name), attr))
-    torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=0.5)
-    for module, attr in targets:
-        torch_prune.remove(module, attr)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -137,7 +125,7 @@ def main() -> None:
 
     methods = {
         "dense": None,
-        "torch.nn.utils.prune L1 global 50%": peer,
+        "torch.nn.utils.prune L1 global 50%": lambda m: peer(m, 0.5),
         "secateur magnitude global 50%": weights(UnstructuredConfig(sparsity=0.5, exclude=KEEP)),
         "secateur wanda 50%": weights(
             UnstructuredConfig(sparsity=0.5, criterion="wanda", scope="layer", exclude=KEEP)

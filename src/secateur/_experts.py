@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "total_experts", "n_routed_experts")
-_GROUPED = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
+GROUPED = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
 _MATMUL = ("matmul", "__matmul__", "mm")
 
 
@@ -174,7 +174,7 @@ class ExpertInputs(TorchFunctionMode):
             self._remember_gather(args[0], args[1], out)
         elif name == "bmm" and len(args) == 2:
             self._batched(*args)
-        elif name in ("linear", *_MATMUL, *_GROUPED):
+        elif name in ("linear", *_MATMUL, *GROUPED):
             weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("mat2"))
             x = args[0]
             if isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor):
@@ -182,7 +182,7 @@ class ExpertInputs(TorchFunctionMode):
                     self._one(x, weight, inputs_axis=1)
                 elif name in _MATMUL and weight.dim() == 2:
                     self._one(x, weight, inputs_axis=0)  # x @ W: W's rows are the inputs
-                elif name in _GROUPED and weight.dim() == 3:
+                elif name in GROUPED and weight.dim() == 3:
                     self._grouped(x, weight, kwargs.get("offs", args[2] if len(args) > 2 else None))
         return out
 
@@ -213,12 +213,10 @@ class ExpertInputs(TorchFunctionMode):
             return
 
     def _owner(self, weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        try:
-            storage = weight.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # a functorch or fake tensor has none
-            return None
+        """The stack ``weight`` is (or is a view of: a slice, a transpose)."""
+        root = weight if weight._base is None else weight._base
         for name, param in self.params.items():
-            if param.untyped_storage().data_ptr() == storage:
+            if root is param:
                 return name, param
         return None
 

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .._experts import GROUPED, op_name
 from .._inputs import split_inputs
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_GROUPED_NAMES = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -87,7 +87,7 @@ class _FunctionalMacs(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.inside == 0 and args:
-            name = str(getattr(func, "__name__", "")).partition(".")[0]  # "op.default" -> "op"
+            name = op_name(func)
             if name == "__getitem__" and _gathers_matrices(args, out):
                 self.gathered = {k: r for k, r in self.gathered.items() if r() is not None}
                 self.gathered[id(out)] = weakref.ref(out)
@@ -106,7 +106,7 @@ class _FunctionalMacs(TorchFunctionMode):
                 rows = _rows(args[0])  # x @ W with W a parameter's 2-D slice (eager experts)
                 self.dense += rows * weight.numel()
                 self.nonzero += rows * int((weight.detach() != 0).sum())
-            elif name in _GROUPED_NAMES and isinstance(weight, torch.Tensor):
+            elif name in GROUPED and isinstance(weight, torch.Tensor):
                 self._grouped(
                     args[0], weight, kwargs.get("offs", args[2] if len(args) > 2 else None)
                 )
