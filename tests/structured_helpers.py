@@ -51,6 +51,21 @@ def silence_(model: nn.Module, group: Group, units: torch.Tensor) -> None:
                 tensor.index_fill_(dim, idx, 0.0)
 
 
+@torch.no_grad()
+def silence_readers_(model: nn.Module, group: Group, units: torch.Tensor) -> None:
+    """Give ``units`` of ``group`` zero influence from the reading side: every Linear reading
+    them gets zero weight there. For multi-query heads, whose key/value head is shared and not
+    part of the unit, a silenced query alone still yields the mean of the values."""
+    for member in group.members:
+        if member.role != "linear_in":
+            continue
+        module = model.get_submodule(member.module_name)
+        idx = group.feature_indices(member, units)
+        for name, dim in member_slices(member):
+            if name == "weight":
+                module.weight.index_fill_(dim, idx, 0.0)
+
+
 def random_units(group: Group, gen: torch.Generator) -> torch.Tensor:
     count = int(torch.randint(1, max(2, group.size // 2 + 1), (1,), generator=gen))
     return torch.randperm(group.size, generator=gen)[: min(count, group.size - 1)]

@@ -24,7 +24,7 @@ from secateur import StructuredConfig, prune_
 from secateur.graph import build_dependency_graph
 from secateur.measure import count_macs
 from secateur.pruning._structured import apply_removals_, units_to_keep
-from structured_helpers import random_units, silence_
+from structured_helpers import random_units, silence_, silence_readers_
 
 VOCAB, CLASSES, FEATURES, SEQ = 11, 3, 5, 6
 
@@ -224,10 +224,15 @@ def build(arch: Arch, seed: int) -> RandomTransformer:
     return RandomTransformer(arch).eval()
 
 
+def head_units(arch: Arch) -> int:
+    """Units of a layer's head group: one kv head with its query heads; with one kv head
+    (multi-query) each query head alone, the shared kv head staying whole."""
+    return arch.kv_heads if arch.kv_heads >= 2 else arch.heads
+
+
 def heads_are_prunable(arch: Arch) -> bool:
-    """Whether the engine is expected to find one head group per layer: a unit is one kv
-    head with its query heads, so one kv head (MQA) leaves nothing to remove."""
-    return arch.kv_heads >= 2
+    """Whether the engine is expected to find one head group per layer."""
+    return head_units(arch) >= 2
 
 
 def silence_and_remove(arch: Arch, seed: int) -> None:
@@ -242,6 +247,8 @@ def silence_and_remove(arch: Arch, seed: int) -> None:
             continue  # norms pool the hidden channels: removing them is not exact by nature
         units = random_units(group, gen)
         silence_(model, group, units)
+        if group.kind == "head" and arch.kv_heads == 1:
+            silence_readers_(model, group, units)  # the shared value head still reaches o_proj
         removals.append((group, units))
     with torch.no_grad():
         expected = model(x)
@@ -272,7 +279,7 @@ def test_heads_ffn_and_hidden_groups_are_found(arch: Arch, seed: int) -> None:
     assert kinds.count("channel") == arch.layers  # FFN width (SwiGLU's gate and up are one)
     if heads_are_prunable(arch):
         assert kinds.count("head") == arch.layers
-        assert {g.size for g in groups if g.kind == "head"} == {arch.kv_heads}
+        assert {g.size for g in groups if g.kind == "head"} == {head_units(arch)}
 
 
 @settings(max_examples=30, deadline=None)
@@ -306,8 +313,11 @@ def test_any_ratio_prunes_whole_heads_and_costs_less(arch: Arch, seed: int, rati
             for g, (_, after) in zip(groups, result.widths, strict=True)
             if g.kind == "head" and f"{name}.o_proj" in g.module_names()
         }
-        kv_heads = kept.pop() if kept else arch.kv_heads
-        assert (attn.num_kv_heads, attn.num_heads) == (kv_heads, kv_heads * rep)
+        units = kept.pop() if kept else head_units(arch)
+        if arch.kv_heads == 1:  # multi-query: the query heads go, the shared kv head stays
+            assert (attn.num_kv_heads, attn.num_heads) == (1, units)
+        else:
+            assert (attn.num_kv_heads, attn.num_heads) == (units, units * rep)
         assert attn.head_dim == arch.head_dim  # whole heads went, none lost a dim
         q_width, kv_width = attn.num_heads * arch.head_dim, attn.num_kv_heads * arch.head_dim
         if arch.fused:

@@ -33,6 +33,12 @@ CASES: dict[str, dict[str, Any]] = {
     "hf.mixtral": dict(SMALL, task="causal-lm", num_key_value_heads=2, num_local_experts=4),
     "hf.stablelm": dict(SMALL, task="causal-lm", num_key_value_heads=2),
     "hf.olmo": dict(SMALL, task="causal-lm"),  # normalized_shape = (hidden,) follows
+    # head counts read from the shared config: each attention gets its own ConfigView
+    "hf.phi3": dict(SMALL, task="causal-lm", num_key_value_heads=2, pad_token_id=0),
+    "hf.falcon": dict(SMALL, task="causal-lm", new_decoder_architecture=True, num_kv_heads=2),
+    "hf.gpt_bigcode": dict(
+        task="causal-lm", n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32
+    ),
 }
 
 
@@ -137,8 +143,10 @@ def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
         ({"transformer.h.0.attn": {"split_size": 0}}, "positive integer"),
         ({"transformer.h.0.attn": {"split_size": "32"}}, "positive integer"),
         ({"transformer.h.0.attn": 32}, "must map module names"),
+        ({"transformer.h.0.attn": {"config.no_such_count": 2}}, "no integer attribute"),
+        ({"transformer.h.0.attn": {"c_attn.out_features": 2}}, "its config's are edited"),
     ],
-    ids=["no-module", "no-attribute", "zero", "string", "not-a-mapping"],
+    ids=["no-module", "no-attribute", "zero", "string", "not-a-mapping", "config", "nested"],
 )
 def test_bad_attribute_edit_is_artifact_error(
     tmp_path: Path, attributes: dict[str, Any], match: str

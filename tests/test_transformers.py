@@ -9,7 +9,7 @@ from secateur.graph import build_dependency_graph
 from secateur.measure import count_macs
 from secateur.pruning import StructuredConfig, prune_
 from secateur.pruning._structured import apply_removals_
-from structured_helpers import silence_
+from structured_helpers import silence_, silence_readers_
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,6 +28,15 @@ FAMILIES = {
     "gptj": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=32)),
     # OLMo: a LayerNorm without weights whose normalized_shape is a one-int tuple attribute
     "olmo": ("causal-lm", dict(SMALL, max_position_embeddings=32)),
+    # Phi-3: fused q|k|v sliced at bounds read from the shared config (a per-layer ConfigView)
+    "phi3": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
+    # Falcon (new architecture): (kv groups, query heads + k + v, head_dim) view, list indexing
+    "falcon": (
+        "causal-lm",
+        dict(SMALL, new_decoder_architecture=True, num_kv_heads=2, max_position_embeddings=32),
+    ),
+    # GPT-BigCode: multi-query, one key/value head shared by every query head
+    "gpt_bigcode": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
     # mixture of experts: stacked expert weights run by grouped_mm, top-k routing weights
     "mixtral": ("causal-lm", dict(SMALL, num_key_value_heads=2, num_local_experts=4)),
     "qwen2_moe": (
@@ -35,6 +44,8 @@ FAMILIES = {
         dict(SMALL, num_key_value_heads=2, num_experts=4, moe_intermediate_size=32),
     ),
 }
+HEAD_UNITS = {"falcon": 2, "gpt_bigcode": 4}  # kv heads, or query heads under multi-query
+MULTI_QUERY = {"gpt_bigcode"}
 AUTO = {
     "causal-lm": transformers.AutoModelForCausalLM,
     "sequence-classification": transformers.AutoModelForSequenceClassification,
@@ -89,8 +100,8 @@ def test_heads_ffn_and_hidden_are_found(family: str) -> None:
     assert kinds.count("head") == layers
     assert kinds.count("channel") >= layers  # one FFN width per layer
     assert kinds.count("hidden") == 1  # the residual stream, shared by every layer
-    kv_heads = FAMILIES[family][1].get("num_key_value_heads", 4)
-    assert {g.size for g in graph.groups if g.kind == "head"} == {kv_heads}
+    units = HEAD_UNITS.get(family, FAMILIES[family][1].get("num_key_value_heads", 4))
+    assert {g.size for g in graph.groups if g.kind == "head"} == {units}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -106,6 +117,8 @@ def test_removing_silenced_heads_and_neurons_keeps_outputs(family: str) -> None:
             continue  # LayerNorm statistics pool over these: removal is not exact by nature
         units = torch.randperm(group.size, generator=gen)[: max(1, group.size // 2)]
         silence_(model, group, units)
+        if group.kind == "head" and family in MULTI_QUERY:
+            silence_readers_(model, group, units)  # the shared value head still reaches c_proj
         removals.append((group, units))
     reference = _logits(model, x)
     apply_removals_(model, graph, removals)  # also updates GPT-2's split_size

@@ -44,8 +44,8 @@ from .._atomic import atomic_write_bytes, atomic_write_text
 from ..errors import ArtifactError, ConfigError
 from ..pruning._attention import PrunedMultiheadAttention, set_num_heads_
 from ..pruning._depth import replace_with_skip_, skipped_modules
-from ..pruning._structured import one_int, with_width
 from ..pruning._surgery import resize_to_state_
+from ..pruning._width_attributes import one_int, set_width_attribute, width_attribute
 from ..zoo import create_model
 
 MANIFEST_FORMAT = "secateur.model/1"
@@ -92,7 +92,7 @@ def _apply_attributes(model: nn.Module, edits: Any) -> None:
             ) from None
         for attr, value in attrs.items():
             where = f"{module_name}.{attr}" if module_name else str(attr)
-            current = getattr(module, str(attr), None)
+            current = width_attribute(module, str(attr))
             if (isinstance(current, bool) or not isinstance(current, int)) and one_int(
                 current
             ) is None:
@@ -101,7 +101,7 @@ def _apply_attributes(model: nn.Module, edits: Any) -> None:
                 )
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"attribute edit {where} = {value!r}: must be a positive integer")
-            setattr(module, attr, with_width(current, value))
+            set_width_attribute(module, str(attr), value)
     # kept on the model, so that saving it again (or pruning it further) keeps the edits
     model.secateur_attributes = {m: dict(attrs) for m, attrs in edits.items()}
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._shapes import follow_axis, index_axes, intact_axis, merge_run
+from ._shapes import ShapeOnly, drop_ones, follow_axis, index_axes, intact_axis, merge_run
 from ._spaces import Layout, Segment
 
 
@@ -42,7 +42,16 @@ ELEMENTWISE = _words(
     masked_fill masked_fill_
     """
 )
-RESHAPE = {"flatten", "view", "reshape", "unsqueeze", "squeeze", "unflatten", "expand"}
+RESHAPE = {
+    "flatten",
+    "view",
+    "reshape",
+    "unsqueeze",
+    "squeeze",
+    "unflatten",
+    "expand",
+    "broadcast_to",
+}
 REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "max", "min"}
 PERMUTE = {"permute", "transpose", "swapaxes"}
 CAT = {"cat", "concat", "concatenate"}
@@ -90,7 +99,7 @@ class OpRules:
         return self.pointwise(x, layout, dim, out)
 
     def reshape(self, x, layout, dim, out, name, args) -> bool:  # noqa: ANN001
-        if name == "expand" and out.dim() >= x.dim():
+        if name in ("expand", "broadcast_to") and out.dim() >= x.dim():
             off = out.dim() - x.dim()
             if out.shape[dim + off] == x.shape[dim]:
                 self.set(out, layout, dim + off)
@@ -106,6 +115,9 @@ class OpRules:
                 return False
         elif x.shape[dim] != 1 and (moved := intact_axis(x.shape, out.shape, dim)) is not None:
             self.set(out, layout, moved)  # other axes split or merged around the channels
+        elif name != "expand" and (squeezed := drop_ones(x.shape, dim)) is not None:
+            # GPT-BigCode's view of (b, 1, t, heads * hd) as (b, t, heads, hd)
+            return self.reshape(ShapeOnly(squeezed[0]), layout, squeezed[1], out, name, args)
         else:
             return False
         if name in ("view", "reshape"):
@@ -135,7 +147,7 @@ class OpRules:
             self.set(out, layout, dim if dim < a else dim + (b - a - 1))
             return True
         unit = math.prod(out.shape[a + 1 : b])  # features per index of the new outer axis
-        heads = b - a == 2 and a == x.dim() - 1
+        heads = b - a >= 2 and a == x.dim() - 1  # (heads, head_dim); Falcon (kv, g + 2, hd)
         sizes = [self.table.sizes[self.table.find(seg.space)] * seg.factor for seg in layout]
         if any(size % unit for size in sizes):
             return False  # a unit would straddle two spaces
@@ -214,13 +226,20 @@ class OpRules:
         if sel == slice(None):
             self.set(out, layout, out_axis)
             return True
+        if not isinstance(sel, slice):
+            return False  # a list of channels
         start, stop, step = sel.indices(x.shape[dim])
         if step != 1:
             return False
         pieces = self.split_layout(layout, [start, stop])
         if pieces is None:
             return False
-        self.set(out, pieces[0 if start == 0 else 1], out_axis)
+        chosen = pieces[0 if start == 0 else 1]
+        self.set(out, chosen, out_axis)
+        # the bounds were computed from widths (Phi-3's ``qkv[..., :num_heads * head_dim]``)
+        if start > 0:
+            self.note_width(start, pieces[0])
+        self.note_width(stop - start, chosen)
         return True
 
     def narrow_split(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
@@ -244,10 +263,13 @@ class OpRules:
         if pieces is None:
             return False
         sizes = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections")
-        for t, piece in zip(outs, pieces, strict=True):
+        sized = name in ("split", "split_with_sizes")  # not chunk counts or tensor_split indices
+        for i, (t, piece) in enumerate(zip(outs, pieces, strict=True)):
             self.set(t, piece, dim)
-            if isinstance(sizes, int) and name == "split":
+            if sized and isinstance(sizes, int):
                 self.note_width(sizes, piece)
+            elif sized and isinstance(sizes, (tuple, list)) and isinstance(sizes[i], int):
+                self.note_width(sizes[i], piece)  # GPT-BigCode's (embed_dim, kv_dim, kv_dim)
         return True
 
     def fresh_like(self, x, dim, out) -> bool:  # noqa: ANN001
@@ -422,6 +444,9 @@ class OpRules:
         ia, ib = self.info(a), self.info(b)
         if a.dim() < 2 or b.dim() < 2:
             return False
+        shared = self._shared_head(a, b, ia, ib)
+        if shared:
+            ia, ib = (None, ib) if shared == "a" else (ia, None)
         batch = out.dim() - 2
         placed = []
         for t, info, contracted in ((a, ia, a.dim() - 1), (b, ib, b.dim() - 2)):
@@ -444,16 +469,34 @@ class OpRules:
             if layout is None:
                 return False
         elif axis < batch:  # a tracked batch axis against an untracked operand
-            other = b if ia is not None else a
+            other, tracked = (b, a) if ia is not None else (a, b)
             at = axis - (out.dim() - other.dim())
-            if at >= 0 and other.shape[at] != 1:
+            # a shared key/value head may come repeated once per query head (HF's repeat_kv)
+            sizes = (1, tracked.shape[axis - (out.dim() - tracked.dim())]) if shared else (1,)
+            if at >= 0 and other.shape[at] not in sizes:
                 return False
         self.set(out, layout, axis)
         return True
 
+    def _shared_head(self, a, b, ia, ib) -> str | None:  # noqa: ANN001
+        """Eager multi-query attention (``q @ k.T``, ``probs @ v``): one operand carries whole
+        heads on a batch axis, the other channels inside one shared head (on its last two
+        axes). Each head is computed on its own, so the heads go on; the shared head's channels
+        stay whole. Returns which operand ("a" or "b") was set aside, or None."""
+        if ia is None or ib is None or a.dim() < 3 or b.dim() < 3:
+            return None
+        a_heads, b_heads = ia[1] < a.dim() - 2, ib[1] < b.dim() - 2
+        if a_heads == b_heads:
+            return None
+        inner, info = ("b", ib) if a_heads else ("a", ia)
+        self.table.block_layout(info[0], "a key/value head shared by every query head")
+        return inner
+
     def attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
         q, k, v = args[:3]
         infos = [self.info(t) for t in (q, k, v)]
+        if self._multi_query(q, (k, v), infos, out):
+            return True
         if any(i is None for i in infos) or any(
             i[1] != t.dim() - 3 for i, t in zip(infos, (q, k, v), strict=True)
         ):
@@ -467,6 +510,20 @@ class OpRules:
             if layout is None:
                 return False
         self.set(out, layout, out.dim() - 3)
+        return True
+
+    def _multi_query(self, q, kv, infos, out) -> bool:  # noqa: ANN001
+        """Multi-query attention (GPT-BigCode): one key/value head broadcast to every query
+        head, so k and v carry channels only inside the head (their last axis) while q's are
+        whole heads. Each query head then attends on its own: the output's heads are q's; the
+        shared head's channels stay whole."""
+        if infos[0] is None or infos[0][1] != q.dim() - 3:
+            return False
+        if any(i is None or i[1] != t.dim() - 1 for i, t in zip(infos[1:], kv, strict=True)):
+            return False
+        for layout, _ in infos[1:]:
+            self.table.block_layout(layout, "a key/value head shared by every query head")
+        self.set(out, infos[0][0], out.dim() - 3)
         return True
 
     def linear_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001

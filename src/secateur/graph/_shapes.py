@@ -26,6 +26,25 @@ def follow_axis(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
     return None
 
 
+class ShapeOnly:
+    """A stand-in carrying only a shape, for rules that read ``x.shape`` and ``x.dim()``."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def drop_ones(shape: Sequence[int], d: int) -> tuple[tuple[int, ...], int] | None:
+    """``shape`` without its size-1 axes other than ``d``, and where ``d`` lands; None when there
+    are none to drop. A reshape of a tensor equals the same reshape of it squeezed."""
+    keep = [i for i, s in enumerate(shape) if s != 1 or i == d]
+    if len(keep) == len(shape):
+        return None
+    return tuple(shape[i] for i in keep), keep.index(d)
+
+
 def intact_axis(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
     """Axis of a reshape's result that carries axis ``d`` of ``src`` unchanged: same size and
     the same number of elements after it, so every element keeps its index along it."""
@@ -52,9 +71,17 @@ def merge_run(src: Sequence[int], dst: Sequence[int]) -> tuple[int, int] | None:
 def index_axes(shape: Sequence[int], index: Any) -> list[tuple[int, Any]] | None:
     """For a ``tensor[index]``: per input axis, ``(output axis or -1 if removed, selector)``.
 
-    Selectors are ``slice`` objects or ints. None for advanced (tensor/list/bool) indexing.
+    Selectors are ``slice`` objects, ints, or one list of ints (Falcon's ``qkv[:, :, :, [-2]]``:
+    a single advanced index keeps its axis in place). None for other advanced indexing (tensors,
+    bools, several lists, or a list beside an int, which moves the axes to the front).
     """
     items = list(index) if isinstance(index, tuple) else [index]
+    lists = [i for i in items if isinstance(i, list)]
+    if lists:
+        ints = any(isinstance(i, int) and not isinstance(i, bool) for i in items)
+        plain = all(isinstance(v, int) and not isinstance(v, bool) for v in lists[0])
+        if len(lists) > 1 or ints or not plain:
+            return None
     explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
     out: list[tuple[int, Any]] = []
     out_axis = 0
@@ -64,6 +91,9 @@ def index_axes(shape: Sequence[int], index: Any) -> list[tuple[int, Any]] | None
                 out.append((out_axis, slice(None)))
                 out_axis += 1
         elif item is None:
+            out_axis += 1
+        elif isinstance(item, list):
+            out.append((out_axis, item))
             out_axis += 1
         elif isinstance(item, bool) or not isinstance(item, (int, slice)):
             return None

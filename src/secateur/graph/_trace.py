@@ -419,6 +419,14 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         layout, dim = info
         self.called[name] = [s.space for s in layout]
+        if (isinstance(module, nn.Linear) or is_hf_conv1d(module)) and not self.leaf_reads(
+            module, x, dim
+        ):
+            # the channels reach it along another axis than the one it reads (Bloom's attention
+            # output, its heads merged into the batch axis): they stay whole; it writes a new space
+            self.table.block_layout(layout, f"{name} reads them along another axis")
+            self.origin(module, name, out)
+            return
         if not self.leaf(module, name, x, layout, dim, out):
             self.block_all([x], out, f"{type(module).__name__} {name} is not supported here")
 

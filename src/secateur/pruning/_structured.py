@@ -20,6 +20,7 @@ from ..importance._statistics import LossFn
 from ._reconstruct import Refitter
 from ._surgery import remove_units_
 from ._unstructured import Scope, check_per_layer, match_per_layer
+from ._width_attributes import update_width_attributes
 
 
 @dataclass(frozen=True)
@@ -338,55 +339,4 @@ def apply_removals_(
     remove_units_(model, removals, optimizer=optimizer)
     index = {id(g): i for i, g in enumerate(graph.groups)}
     kept = {index[id(g)]: g.size - len(units) for g, units in removals}
-    _update_attributes(model, graph, kept)
-
-
-def one_int(value: Any) -> int | None:
-    """The int in a one-int shape such as OLMo's ``normalized_shape = (hidden,)``, else None."""
-    if isinstance(value, (tuple, list)) and len(value) == 1:
-        (item,) = value
-        if isinstance(item, int) and not isinstance(item, bool):
-            return item
-    return None
-
-
-def with_width(current: Any, width: int) -> Any:
-    """``width`` in the form of ``current``: an int, or a one-int shape of the same type."""
-    return type(current)((width,)) if one_int(current) is not None else width
-
-
-def _within_head(name: str) -> bool:
-    """Whether an attribute names a size inside one head (``head_dim``, BERT's
-    ``attention_head_size``), which never changes since whole heads go; ``all_head_size``
-    (every head's width together) is not one."""
-    return not name.startswith("all_") and ("head_dim" in name or name.endswith("head_size"))
-
-
-def _update_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:
-    edits: dict[str, dict[str, int]] = getattr(model, "secateur_attributes", {})
-    # Match against the values before any rewrite: with grouped-query attention num_heads may
-    # fall to the old num_kv_heads, and must not then be rewritten again as if it were that.
-    before: dict[str, dict[str, Any]] = {}
-    for attr in graph.attributes:
-        new = attr.new_value(kept)
-        if new == attr.value:
-            continue
-        module = model.get_submodule(attr.module_name)
-        original = before.setdefault(attr.module_name, dict(vars(module)))
-        candidates = [
-            name
-            for name, value in original.items()
-            if not name.startswith("_")
-            and not isinstance(value, bool)
-            and ((isinstance(value, int) and value == attr.value) or one_int(value) == attr.value)
-            # holding the same value is not enough: the code at the reshape must have read it
-            and (not attr.names or name in attr.names)
-            and not _within_head(name)
-        ]
-        if spelled := [name for name in candidates if name in attr.spelled]:
-            candidates = spelled  # named in the reshape itself: the others only share the value
-        for name in candidates:
-            setattr(module, name, with_width(original[name], new))
-            edits.setdefault(attr.module_name, {})[name] = new
-    if edits:
-        model.secateur_attributes = edits
+    update_width_attributes(model, graph, kept)

@@ -1,0 +1,251 @@
+"""Module attributes that hold widths, rewritten after surgery so the pruned code runs.
+
+A module's forward often rebuilds shapes from attributes (``view(b, t, self.num_heads, -1)``,
+GPT-2's ``split(self.split_size)``, Phi-3's ``qkv[..., :self.config.num_attention_heads *
+self.head_dim]``). The graph notes every int a reshape, split or slice used that equals a
+prunable width (:class:`~secateur.graph.WidthAttribute`); here the attributes holding it are
+found and set to the new width:
+
+- an int attribute of the module equal to the width, or a head count (a name with ``head`` in
+  it) that times the module's head size (``head_dim``) equals it;
+- the same on the module's ``config`` when its code reads the attribute by name there. A
+  config is shared by every layer, so the module gets its own :class:`ConfigView`: the pruned
+  counts are its own, every other read and write goes to the shared config (so switching the
+  model's attention implementation still reaches it).
+
+Every rewrite is recorded in ``model.secateur_attributes`` (``{module: {"num_heads": 2,
+"config.num_attention_heads": 4}}``) so that a saved model reloads; :func:`set_width_attribute`
+replays one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..graph import DependencyGraph, WidthAttribute
+
+_VIEW_FIELDS = ("_secateur_base", "_secateur_own")
+
+
+class ConfigView:
+    """One module's view of a config shared by many: the attributes in ``own`` read (and
+    write) their own values; every other attribute is the shared config's.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> shared = SimpleNamespace(num_attention_heads=8, sliding_window=None)
+        >>> view = ConfigView(shared, {"num_attention_heads": 4})
+        >>> view.num_attention_heads, shared.num_attention_heads
+        (4, 8)
+        >>> shared.sliding_window = 128
+        >>> view.sliding_window
+        128
+    """
+
+    def __init__(self, base: Any, own: dict[str, Any]) -> None:
+        if isinstance(base, ConfigView):  # a view of a view reads through to the shared one
+            own = {**base._secateur_own, **own}
+            base = base._secateur_base
+        object.__setattr__(self, "_secateur_base", base)
+        object.__setattr__(self, "_secateur_own", dict(own))
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for names not found on the view itself; dunders and the view's own fields
+        # stay local so that copy/deepcopy of a half-built view never recurse
+        if name.startswith("__") or name in _VIEW_FIELDS:
+            raise AttributeError(name)
+        own = self.__dict__.get("_secateur_own", {})
+        if name in own:
+            return own[name]
+        return getattr(self.__dict__["_secateur_base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._secateur_own:
+            self._secateur_own[name] = value
+        else:
+            setattr(self._secateur_base, name, value)
+
+    def __repr__(self) -> str:
+        own = ", ".join(f"{k}={v!r}" for k, v in self._secateur_own.items())
+        return f"ConfigView({type(self._secateur_base).__name__}, {own})"
+
+
+def shared_config(config: Any) -> Any:
+    """The config behind ``config`` (itself unless it is a :class:`ConfigView`)."""
+    return config._secateur_base if isinstance(config, ConfigView) else config
+
+
+def one_int(value: Any) -> int | None:
+    """The int in a one-int shape such as OLMo's ``normalized_shape = (hidden,)``, else None."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        (item,) = value
+        if isinstance(item, int) and not isinstance(item, bool):
+            return item
+    return None
+
+
+def with_width(current: Any, width: int) -> Any:
+    """``width`` in the form of ``current``: an int, or a one-int shape of the same type."""
+    return type(current)((width,)) if one_int(current) is not None else width
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    return value if isinstance(value, int) else one_int(value)
+
+
+def _within_head(name: str) -> bool:
+    """Whether an attribute names a size inside one head (``head_dim``, BERT's
+    ``attention_head_size``), which never changes since whole heads go; ``all_head_size``
+    (every head's width together) is not one."""
+    return not name.startswith("all_") and ("head_dim" in name or name.endswith("head_size"))
+
+
+def _head_size(values: dict[str, Any]) -> int | None:
+    sizes = {_int(v) for n, v in values.items() if _within_head(n)} - {None, 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _counts_heads(name: str) -> bool:
+    return "head" in name and not name.startswith("all_") and not _within_head(name)
+
+
+def _by_width(name: str, value: int, attr: WidthAttribute, new: int, head_size: int | None):  # noqa: ANN202
+    """What attribute ``name`` holding ``value`` becomes when ``attr``'s width becomes ``new``:
+    ``new`` when it holds the width, the new head count when it counts heads of ``head_size``
+    (``value * head_size`` is the width), else None."""
+    if _within_head(name):
+        return None
+    if value == attr.value:
+        return new
+    if _counts_heads(name) and head_size and value * head_size == attr.value:
+        return new // head_size if new % head_size == 0 else None
+    return None
+
+
+def _by_units(name: str, value: int, units: tuple[int, int] | None):  # noqa: ANN202
+    """The new count of a head-count attribute holding the number of units of the head group
+    behind the width (``(units, kept)``): the key/value heads, Falcon's ``num_kv_heads``."""
+    if units is None or not _counts_heads(name) or value != units[0]:
+        return None
+    return units[1]
+
+
+def _head_units(
+    graph: DependencyGraph, attr: WidthAttribute, kept: dict[int, int]
+) -> tuple[int, int] | None:
+    """``(units, kept units)`` when ``attr``'s width is made of one head group, else None."""
+    groups = {g for g, _, _ in attr.terms}
+    if len(groups) != 1 or None in groups:
+        return None
+    (index,) = groups
+    group = graph.groups[index]
+    return (group.size, kept.get(index, group.size)) if group.kind == "head" else None
+
+
+_QUERY_HEADS = ("num_heads", "num_attention_heads", "config.num_attention_heads")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "kv_heads", "config.num_key_value_heads")
+
+
+def _query_groups(module: nn.Module, groups: int) -> int | None:
+    """The new ``num_key_value_groups`` (query heads per key/value head, which HF's attention
+    functions read from the module) once the module's head counts changed, if the ratio moved:
+    with multi-query attention (GPT-BigCode) whole query heads go while the one key/value head
+    stays. None when it holds."""
+
+    def first(names: tuple[str, ...]) -> int | None:
+        for name in names:
+            if (value := _int(width_attribute(module, name))) is not None:
+                return value
+        return None
+
+    heads, kv = first(_QUERY_HEADS), first(_KV_HEADS)
+    if heads is None or not kv or heads % kv or heads // kv == groups:
+        return None
+    return heads // kv
+
+
+def _int_attributes(obj: Any) -> dict[str, Any]:
+    values = obj._secateur_own if isinstance(obj, ConfigView) else {}
+    merged = {**dict(vars(shared_config(obj))), **values}
+    return {n: v for n, v in merged.items() if not n.startswith("_") and _int(v) is not None}
+
+
+def _candidates(module: nn.Module) -> dict[str, int]:
+    """The module's int attributes, and its config's as ``config.<name>``."""
+    own = {n: v for n, v in vars(module).items() if not n.startswith("_") and _int(v) is not None}
+    config = vars(module).get("config")
+    shared = _int_attributes(config) if config is not None else {}
+    return {
+        **{n: _int(v) for n, v in own.items()},
+        **{f"config.{n}": _int(v) for n, v in shared.items()},
+    }
+
+
+def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:
+    """Set the attributes behind ``graph.attributes`` to the widths left by ``kept`` (units
+    kept per group index) and record them in ``model.secateur_attributes``."""
+    edits: dict[str, dict[str, int]] = getattr(model, "secateur_attributes", {})
+    # Match against the values before any rewrite: with grouped-query attention num_heads may
+    # fall to the old num_kv_heads, and must not then be rewritten again as if it were that.
+    before: dict[str, dict[str, int]] = {}
+    for attr in graph.attributes:
+        new = attr.new_value(kept)
+        if new == attr.value:
+            continue
+        module = model.get_submodule(attr.module_name)
+        values = before.setdefault(attr.module_name, _candidates(module))
+        head_size = _head_size({n: v for n, v in values.items() if "." not in n})
+        units = _head_units(graph, attr, kept)
+        same: dict[str, int] = {}  # attributes holding the width itself
+        counts: dict[str, int] = {}  # head counts
+        for name, value in values.items():
+            bare = name.removeprefix("config.")
+            # holding the same value is not enough: the code at the reshape must have read it
+            # (``self.config.<name>`` puts both names among those it refers to)
+            if bare != name and not {"config", bare} <= attr.names:
+                continue  # a config's count only when the code is seen reading it
+            if attr.names and bare not in attr.names:
+                continue
+            width = _by_width(bare, value, attr, new, head_size)
+            if width is None:
+                width = _by_units(bare, value, units)
+            if width is not None:
+                (same if value == attr.value else counts)[name] = width
+        if spelled := {n: w for n, w in same.items() if n.removeprefix("config.") in attr.spelled}:
+            same = spelled  # named in the reshape itself: the others only share the value
+        for name, width in {**counts, **same}.items():
+            set_width_attribute(module, name, width)
+            edits.setdefault(attr.module_name, {})[name] = width
+    for module_name, values in before.items():  # once every count of the module is final
+        module = model.get_submodule(module_name)
+        groups = values.get("num_key_value_groups")
+        if groups is not None and (ratio := _query_groups(module, groups)) is not None:
+            set_width_attribute(module, "num_key_value_groups", ratio)
+            edits.setdefault(module_name, {})["num_key_value_groups"] = ratio
+    if edits:
+        model.secateur_attributes = edits
+
+
+def width_attribute(module: nn.Module, name: str) -> Any:
+    """The current value of ``name`` (``"num_heads"`` or ``"config.num_attention_heads"``)."""
+    owner_name, _, attr = name.rpartition(".")
+    if owner_name not in ("", "config"):
+        raise ValueError(f"attribute {name!r}: only a module's own or its config's are edited")
+    owner = vars(module).get("config") if owner_name else module
+    return getattr(owner, attr, None) if owner is not None else None
+
+
+def set_width_attribute(module: nn.Module, name: str, width: int) -> None:
+    """Set ``name`` on ``module`` (in the form of its current value); a ``config.`` name goes to
+    a new :class:`ConfigView` of the module's own, never to the shared config. A new view, not
+    an edit of the current one, so that restoring the module's attribute dict undoes it."""
+    current = width_attribute(module, name)
+    owner_name, _, attr = name.rpartition(".")
+    if owner_name:
+        module.config = ConfigView(vars(module)["config"], {attr: with_width(current, width)})
+    else:
+        setattr(module, attr, with_width(current, width))

@@ -1,0 +1,174 @@
+"""Width attributes beyond the module's own ints: counts read from a shared config (Phi-3),
+head counts times the head size, key/value head counts (Falcon) and multi-query groups
+(GPT-BigCode); the graph rules those models needed (list indexing, broadcast_to, a view that
+drops a size-1 axis, Bloom's attention output arriving on another axis)."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from secateur.graph import build_dependency_graph
+from secateur.graph._shapes import drop_ones, index_axes
+from secateur.pruning import StructuredConfig, prune_
+from secateur.pruning._width_attributes import ConfigView, shared_config
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=32,
+)
+
+
+def _build(family: str, **kwargs: object) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    config = transformers.AutoConfig.for_model(family, vocab_size=100, **kwargs)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids}
+
+
+def _logits(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**x).logits
+
+
+# -- ConfigView ------------------------------------------------------------------------------
+def test_config_view_reads_its_own_counts_and_everything_else_from_the_shared_config() -> None:
+    shared = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, window=None)
+    view = ConfigView(shared, {"num_attention_heads": 4})
+    assert (view.num_attention_heads, view.num_key_value_heads) == (4, 2)
+    shared.window = 128  # a later change to the shared config reaches the view
+    assert view.window == 128
+    view.window = 64  # and a write through the view goes to the shared config
+    assert shared.window == 64
+    view.num_attention_heads = 2  # except for its own counts
+    assert (view.num_attention_heads, shared.num_attention_heads) == (2, 8)
+    with pytest.raises(AttributeError):
+        _ = view.no_such_field
+
+
+def test_a_view_of_a_view_reads_through_to_the_shared_config() -> None:
+    shared = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2)
+    inner = ConfigView(shared, {"num_attention_heads": 4})
+    outer = ConfigView(inner, {"num_key_value_heads": 1})
+    assert shared_config(outer) is shared
+    assert (outer.num_attention_heads, outer.num_key_value_heads) == (4, 1)
+    assert "num_attention_heads=4" in repr(outer)
+
+
+def test_views_survive_deepcopy_and_keep_sharing_the_copied_config() -> None:
+    model, x = _build("phi3", **SMALL, num_key_value_heads=2)
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    twin = copy.deepcopy(model)
+    views = [layer.self_attn.config for layer in twin.model.layers]
+    assert all(isinstance(v, ConfigView) for v in views)
+    assert all(shared_config(v) is twin.config for v in views)  # the copy's, not the original's
+    assert torch.equal(_logits(twin, x), _logits(model, x))
+
+
+# -- Phi-3: slice bounds from the shared config -----------------------------------------------
+def test_phi3_heads_go_and_each_layer_gets_its_own_count() -> None:
+    model, x = _build("phi3", **SMALL, num_key_value_heads=2)
+    result = prune_(
+        model,
+        StructuredConfig(ratio=0.5, kinds=("head",), per_layer={"model.layers.1.*": 0.0}),
+        example_inputs=x,
+    )
+    assert result.refused == ()
+    first, second = (layer.self_attn for layer in model.model.layers)
+    assert model.config.num_attention_heads == 4  # the shared config is left alone
+    assert (first.config.num_attention_heads, first.num_key_value_heads) == (2, 1)
+    assert not isinstance(second.config, ConfigView)  # untouched layer: nothing of its own
+    assert first.qkv_proj.out_features == (2 + 1 + 1) * first.head_dim
+    edits = model.secateur_attributes["model.layers.0.self_attn"]
+    assert edits["config.num_attention_heads"] == 2
+    assert edits["num_key_value_heads"] == 1
+
+
+def test_phi3_pruned_under_sdpa_runs_under_eager_attention() -> None:
+    """Switching the attention implementation writes the shared config; the layers' views read
+    it through, so the pruned model follows."""
+    model, x = _build("phi3", **SMALL, num_key_value_heads=2)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    sdpa = _logits(model, x)
+    model.set_attn_implementation("eager")
+    assert model.model.layers[0].self_attn.config._attn_implementation == "eager"
+    torch.testing.assert_close(_logits(model, x), sdpa, atol=1e-5, rtol=1e-4)
+
+
+# -- Falcon, GPT-BigCode, Bloom --------------------------------------------------------------
+def test_falcon_kv_groups_go_with_their_query_heads() -> None:
+    model, x = _build("falcon", **SMALL, new_decoder_architecture=True, num_kv_heads=2)
+    graph = build_dependency_graph(model, x)
+    assert [g.size for g in graph.groups if g.kind == "head"] == [2, 2]
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    attn = model.transformer.h[0].self_attention
+    assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+    assert attn.query_key_value.out_features == (2 + 2 * 1) * attn.head_dim
+    assert _logits(model, x).shape == (3, 8, 100)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_gpt_bigcode_multi_query_heads_go_alone(implementation: str) -> None:
+    """One key/value head serves every query head: the query heads are the units, the shared
+    head stays whole, and ``num_key_value_groups`` (read by HF's attention functions) follows,
+    so the model also runs under the other implementation."""
+    model, x = _build("gpt_bigcode", n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    model.set_attn_implementation(implementation)
+    graph = build_dependency_graph(model, x)
+    assert [g.size for g in graph.groups if g.kind == "head"] == [4, 4]
+    assert any("shared by every query head" in reason for _, reason in graph.blocked)
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    attn = model.transformer.h[0].attn
+    assert (attn.num_heads, attn.embed_dim, attn.num_key_value_groups) == (2, 32, 2)
+    assert attn.c_attn.out_features == 32 + 2 * attn.head_dim  # queries, one k and one v head
+    reference = _logits(model, x)
+    model.set_attn_implementation("eager" if implementation == "sdpa" else "sdpa")
+    torch.testing.assert_close(_logits(model, x), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_bloom_hidden_size_goes_while_alibi_keeps_its_heads() -> None:
+    """Bloom's ALiBi biases are built per head for the whole model, so its heads stay; its
+    attention output reaches ``dense`` with the heads merged into the batch axis, which must
+    not block the hidden size."""
+    model, x = _build("bloom", hidden_size=64, n_layer=2, n_head=4)
+    graph = build_dependency_graph(model, x)
+    assert [g.kind for g in graph.groups].count("hidden") == 1
+    assert "head" not in [g.kind for g in graph.groups]
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert model.transformer.word_embeddings.embedding_dim == 32
+    assert model.transformer.h[0].self_attention.query_key_value.out_features == 192
+    with torch.no_grad():
+        ids = model.generate(x["input_ids"][:1], max_new_tokens=3, do_sample=False)
+    assert ids.shape == (1, 11)
+
+
+# -- shape rules ------------------------------------------------------------------------------
+def test_one_list_index_keeps_its_axis_in_place() -> None:
+    shape = (2, 3, 4, 5)
+    assert index_axes(shape, (slice(None), slice(None), [-2])) == [
+        (0, slice(None)),
+        (1, slice(None)),
+        (2, [-2]),
+        (3, slice(None)),
+    ]
+    x = torch.zeros(shape)
+    assert x[:, :, [-2]].shape == (2, 3, 1, 5)  # what the rule claims, checked against torch
+    assert index_axes(shape, ([0], [1])) is None  # several lists: torch moves the axes
+    assert index_axes(shape, (0, slice(None), [1])) is None  # an int beside a list, likewise
+    assert index_axes(shape, ([True, False],)) is None
+
+
+def test_drop_ones_gives_the_squeezed_shape_and_the_axis() -> None:
+    assert drop_ones((2, 1, 12, 64), 3) == ((2, 12, 64), 2)
+    assert drop_ones((2, 1, 12), 1) is None  # the tracked axis itself stays
+    assert drop_ones((2, 12, 64), 2) is None
