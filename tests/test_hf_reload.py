@@ -145,8 +145,18 @@ def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
         ({"transformer.h.0.attn": 32}, "must map module names"),
         ({"transformer.h.0.attn": {"config.no_such_count": 2}}, "no integer attribute"),
         ({"transformer.h.0.attn": {"c_attn.out_features": 2}}, "its config's are edited"),
+        ({"": {"config.n_head": 2}}, "own config is never edited"),
     ],
-    ids=["no-module", "no-attribute", "zero", "string", "not-a-mapping", "config", "nested"],
+    ids=[
+        "no-module",
+        "no-attribute",
+        "zero",
+        "string",
+        "not-a-mapping",
+        "config",
+        "nested",
+        "root",
+    ],
 )
 def test_bad_attribute_edit_is_artifact_error(
     tmp_path: Path, attributes: dict[str, Any], match: str

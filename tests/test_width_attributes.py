@@ -10,11 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from secateur.graph import build_dependency_graph
 from secateur.graph._shapes import drop_ones, index_axes
 from secateur.pruning import StructuredConfig, prune_
+from secateur.pruning._structured import apply_removals_
 from secateur.pruning._width_attributes import ConfigView, shared_config
+from structured_helpers import silence_
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,6 +69,18 @@ def test_a_view_of_a_view_reads_through_to_the_shared_config() -> None:
     assert "num_attention_heads=4" in repr(outer)
 
 
+def test_a_copied_view_owns_its_counts_and_to_dict_shows_them() -> None:
+    shared = transformers.AutoConfig.for_model("phi3", **SMALL)
+    view = ConfigView(shared, {"num_attention_heads": 2})
+    twin = copy.copy(view)
+    twin.num_attention_heads = 1
+    assert (view.num_attention_heads, twin.num_attention_heads) == (2, 1)
+    assert view.to_dict()["num_attention_heads"] == 2
+    assert view.to_dict()["hidden_size"] == shared.hidden_size == 64
+    half_built = ConfigView.__new__(ConfigView)  # as copy and pickle create it
+    assert not hasattr(half_built, "num_attention_heads")
+
+
 def test_views_survive_deepcopy_and_keep_sharing_the_copied_config() -> None:
     model, x = _build("phi3", **SMALL, num_key_value_heads=2)
     prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
@@ -105,11 +121,69 @@ def test_phi3_pruned_under_sdpa_runs_under_eager_attention() -> None:
     torch.testing.assert_close(_logits(model, x), sdpa, atol=1e-5, rtol=1e-4)
 
 
+class _Attention(nn.Module):
+    """Hand-written attention with a config that is a plain dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = {"dropout": 0.0}
+        self.num_heads, self.head_dim = 4, 4
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (
+            self.qkv(x).view(b, t, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, 1)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.config["dropout"])
+        return self.out(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def test_a_config_that_is_a_dict_is_left_alone() -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_Attention()).eval(), torch.randn(2, 5, 16)
+    result = prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    assert result.refused == ()
+    assert (model[0].num_heads, model[0].config) == (2, {"dropout": 0.0})
+    assert model(x).shape == (2, 5, 16)
+
+
+class _TokenMixer(nn.Module):
+    """MLP-Mixer's token mixing: a Linear across tokens, with the channels on another axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.token_mix, self.token_back = nn.Linear(6, 12), nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (batch, 6 tokens, 8 channels)
+        mixed = self.token_back(F.gelu(self.token_mix(h.transpose(1, 2)))).transpose(1, 2)
+        return self.head((h + mixed).mean(1))
+
+
+def test_a_linear_across_tokens_writes_a_prunable_width_of_its_own() -> None:
+    torch.manual_seed(0)
+    model, x = _TokenMixer().eval(), torch.randn(2, 6, 4)
+    graph = build_dependency_graph(model, x)
+    (group,) = [g for g in graph.groups if "token_mix" in g.producers()]
+    assert group.size == 12 and group.module_names() == ["token_back", "token_mix"]
+    units = torch.tensor([0, 5, 7])
+    silence_(model, group, units)
+    with torch.no_grad():
+        expected = model(x)
+    apply_removals_(model, graph, [(group, units)])
+    assert model.token_mix.out_features == 9
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+
+
 # -- Falcon, GPT-BigCode, Bloom --------------------------------------------------------------
 def test_falcon_kv_groups_go_with_their_query_heads() -> None:
     model, x = _build("falcon", **SMALL, new_decoder_architecture=True, num_kv_heads=2)
     graph = build_dependency_graph(model, x)
-    assert [g.size for g in graph.groups if g.kind == "head"] == [2, 2]
+    heads = [g for g in graph.groups if g.kind == "head"]
+    assert [(g.size, g.shared_kv) for g in heads] == [(2, False), (2, False)]
     prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
     attn = model.transformer.h[0].self_attention
     assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
@@ -125,7 +199,8 @@ def test_gpt_bigcode_multi_query_heads_go_alone(implementation: str) -> None:
     model, x = _build("gpt_bigcode", n_embd=64, n_layer=2, n_head=4, n_positions=32)
     model.set_attn_implementation(implementation)
     graph = build_dependency_graph(model, x)
-    assert [g.size for g in graph.groups if g.kind == "head"] == [4, 4]
+    heads = [g for g in graph.groups if g.kind == "head"]
+    assert [(g.size, g.shared_kv) for g in heads] == [(4, True), (4, True)]
     assert any("shared by every query head" in reason for _, reason in graph.blocked)
     prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
     attn = model.transformer.h[0].attn

@@ -92,6 +92,8 @@ def _apply_attributes(model: nn.Module, edits: Any) -> None:
             ) from None
         for attr, value in attrs.items():
             where = f"{module_name}.{attr}" if module_name else str(attr)
+            if not module_name and str(attr).startswith("config."):
+                raise ValueError(f"attribute edit {where}: the model's own config is never edited")
             current = width_attribute(module, str(attr))
             if (isinstance(current, bool) or not isinstance(current, int)) and one_int(
                 current

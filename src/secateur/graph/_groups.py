@@ -64,6 +64,7 @@ class Group:
     members: tuple[Member, ...]
     kind: str = "channel"
     multiple: int = 1  # widths must stay multiples of this (from "multiple:N" space flags)
+    shared_kv: bool = False  # query heads sharing one key/value head (multi-query attention)
 
     def feature_indices(self, member: Member, units: torch.Tensor) -> torch.Tensor:
         """Indices along ``member``'s sliced dims of the given ``units`` (a 1-D long tensor)."""
@@ -154,7 +155,8 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
         kind = "head" if "heads" in fl else "hidden" if "pooled" in fl else "channel"
         index[root] = len(groups)
         multiple = math.lcm(1, *(int(f.split(":")[1]) for f in fl if f.startswith("multiple:")))
-        groups.append(Group(table.sizes[root], tuple(_unique(members)), kind, multiple))
+        members = tuple(_unique(members))
+        groups.append(Group(table.sizes[root], members, kind, multiple, "shared_kv" in fl))
     attributes = []
     for note in tr.notes:
         terms = []

@@ -229,7 +229,7 @@ class OpRules:
         if not isinstance(sel, slice):
             return False  # a list of channels
         start, stop, step = sel.indices(x.shape[dim])
-        if step != 1:
+        if step != 1 or stop <= start:
             return False
         pieces = self.split_layout(layout, [start, stop])
         if pieces is None:
@@ -490,6 +490,7 @@ class OpRules:
             return None
         inner, info = ("b", ib) if a_heads else ("a", ia)
         self.table.block_layout(info[0], "a key/value head shared by every query head")
+        self.flag_shared_kv((ia if a_heads else ib)[0])
         return inner
 
     def attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
@@ -523,8 +524,14 @@ class OpRules:
             return False
         for layout, _ in infos[1:]:
             self.table.block_layout(layout, "a key/value head shared by every query head")
+        self.flag_shared_kv(infos[0][0])
         self.set(out, infos[0][0], out.dim() - 3)
         return True
+
+    def flag_shared_kv(self, heads: Layout) -> None:
+        """Mark query heads that share one key/value head: their groups count query heads."""
+        for seg in heads:
+            self.table.flag(seg.space, "shared_kv")
 
     def linear_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001
         """``F.linear(x, W, b)`` with the module's own parameters: W's columns read the

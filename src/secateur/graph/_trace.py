@@ -12,6 +12,8 @@ ViT position embedding, a ConvNeXt layer scale) become members of the space they
 
 from __future__ import annotations
 
+import dis
+import functools
 import linecache
 import re
 import sys
@@ -159,7 +161,20 @@ def _names_in_use(frames: list[Any]) -> frozenset[str]:
     names: set[str] = set()
     for frame in frames:
         names.update(frame.f_code.co_names)
+        names.update(_config_reads(frame.f_code))
     return frozenset(names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_reads(code: Any) -> frozenset[str]:
+    """``config.<name>`` for every ``<x>.config.<name>`` attribute read in ``code`` (Phi-3's
+    ``self.config.num_attention_heads``), found in its bytecode: two attribute loads in a row."""
+    reads, previous = set(), None
+    for ins in dis.get_instructions(code):
+        if ins.opname == "LOAD_ATTR" and previous == "config":
+            reads.add(f"config.{ins.argval}")
+        previous = ins.argval if ins.opname == "LOAD_ATTR" else None
+    return frozenset(reads)
 
 
 @dataclass

@@ -56,16 +56,25 @@ class ConfigView:
         # stay local so that copy/deepcopy of a half-built view never recurse
         if name.startswith("__") or name in _VIEW_FIELDS:
             raise AttributeError(name)
-        own = self.__dict__.get("_secateur_own", {})
-        if name in own:
-            return own[name]
-        return getattr(self.__dict__["_secateur_base"], name)
+        fields = self.__dict__
+        if name in fields.get("_secateur_own", {}):
+            return fields["_secateur_own"][name]
+        if "_secateur_base" not in fields:
+            raise AttributeError(name)
+        return getattr(fields["_secateur_base"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._secateur_own:
             self._secateur_own[name] = value
         else:
             setattr(self._secateur_base, name, value)
+
+    def __copy__(self) -> ConfigView:
+        return ConfigView(self._secateur_base, self._secateur_own)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shared config's ``to_dict()`` with this view's own values."""
+        return {**self._secateur_base.to_dict(), **self._secateur_own}
 
     def __repr__(self) -> str:
         own = ", ".join(f"{k}={v!r}" for k, v in self._secateur_own.items())
@@ -110,7 +119,15 @@ def _head_size(values: dict[str, Any]) -> int | None:
 
 
 def _counts_heads(name: str) -> bool:
-    return "head" in name and not name.startswith("all_") and not _within_head(name)
+    """A count of heads (``num_heads``, ``num_kv_heads``), not a size inside one head, every
+    head's width together (``all_head_size``) or a ratio (``heads_per_group``)."""
+    return (
+        "head" in name
+        and not name.startswith("all_")
+        and "per_" not in name
+        and "group" not in name
+        and not _within_head(name)
+    )
 
 
 def _by_width(name: str, value: int, attr: WidthAttribute, new: int, head_size: int | None):  # noqa: ANN202
@@ -146,31 +163,34 @@ def _head_units(
     return (group.size, kept.get(index, group.size)) if group.kind == "head" else None
 
 
-_QUERY_HEADS = ("num_heads", "num_attention_heads", "config.num_attention_heads")
-_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "kv_heads", "config.num_key_value_heads")
-
-
-def _query_groups(module: nn.Module, groups: int) -> int | None:
-    """The new ``num_key_value_groups`` (query heads per key/value head, which HF's attention
-    functions read from the module) once the module's head counts changed, if the ratio moved:
-    with multi-query attention (GPT-BigCode) whole query heads go while the one key/value head
-    stays. None when it holds."""
-
-    def first(names: tuple[str, ...]) -> int | None:
-        for name in names:
-            if (value := _int(width_attribute(module, name))) is not None:
-                return value
-        return None
-
-    heads, kv = first(_QUERY_HEADS), first(_KV_HEADS)
-    if heads is None or not kv or heads % kv or heads // kv == groups:
-        return None
-    return heads // kv
+def _query_groups_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> dict:
+    """Multi-query attention: whole query heads go while the one key/value head stays, so the
+    attention module's ``num_key_value_groups`` (query heads per key/value head, read by HF's
+    attention functions from the module, not seen in any reshape) becomes the kept count."""
+    edits: dict[str, dict[str, int]] = {}
+    for index, group in enumerate(graph.groups):
+        now = kept.get(index, group.size)
+        if not group.shared_kv or now == group.size:
+            continue
+        for member in {m.module_name for m in group.members}:
+            parts = member.split(".")
+            for depth in range(len(parts) - 1, -1, -1):  # the nearest module holding it
+                name = ".".join(parts[:depth])
+                module = model.get_submodule(name)
+                value = _int(vars(module).get("num_key_value_groups"))
+                if value is not None:
+                    if value == group.size:
+                        module.num_key_value_groups = now
+                        edits.setdefault(name, {})["num_key_value_groups"] = now
+                    break
+    return edits
 
 
 def _int_attributes(obj: Any) -> dict[str, Any]:
+    """The int attributes of a config object (none for a dict or a slotted object)."""
     values = obj._secateur_own if isinstance(obj, ConfigView) else {}
-    merged = {**dict(vars(shared_config(obj))), **values}
+    fields = getattr(shared_config(obj), "__dict__", None)
+    merged = {**(fields if isinstance(fields, dict) else {}), **values}
     return {n: v for n, v in merged.items() if not n.startswith("_") and _int(v) is not None}
 
 
@@ -206,9 +226,9 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
             bare = name.removeprefix("config.")
             # holding the same value is not enough: the code at the reshape must have read it
             # (``self.config.<name>`` puts both names among those it refers to)
-            if bare != name and not {"config", bare} <= attr.names:
-                continue  # a config's count only when the code is seen reading it
-            if attr.names and bare not in attr.names:
+            if bare != name and name not in attr.names:
+                continue  # a config's count only when the code reads ``self.config.<name>``
+            if bare == name and attr.names and bare not in attr.names:
                 continue
             width = _by_width(bare, value, attr, new, head_size)
             if width is None:
@@ -220,12 +240,8 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
         for name, width in {**counts, **same}.items():
             set_width_attribute(module, name, width)
             edits.setdefault(attr.module_name, {})[name] = width
-    for module_name, values in before.items():  # once every count of the module is final
-        module = model.get_submodule(module_name)
-        groups = values.get("num_key_value_groups")
-        if groups is not None and (ratio := _query_groups(module, groups)) is not None:
-            set_width_attribute(module, "num_key_value_groups", ratio)
-            edits.setdefault(module_name, {})["num_key_value_groups"] = ratio
+    for module_name, attrs in _query_groups_(model, graph, kept).items():
+        edits.setdefault(module_name, {}).update(attrs)
     if edits:
         model.secateur_attributes = edits
 
