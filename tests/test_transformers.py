@@ -17,6 +17,21 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 FAMILIES = {
     "bert": ("sequence-classification", dict(SMALL, num_labels=3, max_position_embeddings=32)),
     "gpt2": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
+    # DeBERTa-v2/v3: disentangled attention; query_proj/key_proj also project the shared
+    # relative position embeddings; heads merged into the batch axis and split back
+    "deberta-v2": (
+        "sequence-classification",
+        dict(
+            SMALL,
+            num_labels=3,
+            max_position_embeddings=32,
+            relative_attention=True,
+            pos_att_type=["c2p", "p2c"],
+            position_buckets=8,
+            max_relative_positions=16,
+            position_biased_input=False,
+        ),
+    ),
     "llama": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
     "qwen2": ("causal-lm", dict(SMALL, num_key_value_heads=2, max_position_embeddings=32)),
     # Gemma 3: q/k norms scale by `1 + weight` and cast back with type_as

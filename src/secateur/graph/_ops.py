@@ -146,6 +146,13 @@ class OpRules:
         if dim != a:
             self.set(out, layout, dim if dim < a else dim + (b - a - 1))
             return True
+        outer = out.shape[a]
+        if b - a == 2 and outer > 1 and len(layout) % outer == 0:
+            # (batch * heads) back to (batch, heads): the layout is one period per outer index
+            period = layout[: len(layout) // outer]
+            if period * outer == layout and self._width(period) == out.shape[a + 1]:
+                self.set(out, period, a + 1)
+                return True
         unit = math.prod(out.shape[a + 1 : b])  # features per index of the new outer axis
         heads = b - a >= 2 and a == x.dim() - 1  # (heads, head_dim); Falcon (kv, g + 2, hd)
         sizes = [self.table.sizes[self.table.find(seg.space)] * seg.factor for seg in layout]
@@ -176,6 +183,26 @@ class OpRules:
         if int(axis) % x.dim() != dim:
             return self.pointwise(x, layout, dim, out)
         self.set(out, tuple(Segment(s.space, s.factor * repeats) for s in layout), dim)
+        return True
+
+    def gather(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        """``torch.gather(x, axis, index)`` along another axis than the channels' (DeBERTa's
+        relative positions): output channel ``i`` reads only input channel ``i``."""
+        axis = _dim_arg(args, kwargs, 1)
+        if axis is None or int(axis) % x.dim() == dim or out.dim() != x.dim():
+            return False
+        return self.pointwise(x, layout, dim, out)
+
+    def tile(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        """``x.repeat(r0, r1, ...)``: the whole axis is tiled ``r`` times, so along the channel
+        axis its layout repeats (DeBERTa tiles its position keys, heads merged into the batch
+        axis, once per sequence of the batch); leading new axes shift it."""
+        sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        sizes = kwargs.get("repeats", sizes)
+        if not sizes or not all(isinstance(r, int) for r in sizes) or len(sizes) < x.dim():
+            return False
+        at = dim + len(sizes) - x.dim()
+        self.set(out, layout * sizes[at], at)
         return True
 
     def permute(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
@@ -378,6 +405,9 @@ class OpRules:
         free = {at for lt, at in whole if not self._all_blocked(lt)}
         axes = free or {at for _, at in whole}
         return axes.pop() if len(axes) == 1 else None
+
+    def _width(self, layout: Layout) -> int:
+        return sum(self.table.sizes[self.table.find(s.space)] * s.factor for s in layout)
 
     def _all_blocked(self, layout: Layout) -> bool:
         return all(self.table.find(s.space) in self.table.blocked for s in layout)

@@ -44,7 +44,7 @@ from ._ops import (
     OpRules,
     picks_rows,
 )
-from ._shapes import follow_axis
+from ._shapes import follow_axis, index_axes
 from ._spaces import Layout, Segment, SpaceTable
 
 _IGNORED = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "__bool__"}
@@ -110,6 +110,17 @@ def _scalar_arithmetic(name: str, args: tuple, out: Any) -> bool:
         and out.shape == args[0].shape
         and all(not isinstance(a, torch.Tensor) or a.dim() == 0 for a in others)
     )
+
+
+def _indexed_dims(shape: Sequence[int], index: Any, dims: tuple, ndim: int) -> tuple:
+    """The parameter dims of ``param[index]`` (DeBERTa's ``rel_embeddings[0 : 2 * span, :]``):
+    an axis taken whole keeps its dim; a sliced or indexed one is no channel axis any more."""
+    out: list[int | None] = [None] * ndim
+    for d, (axis, sel) in enumerate(index_axes(shape, index) or []):
+        whole = isinstance(sel, slice) and sel.indices(shape[d]) == (0, shape[d], 1)
+        if axis >= 0 and whole:
+            out[axis] = dims[d]
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.running: list[nn.Module] = []  # the modules of ``stack``
         self.notes: list[WidthNote] = []
         self.called: dict[str, list[int]] = {}
+        # layer -> (input layout or None for a fixed input, output layout, output axis)
+        self.layer_calls: dict[str, tuple[Layout | None, Layout, int]] = {}
         self.names = {m: n for n, m in model.named_modules()}
         named = (
             state.items()
@@ -305,6 +318,8 @@ class _Tracer(OpRules, TorchFunctionMode):
             dims = entry[2][1:]  # one slice of a stacked parameter (an MoE expert's weight)
         elif name == "__getitem__" and len(args) > 1 and _gathers_rows(args[1], src, out):
             dims = (None, *entry[2][1:])  # stack[ids]: one expert's matrix per token row
+        elif name == "__getitem__" and len(args) > 1 and index_axes(src.shape, args[1]):
+            dims = _indexed_dims(src.shape, args[1], entry[2], out.dim())
         elif name in _PARAM_SHAPE:
             dims_list: list[int | None] = [None] * out.dim()
             for d, pd in enumerate(entry[2]):
@@ -377,6 +392,14 @@ class _Tracer(OpRules, TorchFunctionMode):
             ),
             (name == "expand_as" and single, lambda: self.pointwise(x, layout, dim, out)),
             (
+                name == "gather" and single and tensor_out,
+                lambda: self.gather(x, args, kwargs, layout, dim, out),
+            ),
+            (
+                name == "repeat" and single and tensor_out,
+                lambda: self.tile(x, args, kwargs, layout, dim, out),
+            ),
+            (
                 name == "repeat_interleave" and single,
                 lambda: self.repeat_interleave(x, args, kwargs, layout, dim, out),
             ),
@@ -404,9 +427,11 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         name = self.names[module]
         x = args[0] if args else None
-        info = self.info(x)
+        info = self.info(x) or self.parameter_source(x)
         if name in self.called:
-            # a module used twice would need its spaces kept equal; refuse rather than guess
+            if self.called_again(module, name, x, info, out):
+                return
+            # other modules used twice would need their spaces kept equal; refuse, not guess
             self.block_all([x] if info else [], out, f"module {name} is called more than once")
             for seg_space in self.called[name]:
                 self.table.block(seg_space, f"module {name} is called more than once")
@@ -415,6 +440,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.fresh(out, -1)
             self.table.add_member(self.layouts[id(out)][0], name, "embedding")
             self.called[name] = [s.space for s in self.layouts[id(out)][0]]
+            self.layer_calls[name] = (None, self.layouts[id(out)][0], -1)
             return
         if isinstance(module, nn.MultiheadAttention) and info is not None:
             self.called[name] = [s.space for s in info[0]]
@@ -463,6 +489,56 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.fresh(out, dim)
         self.table.add_member(self.layouts[id(out)][0], name, role)
         self.called.setdefault(name, []).extend(s.space for s in self.layouts[id(out)][0])
+        self.layer_calls[name] = (None, self.layouts[id(out)][0], dim)
+        return True
+
+    def parameter_source(self, x: Any) -> tuple[Layout, int] | None:
+        """A parameter fed to a layer as its input (DeBERTa's relative position embeddings,
+        ``rel_embeddings.weight``, normalised and projected): its last axis is a source of
+        channels, whose slices of the parameter follow them."""
+        entry = self.params.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if entry is None or x.dim() < 2 or entry[2][-1] is None:
+            return None
+        module_name, pname, dims = entry
+        key = (module_name, pname, dims[-1])
+        if key in self.param_outputs:  # the same parameter fed again (one slice per layer)
+            self.set(x, (Segment(self.table.find(self.param_outputs[key])),), -1)
+            return self.info(x)
+        self.fresh(x, -1)
+        layout = self.layouts[id(x)][0]
+        self.table.add_member(layout, module_name, "param_out", tensor=pname, dim=dims[-1])
+        self.param_outputs[key] = layout[0].space
+        return self.info(x)
+
+    def called_again(self, module, name, x, info, out) -> bool:  # noqa: ANN001
+        """A layer called once more (DeBERTa's ``query_proj`` on the hidden states and on the
+        relative position embeddings; ALBERT's one layer run at every depth): its weights are
+        shared across calls, so the input channels of every call are one space, and so are the
+        outputs (a norm's output is its input). An input that is fixed in one call and not in
+        another leaves the other whole."""
+        first = self.layer_calls.get(name)
+        if first is None or not isinstance(out, torch.Tensor):
+            return False
+        first_in, first_out, dim = first
+        fixed = info is None or (
+            all(self.table.find(s.space) in self.table.blocked for s in info[0])
+            and not self.leaf_reads(module, x, info[1])
+        )
+        reason = f"module {name} also reads a fixed input"
+        if fixed:
+            if first_in is not None:
+                self.table.block_layout(first_in, reason)
+            if info is not None:
+                self.table.block_layout(info[0], reason)
+        elif not self.leaf_reads(module, x, info[1]):
+            return False
+        elif first_in is None:
+            self.table.block_layout(info[0], reason)
+        elif (joined := self.unify(first_in, info[0])) is None:
+            return False
+        elif first_in is first_out:  # a norm: its output is its input's channels
+            first_out = joined
+        self.set(out, first_out, dim)
         return True
 
     def leaf(self, module, name, x, layout, dim, out) -> bool:  # noqa: ANN001
@@ -543,11 +619,13 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.fresh(out, dim)
         self.table.add_member(self.layouts[id(out)][0], name, producer_role)
         self.called[name] += [s.space for s in self.layouts[id(out)][0]]
+        self.layer_calls[name] = (layout, self.layouts[id(out)][0], dim)
         return True
 
     def passthrough(self, name, layout, out, dim, role) -> bool:  # noqa: ANN001
         self.table.add_member(layout, name, role)
         self.set(out, layout, dim)
+        self.layer_calls[name] = (layout, layout, dim)  # in and out: the same channels
         return True
 
     def grouped_conv(self, module, name, layout, out) -> bool:  # noqa: ANN001

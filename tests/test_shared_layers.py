@@ -1,0 +1,140 @@
+"""Layers whose weights serve several calls, and parameters fed to layers as inputs: the spaces
+of every call are one (ALBERT's single layer run at every depth, DeBERTa's ``query_proj`` on
+the hidden states and on the relative position embeddings), so pruning them stays exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from secateur import create_model, load_model, save_model
+from secateur.graph import build_dependency_graph
+from secateur.measure import count_macs
+from secateur.pruning import StructuredConfig, prune_
+from secateur.pruning._structured import apply_removals_
+from structured_helpers import silence_
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=100,
+    max_position_embeddings=32,
+    num_labels=3,
+)
+DEBERTA = dict(
+    SMALL,
+    relative_attention=True,
+    pos_att_type=["c2p", "p2c"],
+    position_buckets=8,
+    max_relative_positions=16,
+    position_biased_input=False,
+)
+
+
+def _classifier(family: str, **kwargs: object) -> nn.Module:
+    config = transformers.AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def _ids() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
+
+
+def _logits(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def _silence_and_remove(model: nn.Module, x: dict[str, torch.Tensor]) -> list:
+    """Silence half of every non-hidden group, remove exactly those; the logits must not move."""
+    graph = build_dependency_graph(model, x)
+    gen = torch.Generator().manual_seed(1)
+    removals = []
+    for group in graph.groups:
+        if group.kind == "hidden":
+            continue  # norms pool the hidden channels: removing them is not exact by nature
+        units = torch.randperm(group.size, generator=gen)[: group.size // 2]
+        silence_(model, group, units)
+        removals.append((group, units))
+    reference = _logits(model, x)
+    apply_removals_(model, graph, removals)
+    torch.testing.assert_close(_logits(model, x), reference, atol=1e-6, rtol=1e-5)
+    return list(graph.groups)
+
+
+class _Siamese(nn.Module):
+    """One encoder applied to two inputs, its outputs compared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode, self.norm, self.head = nn.Linear(6, 10), nn.LayerNorm(10), nn.Linear(10, 2)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.encode(a)) * self.norm(self.encode(b)))
+
+
+def test_a_layer_called_twice_has_one_space_for_both_calls() -> None:
+    torch.manual_seed(0)
+    model = _Siamese().eval()
+    a, b = torch.randn(3, 6), torch.randn(3, 6)
+    graph = build_dependency_graph(model, (a, b))
+    assert dict(graph.blocked) == {"encode": "model input", "head": "model output"}
+    (group,) = graph.groups
+    assert group.size == 10 and group.module_names() == ["encode", "head", "norm"]
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=(a, b))
+    assert model.encode.out_features == model.head.in_features == 5
+    assert model(a, b).shape == (3, 2)
+
+
+def test_albert_prunes_its_one_shared_layer_at_every_depth() -> None:
+    model = _classifier("albert", **{**SMALL, "num_hidden_layers": 3}, embedding_size=32)
+    groups = _silence_and_remove(model, _ids())
+    assert sorted((g.kind, g.size) for g in groups) == [
+        ("channel", 64),  # the pooler
+        ("channel", 128),  # the FFN, one for all three depths
+        ("head", 4),
+        ("hidden", 32),  # the factorised embedding
+        ("hidden", 64),
+    ]
+
+
+def test_pruned_albert_and_deberta_reload_exactly(tmp_path) -> None:  # noqa: ANN001
+    for name, options in (
+        ("hf.albert", dict(SMALL, embedding_size=32)),
+        ("hf.deberta-v2", dict(DEBERTA, share_att_key=False)),
+    ):
+        model = create_model(name, task="sequence-classification", **options)
+        before = count_macs(model, _ids()).dense
+        prune_(model, StructuredConfig(ratio=0.5), example_inputs=_ids())
+        assert count_macs(model, _ids()).dense < 0.6 * before
+        path = save_model(model, tmp_path / f"{name}.safetensors")
+        loaded = load_model(path).model
+        assert torch.equal(_logits(loaded, _ids()), _logits(model, _ids()))
+
+
+@pytest.mark.parametrize("share_att_key", [True, False])
+def test_deberta_loses_heads_hidden_size_and_ffn_exactly(share_att_key: bool) -> None:
+    """With ``share_att_key`` the relative position embeddings pass through each layer's own
+    ``query_proj``/``key_proj``, so their columns are the hidden size; without it they feed
+    ``pos_key_proj``/``pos_query_proj`` of every layer and are a width of their own."""
+    model = _classifier("deberta-v2", **DEBERTA, share_att_key=share_att_key)
+    groups = _silence_and_remove(model, _ids())
+    kinds = sorted((g.kind, g.size) for g in groups)
+    assert kinds.count(("head", 4)) == 2 and kinds.count(("hidden", 64)) == 1
+    positions = [g for g in groups if "deberta.encoder.rel_embeddings" in g.module_names()]
+    assert len(positions) == 1
+    assert positions[0].kind == ("hidden" if share_att_key else "channel")
+
+    model = _classifier("deberta-v2", **DEBERTA, share_att_key=share_att_key)
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=_ids())
+    assert result.refused == ()
+    assert model.deberta.encoder.rel_embeddings.weight.shape[1] == 32
+    assert model.deberta.encoder.layer[0].attention.self.num_attention_heads == 2
+    longer = {"input_ids": torch.randint(1, 100, (3, 11))}  # another batch and length
+    assert _logits(model, longer).shape == (3, 3)
