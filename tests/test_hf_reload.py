@@ -36,6 +36,14 @@ CASES: dict[str, dict[str, Any]] = {
     # head counts read from the shared config: each attention gets its own ConfigView
     "hf.phi3": dict(SMALL, task="causal-lm", num_key_value_heads=2, pad_token_id=0),
     "hf.falcon": dict(SMALL, task="causal-lm", new_decoder_architecture=True, num_kv_heads=2),
+    "hf.modernbert": dict(
+        SMALL,
+        task="sequence-classification",
+        num_labels=3,
+        pad_token_id=0,
+        cls_token_id=0,
+        sep_token_id=0,
+    ),
     "hf.gpt_bigcode": dict(
         task="causal-lm", n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32
     ),

@@ -17,6 +17,20 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 FAMILIES = {
     "bert": ("sequence-classification", dict(SMALL, num_labels=3, max_position_embeddings=32)),
     "gpt2": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
+    # ModernBERT: q, k and v picked by unbind from a (3, heads, head_dim) view; local layers
+    "modernbert": (
+        "sequence-classification",
+        dict(
+            SMALL,
+            num_labels=3,
+            max_position_embeddings=32,
+            global_attn_every_n_layers=2,
+            local_attention=4,
+            pad_token_id=0,
+            cls_token_id=0,
+            sep_token_id=0,
+        ),
+    ),
     # DeBERTa-v2/v3: disentangled attention; query_proj/key_proj also project the shared
     # relative position embeddings; heads merged into the batch axis and split back
     "deberta-v2": (
@@ -114,7 +128,8 @@ def test_heads_ffn_and_hidden_are_found(family: str) -> None:
     layers = 2
     assert kinds.count("head") == layers
     assert kinds.count("channel") >= layers  # one FFN width per layer
-    assert kinds.count("hidden") == 1  # the residual stream, shared by every layer
+    # the residual stream, shared by every layer (and ModernBERT's head: dense + norm)
+    assert kinds.count("hidden") == (2 if family == "modernbert" else 1)
     units = HEAD_UNITS.get(family, FAMILIES[family][1].get("num_key_value_heads", 4))
     assert {g.size for g in graph.groups if g.kind == "head"} == {units}
 

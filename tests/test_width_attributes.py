@@ -247,3 +247,65 @@ def test_drop_ones_gives_the_squeezed_shape_and_the_axis() -> None:
     assert drop_ones((2, 1, 12, 64), 3) == ((2, 12, 64), 2)
     assert drop_ones((2, 1, 12), 1) is None  # the tracked axis itself stays
     assert drop_ones((2, 12, 64), 2) is None
+
+
+class _PackedHeads(nn.Module):
+    """q, k and v packed as ``(3, heads, head_dim)`` and picked by ``unbind`` or an index."""
+
+    def __init__(self, pick: str) -> None:
+        super().__init__()
+        self.pick, self.heads, self.head_dim = pick, 4, 4
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        packed = self.qkv(x).view(b, t, 3, -1, self.head_dim)
+        if self.pick == "unbind":
+            q, k, v = packed.unbind(dim=2)
+        else:
+            q, k, v = packed[:, :, 0], packed[:, :, 1], packed[:, :, 2]
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("pick", ["unbind", "index"])
+def test_packed_q_k_v_heads_are_whole_units(pick: str) -> None:
+    """The view's outer axis selects q, k or v: a unit is one head of each (rows h, 16 + h
+    and 32 + h of the packed projection, head_dim wide), so removal is exact."""
+    torch.manual_seed(0)
+    model, x = _PackedHeads(pick).eval(), torch.randn(2, 5, 16)
+    graph = build_dependency_graph(model, x)
+    (heads,) = [g for g in graph.groups if g.kind == "head"]
+    assert heads.size == 4
+    offsets = sorted(m.offset for m in heads.members if m.module_name == "qkv")
+    assert offsets == [0, 16, 32]
+    units = torch.tensor([1, 3])
+    silence_(model, heads, units)
+    with torch.no_grad():
+        expected = model(x)
+    apply_removals_(model, graph, [(heads, units)])
+    assert model.qkv.out_features == 24 and model.out.in_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_three_axis_view_read_otherwise_keeps_its_outer_axis_as_the_unit() -> None:
+    """Falcon's reading: (groups, members, head_dim) with each group a unit; a sum over the
+    members settles the view that way."""
+
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.out = nn.Linear(8, 24), nn.Linear(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            g = self.proj(x).view(b, t, -1, 3, 4).sum(dim=3)  # (b, t, groups, 4)
+            return self.out(g.mean(dim=2))
+
+    model, x = Grouped().eval(), torch.randn(2, 3, 8)
+    graph = build_dependency_graph(model, x)
+    (group,) = [g for g in graph.groups if "proj" in g.producers()]
+    assert group.size == 2 and group.kind == "head"
+    assert [m.factor for m in group.members if m.module_name == "proj"] == [12]

@@ -9,6 +9,7 @@ within-head axis ``D`` is plain data, so whole heads are the units that can go.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -72,6 +73,24 @@ def _dim_arg(args: tuple, kwargs: dict, pos: int, default: Any = None) -> Any:
     return kwargs.get("dim", args[pos] if len(args) > pos else default)
 
 
+@dataclass(frozen=True)
+class DeferredView:
+    """A view of the channel axis into three axes ``(outer, inner, head_dim)`` waits for the
+    op that reads it: ``unbind`` or an int index along ``outer`` makes ``outer`` a selector of
+    q, k and v, each with ``inner`` heads (ModernBERT's ``view(b, t, 3, heads, hd)``);
+    anything else makes ``outer`` the unit (Falcon's ``(kv groups, heads + 2, hd)``).
+    ``context`` is where the view ran, for the width it may note."""
+
+    x_shape: tuple[int, ...]
+    layout: Layout
+    axis: int
+    out_shape: tuple[int, ...]
+    name: str
+    args: tuple
+    context: tuple | None
+    heads: tuple[Layout, ...] | None = None  # per outer index, once read as a selector
+
+
 class OpRules:
     """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
     ``add_param`` and ``note_width``."""
@@ -111,6 +130,14 @@ class OpRules:
         elif (run := merge_run(x.shape, out.shape)) is not None:
             self._merge(x, layout, dim, out, *run)
         elif (run := merge_run(out.shape, x.shape)) is not None:
+            a, b = run
+            if dim == a == x.dim() - 1 and b - a == 3 and name in ("view", "reshape"):
+                args = tuple(tuple(v) if isinstance(v, list) else v for v in args)
+                self.deferred[id(out)] = DeferredView(
+                    tuple(x.shape), layout, a, tuple(out.shape), name, args, self.note_context()
+                )
+                self.keepalive.append(out)
+                return True
             if not self._split(x, layout, dim, out, *run):
                 return False
         elif x.shape[dim] != 1 and (moved := intact_axis(x.shape, out.shape, dim)) is not None:
@@ -155,9 +182,18 @@ class OpRules:
                 return True
         unit = math.prod(out.shape[a + 1 : b])  # features per index of the new outer axis
         heads = b - a >= 2 and a == x.dim() - 1  # (heads, head_dim); Falcon (kv, g + 2, hd)
+        coarse = self._coarsened(layout, unit, heads=heads)
+        if coarse is None:
+            return False
+        self.set(out, coarse, a)
+        return True
+
+    def _coarsened(self, layout: Layout, unit: int, *, heads: bool) -> Layout | None:
+        """``layout`` in units of ``unit`` features (flagged as heads when ``heads``), or None
+        when a unit would straddle two spaces."""
         sizes = [self.table.sizes[self.table.find(seg.space)] * seg.factor for seg in layout]
         if any(size % unit for size in sizes):
-            return False  # a unit would straddle two spaces
+            return None
         coarse = []
         for seg in layout:
             if unit % seg.factor == 0:
@@ -168,8 +204,57 @@ class OpRules:
             elif seg.factor % unit == 0:
                 coarse.append(Segment(seg.space, seg.factor // unit))
             else:
+                return None
+        return tuple(coarse)
+
+    def settle(self, t: torch.Tensor) -> None:
+        """Give a deferred view its default reading: the outer axis is the unit. One already
+        read as a selector and now used whole is left whole."""
+        view = self.deferred.pop(id(t))
+        a = view.axis
+        reason = f"op '{view.name}' has no channel rule"
+        if view.heads is not None:
+            reason = "q, k and v packed in one tensor, used whole"
+            for layout in view.heads:
+                self.table.block_layout(layout, reason)
+            self.fresh(t, a, blocked=reason)
+        elif self._split(ShapeOnly(view.x_shape), view.layout, a, t, a, a + 3):
+            new, axis = self.info(t)
+            self.note_literals(view.args, axis, t.shape[axis], new, view.context)
+        else:
+            self.table.block_layout(view.layout, reason)
+            self.fresh(t, a, blocked=reason)
+
+    def select_deferred(self, x, name, args, kwargs, out) -> bool:  # noqa: ANN001
+        """``unbind`` or an int index along a deferred view's outer axis: each selected
+        ``(heads, head_dim)`` block is a piece of the channels, split into heads."""
+        view = self.deferred[id(x)]
+        a = view.axis
+        if name == "unbind" and int(_dim_arg(args, kwargs, 1, 0)) % x.dim() == a:
+            picks = list(enumerate(out))
+        elif name == "__getitem__" and len(args) > 1:
+            axes = index_axes(x.shape, args[1])
+            if axes is None or not isinstance(axes[a][1], int):
                 return False
-        self.set(out, tuple(coarse), a)
+            if any(o < 0 or sel != slice(None) for i, (o, sel) in enumerate(axes) if i != a):
+                return False
+            picks = [(axes[a][1] % x.shape[a], out)]
+        else:
+            return False
+        if not all(isinstance(t, torch.Tensor) for _, t in picks):
+            return False
+        if view.heads is None:
+            block, outer = math.prod(x.shape[a + 1 :]), x.shape[a]
+            pieces = self.split_layout(view.layout, [k * block for k in range(1, outer)])
+            if pieces is None or len(pieces) != outer:
+                return False
+            heads = [self._coarsened(p, x.shape[a + 2], heads=True) for p in pieces]
+            if any(h is None for h in heads):
+                return False
+            view = replace(view, heads=tuple(heads))  # type: ignore[arg-type]
+            self.deferred[id(x)] = view
+        for index, t in picks:
+            self.set(t, view.heads[index], a)
         return True
 
     def repeat_interleave(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001

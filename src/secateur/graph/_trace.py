@@ -41,6 +41,7 @@ from ._ops import (
     RESHAPE,
     SOFTMAX,
     SPLIT,
+    DeferredView,
     OpRules,
     picks_rows,
 )
@@ -221,6 +222,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.running: list[nn.Module] = []  # the modules of ``stack``
         self.notes: list[WidthNote] = []
         self.called: dict[str, list[int]] = {}
+        self.deferred: dict[int, DeferredView] = {}  # views settled by the op that reads them
         # layer -> (input layout or None for a fixed input, output layout, output axis)
         self.layer_calls: dict[str, tuple[Layout | None, Layout, int]] = {}
         self.names = {m: n for n, m in model.named_modules()}
@@ -243,7 +245,11 @@ class _Tracer(OpRules, TorchFunctionMode):
 
     # -- bookkeeping -------------------------------------------------------------------------
     def info(self, t: Any) -> tuple[Layout, int] | None:
-        return self.layouts.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if not isinstance(t, torch.Tensor):
+            return None
+        if id(t) in self.deferred:
+            self.settle(t)
+        return self.layouts.get(id(t))
 
     def set(self, t: torch.Tensor, layout: Layout, dim: int) -> None:
         self.keepalive.append(t)
@@ -257,11 +263,13 @@ class _Tracer(OpRules, TorchFunctionMode):
 
     def tracked(self, values: Sequence[Any]) -> list[torch.Tensor]:
         flat, _ = tree_flatten(list(values))
-        return [v for v in flat if isinstance(v, torch.Tensor) and id(v) in self.layouts]
+        known = (self.layouts, self.deferred)
+        return [v for v in flat if isinstance(v, torch.Tensor) and any(id(v) in k for k in known)]
 
     def block_all(self, inputs: Sequence[torch.Tensor], outputs: Any, reason: str) -> None:
         for t in inputs:
-            self.table.block_layout(self.layouts[id(t)][0], reason)
+            if (info := self.info(t)) is not None:
+                self.table.block_layout(info[0], reason)
         for out in tree_flatten(outputs)[0]:
             if isinstance(out, torch.Tensor) and out.dim() > 0:
                 self.fresh(out, -1 if out.dim() < 3 else 1, blocked=reason)
@@ -275,18 +283,27 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.table.add_member(layout, module_name, role, tensor=pname, dim=dims[axis])
         return True
 
-    def note_width(self, value: int, layout: Layout) -> None:
-        if self.stack:
-            frames = _module_frames(self.running[-1])
-            spelled = _spelled(frames[0]) if frames else frozenset()
-            names = _names_in_use(frames)
-            self.notes.append(WidthNote(self.stack[-1], int(value), layout, names, spelled))
+    def note_context(self) -> tuple[str, frozenset[str], frozenset[str]] | None:
+        """Where a width is being read now: the running module, the names its code refers to
+        and the identifiers of the expression at hand."""
+        if not self.stack:
+            return None
+        frames = _module_frames(self.running[-1])
+        spelled = _spelled(frames[0]) if frames else frozenset()
+        return self.stack[-1], _names_in_use(frames), spelled
 
-    def note_literals(self, args: tuple, axis: int, value: int, layout: Layout) -> None:
+    def note_width(self, value: int, layout: Layout, context: tuple | None = None) -> None:
+        if (context := context or self.note_context()) is not None:
+            module_name, names, spelled = context
+            self.notes.append(WidthNote(module_name, int(value), layout, names, spelled))
+
+    def note_literals(
+        self, args: tuple, axis: int, value: int, layout: Layout, context: tuple | None = None
+    ) -> None:
         """Note ``value`` when the reshape's shape argument spells it at ``axis`` (not -1)."""
         shape = [v for v in tree_flatten(list(args[1:]))[0] if not isinstance(v, torch.Tensor)]
         if len(shape) > axis and isinstance(shape[axis], int) and shape[axis] == value:
-            self.note_width(value, layout)
+            self.note_width(value, layout, context)
 
     # -- torch calls -------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -340,7 +357,9 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.follow_param(name, args, out)
             return
         x = inputs[0]
-        layout, dim = self.layouts[id(x)]
+        if id(x) in self.deferred and self.select_deferred(x, name, args, kwargs, out):
+            return
+        layout, dim = self.info(x)  # type: ignore[misc]
         single = bool(args) and args[0] is x and (len(inputs) == 1 or name in _LIKE)
         tensor_out = isinstance(out, torch.Tensor)
         rules = (
