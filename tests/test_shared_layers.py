@@ -138,3 +138,18 @@ def test_deberta_loses_heads_hidden_size_and_ffn_exactly(share_att_key: bool) ->
     assert model.deberta.encoder.layer[0].attention.self.num_attention_heads == 2
     longer = {"input_ids": torch.randint(1, 100, (3, 11))}  # another batch and length
     assert _logits(model, longer).shape == (3, 3)
+
+
+def test_deberta_v1_biases_viewed_as_heads_lose_the_same_heads() -> None:
+    """DeBERTa (v1) adds ``q_bias``/``v_bias`` after viewing them as ``(heads, head_dim)`` and
+    permuting: each head index covers ``head_dim`` entries of the bias, which go with it."""
+    model = _classifier("deberta", **SMALL, relative_attention=True, pos_att_type=["c2p", "p2c"])
+    with torch.no_grad():  # non-zero biases: a wrongly sliced bias would move the logits
+        for name, p in model.named_parameters():
+            if name.endswith(("q_bias", "v_bias")):
+                p.normal_()
+    groups = _silence_and_remove(model, _ids())
+    assert [g.size for g in groups if g.kind == "head"] == [4, 4]
+    attention = model.deberta.encoder.layer[0].attention.self
+    assert attention.q_bias.shape == attention.v_bias.shape == (32,)
+    assert attention.in_proj.out_features == 3 * 32

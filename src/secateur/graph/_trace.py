@@ -15,6 +15,7 @@ from __future__ import annotations
 import dis
 import functools
 import linecache
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ from ._ops import (
     OpRules,
     picks_rows,
 )
-from ._shapes import follow_axis, index_axes
+from ._shapes import follow_axis, index_axes, merge_run
 from ._spaces import Layout, Segment, SpaceTable
 
 _IGNORED = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "__bool__"}
@@ -111,6 +112,25 @@ def _scalar_arithmetic(name: str, args: tuple, out: Any) -> bool:
         and out.shape == args[0].shape
         and all(not isinstance(a, torch.Tensor) or a.dim() == 0 for a in others)
     )
+
+
+def _reshaped_dims(
+    src: Sequence[int], dst: Sequence[int], dims: tuple, factors: tuple[int, ...]
+) -> tuple[tuple, tuple[int, ...]]:
+    """Parameter dims and per-axis factors of a view of a parameter: an axis that keeps its
+    size keeps its dim; one split into ``(heads, head_dim)`` (DeBERTa's ``q_bias`` viewed as
+    heads) maps its dim to the outer axis, each index covering ``head_dim`` entries."""
+    out: list[int | None] = [None] * len(dst)
+    out_factors = [1] * len(dst)
+    run = merge_run(dst, src)
+    for d, pd in enumerate(dims):
+        mapped = follow_axis(src, dst, d)
+        if mapped is not None:
+            out[mapped], out_factors[mapped] = pd, factors[d]
+        elif run is not None and d == run[0] and pd is not None:
+            a, b = run
+            out[a], out_factors[a] = pd, factors[d] * math.prod(dst[a + 1 : b])
+    return tuple(out), tuple(out_factors)
 
 
 def _indexed_dims(shape: Sequence[int], index: Any, dims: tuple, ndim: int) -> tuple:
@@ -223,6 +243,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.notes: list[WidthNote] = []
         self.called: dict[str, list[int]] = {}
         self.deferred: dict[int, DeferredView] = {}  # views settled by the op that reads them
+        # parameter views whose axis indexes groups of entries (a bias viewed as heads)
+        self.param_factors: dict[int, tuple[int, ...]] = {}
         # layer -> (input layout or None for a fixed input, output layout, output axis)
         self.layer_calls: dict[str, tuple[Layout | None, Layout, int]] = {}
         self.names = {m: n for n, m in model.named_modules()}
@@ -280,6 +302,9 @@ class _Tracer(OpRules, TorchFunctionMode):
         if entry is None or entry[2][axis] is None:
             return False
         module_name, pname, dims = entry
+        factor = self.param_factors.get(id(t), (1,) * t.dim())[axis]
+        if factor > 1:  # the axis indexes heads of ``factor`` parameter entries each
+            layout = tuple(Segment(s.space, s.factor * factor) for s in layout)
         self.table.add_member(layout, module_name, role, tensor=pname, dim=dims[axis])
         return True
 
@@ -324,30 +349,34 @@ class _Tracer(OpRules, TorchFunctionMode):
         entry = self.params.get(id(src)) if isinstance(src, torch.Tensor) else None
         if entry is None or not isinstance(out, torch.Tensor):
             return
+        factors = self.param_factors.get(id(src), (1,) * src.dim())
         if name in _PARAM_PASS or _scalar_arithmetic(name, args, out):
             dims = entry[2]
         elif name in ("transpose", "swapaxes") and len(args) == 3:
             a, b = (int(v) % src.dim() for v in args[1:3])
-            swapped = list(entry[2])
-            swapped[a], swapped[b] = swapped[b], swapped[a]
-            dims = tuple(swapped)
+            order = list(range(src.dim()))
+            order[a], order[b] = order[b], order[a]
+            dims, factors = tuple(entry[2][i] for i in order), tuple(factors[i] for i in order)
+        elif name == "permute":
+            order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            order = [int(o) % src.dim() for o in order]
+            dims, factors = tuple(entry[2][i] for i in order), tuple(factors[i] for i in order)
+        elif name in _PARAM_SHAPE:
+            dims, factors = _reshaped_dims(src.shape, out.shape, entry[2], factors)
+        elif any(f > 1 for f in factors):
+            return  # the ops below know nothing of heads
         elif name == "__getitem__" and len(args) > 1 and _single_number(args[1]):
             dims = entry[2][1:]  # one slice of a stacked parameter (an MoE expert's weight)
         elif name == "__getitem__" and len(args) > 1 and _gathers_rows(args[1], src, out):
             dims = (None, *entry[2][1:])  # stack[ids]: one expert's matrix per token row
         elif name == "__getitem__" and len(args) > 1 and index_axes(src.shape, args[1]):
             dims = _indexed_dims(src.shape, args[1], entry[2], out.dim())
-        elif name in _PARAM_SHAPE:
-            dims_list: list[int | None] = [None] * out.dim()
-            for d, pd in enumerate(entry[2]):
-                mapped = follow_axis(src.shape, out.shape, d)
-                if mapped is not None:
-                    dims_list[mapped] = pd
-            dims = tuple(dims_list)
         else:
             return
         self.keepalive.append(out)
         self.params[id(out)] = (entry[0], entry[1], dims)
+        if len(factors) == out.dim() and any(f > 1 for f in factors):
+            self.param_factors[id(out)] = factors
 
     def record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         if name in _IGNORED:
@@ -516,7 +545,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         ``rel_embeddings.weight``, normalised and projected): its last axis is a source of
         channels, whose slices of the parameter follow them."""
         entry = self.params.get(id(x)) if isinstance(x, torch.Tensor) else None
-        if entry is None or x.dim() < 2 or entry[2][-1] is None:
+        if entry is None or x.dim() < 2 or entry[2][-1] is None or id(x) in self.param_factors:
             return None
         module_name, pname, dims = entry
         key = (module_name, pname, dims[-1])
