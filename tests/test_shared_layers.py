@@ -153,3 +153,66 @@ def test_deberta_v1_biases_viewed_as_heads_lose_the_same_heads() -> None:
     attention = model.deberta.encoder.layer[0].attention.self
     assert attention.q_bias.shape == attention.v_bias.shape == (32,)
     assert attention.in_proj.out_features == 3 * 32
+
+
+# -- found in review: cases the rules above must leave alone ---------------------------------
+class _LearnedQueries(nn.Module):
+    """An integer buffer of positions fed to an Embedding: not a source of channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("query_ids", torch.arange(6)[None])
+        self.query, self.fc, self.head = nn.Embedding(6, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x)) * self.query(self.query_ids).mean(1))
+
+
+def test_an_integer_buffer_fed_to_an_embedding_is_never_pruned() -> None:
+    model, x = _LearnedQueries().eval(), torch.randn(2, 4)
+    graph = build_dependency_graph(model, x)
+    assert not any(m.tensor == "query_ids" for g in graph.groups for m in g.members)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert torch.equal(model.query_ids, torch.arange(6)[None])
+
+
+class _ShiftPerChannel(nn.Module):
+    """``gather`` along time with a different shift for every channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        b, t, c = h.shape
+        shift = (torch.arange(t)[:, None] + torch.arange(c)[None, :]) % t
+        return self.b(torch.relu(torch.gather(h, 1, shift.expand(b, t, c))))
+
+
+def test_a_gather_whose_places_differ_per_channel_blocks_them() -> None:
+    graph = build_dependency_graph(_ShiftPerChannel().eval(), torch.randn(2, 5, 4))
+    assert not any("a" in g.producers() for g in graph.groups)
+    assert any("gather" in reason for _, reason in graph.blocked)
+
+
+class _NormTwice(nn.Module):
+    """One LayerNorm on a pooled (B, C) tensor and on the (B, T, C) sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.ln, self.head = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.ln(self.fc(x).mean(1))
+        return self.head(self.ln(self.fc(x))) + pooled[:, None, :3]
+
+
+def test_a_norm_called_again_keeps_its_channels_on_the_axis_it_normalises() -> None:
+    torch.manual_seed(0)
+    model, x = _NormTwice().eval(), torch.randn(2, 5, 4)
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert model(x).shape == (2, 5, 3)
+    if model.fc.out_features < 6:  # pruned: then every reader followed
+        assert model.ln.normalized_shape == (model.fc.out_features,)
+    assert result.refused == ()

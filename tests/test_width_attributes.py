@@ -259,8 +259,11 @@ class _PackedHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        packed = self.qkv(x).view(b, t, 3, -1, self.head_dim)
-        if self.pick == "unbind":
+        if self.pick == "spelled":  # the head count written in the view, the length as -1
+            packed = self.qkv(x).view(b, -1, 3, self.heads, self.head_dim)
+        else:
+            packed = self.qkv(x).view(b, t, 3, -1, self.head_dim)
+        if self.pick in ("unbind", "spelled"):
             q, k, v = packed.unbind(dim=2)
         else:
             q, k, v = packed[:, :, 0], packed[:, :, 1], packed[:, :, 2]
@@ -269,7 +272,7 @@ class _PackedHeads(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, -1))
 
 
-@pytest.mark.parametrize("pick", ["unbind", "index"])
+@pytest.mark.parametrize("pick", ["unbind", "index", "spelled"])
 def test_packed_q_k_v_heads_are_whole_units(pick: str) -> None:
     """The view's outer axis selects q, k or v: a unit is one head of each (rows h, 16 + h
     and 32 + h of the packed projection, head_dim wide), so removal is exact."""
@@ -286,6 +289,7 @@ def test_packed_q_k_v_heads_are_whole_units(pick: str) -> None:
         expected = model(x)
     apply_removals_(model, graph, [(heads, units)])
     assert model.qkv.out_features == 24 and model.out.in_features == 8
+    assert model.heads == (2 if pick == "spelled" else 4)  # rewritten where the view reads it
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-5)
 

@@ -238,6 +238,8 @@ class OpRules:
                 return False
             if any(o < 0 or sel != slice(None) for i, (o, sel) in enumerate(axes) if i != a):
                 return False
+            if axes[a + 1][0] != a:  # a new axis in front moves the heads
+                return False
             picks = [(axes[a][1] % x.shape[a], out)]
         else:
             return False
@@ -253,6 +255,8 @@ class OpRules:
                 return False
             view = replace(view, heads=tuple(heads))  # type: ignore[arg-type]
             self.deferred[id(x)] = view
+            # a head count spelled in the view (``view(b, t, 3, self.num_heads, hd)``)
+            self.note_literals(view.args, a + 1, x.shape[a + 1], view.heads[0], view.context)
         for index, t in picks:
             self.set(t, view.heads[index], a)
         return True
@@ -271,11 +275,15 @@ class OpRules:
         return True
 
     def gather(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
-        """``torch.gather(x, axis, index)`` along another axis than the channels' (DeBERTa's
-        relative positions): output channel ``i`` reads only input channel ``i``."""
+        """``torch.gather(x, axis, index)`` along another axis than the channels', with the
+        same index for every channel (DeBERTa's relative positions, expanded): output channel
+        ``i`` reads only input channel ``i``, at the same places as every other."""
         axis = _dim_arg(args, kwargs, 1)
+        index = kwargs.get("index", args[2] if len(args) > 2 else None)
         if axis is None or int(axis) % x.dim() == dim or out.dim() != x.dim():
             return False
+        if not isinstance(index, torch.Tensor) or (index.shape[dim] > 1 and index.stride(dim)):
+            return False  # the places could differ from channel to channel
         return self.pointwise(x, layout, dim, out)
 
     def tile(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001

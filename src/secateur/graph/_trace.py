@@ -157,10 +157,12 @@ class WidthNote:
 
 
 def _module_frames(module: nn.Module) -> list[Any]:
-    """The frames on the call stack whose ``self`` is ``module``, innermost first."""
+    """The frames on the call stack of methods called on ``module`` (their first argument,
+    ``self`` by convention), innermost first."""
     frames, frame = [], sys._getframe(1)
     while frame is not None:
-        if frame.f_locals.get("self") is module:
+        code = frame.f_code
+        if code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is module:
             frames.append(frame)
         frame = frame.f_back
     return frames
@@ -475,7 +477,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         name = self.names[module]
         x = args[0] if args else None
-        info = self.info(x) or self.parameter_source(x)
+        info = self.info(x) or self.parameter_source(module, x)
         if name in self.called:
             if self.called_again(module, name, x, info, out):
                 return
@@ -540,11 +542,17 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.layer_calls[name] = (None, self.layouts[id(out)][0], dim)
         return True
 
-    def parameter_source(self, x: Any) -> tuple[Layout, int] | None:
-        """A parameter fed to a layer as its input (DeBERTa's relative position embeddings,
-        ``rel_embeddings.weight``, normalised and projected): its last axis is a source of
-        channels, whose slices of the parameter follow them."""
-        entry = self.params.get(id(x)) if isinstance(x, torch.Tensor) else None
+    def parameter_source(self, module: nn.Module, x: Any) -> tuple[Layout, int] | None:
+        """A float parameter fed to a Linear or a norm over its last axis (DeBERTa's relative
+        position embeddings, ``rel_embeddings.weight``, normalised and projected): that axis is
+        a source of channels, whose slices of the parameter follow them. Not integer buffers
+        (position ids into an Embedding), nor convolutions (a learned constant image)."""
+        reads_last = isinstance(module, (nn.Linear, nn.LayerNorm, nn.RMSNorm)) or is_hf_conv1d(
+            module
+        )
+        if not reads_last or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return None
+        entry = self.params.get(id(x))
         if entry is None or x.dim() < 2 or entry[2][-1] is None or id(x) in self.param_factors:
             return None
         module_name, pname, dims = entry
@@ -572,20 +580,24 @@ class _Tracer(OpRules, TorchFunctionMode):
             all(self.table.find(s.space) in self.table.blocked for s in info[0])
             and not self.leaf_reads(module, x, info[1])
         )
+        norm = first_in is first_out  # its output is its input's channels
+        if not fixed and not _reads_channels_at(module, x, info[1]):
+            return False
         reason = f"module {name} also reads a fixed input"
+        if norm:
+            if fixed or (joined := self.unify(first_in, info[0])) is None:
+                return False  # blocked whole by the caller
+            self.set(out, joined, info[1])
+            return True
         if fixed:
             if first_in is not None:
                 self.table.block_layout(first_in, reason)
             if info is not None:
                 self.table.block_layout(info[0], reason)
-        elif not self.leaf_reads(module, x, info[1]):
-            return False
         elif first_in is None:
             self.table.block_layout(info[0], reason)
-        elif (joined := self.unify(first_in, info[0])) is None:
+        elif self.unify(first_in, info[0]) is None:
             return False
-        elif first_in is first_out:  # a norm: its output is its input's channels
-            first_out = joined
         self.set(out, first_out, dim)
         return True
 
@@ -692,6 +704,19 @@ class _Tracer(OpRules, TorchFunctionMode):
         coarse_out = self.table.coarsen(out_layout[0].space, module.out_channels // g)
         self.table.unite(coarse_in, coarse_out)
         return True
+
+
+def _reads_channels_at(module: nn.Module, x: torch.Tensor, dim: int) -> bool:
+    """Whether a layer of the kinds the trace reads (``leaf``) takes its channels on ``dim``."""
+    last = dim == x.dim() - 1
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        return last
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return last and len(module.normalized_shape) == 1
+    return (
+        isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
+        and dim == 1
+    )
 
 
 def _is_leaf(module: nn.Module) -> bool:
