@@ -188,7 +188,8 @@ def _spelled(frame: Any) -> frozenset[str]:
 
 def _names_in_use(frames: list[Any]) -> frozenset[str]:
     """Every name the code now running on a module refers to: ``co_names`` of ``frames``, the
-    frames whose ``self`` is the module (its forward and any helper method it called).
+    frames of methods called on the module (its forward, helpers it called, and functions
+    that take it first, such as HF's attention functions).
     An attribute holding a width can only have reached a reshape through one of these, so an
     attribute that merely holds the same value (GPT-2's unused ``embed_dim`` beside its
     ``split_size``) is left alone. Empty when no such frame is found."""
