@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -49,6 +50,7 @@ class Arch:
     mlp: str  # "gelu" or "swiglu"
     bias: bool
     embed: bool  # token ids through an Embedding, else float features through a Linear
+    packed: bool = False  # fused q|k|v (equal widths) viewed as (3, heads, head_dim), unbind
 
 
 class ManualRMSNorm(nn.Module):
@@ -76,6 +78,7 @@ class Attention(nn.Module):
         self.num_kv_heads = arch.kv_heads
         self.head_dim = arch.head_dim
         self.fused, self.share, self.compute = arch.fused, arch.share, arch.compute
+        self.packed = arch.packed and arch.fused and arch.heads == arch.kv_heads
         self.causal, self.reshape_by = arch.causal, arch.reshape
         q_width, kv_width = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
         if arch.fused:
@@ -106,9 +109,22 @@ class Attention(nn.Module):
         b, kv, t, d = x.shape  # HF's repeat_kv
         return x[:, :, None, :, :].expand(b, kv, rep, t, d).reshape(b, kv * rep, t, d)
 
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(b, t, 3 * heads * d) -> q, k, v as (b, heads, t, d), as ModernBERT writes it."""
+        b, t, _ = x.shape
+        if self.reshape_by == "view":
+            x = x.view(b, t, 3, self.num_heads, self.head_dim)
+        elif self.reshape_by == "reshape":
+            x = x.reshape(b, t, 3, -1, self.head_dim)
+        else:
+            x = x.unflatten(-1, (3, self.num_heads, self.head_dim))
+        return tuple(z.transpose(1, 2) for z in x.unbind(dim=2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.fused:
+        if self.packed:
+            q, k, v = self.unpack(self.qkv(x))
+        elif self.fused:
             q_width = self.num_heads * self.head_dim
             kv_width = self.num_kv_heads * self.head_dim
             if q_width == kv_width:
@@ -117,9 +133,10 @@ class Attention(nn.Module):
                 q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = self.split_heads(q, self.num_heads)
-        k = self.split_heads(k, self.num_kv_heads)
-        v = self.split_heads(v, self.num_kv_heads)
+        if not self.packed:
+            q = self.split_heads(q, self.num_heads)
+            k = self.split_heads(k, self.num_kv_heads)
+            v = self.split_heads(v, self.num_kv_heads)
         if self.compute == "sdpa" and self.share == "gqa":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)
         elif self.compute == "sdpa":
@@ -216,6 +233,7 @@ def architectures(draw: st.DrawFn) -> Arch:
         mlp=draw(st.sampled_from(["gelu", "swiglu"])),
         bias=draw(st.booleans()),
         embed=draw(st.booleans()),
+        packed=draw(st.booleans()),
     )
 
 
@@ -369,3 +387,21 @@ def test_gqa_by_repeat_interleave_finds_head_groups() -> None:
     arch = replace(SMALL, heads=4, kv_heads=2, share="repeat")
     graph = build_dependency_graph(build(arch, 0), example_input(arch, 0))
     assert [g.size for g in graph.groups if g.kind == "head"] == [2]
+
+
+@pytest.mark.parametrize("reshape", ["view", "reshape", "unflatten"])
+@pytest.mark.parametrize("compute", ["sdpa", "matmul"])
+def test_q_k_v_packed_as_three_by_heads_lose_whole_heads(reshape: str, compute: str) -> None:
+    """ModernBERT's layout: one q|k|v projection viewed as (3, heads, head_dim) and unbound;
+    a unit is one head of each of q, k and v, and the head count in the view follows."""
+    arch = replace(
+        SMALL, heads=3, kv_heads=3, fused=True, packed=True, reshape=reshape, compute=compute
+    )
+    arch = replace(arch, share="repeat") if compute == "matmul" else arch
+    silence_and_remove(arch, 0)
+    model, x = build(arch, 0), example_input(arch, 0)
+    assert [g.size for g in build_dependency_graph(model, x).groups if g.kind == "head"] == [3]
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    attn = model.blocks[0].attn
+    assert attn.qkv.out_features == 3 * attn.num_heads * arch.head_dim
+    assert attn.num_heads == attn.num_kv_heads < 3

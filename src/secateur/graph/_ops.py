@@ -131,7 +131,9 @@ class OpRules:
             self._merge(x, layout, dim, out, *run)
         elif (run := merge_run(out.shape, x.shape)) is not None:
             a, b = run
-            if dim == a == x.dim() - 1 and b - a == 3 and name in ("view", "reshape"):
+            if dim == a == x.dim() - 1 and b - a == 3 and name in ("view", "reshape", "unflatten"):
+                if name == "unflatten":  # the sizes as a view's shape, for the widths they spell
+                    args = (x, (0,) * a + tuple(args[2])) if len(args) > 2 else (x, ())
                 args = tuple(tuple(v) if isinstance(v, list) else v for v in args)
                 self.deferred[id(out)] = DeferredView(
                     tuple(x.shape), layout, a, tuple(out.shape), name, args, self.note_context()
