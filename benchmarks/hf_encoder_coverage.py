@@ -24,17 +24,13 @@ parameters fell. A tool gets ``--limit`` seconds per model; past that it is stop
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
-import platform
-import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import transformers
-from hf_llm_coverage import _out_of_time, _OutOfTime, _short
+from hf_llm_coverage import _short, print_header, print_runs, prune_and_check
 
 from secateur import StructuredConfig, prune_
 
@@ -211,31 +207,9 @@ def check(model: torch.nn.Module) -> str | None:
 
 def run(family: str, tool: str, limit: int) -> dict[str, Any]:
     model, x = build(family)
-    params = sum(p.numel() for p in model.parameters())
-    before = _widths(model)
-    start = time.perf_counter()
-    signal.signal(signal.SIGALRM, _out_of_time)
-    signal.alarm(limit)
-    try:
-        note = TOOLS[tool](model, x)
-    except _OutOfTime:
-        return {"status": f"no result after {limit} s (stopped)", "before": before}
-    except Exception as exc:  # noqa: BLE001
-        return {"status": f"pruning fails ({_short(exc)})", "before": before}
-    finally:
-        signal.alarm(0)
-    seconds = time.perf_counter() - start
-    kept = sum(p.numel() for p in model.parameters()) / params
-    problem = check(model)
-    if problem is None and kept >= 1.0:
-        problem = "nothing removed"
-    return {
-        "status": problem or ("ok" + (f"; {note}" if note else "")),
-        "kept": kept,
-        "before": before,
-        "after": _widths(model),
-        "seconds": seconds,
-    }
+    return prune_and_check(
+        model, lambda: TOOLS[tool](model, x), limit, lambda: check(model), _widths
+    )
 
 
 def main() -> None:
@@ -249,33 +223,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
-    versions = {
-        name: importlib.metadata.version(name)
-        for name in ("torch", "transformers", "torch-pruning", "secateur")
-    }
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"limit {args.limit} s per pruning; ratio {RATIO}; widths: hidden / attention / FFN\n")
-    print("| family | widths before | tool | result | widths after | params kept | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    score = dict.fromkeys(TOOLS, 0)
-    for family in args.families:
-        for tool in TOOLS:
-            r = run(family, tool, args.limit)
-            if r["status"].startswith("ok"):
-                score[tool] += 1
-            kept = f"{r['kept']:.1%}" if "kept" in r else "–"
-            secs = f"{r['seconds']:.2f}" if "seconds" in r else "–"
-            after = r.get("after", "–")
-            print(
-                f"| {family} | {r['before']} | {tool} | {r['status']} | {after} | {kept} | {secs} |",
-                flush=True,
-            )
-    total = len(args.families)
-    print(
-        "\n"
-        + ", ".join(f"{tool}: {n}/{total} families pruned and working" for tool, n in score.items())
+    print_header(
+        args.threads,
+        [f"limit {args.limit} s per pruning; ratio {RATIO}; widths: hidden / attention / FFN"],
     )
+    print_runs(args.families, list(TOOLS), lambda family, tool: run(family, tool, args.limit))
 
 
 if __name__ == "__main__":

@@ -268,15 +268,22 @@ def _out_of_time(signum: int, frame: Any) -> None:
     raise _OutOfTime
 
 
-def run(family: str, tool: str, limit: int) -> dict[str, Any]:
-    model, ids = build(family)
+def prune_and_check(
+    model: torch.nn.Module,
+    prune: Callable[[], str | None],
+    limit: int,
+    check: Callable[[], str | None],
+    widths: Callable[[torch.nn.Module], str],
+) -> dict[str, Any]:
+    """Run ``prune`` on ``model`` within ``limit`` seconds, then ``check`` the result: the
+    status, the parameters kept, the widths before and after, and the seconds taken."""
     params = sum(p.numel() for p in model.parameters())
-    before = _widths(model)
+    before = widths(model)
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, _out_of_time)
     signal.alarm(limit)
     try:
-        note = TOOLS[tool](model, ids)
+        note = prune()
     except _OutOfTime:
         return {"status": f"no result after {limit} s (stopped)", "before": before}
     except Exception as exc:  # noqa: BLE001
@@ -285,16 +292,60 @@ def run(family: str, tool: str, limit: int) -> dict[str, Any]:
         signal.alarm(0)
     seconds = time.perf_counter() - start
     kept = sum(p.numel() for p in model.parameters()) / params
-    problem = check(model, ids)
+    problem = check()
     if problem is None and kept >= 1.0:
         problem = "nothing removed"
     return {
         "status": problem or ("ok" + (f"; {note}" if note else "")),
         "kept": kept,
         "before": before,
-        "after": _widths(model),
+        "after": widths(model),
         "seconds": seconds,
     }
+
+
+def run(family: str, tool: str, limit: int) -> dict[str, Any]:
+    model, ids = build(family)
+    return prune_and_check(
+        model, lambda: TOOLS[tool](model, ids), limit, lambda: check(model, ids), _widths
+    )
+
+
+def print_header(threads: int, lines: list[str]) -> None:
+    """The machine, the versions and the run settings, then the table's head."""
+    versions = {
+        name: importlib.metadata.version(name)
+        for name in ("torch", "transformers", "torch-pruning", "secateur")
+    }
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {threads} threads")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print("\n".join(lines) + "\n")
+    print("| family | widths before | tool | result | widths after | params kept | seconds |")
+    print("|---|---|---|---|---|---|---|")
+
+
+def print_runs(
+    families: list[str], tools: list[str], run: Callable[[str, str], dict[str, Any]]
+) -> None:
+    """One table row per family and tool, as each finishes, then each tool's score."""
+    score = dict.fromkeys(tools, 0)
+    for family in families:
+        for tool in tools:
+            r = run(family, tool)
+            if r["status"].startswith("ok"):
+                score[tool] += 1
+            kept = f"{r['kept']:.1%}" if "kept" in r else "–"
+            secs = f"{r['seconds']:.2f}" if "seconds" in r else "–"
+            after = r.get("after", "–")
+            print(
+                f"| {family} | {r['before']} | {tool} | {r['status']} | {after} | {kept} | {secs} |",
+                flush=True,
+            )
+    total = len(families)
+    print(
+        "\n"
+        + ", ".join(f"{tool}: {n}/{total} families pruned and working" for tool, n in score.items())
+    )
 
 
 def main() -> None:
@@ -315,36 +366,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
-    versions = {
-        name: importlib.metadata.version(name)
-        for name in ("torch", "transformers", "torch-pruning", "secateur")
-    }
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"limit {args.limit} s per pruning")
-    print(
-        f"ratio {RATIO}; widths are hidden / attention (q heads x head_dim) / FFN (per expert for MoE) of layer 0\n"
+    print_header(
+        args.threads,
+        [
+            f"limit {args.limit} s per pruning",
+            f"ratio {RATIO}; widths are hidden / attention (q heads x head_dim) / FFN (per expert for MoE) of layer 0",
+        ],
     )
-    print("| family | widths before | tool | result | widths after | params kept | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    score = dict.fromkeys(TOOLS, 0)
-    for family in args.families:
-        for tool in TOOLS:
-            r = run(family, tool, args.limit)
-            if r["status"].startswith("ok"):
-                score[tool] += 1
-            kept = f"{r['kept']:.1%}" if "kept" in r else "–"
-            secs = f"{r['seconds']:.2f}" if "seconds" in r else "–"
-            after = r.get("after", "–")
-            print(
-                f"| {family} | {r['before']} | {tool} | {r['status']} | {after} | {kept} | {secs} |",
-                flush=True,
-            )
-    total = len(args.families)
-    print(
-        "\n"
-        + ", ".join(f"{tool}: {n}/{total} families pruned and working" for tool, n in score.items())
-    )
+    print_runs(args.families, list(TOOLS), lambda family, tool: run(family, tool, args.limit))
 
 
 if __name__ == "__main__":
