@@ -9,12 +9,19 @@ within-head axis ``D`` is plain data, so whole heads are the units that can go.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
-from ._shapes import ShapeOnly, drop_ones, follow_axis, index_axes, intact_axis, merge_run
+from ._attention_rules import AttentionRules, DeferredView
+from ._shapes import (
+    ShapeOnly,
+    dim_arg,
+    drop_ones,
+    follow_axis,
+    index_axes,
+    intact_axis,
+    merge_run,
+)
 from ._spaces import Layout, Segment
 
 
@@ -69,29 +76,7 @@ def picks_rows(index: torch.Tensor) -> bool:
     return index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool
 
 
-def _dim_arg(args: tuple, kwargs: dict, pos: int, default: Any = None) -> Any:
-    return kwargs.get("dim", args[pos] if len(args) > pos else default)
-
-
-@dataclass(frozen=True)
-class DeferredView:
-    """A view of the channel axis into three axes ``(outer, inner, head_dim)`` waits for the
-    op that reads it: ``unbind`` or an int index along ``outer`` makes ``outer`` a selector of
-    q, k and v, each with ``inner`` heads (ModernBERT's ``view(b, t, 3, heads, hd)``);
-    anything else makes ``outer`` the unit (Falcon's ``(kv groups, heads + 2, hd)``).
-    ``context`` is where the view ran, for the width it may note."""
-
-    x_shape: tuple[int, ...]
-    layout: Layout
-    axis: int
-    out_shape: tuple[int, ...]
-    name: str
-    args: tuple
-    context: tuple | None
-    heads: tuple[Layout, ...] | None = None  # per outer index, once read as a selector
-
-
-class OpRules:
+class OpRules(AttentionRules):
     """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
     ``add_param`` and ``note_width``."""
 
@@ -109,7 +94,7 @@ class OpRules:
         elif name == "flip":
             axes = kwargs.get("dims", args[1] if len(args) > 1 else None)
         else:
-            axes = _dim_arg(args, kwargs, 1)
+            axes = dim_arg(args, kwargs, 1)
         if axes is None:
             return False
         axes = axes if isinstance(axes, (tuple, list)) else [axes]
@@ -209,66 +194,12 @@ class OpRules:
                 return None
         return tuple(coarse)
 
-    def settle(self, t: torch.Tensor) -> None:
-        """Give a deferred view its default reading: the outer axis is the unit. One already
-        read as a selector and now used whole is left whole."""
-        view = self.deferred.pop(id(t))
-        a = view.axis
-        reason = f"op '{view.name}' has no channel rule"
-        if view.heads is not None:
-            reason = "q, k and v packed in one tensor, used whole"
-            for layout in view.heads:
-                self.table.block_layout(layout, reason)
-            self.fresh(t, a, blocked=reason)
-        elif self._split(ShapeOnly(view.x_shape), view.layout, a, t, a, a + 3):
-            new, axis = self.info(t)
-            self.note_literals(view.args, axis, t.shape[axis], new, view.context)
-        else:
-            self.table.block_layout(view.layout, reason)
-            self.fresh(t, a, blocked=reason)
-
-    def select_deferred(self, x, name, args, kwargs, out) -> bool:  # noqa: ANN001
-        """``unbind`` or an int index along a deferred view's outer axis: each selected
-        ``(heads, head_dim)`` block is a piece of the channels, split into heads."""
-        view = self.deferred[id(x)]
-        a = view.axis
-        if name == "unbind" and int(_dim_arg(args, kwargs, 1, 0)) % x.dim() == a:
-            picks = list(enumerate(out))
-        elif name == "__getitem__" and len(args) > 1:
-            axes = index_axes(x.shape, args[1])
-            if axes is None or not isinstance(axes[a][1], int):
-                return False
-            if any(o < 0 or sel != slice(None) for i, (o, sel) in enumerate(axes) if i != a):
-                return False
-            if axes[a + 1][0] != a:  # a new axis in front moves the heads
-                return False
-            picks = [(axes[a][1] % x.shape[a], out)]
-        else:
-            return False
-        if not all(isinstance(t, torch.Tensor) for _, t in picks):
-            return False
-        if view.heads is None:
-            block, outer = math.prod(x.shape[a + 1 :]), x.shape[a]
-            pieces = self.split_layout(view.layout, [k * block for k in range(1, outer)])
-            if pieces is None or len(pieces) != outer:
-                return False
-            heads = [self._coarsened(p, x.shape[a + 2], heads=True) for p in pieces]
-            if any(h is None for h in heads):
-                return False
-            view = replace(view, heads=tuple(heads))  # type: ignore[arg-type]
-            self.deferred[id(x)] = view
-            # a head count spelled in the view (``view(b, t, 3, self.num_heads, hd)``)
-            self.note_literals(view.args, a + 1, x.shape[a + 1], view.heads[0], view.context)
-        for index, t in picks:
-            self.set(t, view.heads[index], a)
-        return True
-
     def repeat_interleave(self, x, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
         """``x.repeat_interleave(r, dim=d)`` with an int ``r``: along the channel axis each unit
         is repeated ``r`` times in a row (grouped-query attention spreading a kv head over its
         query heads); along another axis the channels pass through."""
         repeats = kwargs.get("repeats", args[1] if len(args) > 1 else None)
-        axis = _dim_arg(args, kwargs, 2)
+        axis = dim_arg(args, kwargs, 2)
         if not isinstance(repeats, int) or axis is None:
             return False  # per-index repeats, or a flattening repeat: no channel mapping
         if int(axis) % x.dim() != dim:
@@ -280,7 +211,7 @@ class OpRules:
         """``torch.gather(x, axis, index)`` along another axis than the channels', with the
         same index for every channel (DeBERTa's relative positions, expanded): output channel
         ``i`` reads only input channel ``i``, at the same places as every other."""
-        axis = _dim_arg(args, kwargs, 1)
+        axis = dim_arg(args, kwargs, 1)
         index = kwargs.get("index", args[2] if len(args) > 2 else None)
         if axis is None or int(axis) % x.dim() == dim or out.dim() != x.dim():
             return False
@@ -315,7 +246,7 @@ class OpRules:
         return True
 
     def reduce(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
-        axes = _dim_arg(args, kwargs, 1)
+        axes = dim_arg(args, kwargs, 1)
         if axes is None:
             return False
         axes = [int(d) % x.dim() for d in (axes if isinstance(axes, (tuple, list)) else [axes])]
@@ -367,13 +298,13 @@ class OpRules:
     def narrow_split(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
         outs = list(out)
         if name == "unbind":
-            axis = int(_dim_arg(args, kwargs, 1, 0)) % x.dim()
+            axis = int(dim_arg(args, kwargs, 1, 0)) % x.dim()
             if axis == dim:
                 return False
             for t in outs:
                 self.set(t, layout, dim - (axis < dim))
             return True
-        axis = int(_dim_arg(args, kwargs, 2, 0)) % x.dim()
+        axis = int(dim_arg(args, kwargs, 2, 0)) % x.dim()
         if axis != dim:
             for t in outs:
                 self.set(t, layout, dim)
@@ -407,7 +338,7 @@ class OpRules:
         """``x.index_add_(axis, index, source)`` along an axis other than the channels':
         rows of ``source`` are added into rows of ``x``, so both name the same channels."""
         x = args[0]
-        axis = int(_dim_arg(args, kwargs, 1, 0)) % x.dim()
+        axis = int(dim_arg(args, kwargs, 1, 0)) % x.dim()
         source = args[3] if len(args) > 3 else kwargs.get("source")
         ix, isrc = self.info(x), self.info(source)
         if ix is None or isrc is None or x.dim() != source.dim():
@@ -514,7 +445,7 @@ class OpRules:
 
     def cat(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
         tensors = list(args[0])
-        cat_dim = int(_dim_arg(args, kwargs, 1, 0)) % out.dim()
+        cat_dim = int(dim_arg(args, kwargs, 1, 0)) % out.dim()
         infos = [self.info(t) for t in tensors]
         known = [i for i in infos if i is not None]
         dims = {i[1] for i in known}
@@ -552,7 +483,7 @@ class OpRules:
         Cohere and GLM): every input names the same channels, which move past the new axis
         when it comes before them."""
         tensors = list(args[0])
-        new_axis = int(_dim_arg(args, kwargs, 1, 0)) % out.dim()
+        new_axis = int(dim_arg(args, kwargs, 1, 0)) % out.dim()
         infos = [self.info(t) for t in tensors]
         known = [i for i in infos if i is not None]
         if len({i[1] for i in known}) != 1:
@@ -602,61 +533,6 @@ class OpRules:
                 return False
         self.set(out, layout, axis)
         return True
-
-    def _shared_head(self, a, b, ia, ib) -> str | None:  # noqa: ANN001
-        """Eager multi-query attention (``q @ k.T``, ``probs @ v``): one operand carries whole
-        heads on a batch axis, the other channels inside one shared head (on its last two
-        axes). Each head is computed on its own, so the heads go on; the shared head's channels
-        stay whole. Returns which operand ("a" or "b") was set aside, or None."""
-        if ia is None or ib is None or a.dim() < 3 or b.dim() < 3:
-            return None
-        a_heads, b_heads = ia[1] < a.dim() - 2, ib[1] < b.dim() - 2
-        if a_heads == b_heads:
-            return None
-        inner, info = ("b", ib) if a_heads else ("a", ia)
-        self.table.block_layout(info[0], "a key/value head shared by every query head")
-        self.flag_shared_kv((ia if a_heads else ib)[0])
-        return inner
-
-    def attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
-        q, k, v = args[:3]
-        infos = [self.info(t) for t in (q, k, v)]
-        if self._multi_query(q, (k, v), infos, out):
-            return True
-        if any(i is None for i in infos) or any(
-            i[1] != t.dim() - 3 for i, t in zip(infos, (q, k, v), strict=True)
-        ):
-            return False
-        rep = q.shape[-3] // k.shape[-3] if kwargs.get("enable_gqa") else 1
-        layout = infos[0][0]
-        for (lt, _), t in zip(infos[1:], (k, v), strict=True):
-            if q.shape[-3] != t.shape[-3] * rep:
-                return False
-            layout = self.unify(layout, tuple(Segment(s.space, s.factor * rep) for s in lt))
-            if layout is None:
-                return False
-        self.set(out, layout, out.dim() - 3)
-        return True
-
-    def _multi_query(self, q, kv, infos, out) -> bool:  # noqa: ANN001
-        """Multi-query attention (GPT-BigCode): one key/value head broadcast to every query
-        head, so k and v carry channels only inside the head (their last axis) while q's are
-        whole heads. Each query head then attends on its own: the output's heads are q's; the
-        shared head's channels stay whole."""
-        if infos[0] is None or infos[0][1] != q.dim() - 3:
-            return False
-        if any(i is None or i[1] != t.dim() - 1 for i, t in zip(infos[1:], kv, strict=True)):
-            return False
-        for layout, _ in infos[1:]:
-            self.table.block_layout(layout, "a key/value head shared by every query head")
-        self.flag_shared_kv(infos[0][0])
-        self.set(out, infos[0][0], out.dim() - 3)
-        return True
-
-    def flag_shared_kv(self, heads: Layout) -> None:
-        """Mark query heads that share one key/value head: their groups count query heads."""
-        for seg in heads:
-            self.table.flag(seg.space, "shared_kv")
 
     def linear_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001
         """``F.linear(x, W, b)`` with the module's own parameters: W's columns read the

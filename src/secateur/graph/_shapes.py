@@ -106,3 +106,8 @@ def index_axes(shape: Sequence[int], index: Any) -> list[tuple[int, Any]] | None
         out.append((out_axis, slice(None)))
         out_axis += 1
     return out if len(out) == len(shape) else None
+
+
+def dim_arg(args: tuple, kwargs: dict, pos: int, default: Any = None) -> Any:
+    """An op's ``dim`` argument: by keyword, else at position ``pos``, else ``default``."""
+    return kwargs.get("dim", args[pos] if len(args) > pos else default)

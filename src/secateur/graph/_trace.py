@@ -12,12 +12,6 @@ ViT position embedding, a ConvNeXt layer scale) become members of the space they
 
 from __future__ import annotations
 
-import dis
-import functools
-import linecache
-import math
-import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,10 +38,21 @@ from ._ops import (
     SPLIT,
     DeferredView,
     OpRules,
-    picks_rows,
 )
-from ._shapes import follow_axis, index_axes, merge_run
+from ._params import (
+    PARAM_PASS,
+    PARAM_SHAPE,
+    gathers_rows,
+    indexed_by_numbers,
+    indexed_dims,
+    param_gather,
+    reshaped_dims,
+    scalar_arithmetic,
+    single_number,
+)
+from ._shapes import index_axes
 from ._spaces import Layout, Segment, SpaceTable
+from ._width_notes import WidthNote, module_frames, names_in_use, spelled_names
 
 _IGNORED = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "__bool__"}
 _SHAPE_KEEPING = {
@@ -55,161 +60,10 @@ _SHAPE_KEEPING = {
     *("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "sigmoid"),
     *("tanh", "hardswish", "hardswish_", "hardsigmoid", "leaky_relu", "elu", "mish", "dropout"),
 }
-_PARAM_PASS = {"to", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"}
-_PARAM_SHAPE = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten"}
 # new tensors shaped like their input, holding none of its values
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
 _LIKE = {"type_as", "expand_as", "view_as", "reshape_as"}
-
-
-def _gathers_rows(index: Any, src: torch.Tensor, out: torch.Tensor) -> bool:
-    """``src[index]`` with a 1-D integer ``index`` keeps every axis but the first."""
-    return (
-        isinstance(index, torch.Tensor)
-        and picks_rows(index)
-        and out.dim() == src.dim()
-        and out.shape[1:] == src.shape[1:]
-    )
-
-
-def _single_number(index: Any) -> bool:
-    """Whether ``index`` picks one entry of the first axis (an int or a 0-d integer tensor)."""
-    if isinstance(index, torch.Tensor):
-        return index.dim() == 0 and not index.is_floating_point() and index.dtype != torch.bool
-    return isinstance(index, int) and not isinstance(index, bool)
-
-
-def _indexed_by_numbers(x: torch.Tensor, args: tuple, inputs: list[torch.Tensor]) -> bool:
-    """``x[index]`` where the other tracked tensors are integer indices (token positions
-    computed from a router's output): their values pick rows, their channels play no part."""
-    return (
-        bool(args)
-        and args[0] is x
-        and all(not t.is_floating_point() and t.dtype != torch.bool for t in inputs[1:])
-    )
-
-
-def _param_gather(params: dict, args: tuple, inputs: list[torch.Tensor]) -> bool:
-    """``stack[ids]``: a parameter indexed by tracked integer tensors (expert ids computed
-    from a router's output) only picks whole matrices; the ids' channels play no part."""
-    return (
-        len(args) == 2
-        and id(args[0]) in params
-        and all(not t.is_floating_point() and t.dtype != torch.bool for t in inputs)
-    )
-
-
-def _scalar_arithmetic(name: str, args: tuple, out: Any) -> bool:
-    """Whether ``out`` is an elementwise function of ``args[0]`` alone (e.g. Gemma's
-    ``1.0 + norm.weight``): other operands are plain numbers or 0-d tensors, and the shape
-    stays, so each of its entries still belongs to the same channel as the parameter's."""
-    if name not in POINTWISE and name not in ELEMENTWISE:
-        return False
-    others = args[1:3] if name in ELEMENTWISE else ()
-    return (
-        isinstance(out, torch.Tensor)
-        and out.shape == args[0].shape
-        and all(not isinstance(a, torch.Tensor) or a.dim() == 0 for a in others)
-    )
-
-
-def _reshaped_dims(
-    src: Sequence[int], dst: Sequence[int], dims: tuple, factors: tuple[int, ...]
-) -> tuple[tuple, tuple[int, ...]]:
-    """Parameter dims and per-axis factors of a view of a parameter: an axis that keeps its
-    size keeps its dim; one split into ``(heads, head_dim)`` (DeBERTa's ``q_bias`` viewed as
-    heads) maps its dim to the outer axis, each index covering ``head_dim`` entries."""
-    out: list[int | None] = [None] * len(dst)
-    out_factors = [1] * len(dst)
-    run = merge_run(dst, src)
-    for d, pd in enumerate(dims):
-        mapped = follow_axis(src, dst, d)
-        if mapped is not None:
-            out[mapped], out_factors[mapped] = pd, factors[d]
-        elif run is not None and d == run[0] and pd is not None:
-            a, b = run
-            out[a], out_factors[a] = pd, factors[d] * math.prod(dst[a + 1 : b])
-    return tuple(out), tuple(out_factors)
-
-
-def _indexed_dims(shape: Sequence[int], index: Any, dims: tuple, ndim: int) -> tuple:
-    """The parameter dims of ``param[index]`` (DeBERTa's ``rel_embeddings[0 : 2 * span, :]``):
-    an axis taken whole keeps its dim; a sliced or indexed one is no channel axis any more."""
-    out: list[int | None] = [None] * ndim
-    for d, (axis, sel) in enumerate(index_axes(shape, index) or []):
-        whole = isinstance(sel, slice) and sel.indices(shape[d]) == (0, shape[d], 1)
-        if axis >= 0 and whole:
-            out[axis] = dims[d]
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class WidthNote:
-    """An int seen in a module's reshape/split call that equals a prunable width: after
-    pruning, attributes of ``module_name`` holding ``value`` get the new width of ``layout``."""
-
-    module_name: str
-    value: int
-    layout: Layout
-    names: frozenset[str] = frozenset()  # what the module's running code refers to
-    spelled: frozenset[str] = frozenset()  # the identifiers in the reshape's own expression
-
-
-def _module_frames(module: nn.Module) -> list[Any]:
-    """The frames on the call stack of methods called on ``module`` (their first argument,
-    ``self`` by convention), innermost first."""
-    frames, frame = [], sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is module:
-            frames.append(frame)
-        frame = frame.f_back
-    return frames
-
-
-def _spelled(frame: Any) -> frozenset[str]:
-    """The identifiers in the source of the expression ``frame`` is executing (e.g. ``view(b,
-    t, self.num_heads, self.head_dim)``), or nothing when the source is not available."""
-    try:
-        positions = list(frame.f_code.co_positions())[frame.f_lasti // 2]
-    except (AttributeError, IndexError):
-        return frozenset()
-    first, last, start, end = positions
-    if None in positions:
-        return frozenset()
-    lines = [linecache.getline(frame.f_code.co_filename, n) for n in range(first, last + 1)]
-    if not all(lines):
-        return frozenset()
-    lines[-1] = lines[-1][:end]
-    lines[0] = lines[0][start:]
-    return frozenset(re.findall(r"[A-Za-z_]\w*", "".join(lines)))
-
-
-def _names_in_use(frames: list[Any]) -> frozenset[str]:
-    """Every name the code now running on a module refers to: ``co_names`` of ``frames``, the
-    frames of methods called on the module (its forward, helpers it called, and functions
-    that take it first, such as HF's attention functions).
-    An attribute holding a width can only have reached a reshape through one of these, so an
-    attribute that merely holds the same value (GPT-2's unused ``embed_dim`` beside its
-    ``split_size``) is left alone. Empty when no such frame is found."""
-    names: set[str] = set()
-    for frame in frames:
-        names.update(frame.f_code.co_names)
-        names.update(_config_reads(frame.f_code))
-    return frozenset(names)
-
-
-@functools.lru_cache(maxsize=1024)
-def _config_reads(code: Any) -> frozenset[str]:
-    """``config.<name>`` for every ``<x>.config.<name>`` attribute read in ``code`` (Phi-3's
-    ``self.config.num_attention_heads``), found in its bytecode: two attribute loads in a row."""
-    reads, previous = set(), None
-    for ins in dis.get_instructions(code):
-        if ins.opname == "LOAD_ATTR" and previous == "config":
-            reads.add(f"config.{ins.argval}")
-        previous = ins.argval if ins.opname == "LOAD_ATTR" else None
-    return frozenset(reads)
 
 
 @dataclass
@@ -316,9 +170,9 @@ class _Tracer(OpRules, TorchFunctionMode):
         and the identifiers of the expression at hand."""
         if not self.stack:
             return None
-        frames = _module_frames(self.running[-1])
-        spelled = _spelled(frames[0]) if frames else frozenset()
-        return self.stack[-1], _names_in_use(frames), spelled
+        frames = module_frames(self.running[-1])
+        spelled = spelled_names(frames[0]) if frames else frozenset()
+        return self.stack[-1], names_in_use(frames), spelled
 
     def note_width(self, value: int, layout: Layout, context: tuple | None = None) -> None:
         if (context := context or self.note_context()) is not None:
@@ -353,7 +207,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         if entry is None or not isinstance(out, torch.Tensor):
             return
         factors = self.param_factors.get(id(src), (1,) * src.dim())
-        if name in _PARAM_PASS or _scalar_arithmetic(name, args, out):
+        if name in PARAM_PASS or scalar_arithmetic(name, args, out):
             dims = entry[2]
         elif name in ("transpose", "swapaxes") and len(args) == 3:
             a, b = (int(v) % src.dim() for v in args[1:3])
@@ -364,16 +218,16 @@ class _Tracer(OpRules, TorchFunctionMode):
             order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
             order = [int(o) % src.dim() for o in order]
             dims, factors = tuple(entry[2][i] for i in order), tuple(factors[i] for i in order)
-        elif name in _PARAM_SHAPE:
-            dims, factors = _reshaped_dims(src.shape, out.shape, entry[2], factors)
+        elif name in PARAM_SHAPE:
+            dims, factors = reshaped_dims(src.shape, out.shape, entry[2], factors)
         elif any(f > 1 for f in factors):
             return  # the ops below know nothing of heads
-        elif name == "__getitem__" and len(args) > 1 and _single_number(args[1]):
+        elif name == "__getitem__" and len(args) > 1 and single_number(args[1]):
             dims = entry[2][1:]  # one slice of a stacked parameter (an MoE expert's weight)
-        elif name == "__getitem__" and len(args) > 1 and _gathers_rows(args[1], src, out):
+        elif name == "__getitem__" and len(args) > 1 and gathers_rows(args[1], src, out):
             dims = (None, *entry[2][1:])  # stack[ids]: one expert's matrix per token row
         elif name == "__getitem__" and len(args) > 1 and index_axes(src.shape, args[1]):
-            dims = _indexed_dims(src.shape, args[1], entry[2], out.dim())
+            dims = indexed_dims(src.shape, args[1], entry[2], out.dim())
         else:
             return
         self.keepalive.append(out)
@@ -385,7 +239,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         if name in _IGNORED:
             return
         inputs = self.tracked([args, kwargs])
-        if not inputs or (name == "__getitem__" and _param_gather(self.params, args, inputs)):
+        if not inputs or (name == "__getitem__" and param_gather(self.params, args, inputs)):
             self.follow_param(name, args, out)
             return
         x = inputs[0]
@@ -430,7 +284,7 @@ class _Tracer(OpRules, TorchFunctionMode):
                 lambda: self.narrow_split(x, name, args, kwargs, layout, dim, out),
             ),
             (
-                name == "__getitem__" and (single or _indexed_by_numbers(x, args, inputs)),
+                name == "__getitem__" and (single or indexed_by_numbers(x, args, inputs)),
                 lambda: self.getitem(x, args, layout, dim, out),
             ),
             (name == "bmm", lambda: self.gathered_bmm(args, x, layout, dim, out)),
