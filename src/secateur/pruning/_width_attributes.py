@@ -196,11 +196,11 @@ def _int_attributes(obj: Any) -> dict[str, Any]:
 
 def _candidates(module: nn.Module) -> dict[str, int]:
     """The module's int attributes, and its config's as ``config.<name>``."""
-    own = {n: v for n, v in vars(module).items() if not n.startswith("_") and _int(v) is not None}
+    own = {n: _int(v) for n, v in vars(module).items() if not n.startswith("_")}
     config = vars(module).get("config")
     shared = _int_attributes(config) if config is not None else {}
     return {
-        **{n: _int(v) for n, v in own.items()},
+        **{n: v for n, v in own.items() if v is not None},
         **{f"config.{n}": _int(v) for n, v in shared.items()},
     }
 
@@ -225,7 +225,7 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
         for name, value in values.items():
             bare = name.removeprefix("config.")
             # holding the same value is not enough: the code at the reshape must have read it
-            # (``self.config.<name>`` puts both names among those it refers to)
+            # (a ``self.config.<name>`` read is among its names as ``config.<name>``)
             if bare != name and name not in attr.names:
                 continue  # a config's count only when the code reads ``self.config.<name>``
             if bare == name and attr.names and bare not in attr.names:
