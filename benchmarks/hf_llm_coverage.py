@@ -2,8 +2,8 @@
 
 Every family is built from a small random config (2 layers, hidden 64, 4 query heads, 2
 key/value heads where the family has grouped-query attention; no download), then pruned at
-ratio 0.5 by each tool in the same run (``--real-widths``: three 2-layer bfloat16 models with the
-widths of Llama 3.2 3B, Qwen2.5 7B and Mixtral 8x7B instead):
+ratio 0.5 by each tool in the same run (``--real-widths``: five 2-layer bfloat16 models with the
+widths of Llama 3.2 3B, Qwen2.5 7B, Gemma 2B, Gemma 3 1B and Mixtral 8x7B instead):
 
 - Torch-Pruning, following its LLM example (``examples/LLMs/prune_llm.py``) through its public
   API: ``num_heads`` for the ``q_proj/k_proj/v_proj`` (or fused ``qkv_proj``) layers of every
@@ -104,6 +104,27 @@ REAL_WIDTHS: dict[str, tuple[str, dict[str, Any]]] = {
         "qwen2",
         dict(
             hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
+        ),
+    ),
+    # one key/value head shared by every query head, under a rotary embedding
+    "gemma, Gemma-2B widths": (
+        "gemma",
+        dict(
+            hidden_size=2048,
+            intermediate_size=16384,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            head_dim=256,
+        ),
+    ),
+    "gemma3_text, Gemma-3-1B widths": (
+        "gemma3_text",
+        dict(
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
         ),
     ),
     "mixtral, Mixtral-8x7B widths, 4 experts": (
@@ -355,7 +376,8 @@ def main() -> None:
     parser.add_argument(
         "--real-widths",
         action="store_true",
-        help="instead, 2-layer models with the widths of Llama 3.2 3B, Qwen2.5 7B and Mixtral",
+        help="instead, 2-layer models with the widths of Llama 3.2 3B, Qwen2.5 7B, Gemma 2B, "
+        "Gemma 3 1B and Mixtral",
     )
     parser.add_argument(
         "--limit", type=int, default=60, help="seconds a tool may take to prune one model"

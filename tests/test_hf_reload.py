@@ -44,6 +44,8 @@ CASES: dict[str, dict[str, Any]] = {
         cls_token_id=0,
         sep_token_id=0,
     ),
+    # one key/value head for all: num_key_value_groups follows the query heads
+    "hf.gemma": dict(SMALL, task="causal-lm", num_key_value_heads=1, head_dim=16),
     "hf.gpt_bigcode": dict(
         task="causal-lm", n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32
     ),

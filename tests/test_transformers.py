@@ -66,6 +66,10 @@ FAMILIES = {
     ),
     # GPT-BigCode: multi-query, one key/value head shared by every query head
     "gpt_bigcode": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
+    # one key/value head for every query head under a rotary embedding (Gemma 2B, Gemma 3 1B)
+    "gemma": ("causal-lm", dict(SMALL, num_key_value_heads=1, head_dim=16)),
+    "gemma3_text:one-kv": ("causal-lm", dict(SMALL, num_key_value_heads=1, head_dim=16)),
+    "llama:one-kv": ("causal-lm", dict(SMALL, num_key_value_heads=1, max_position_embeddings=32)),
     # mixture of experts: stacked expert weights run by grouped_mm, top-k routing weights
     "mixtral": ("causal-lm", dict(SMALL, num_key_value_heads=2, num_local_experts=4)),
     "qwen2_moe": (
@@ -73,8 +77,8 @@ FAMILIES = {
         dict(SMALL, num_key_value_heads=2, num_experts=4, moe_intermediate_size=32),
     ),
 }
-HEAD_UNITS = {"falcon": 2, "gpt_bigcode": 4}  # kv heads, or query heads under multi-query
-MULTI_QUERY = {"gpt_bigcode"}
+MULTI_QUERY = {"gpt_bigcode", "gemma", "gemma3_text:one-kv", "llama:one-kv"}
+HEAD_UNITS = {"falcon": 2} | dict.fromkeys(MULTI_QUERY, 4)  # kv heads, or query heads
 AUTO = {
     "causal-lm": transformers.AutoModelForCausalLM,
     "sequence-classification": transformers.AutoModelForSequenceClassification,
@@ -85,7 +89,8 @@ def _build(family: str, **options: str) -> tuple[torch.nn.Module, dict[str, torc
     """A small random model of ``family`` and its example token ids; ``options`` go to
     ``from_config`` (e.g. ``experts_implementation``)."""
     task, kwargs = FAMILIES[family]
-    config = transformers.AutoConfig.for_model(family, vocab_size=100, **kwargs)
+    model_type = family.partition(":")[0]  # "llama:one-kv" is llama with one kv head
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=100, **kwargs)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     torch.manual_seed(0)
     model = AUTO[task].from_config(config, **options).eval()

@@ -403,9 +403,14 @@ class OpRules(AttentionRules):
         layout = None
         for t, lt, at, whole in tracked:
             if at == axis and whole:
-                layout = lt if layout is None else self.unify(layout, lt)
-                if layout is None:
-                    return False
+                merged = lt if layout is None else self.unify(layout, lt)
+                if merged is None:
+                    if not (self._all_blocked(layout) and self._all_blocked(lt)):
+                        return False
+                    # channels that stay whole (k * cos + rotate_half(k) * sin on a shared
+                    # key/value head): which lies where no longer matters, only the axis
+                    merged = layout
+                layout = merged
             elif self._broadcasts(t, axis, out):
                 # a factor constant along our channels (MoE routing weights, a one-unit gate):
                 # its own channels run along another axis, so they are left whole
@@ -420,7 +425,9 @@ class OpRules(AttentionRules):
             if at < 0 or t.shape[at] == 1:
                 continue
             if not self.add_param(t, at, layout):
-                return False  # a constant with its own per-channel values
+                # a constant with its own value per channel (a rotary table on a key/value
+                # head shared by every query head): the channels stay whole, still on this axis
+                self.table.block_layout(layout, "scaled by a constant with a value per channel")
         self.set(out, layout, axis)
         return True
 
