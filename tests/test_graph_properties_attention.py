@@ -42,7 +42,7 @@ class Arch:
     ffn: int
     fused: bool  # one qkv Linear split with .split (or .chunk when q, k, v are equal widths)
     share: str  # how kv heads meet query heads: "gqa" (enable_gqa), "repeat", "expand"
-    compute: str  # "sdpa" or "matmul" (explicit scores and softmax)
+    compute: str  # "sdpa", "matmul" or "einsum" (explicit scores and softmax)
     causal: bool
     reshape: str  # "view", "reshape", "unflatten"
     norm: str  # "layernorm", "rmsnorm", "manual_rms"
@@ -50,7 +50,10 @@ class Arch:
     mlp: str  # "gelu" or "swiglu"
     bias: bool
     embed: bool  # token ids through an Embedding, else float features through a Linear
-    packed: bool = False  # fused q|k|v (equal widths) viewed as (3, heads, head_dim), unbind
+    # fused q|k|v (equal widths) viewed as (3, heads, head_dim): "unbind" along the 3
+    # (ModernBERT), or permuted first, 3 in front, then "permute" unbind (timm) or "index"
+    # x[0], x[1], x[2] (torchvision's Swin); "" for none
+    packed: str = ""
 
 
 class ManualRMSNorm(nn.Module):
@@ -78,7 +81,7 @@ class Attention(nn.Module):
         self.num_kv_heads = arch.kv_heads
         self.head_dim = arch.head_dim
         self.fused, self.share, self.compute = arch.fused, arch.share, arch.compute
-        self.packed = arch.packed and arch.fused and arch.heads == arch.kv_heads
+        self.packed = arch.packed if arch.fused and arch.heads == arch.kv_heads else ""
         self.causal, self.reshape_by = arch.causal, arch.reshape
         q_width, kv_width = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
         if arch.fused:
@@ -118,7 +121,10 @@ class Attention(nn.Module):
             x = x.reshape(b, t, 3, -1, self.head_dim)
         else:
             x = x.unflatten(-1, (3, self.num_heads, self.head_dim))
-        return tuple(z.transpose(1, 2) for z in x.unbind(dim=2))
+        if self.packed == "unbind":
+            return tuple(z.transpose(1, 2) for z in x.unbind(dim=2))
+        x = x.permute(2, 0, 3, 1, 4)  # (3, b, heads, t, d)
+        return tuple(x.unbind(0)) if self.packed == "permute" else (x[0], x[1], x[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -144,11 +150,17 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             k, v = self.share_kv(k), self.share_kv(v)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            if self.compute == "einsum":
+                scores = torch.einsum("bhid, bhjd -> bhij", q, k) / math.sqrt(self.head_dim)
+            else:
+                scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
             if self.causal:
                 mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
                 scores = scores + mask
-            y = scores.softmax(dim=-1) @ v
+            if self.compute == "einsum":
+                y = torch.einsum("...ij,...jd->...id", scores.softmax(dim=-1), v)
+            else:
+                y = scores.softmax(dim=-1) @ v
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -214,7 +226,7 @@ def example_input(arch: Arch, seed: int, batch: int = 2) -> torch.Tensor:
 def architectures(draw: st.DrawFn) -> Arch:
     heads = draw(st.integers(1, 6))
     kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
-    compute = draw(st.sampled_from(["sdpa", "matmul"]))
+    compute = draw(st.sampled_from(["sdpa", "matmul", "einsum"]))
     shares = ["gqa", "repeat", "expand"] if compute == "sdpa" else ["repeat", "expand"]
     return Arch(
         hidden=draw(st.integers(4, 16)),
@@ -233,7 +245,7 @@ def architectures(draw: st.DrawFn) -> Arch:
         mlp=draw(st.sampled_from(["gelu", "swiglu"])),
         bias=draw(st.booleans()),
         embed=draw(st.booleans()),
-        packed=draw(st.booleans()),
+        packed=draw(st.sampled_from(["", "unbind", "permute", "index"])),
     )
 
 
@@ -390,14 +402,18 @@ def test_gqa_by_repeat_interleave_finds_head_groups() -> None:
 
 
 @pytest.mark.parametrize("reshape", ["view", "reshape", "unflatten"])
-@pytest.mark.parametrize("compute", ["sdpa", "matmul"])
-def test_q_k_v_packed_as_three_by_heads_lose_whole_heads(reshape: str, compute: str) -> None:
-    """ModernBERT's layout: one q|k|v projection viewed as (3, heads, head_dim) and unbound;
-    a unit is one head of each of q, k and v, and the head count in the view follows."""
+@pytest.mark.parametrize("compute", ["sdpa", "matmul", "einsum"])
+@pytest.mark.parametrize("packed", ["unbind", "permute", "index"])
+def test_q_k_v_packed_as_three_by_heads_lose_whole_heads(
+    reshape: str, compute: str, packed: str
+) -> None:
+    """ModernBERT's layout, one q|k|v projection viewed as (3, heads, head_dim) and unbound,
+    and timm's and torchvision Swin's, the same permuted to put the 3 in front: a unit is one
+    head of each of q, k and v, and the head count in the view follows."""
     arch = replace(
-        SMALL, heads=3, kv_heads=3, fused=True, packed=True, reshape=reshape, compute=compute
+        SMALL, heads=3, kv_heads=3, fused=True, packed=packed, reshape=reshape, compute=compute
     )
-    arch = replace(arch, share="repeat") if compute == "matmul" else arch
+    arch = replace(arch, share="repeat") if compute != "sdpa" else arch
     silence_and_remove(arch, 0)
     model, x = build(arch, 0), example_input(arch, 0)
     assert [g.size for g in build_dependency_graph(model, x).groups if g.kind == "head"] == [3]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._shapes import ShapeOnly, dim_arg, index_axes
+from ._shapes import PERMUTE, ShapeOnly, dim_arg, index_axes, permute_order
 from ._spaces import Layout, Segment
 
 
@@ -33,6 +33,13 @@ class DeferredView:
     args: tuple
     context: tuple | None
     heads: tuple[Layout, ...] | None = None  # per outer index, once read as a selector
+    # where (outer, heads, head_dim) lie now, once permuted (torchvision Swin's
+    # ``reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)``); None: axis, axis + 1, axis + 2
+    placed: tuple[int, int, int] | None = None
+
+    @property
+    def axes(self) -> tuple[int, int, int]:
+        return self.placed or (self.axis, self.axis + 1, self.axis + 2)
 
 
 class AttentionRules:
@@ -42,54 +49,66 @@ class AttentionRules:
         """Give a deferred view its default reading: the outer axis is the unit. One already
         read as a selector and now used whole is left whole."""
         view = self.deferred.pop(id(t))
-        a = view.axis
+        a, outer = view.axis, view.axes[0]
         reason = f"op '{view.name}' has no channel rule"
+        unpermuted = ShapeOnly(view.out_shape)
         if view.heads is not None:
             reason = "q, k and v packed in one tensor, used whole"
             for layout in view.heads:
                 self.table.block_layout(layout, reason)
-            self.fresh(t, a, blocked=reason)
-        elif self._split(ShapeOnly(view.x_shape), view.layout, a, t, a, a + 3):
-            new, axis = self.info(t)
-            self.note_literals(view.args, axis, t.shape[axis], new, view.context)
+            self.fresh(t, outer, blocked=reason)
+        elif self._split(ShapeOnly(view.x_shape), view.layout, a, unpermuted, a, a + 3):
+            new, axis = self.layouts.pop(id(unpermuted))
+            self.set(t, new, view.axes[axis - a] if a <= axis < a + 3 else outer)
+            self.note_literals(view.args, axis, view.out_shape[axis], new, view.context)
         else:
             self.table.block_layout(view.layout, reason)
-            self.fresh(t, a, blocked=reason)
+            self.fresh(t, outer, blocked=reason)
 
     def select_deferred(self, x, name, args, kwargs, out) -> bool:  # noqa: ANN001
         """``unbind`` or an int index along a deferred view's outer axis: each selected
         ``(heads, head_dim)`` block is a piece of the channels, split into heads."""
         view = self.deferred[id(x)]
         a = view.axis
-        if name == "unbind" and int(dim_arg(args, kwargs, 1, 0)) % x.dim() == a:
+        outer, heads_at, _ = view.axes
+        if name in PERMUTE and isinstance(out, torch.Tensor):
+            order = permute_order(x.dim(), name, args, kwargs)
+            if order is None:
+                return False
+            placed = tuple(order.index(i) for i in view.axes)
+            self.deferred[id(out)] = replace(view, placed=placed)  # type: ignore[arg-type]
+            self.keepalive.append(out)
+            return True
+        if name == "unbind" and int(dim_arg(args, kwargs, 1, 0)) % x.dim() == outer:
             picks = list(enumerate(out))
+            heads_at -= heads_at > outer
         elif name == "__getitem__" and len(args) > 1:
             axes = index_axes(x.shape, args[1])
-            if axes is None or not isinstance(axes[a][1], int):
+            if axes is None or not isinstance(axes[outer][1], int):
                 return False
-            if any(o < 0 or sel != slice(None) for i, (o, sel) in enumerate(axes) if i != a):
+            if any(o < 0 or sel != slice(None) for i, (o, sel) in enumerate(axes) if i != outer):
                 return False
-            if axes[a + 1][0] != a:  # a new axis in front moves the heads
-                return False
-            picks = [(axes[a][1] % x.shape[a], out)]
+            picks = [(axes[outer][1] % x.shape[outer], out)]
+            heads_at = axes[heads_at][0]  # a new axis in front moves the heads
         else:
             return False
         if not all(isinstance(t, torch.Tensor) for _, t in picks):
             return False
         if view.heads is None:
-            block, outer = math.prod(x.shape[a + 1 :]), x.shape[a]
-            pieces = self.split_layout(view.layout, [k * block for k in range(1, outer)])
-            if pieces is None or len(pieces) != outer:
+            shape = view.out_shape  # as the view made it, before any permute
+            block, count = math.prod(shape[a + 1 :]), shape[a]
+            pieces = self.split_layout(view.layout, [k * block for k in range(1, count)])
+            if pieces is None or len(pieces) != count:
                 return False
-            heads = [self._coarsened(p, x.shape[a + 2], heads=True) for p in pieces]
+            heads = [self._coarsened(p, shape[a + 2], heads=True) for p in pieces]
             if any(h is None for h in heads):
                 return False
             view = replace(view, heads=tuple(heads))  # type: ignore[arg-type]
             self.deferred[id(x)] = view
             # a head count spelled in the view (``view(b, t, 3, self.num_heads, hd)``)
-            self.note_literals(view.args, a + 1, x.shape[a + 1], view.heads[0], view.context)
+            self.note_literals(view.args, a + 1, shape[a + 1], view.heads[0], view.context)
         for index, t in picks:
-            self.set(t, view.heads[index], a)
+            self.set(t, view.heads[index], heads_at)
         return True
 
     def attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ._attention_rules import AttentionRules, DeferredView
+from ._einsum import EinsumRule
 from ._shapes import (
     ShapeOnly,
     dim_arg,
@@ -21,6 +22,7 @@ from ._shapes import (
     index_axes,
     intact_axis,
     merge_run,
+    permute_order,
 )
 from ._spaces import Layout, Segment
 
@@ -61,11 +63,10 @@ RESHAPE = {
     "broadcast_to",
 }
 REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "max", "min"}
-PERMUTE = {"permute", "transpose", "swapaxes"}
 CAT = {"cat", "concat", "concatenate"}
 SPLIT = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 MATMUL = {"matmul", "__matmul__", "bmm"}
-SOFTMAX = {"softmax", "log_softmax", "_softmax", "roll", "cumsum", "flip"}
+SOFTMAX = {"softmax", "log_softmax", "_softmax", "roll", "cumsum", "flip", "normalize"}
 NORM_FN = {"layer_norm", "rms_norm"}
 LINEAR_FN = {"linear"}
 GROUPED_MM = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback", "grouped_mm_fallback.default"}
@@ -76,7 +77,7 @@ def picks_rows(index: torch.Tensor) -> bool:
     return index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool
 
 
-class OpRules(AttentionRules):
+class OpRules(AttentionRules, EinsumRule):
     """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
     ``add_param`` and ``note_width``."""
 
@@ -88,8 +89,10 @@ class OpRules(AttentionRules):
         return False
 
     def softmax(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
-        """Ops that mix values along given axes only (softmax, roll, cumsum, flip)."""
-        if name == "roll":
+        """Ops that mix values along given axes only (softmax, roll, cumsum, flip, normalize)."""
+        if name == "normalize":  # F.normalize(x, p=2.0, dim=1)
+            axes = dim_arg(args, kwargs, 2, 1)
+        elif name == "roll":
             axes = kwargs.get("dims", args[2] if len(args) > 2 else None)
         elif name == "flip":
             axes = kwargs.get("dims", args[1] if len(args) > 1 else None)
@@ -232,17 +235,10 @@ class OpRules(AttentionRules):
         return True
 
     def permute(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
-        nd = x.dim()
-        if name == "permute":
-            order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
-            order = [int(o) % nd for o in kwargs.get("dims", order)]
-            self.set(out, layout, order.index(dim))
-            return True
-        pair = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
-        if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        order = permute_order(x.dim(), name, args, kwargs)
+        if order is None:
             return False
-        a, b = (v % nd for v in pair)
-        self.set(out, layout, b if dim == a else a if dim == b else dim)
+        self.set(out, layout, order.index(dim))
         return True
 
     def reduce(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001

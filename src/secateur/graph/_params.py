@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ._ops import ELEMENTWISE, POINTWISE, picks_rows
-from ._shapes import follow_axis, index_axes, merge_run
+from ._shapes import follow_axis, index_axes, intact_axis, merge_run
 
 PARAM_PASS = {"to", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"}
 PARAM_SHAPE = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten"}
@@ -84,6 +84,10 @@ def reshaped_dims(
         elif run is not None and d == run[0] and pd is not None:
             a, b = run
             out[a], out_factors[a] = pd, factors[d] * math.prod(dst[a + 1 : b])
+        elif pd is not None and src[d] != 1 and (moved := intact_axis(src, dst, d)) is not None:
+            # other axes split or merged around it (MaxViT's relative position bias table,
+            # gathered to (P * P, heads) and viewed as (P, P, heads))
+            out[moved], out_factors[moved] = pd, factors[d]
     return tuple(out), tuple(out_factors)
 
 

@@ -111,3 +111,20 @@ def index_axes(shape: Sequence[int], index: Any) -> list[tuple[int, Any]] | None
 def dim_arg(args: tuple, kwargs: dict, pos: int, default: Any = None) -> Any:
     """An op's ``dim`` argument: by keyword, else at position ``pos``, else ``default``."""
     return kwargs.get("dim", args[pos] if len(args) > pos else default)
+
+
+PERMUTE = {"permute", "transpose", "swapaxes"}
+
+
+def permute_order(ndim: int, name: str, args: tuple, kwargs: dict) -> list[int] | None:
+    """The input axis behind each output axis of ``permute``/``transpose``/``swapaxes``."""
+    if name == "permute":
+        order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        return [int(o) % ndim for o in kwargs.get("dims", order)]
+    pair = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        return None
+    a, b = (v % ndim for v in pair)
+    order = list(range(ndim))
+    order[a], order[b] = b, a
+    return order

@@ -30,7 +30,6 @@ from ._ops import (
     LINEAR_FN,
     MATMUL,
     NORM_FN,
-    PERMUTE,
     POINTWISE,
     REDUCE,
     RESHAPE,
@@ -50,7 +49,7 @@ from ._params import (
     scalar_arithmetic,
     single_number,
 )
-from ._shapes import index_axes
+from ._shapes import PERMUTE, index_axes
 from ._spaces import Layout, Segment, SpaceTable
 from ._width_notes import WidthNote, module_frames, names_in_use, spelled_names
 
@@ -62,6 +61,8 @@ _SHAPE_KEEPING = {
 }
 # new tensors shaped like their input, holding none of its values
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
+# x.new_zeros(shape) and kin: only x's dtype and device; a fresh constant
+_NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
 _LIKE = {"type_as", "expand_as", "view_as", "reshape_as"}
 
@@ -270,6 +271,10 @@ class _Tracer(OpRules, TorchFunctionMode):
             (name in CAT, lambda: self.cat(args, kwargs, out)),
             (name == "stack" and tensor_out, lambda: self.stacked(args, kwargs, out)),
             (name in _LIKE_NEW and single, lambda: self.fresh_like(x, dim, out)),
+            (
+                name in _NEW_FROM and single and tensor_out,
+                lambda: self.fresh_like(x, dim, out) or out.shape != x.shape,
+            ),
             (name in ("index_add", "index_add_"), lambda: self.index_add(args, kwargs, out)),
             (
                 name in GROUPED_MM and args[0] is x,
@@ -290,6 +295,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             (name == "bmm", lambda: self.gathered_bmm(args, x, layout, dim, out)),
             (name in MATMUL, lambda: self.matmul(args, out)),
             (name == "scaled_dot_product_attention", lambda: self.attention(args, kwargs, out)),
+            (name == "einsum", lambda: self.einsum(args, out)),
             (name in NORM_FN and single, lambda: self.norm_fn(args, kwargs, x, layout, dim, out)),
             (
                 name in LINEAR_FN and single,
