@@ -154,7 +154,8 @@ class _TokenMixer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
-        self.token_mix, self.token_back = nn.Linear(6, 12), nn.Linear(12, 6)
+        self.token_mix = nn.Linear(6, 12, bias=False)
+        self.token_back = nn.Linear(12, 6, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)  # (batch, 6 tokens, 8 channels)
@@ -162,20 +163,30 @@ class _TokenMixer(nn.Module):
         return self.head((h + mixed).mean(1))
 
 
-def test_a_linear_across_tokens_writes_a_prunable_width_of_its_own() -> None:
+def test_a_linear_across_tokens_leaves_the_channels_to_pass_through() -> None:
+    """Each channel's tokens are mixed on their own, so the channels (8) go on through the
+    token Linears to the head; the token count and the token MLP's width stay. (Without
+    biases: a bias would give a silenced channel values again, see the next test.)"""
     torch.manual_seed(0)
     model, x = _TokenMixer().eval(), torch.randn(2, 6, 4)
     graph = build_dependency_graph(model, x)
-    (group,) = [g for g in graph.groups if "token_mix" in g.producers()]
-    assert group.size == 12 and group.module_names() == ["token_back", "token_mix"]
+    (group,) = graph.groups
+    assert group.size == 8 and group.module_names() == ["embed", "head"]
     units = torch.tensor([0, 5, 7])
     silence_(model, group, units)
     with torch.no_grad():
         expected = model(x)
     apply_removals_(model, graph, [(group, units)])
-    assert model.token_mix.out_features == 9
+    assert model.embed.out_features == 5 and model.token_mix.out_features == 12
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_biased_linear_across_tokens_makes_the_channels_inexact_to_remove() -> None:
+    model = _TokenMixer().eval()
+    model.token_mix = nn.Linear(6, 12)
+    (group,) = build_dependency_graph(model, torch.randn(2, 6, 4)).groups
+    assert group.kind == "hidden"  # like channels under a norm: removal is not exact
 
 
 # -- Falcon, GPT-BigCode, Bloom --------------------------------------------------------------

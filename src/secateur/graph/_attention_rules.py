@@ -128,8 +128,22 @@ class AttentionRules:
             layout = self.unify(layout, tuple(Segment(s.space, s.factor * rep) for s in lt))
             if layout is None:
                 return False
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        if isinstance(mask, torch.Tensor) and not self._mask_follows(mask, layout, out):
+            return False
         self.set(out, layout, out.dim() - 3)
         return True
+
+    def _mask_follows(self, mask: torch.Tensor, layout: Layout, out: torch.Tensor) -> bool:
+        """An additive mask with a value per head (BEiT's relative position bias, a
+        ``(1, heads, n, n)`` gather from a parameter) loses the heads the output loses; one
+        that broadcasts over the heads is left alone; any other blocks them."""
+        at = mask.dim() - 3  # the heads axis of (..., heads, L, S)
+        if at < 0 or mask.shape[at] == 1:
+            return True
+        if (info := self.info(mask)) is not None:
+            return info[1] == at and self.unify(layout, info[0]) is not None
+        return self.add_param(mask, at, layout)
 
     def _multi_query(self, q, kv, infos, out) -> bool:  # noqa: ANN001
         """Multi-query attention (GPT-BigCode): one key/value head broadcast to every query

@@ -49,7 +49,7 @@ ELEMENTWISE = _words(
     """
     __add__ add add_ div div_ __iadd__ __imul__ __isub__ __itruediv__ lerp maximum minimum
     __mul__ mul mul_ __radd__ __rmul__ __rsub__ __rtruediv__ __sub__ sub sub_ __truediv__ where
-    masked_fill masked_fill_
+    masked_fill masked_fill_ addcmul addcmul_ addcdiv addcdiv_
     """
 )
 RESHAPE = {
@@ -62,7 +62,19 @@ RESHAPE = {
     "expand",
     "broadcast_to",
 }
-REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "max", "min"}
+REDUCE = {
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "var",
+    "std",
+    "logsumexp",
+    "max",
+    "min",
+    "norm",
+    "vector_norm",
+}
 CAT = {"cat", "concat", "concatenate"}
 SPLIT = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 MATMUL = {"matmul", "__matmul__", "bmm"}
@@ -242,13 +254,13 @@ class OpRules(AttentionRules, EinsumRule):
         return True
 
     def reduce(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
-        axes = dim_arg(args, kwargs, 1)
+        axes = dim_arg(args, kwargs, 2 if name in ("norm", "vector_norm") else 1)
         if axes is None:
             return False
         axes = [int(d) % x.dim() for d in (axes if isinstance(axes, (tuple, list)) else [axes])]
         outs = list(out) if isinstance(out, tuple) else [out]
         if dim in axes:  # a statistic pooled over the channels: it stays valid on fewer
-            if name not in {"mean", "sum", "var", "std", "amax", "amin"}:
+            if name not in {"mean", "sum", "var", "std", "amax", "amin", "norm", "vector_norm"}:
                 return False
             for seg in layout:
                 self.table.flag(seg.space, "pooled")

@@ -49,7 +49,7 @@ from ._params import (
     scalar_arithmetic,
     single_number,
 )
-from ._shapes import PERMUTE, index_axes
+from ._shapes import PERMUTE, dim_arg, index_axes
 from ._spaces import Layout, Segment, SpaceTable
 from ._width_notes import WidthNote, module_frames, names_in_use, spelled_names
 
@@ -94,6 +94,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.params: dict[int, tuple[str, str, tuple[int | None, ...]]] = {}
         # (module, tensor, dim) of a parameter read by F.linear -> the first space its rows wrote
         self.param_outputs: dict[tuple[str, str, int | None], int] = {}
+        # parameters concatenated: cat axis and the pieces, in order
+        self.param_cats: dict[int, tuple[int, tuple[torch.Tensor, ...]]] = {}
         self.keepalive: list[torch.Tensor] = []  # ids stay unique while tracing
         self.depth = 0
         self.stack: list[str] = []
@@ -155,7 +157,11 @@ class _Tracer(OpRules, TorchFunctionMode):
                 self.fresh(out, -1 if out.dim() < 3 else 1, blocked=reason)
 
     def add_param(self, t: Any, axis: int, layout: Layout, role: str = "param") -> bool:
-        """Make the parameter behind untracked ``t`` (sliced along ``axis``) a member."""
+        """Make the parameter behind untracked ``t`` (sliced along ``axis``) a member; for
+        parameters concatenated (BEiT's ``cat((q_bias, k_bias, v_bias))``), each one with its
+        piece of ``layout``."""
+        if isinstance(t, torch.Tensor) and id(t) in self.param_cats:
+            return self.add_param_pieces(t, axis, layout, role)
         entry = self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
         if entry is None or entry[2][axis] is None:
             return False
@@ -165,6 +171,19 @@ class _Tracer(OpRules, TorchFunctionMode):
             layout = tuple(Segment(s.space, s.factor * factor) for s in layout)
         self.table.add_member(layout, module_name, role, tensor=pname, dim=dims[axis])
         return True
+
+    def add_param_pieces(self, t: torch.Tensor, axis: int, layout: Layout, role: str) -> bool:
+        cat_axis, pieces = self.param_cats[id(t)]
+        if axis == cat_axis:
+            bounds = [sum(p.shape[axis] for p in pieces[:i]) for i in range(1, len(pieces))]
+            layouts = self.split_layout(layout, bounds)
+        else:
+            layouts = [layout] * len(pieces)
+        if layouts is None or len(layouts) != len(pieces):
+            return False
+        if any(self.params[id(p)][2][axis] is None for p in pieces):
+            return False
+        return all(self.add_param(p, axis, lt, role) for p, lt in zip(pieces, layouts, strict=True))
 
     def note_context(self) -> tuple[str, frozenset[str], frozenset[str]] | None:
         """Where a width is being read now: the running module, the names its code refers to
@@ -202,7 +221,21 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.record(name, args, kwargs, out)
         return out
 
-    def follow_param(self, name: str, args: tuple, out: Any) -> None:
+    def follow_param(self, name: str, args: tuple, out: Any, kwargs: dict | None = None) -> None:
+        if name in CAT and args and isinstance(out, torch.Tensor):
+            pieces = args[0]
+            axis = int(dim_arg(args, kwargs or {}, 1, 0)) % out.dim()
+            if (
+                isinstance(pieces, (list, tuple))
+                and pieces
+                and all(
+                    isinstance(p, torch.Tensor) and id(p) in self.params and p.dim() == out.dim()
+                    for p in pieces
+                )
+            ):
+                self.param_cats[id(out)] = (axis, tuple(pieces))
+                self.keepalive.append(out)
+            return
         src = args[0] if args else None
         entry = self.params.get(id(src)) if isinstance(src, torch.Tensor) else None
         if entry is None or not isinstance(out, torch.Tensor):
@@ -241,7 +274,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         inputs = self.tracked([args, kwargs])
         if not inputs or (name == "__getitem__" and param_gather(self.params, args, inputs)):
-            self.follow_param(name, args, out)
+            self.follow_param(name, args, out, kwargs)
             return
         x = inputs[0]
         if id(x) in self.deferred and self.select_deferred(x, name, args, kwargs, out):
@@ -374,13 +407,30 @@ class _Tracer(OpRules, TorchFunctionMode):
         if (isinstance(module, nn.Linear) or is_hf_conv1d(module)) and not self.leaf_reads(
             module, x, dim
         ):
-            # the channels reach it along another axis than the one it reads (Bloom's attention
-            # output, its heads merged into the batch axis): they stay whole; it writes a new space
+            if self.per_channel(layout) and out.dim() == x.dim():
+                # it mixes another axis of each channel on its own (MLP-Mixer's and ResMLP's
+                # token mixing, on the transposed tokens): the channels pass through. A bias
+                # gives a silent channel values again, so removing one is not exact (as under
+                # a norm): the group is then of the "hidden" kind
+                if getattr(module, "bias", None) is not None:
+                    for seg in layout:
+                        self.table.flag(seg.space, "pooled")
+                self.set(out, layout, dim)
+                return
+            # the channels reach it along another axis than the one it reads, in whole heads
+            # whose features it reads (Bloom's attention output, its heads merged into the
+            # batch axis): they stay whole; it writes a new space
             self.table.block_layout(layout, f"{name} reads them along another axis")
             self.origin(module, name, out)
             return
         if not self.leaf(module, name, x, layout, dim, out):
             self.block_all([x], out, f"{type(module).__name__} {name} is not supported here")
+
+    def per_channel(self, layout: Layout) -> bool:
+        """Whether each unit of ``layout`` is one entry of its axis, not a head whose features
+        lie along other axes."""
+        coarse = {self.table.find(space) for space, _ in self.table.coarse.values()}
+        return all(s.factor == 1 and self.table.find(s.space) not in coarse for s in layout)
 
     def leaf_reads(self, module: nn.Module, x: torch.Tensor, dim: int) -> bool:
         """Whether a producer layer reads its channels along ``dim`` of ``x``."""

@@ -1,0 +1,162 @@
+"""Blocks of vision models the channel graph follows, written as timm writes them: BEiT's
+concatenated q/k/v biases and per-head position bias given to sdpa as its mask, ConvNeXt-V2's
+global response norm, and MLP-Mixer's token mixing on transposed tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateur import StructuredConfig, prune_
+from secateur.graph import build_dependency_graph
+from secateur.pruning._structured import apply_removals_
+from structured_helpers import random_units, silence_
+
+TOKENS, WIDTH = 5, 8
+
+
+class BeitAttention(nn.Module):
+    """q|k|v by one Linear without bias, the bias concatenated from q_bias, a fixed zero
+    k_bias buffer and v_bias; a (1, heads, n, n) position bias passed to sdpa as its mask."""
+
+    def __init__(self, width: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        inner = heads * head_dim
+        self.qkv = nn.Linear(width, 3 * inner, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(inner))
+        self.register_buffer("k_bias", torch.zeros(inner), persistent=False)
+        self.v_bias = nn.Parameter(torch.randn(inner))
+        self.table = nn.Parameter(torch.randn(2 * TOKENS - 1, heads))
+        index = torch.arange(TOKENS)[:, None] - torch.arange(TOKENS)[None, :] + TOKENS - 1
+        self.register_buffer("index", index, persistent=False)
+        self.proj = nn.Linear(inner, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        position = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=position)
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN on channels-last maps: a 2-norm over space, divided by its mean
+    over the channels, then ``addcmul`` with a per-channel weight and bias."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width))
+        self.bias = nn.Parameter(torch.rand(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return x + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1), x * n)
+
+
+class MixerBlock(nn.Module):
+    """Token mixing by Linears over the token axis of the transposed input, then channel
+    mixing; the tokens' Linears must not touch the channels."""
+
+    def __init__(self, width: int, tokens: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.tokens1, self.tokens2 = nn.Linear(tokens, 7), nn.Linear(7, tokens)
+        self.up, self.down = nn.Linear(width, 12), nn.Linear(12, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x).transpose(1, 2)
+        x = x + self.tokens2(F.gelu(self.tokens1(y))).transpose(1, 2)
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, block: str) -> None:
+        super().__init__()
+        self.block = block
+        self.embed = nn.Linear(3, WIDTH)
+        if block == "beit":
+            self.body = BeitAttention(WIDTH, heads=3, head_dim=2)
+        elif block == "grn":
+            self.up, self.body = nn.Linear(WIDTH, 12), GlobalResponseNorm(12)
+            self.down = nn.Linear(12, WIDTH)
+        else:
+            self.body = MixerBlock(WIDTH, TOKENS)
+        self.head = nn.Linear(WIDTH, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.block == "grn":  # (b, 1, tokens, width): one row of a channels-last map
+            h = h + self.down(self.body(F.gelu(self.up(h)).unsqueeze(1))).squeeze(1)
+        else:
+            h = h + self.body(h)
+        return self.head(h)
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, TOKENS, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_concatenated_biases_and_the_position_bias_lose_whole_heads() -> None:
+    graph = build_dependency_graph(Net("beit").eval(), _x())
+    assert graph.blocked == (("head", "model output"),)
+    (heads,) = [g for g in graph.groups if g.kind == "head"]
+    assert heads.size == 3
+    sliced = {m.tensor for m in heads.members if m.module_name == "body"}
+    assert sliced == {"q_bias", "k_bias", "v_bias", "table"}
+
+
+def test_grn_and_its_addcmul_follow_the_channels() -> None:
+    graph = build_dependency_graph(Net("grn").eval(), _x())
+    widths = {g.size: g for g in graph.groups}
+    assert {(m.module_name, m.tensor) for m in widths[12].members} >= {
+        ("up", ""),
+        ("body", "weight"),
+        ("body", "bias"),
+        ("down", ""),
+    }
+
+
+def test_token_mixing_leaves_the_channels_to_the_channel_layers() -> None:
+    graph = build_dependency_graph(Net("mixer").eval(), _x())
+    assert graph.blocked == (("head", "model output"),)
+    names = {n for g in graph.groups for n in g.module_names()}
+    assert not names & {"body.tokens1", "body.tokens2"}  # the token count stays
+    assert sorted(g.size for g in graph.groups) == [WIDTH, 12]
+
+
+@pytest.mark.parametrize("block", ["beit", "mixer"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_silenced_units_are_removed_exactly(block: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    model, x = Net(block).eval(), _x(seed)
+    graph = build_dependency_graph(model, x)
+    gen = torch.Generator().manual_seed(seed)
+    removals = []
+    for group in graph.groups:
+        if group.kind == "hidden":
+            continue  # LayerNorm pools these: removal is not exact by nature
+        units = random_units(group, gen)
+        silence_(model, group, units)
+        removals.append((group, units))
+    assert removals
+    with torch.no_grad():
+        expected = model(x)
+    apply_removals_(model, graph, removals)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["beit", "grn", "mixer"])
+def test_prune_refuses_nothing(block: str) -> None:
+    model, x = Net(block).eval(), _x()
+    before = sum(p.numel() for p in model.parameters())
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert model(_x(1)).shape == (2, TOKENS, 4)
