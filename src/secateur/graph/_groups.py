@@ -89,13 +89,22 @@ class WidthAttribute:
     them are rewritten (all holding ``value`` when it is empty). ``spelled``: the identifiers in
     the reshape's own expression; when one of the candidates appears there, only those are
     rewritten (StableLM's ``num_heads`` in the ``view``, not its ``rotary_ndims`` of the same
-    value, read later by a slice)."""
+    value, read later by a slice). ``spelled_at``: those of the shape entry at the width's own
+    axis, when the source says; a candidate spelled only at another entry is not the width
+    (timm Swin's ``view(-1, self.window_area, C)`` when the window area equals the width).
+    ``passed``: the reshape ran in a function the module's code called; only candidates that
+    code spelled in the call can have carried the width there. ``from_shape``: the entry at
+    the width's axis is made of locals read from a tensor's shape (``B, N, C = x.shape``); it
+    follows the pruned width by itself and no attribute is its source."""
 
     module_name: str
     value: int
     terms: tuple[tuple[int | None, int, int], ...]
     names: frozenset[str] = frozenset()
     spelled: frozenset[str] = frozenset()
+    spelled_at: frozenset[str] | None = None  # the identifiers at the width's own shape entry
+    passed: bool = False  # the reshape ran in a function the module's code called
+    from_shape: bool = False  # the entry at its axis is read from a tensor's shape
 
     def new_value(self, kept: Mapping[int, int]) -> int:
         return sum((kept.get(g, n) if g is not None else n) * f for g, n, f in self.terms)
@@ -164,7 +173,16 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
             for root, _, factor in table.resolve(seg.space, 0, seg.factor):
                 terms.append((index.get(root), table.sizes[root], factor))
         attributes.append(
-            WidthAttribute(note.module_name, note.value, tuple(terms), note.names, note.spelled)
+            WidthAttribute(
+                note.module_name,
+                note.value,
+                tuple(terms),
+                note.names,
+                note.spelled,
+                note.spelled_at,
+                note.passed,
+                note.from_shape,
+            )
         )
     return DependencyGraph(
         tuple(groups), tuple(blocked), tuple(dict.fromkeys(attributes)), tr.output_shapes

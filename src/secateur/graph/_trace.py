@@ -51,7 +51,16 @@ from ._params import (
 )
 from ._shapes import PERMUTE, dim_arg, index_axes
 from ._spaces import Layout, Segment, SpaceTable
-from ._width_notes import WidthNote, module_frames, names_in_use, spelled_names
+from ._width_notes import (
+    WidthNote,
+    calling_frame,
+    expression_source,
+    module_frames,
+    names_at,
+    names_in_use,
+    shape_locals,
+    spelled_names,
+)
 
 _IGNORED = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "__bool__"}
 _SHAPE_KEEPING = {
@@ -185,19 +194,37 @@ class _Tracer(OpRules, TorchFunctionMode):
             return False
         return all(self.add_param(p, axis, lt, role) for p, lt in zip(pieces, layouts, strict=True))
 
-    def note_context(self) -> tuple[str, frozenset[str], frozenset[str]] | None:
-        """Where a width is being read now: the running module, the names its code refers to
-        and the identifiers of the expression at hand."""
+    def note_context(self) -> tuple[str, frozenset[str], str, bool, frozenset[str]] | None:
+        """Where a width is being read now: the running module, the names its code refers to,
+        the source of the expression at hand in that code, whether the op ran in a function
+        that code called rather than in the code itself, and the code's locals read from a
+        tensor's shape."""
         if not self.stack:
             return None
         frames = module_frames(self.running[-1])
-        spelled = spelled_names(frames[0]) if frames else frozenset()
-        return self.stack[-1], names_in_use(frames), spelled
+        source = expression_source(frames[0]) if frames else ""
+        passed = bool(frames) and calling_frame() is not frames[0]
+        shaped = shape_locals(frames[0].f_code) if frames else frozenset()
+        return self.stack[-1], names_in_use(frames), source, passed, shaped
 
-    def note_width(self, value: int, layout: Layout, context: tuple | None = None) -> None:
+    def note_width(
+        self,
+        value: int,
+        layout: Layout,
+        context: tuple | None = None,
+        at: tuple[int, int] | None = None,
+    ) -> None:
+        """Note that ``value`` was read as the width of ``layout``; ``at`` is ``(axis, ndim)``
+        when it was entry ``axis`` of a shape of ``ndim`` entries."""
         if (context := context or self.note_context()) is not None:
-            module_name, names, spelled = context
-            self.notes.append(WidthNote(module_name, int(value), layout, names, spelled))
+            module_name, names, source, passed, shaped = context
+            spelled_at = names_at(source, *at) if at is not None and not passed else None
+            from_shape = bool(spelled_at) and spelled_at <= shaped  # type: ignore[operator]
+            spelled = spelled_names(source)
+            note = WidthNote(
+                module_name, int(value), layout, names, spelled, spelled_at, passed, from_shape
+            )
+            self.notes.append(note)
 
     def note_literals(
         self, args: tuple, axis: int, value: int, layout: Layout, context: tuple | None = None
@@ -205,7 +232,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         """Note ``value`` when the reshape's shape argument spells it at ``axis`` (not -1)."""
         shape = [v for v in tree_flatten(list(args[1:]))[0] if not isinstance(v, torch.Tensor)]
         if len(shape) > axis and isinstance(shape[axis], int) and shape[axis] == value:
-            self.note_width(value, layout, context)
+            self.note_width(value, layout, context, at=(axis, len(shape)))
 
     # -- torch calls -------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001

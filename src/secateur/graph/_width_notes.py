@@ -4,14 +4,17 @@ and the identifiers of the expression itself. Pruning rewrites only attributes t
 
 from __future__ import annotations
 
+import ast
 import dis
 import functools
 import linecache
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._spaces import Layout
@@ -27,6 +30,15 @@ class WidthNote:
     layout: Layout
     names: frozenset[str] = frozenset()  # what the module's running code refers to
     spelled: frozenset[str] = frozenset()  # the identifiers in the reshape's own expression
+    # the identifiers of the reshape's argument at the width's own axis (``C`` in
+    # ``view(-1, self.window_area, C)``), None when the source does not say
+    spelled_at: frozenset[str] | None = None
+    # the reshape ran in a function the module's code called (timm's ``window_partition(x,
+    # self.window_size)``): only what that call passes can have carried the width
+    passed: bool = False
+    # the entry at the width's axis is made only of locals read from a tensor's shape
+    # (``B, N, C = x.shape``): it follows the pruned width by itself
+    from_shape: bool = False
 
 
 def module_frames(module: nn.Module) -> list[Any]:
@@ -41,22 +53,94 @@ def module_frames(module: nn.Module) -> list[Any]:
     return frames
 
 
-def spelled_names(frame: Any) -> frozenset[str]:
-    """The identifiers in the source of the expression ``frame`` is executing (e.g. ``view(b,
-    t, self.num_heads, self.head_dim)``), or nothing when the source is not available."""
+def expression_source(frame: Any) -> str:
+    """The source of the expression ``frame`` is executing (e.g. ``x.view(b, t,
+    self.num_heads, self.head_dim)``), or "" when it is not available."""
     try:
         positions = list(frame.f_code.co_positions())[frame.f_lasti // 2]
     except (AttributeError, IndexError):
-        return frozenset()
+        return ""
     first, last, start, end = positions
     if None in positions:
-        return frozenset()
+        return ""
     lines = [linecache.getline(frame.f_code.co_filename, n) for n in range(first, last + 1)]
     if not all(lines):
-        return frozenset()
+        return ""
     lines[-1] = lines[-1][:end]
     lines[0] = lines[0][start:]
-    return frozenset(re.findall(r"[A-Za-z_]\w*", "".join(lines)))
+    return "".join(lines)
+
+
+_OURS = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
+
+
+def calling_frame() -> Any:
+    """The innermost frame outside secateur and torch running the op at hand, counting a
+    comprehension or lambda as part of the code around it."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_OURS):
+        frame = frame.f_back
+    while frame is not None and frame.f_code.co_name in _INLINE and frame.f_back:
+        frame = frame.f_back
+    return frame
+
+
+_INLINE = frozenset({"<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>", "<lambda>"})
+
+
+_PASS_THROUGH = {"LOAD_CONST", "BINARY_SUBSCR", "PRECALL", "CALL", "KW_NAMES", "CACHE"}
+
+
+@functools.lru_cache(maxsize=1024)
+def shape_locals(code: Any) -> frozenset[str]:
+    """Locals of ``code`` assigned only from a tensor's shape: ``B, N, C = x.shape``,
+    ``C = x.shape[-1]``, ``b, c, h, w = x.size()`` or ``c = x.size(1)``, found in its bytecode."""
+    from_shape, other = set(), set()
+    pending, unpacked = False, 0
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval in ("shape", "size"):
+            pending, unpacked = True, 0
+        elif ins.opname == "UNPACK_SEQUENCE" and pending:
+            pending, unpacked = False, int(ins.argval)
+        elif ins.opname == "STORE_FAST":
+            (from_shape if pending or unpacked else other).add(ins.argval)
+            pending, unpacked = False, max(unpacked - 1, 0)
+        elif ins.opname not in _PASS_THROUGH:
+            pending, unpacked = False, 0
+    return frozenset(from_shape - other)
+
+
+def spelled_names(source: str) -> frozenset[str]:
+    """The identifiers in ``source``."""
+    return frozenset(re.findall(r"[A-Za-z_]\w*", source))
+
+
+_SHAPE_CALLS = frozenset({"view", "reshape"})
+
+
+def names_at(source: str, axis: int, ndim: int) -> frozenset[str] | None:
+    """The identifiers of the shape entry at ``axis`` when ``source`` is a ``view``/``reshape``
+    call spelling all ``ndim`` entries (``x.view(b, n, C)``, ``x.reshape((b, n, C))``); None
+    when it is not (a shape held in a variable, a starred entry, another call)."""
+    try:
+        call = ast.parse(source.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Attribute):
+        return None
+    if call.func.attr not in _SHAPE_CALLS or call.keywords:
+        return None
+    entries = call.args
+    if len(entries) == 1 and isinstance(entries[0], (ast.Tuple, ast.List)):
+        entries = entries[0].elts
+    if len(entries) != ndim or any(isinstance(e, ast.Starred) for e in entries):
+        return None
+    node = entries[axis]
+    return frozenset(
+        n.id if isinstance(n, ast.Name) else n.attr
+        for n in ast.walk(node)
+        if isinstance(n, (ast.Name, ast.Attribute))
+    )
 
 
 def names_in_use(frames: list[Any]) -> frozenset[str]:

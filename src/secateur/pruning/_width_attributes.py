@@ -205,6 +205,26 @@ def _candidates(module: nn.Module) -> dict[str, int]:
     }
 
 
+def _spelled_ones(same: dict[str, int], attr: WidthAttribute) -> dict[str, int]:
+    """Of the attributes holding the width: none when the reshape's entry was read from a
+    tensor's shape; when the reshape ran in a function called from
+    the module's code, those that call names; else those the reshape names at the width's own
+    entry; else, without those it names at another entry (they are other axes' sizes); else,
+    when where is unknown, those it names at all; else all of them."""
+    bare = {n: n.removeprefix("config.") for n in same}
+    if attr.from_shape:  # read from a tensor's shape: it follows by itself
+        return {}
+    if attr.passed:  # only what the call passed on can have reached the reshape
+        return {n: w for n, w in same.items() if bare[n] in attr.spelled}
+    if attr.spelled_at is not None:
+        if at_axis := {n: w for n, w in same.items() if bare[n] in attr.spelled_at}:
+            return at_axis
+        return {n: w for n, w in same.items() if bare[n] not in attr.spelled}
+    if spelled := {n: w for n, w in same.items() if bare[n] in attr.spelled}:
+        return spelled  # named in the reshape itself: the others only share the value
+    return same
+
+
 def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:
     """Set the attributes behind ``graph.attributes`` to the widths left by ``kept`` (units
     kept per group index) and record them in ``model.secateur_attributes``."""
@@ -235,8 +255,7 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
                 width = _by_units(bare, value, units)
             if width is not None:
                 (same if value == attr.value else counts)[name] = width
-        if spelled := {n: w for n, w in same.items() if n.removeprefix("config.") in attr.spelled}:
-            same = spelled  # named in the reshape itself: the others only share the value
+        same = _spelled_ones(same, attr)
         for name, width in {**counts, **same}.items():
             set_width_attribute(module, name, width)
             edits.setdefault(attr.module_name, {})[name] = width

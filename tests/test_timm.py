@@ -1,0 +1,97 @@
+"""timm models, built small with random weights (no download): every width goes, nothing is
+refused, and removing silenced units leaves the outputs as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from secateur import StructuredConfig, prune_
+from secateur.graph import build_dependency_graph
+from secateur.pruning._structured import apply_removals_
+from structured_helpers import random_units, silence_
+
+timm = pytest.importorskip("timm")
+mlp_mixer = pytest.importorskip("timm.models.mlp_mixer")
+
+# name: (timm model, options, input size); each small enough to build and prune in ~0.1 s
+CASES = {
+    # fused q|k|v viewed (b, n, 3, heads, head_dim), permuted and unbound
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2), 32),
+    # windows reshaped with the width read from the input's shape; window area == width here
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(
+            img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4)
+        ),
+        32,
+    ),
+    # q/k/v biases concatenated from two parameters and a buffer; position bias as sdpa mask
+    "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2), 32),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, embed_dim=48, depth=2), 28),
+    # global response norm: a 2-norm over space and addcmul
+    "convnextv2": ("convnextv2_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)), 64),
+    "efficientnet": ("efficientnet_b0", dict(), 64),
+}
+HEADS = {"vit": 3, "beit": 12, "eva02": 4}  # default head counts where not given
+
+
+def _build(case: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if case in ("mixer", "resmlp"):  # token mixing by Linears over the transposed tokens
+        extra = (
+            dict(block_layer=mlp_mixer.ResBlock, norm_layer=mlp_mixer.Affine, mlp_ratio=4)
+            if case == "resmlp"
+            else {}
+        )
+        model = mlp_mixer.MlpMixer(
+            num_classes=5, img_size=32, patch_size=8, num_blocks=2, embed_dim=32, **extra
+        )
+        return model.eval(), torch.randn(1, 3, 32, 32)
+    name, options, size = CASES[case]
+    if case in HEADS:
+        options = dict(options, num_heads=4)
+    model = timm.create_model(name, num_classes=5, **options).eval()
+    return model, torch.randn(1, 3, size, size)
+
+
+ALL = [*CASES, "mixer", "resmlp"]
+# BEiT and EVA reshape the attention's output to the width of its input (``reshape(B, N,
+# C)``, C read from the input's shape): heads can go only with as many hidden channels, which
+# a norm pools; ConvNeXt-V2's response norm pools all its channels. Both prune (above), but
+# removing silenced units is exact only for the other groups.
+TIED_TO_HIDDEN = {"beit": "head", "eva02": "head"}
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_every_width_goes_and_nothing_is_refused(case: str) -> None:
+    model, x = _build(case)
+    before = sum(p.numel() for p in model.parameters())
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    kinds = {g.kind for g in result.graph.groups}
+    if case in ("vit", "swin", "beit", "eva02"):
+        assert kinds == {"channel", "head", "hidden"}
+    assert sum(p.numel() for p in model.parameters()) < 0.4 * before
+    y = model(torch.cat([x, x]))  # another batch size
+    assert y.shape == (2, 5) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("case", [c for c in ALL if c != "convnextv2"])
+def test_removing_silenced_units_keeps_the_outputs(case: str) -> None:
+    model, x = _build(case)
+    graph = build_dependency_graph(model, x)
+    gen = torch.Generator().manual_seed(0)
+    removals = []
+    for group in graph.groups:
+        if group.kind in ("hidden", TIED_TO_HIDDEN.get(case)):
+            continue  # norms pool these channels: removal is not exact by nature
+        units = random_units(group, gen)
+        silence_(model, group, units)
+        removals.append((group, units))
+    assert removals
+    with torch.no_grad():
+        expected = model(x)
+    apply_removals_(model, graph, removals)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,94 @@
+"""Which attribute a width read in a reshape came from: the one spelled at the width's own
+entry, none when that entry was read from a tensor's shape, only those passed to a helper
+that ran the reshape, and an attribute copied into a local first."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateur.graph import build_dependency_graph
+from secateur.graph._width_notes import names_at, shape_locals
+from secateur.pruning import StructuredConfig, prune_
+
+
+def window_partition(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(b, h, w, c) -> (b * windows, size * size, c), as timm's Swin writes it."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // size, size, w // size, size, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, size * size, c)
+
+
+class Windows(nn.Module):
+    """A window of 4 x 4 = 16 tokens over 16 channels: ``window_area`` holds the width's
+    value, but no reshape reads it as the width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window, self.window_area = 4, 16
+        self.embed, self.up = nn.Linear(3, 16), nn.Linear(16, 16)
+        self.down, self.head = nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.up(self.embed(x)))
+        B, H, W, C = h.shape
+        windows = window_partition(h, self.window)
+        windows = windows.view(-1, self.window_area, C)
+        return self.head(self.down(windows).mean(1))
+
+
+class AliasedHeads(nn.Module):
+    """The head count copied into a local before the view spells it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 4, 3
+        self.qkv, self.proj = nn.Linear(6, 36), nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        heads = self.num_heads
+        q, k, v = (z.view(b, t, heads, -1).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_names_at_reads_the_entry_of_a_spelled_shape() -> None:
+    assert names_at("x.view(-1, self.window_area, C)", 2, 3) == {"C"}
+    assert names_at("x.view(-1, self.window_area, C)", 1, 3) == {"self", "window_area"}
+    assert names_at("x.reshape((b, n, self.h * self.d))", 2, 3) == {"self", "h", "d"}
+    assert names_at("x.view(shape)", 0, 3) is None  # the shape is in a variable
+    assert names_at("x.view(*lead, -1, d)", 2, 3) is None
+    assert names_at("f(x, 3)", 0, 2) is None
+
+
+def test_shape_locals_are_found_in_the_bytecode() -> None:
+    def code(self, x):  # noqa: ANN001, ANN202
+        B, N, C = x.shape
+        D = x.shape[-1]
+        b, c = x.size()
+        e = x.size(1)
+        h = self.heads
+        return B, N, C, D, b, c, e, h
+
+    assert shape_locals(code.__code__) == {"B", "N", "C", "D", "b", "c", "e"}
+
+
+def test_an_attribute_spelled_at_another_entry_keeps_its_value() -> None:
+    model, x = Windows().eval(), torch.randn(2, 8, 8, 3)
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    assert model.up.out_features == 8 and model.down.in_features == 8
+    assert (model.window, model.window_area) == (4, 16)
+    assert model(x).shape == (2 * 4, 2)
+    notes = [a for a in build_dependency_graph(Windows(), x).attributes if a.value == 16]
+    assert {(a.passed, a.from_shape) for a in notes} == {(True, False), (False, True)}
+
+
+def test_an_attribute_copied_into_a_local_is_still_rewritten() -> None:
+    model, x = AliasedHeads().eval(), torch.randn(2, 5, 6)
+    result = prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    assert result.refused == ()
+    assert model.num_heads == 2 and model.qkv.out_features == 18
+    assert model(x).shape == (2, 5, 6)
