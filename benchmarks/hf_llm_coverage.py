@@ -332,12 +332,13 @@ def run(family: str, tool: str, limit: int) -> dict[str, Any]:
     )
 
 
-def print_header(threads: int, lines: list[str]) -> None:
+def print_header(
+    threads: int,
+    lines: list[str],
+    packages: tuple[str, ...] = ("torch", "transformers", "torch-pruning", "secateur"),
+) -> None:
     """The machine, the versions and the run settings, then the table's head."""
-    versions = {
-        name: importlib.metadata.version(name)
-        for name in ("torch", "transformers", "torch-pruning", "secateur")
-    }
+    versions = {name: importlib.metadata.version(name) for name in packages}
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {threads} threads")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print("\n".join(lines) + "\n")

@@ -249,3 +249,105 @@ def test_torchvision_maxvit_loses_heads_with_their_position_bias() -> None:
     attn = model.blocks[1].layers[0].layers.grid_attention.attn_layer[1]
     assert attn.n_heads == 2 and attn.relative_position_bias_table.shape[1] == 2
     assert model(x).shape == (1, 3)
+
+
+# -- found by review ---------------------------------------------------------------------------
+class CatWeight(nn.Module):
+    """A Linear whose weight and bias are concatenated from two parameters each, run by
+    F.linear, and an einsum projection whose weight is two parameters side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        self.wq, self.wk = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4, 8))
+        self.bq, self.bk = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 3)), nn.Parameter(torch.randn(8, 3))
+        self.out = nn.Linear(14, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        y = F.linear(h, torch.cat([self.wq, self.wk]), torch.cat([self.bq, self.bk]))
+        z = torch.einsum("bnd,de->bne", h, torch.cat([self.w1, self.w2], dim=1))
+        return self.out(torch.cat([torch.relu(y), z], -1))
+
+
+class SharedParameter(nn.Module):
+    """One parameter read by the channels of two layers (a scale and an einsum weight), and
+    an add whose second operand is given by keyword: all must be one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(5, 8)
+        self.s = nn.Parameter(torch.randn(8))
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.add(self.a(x) * self.s, other=torch.relu(self.c(x)))
+        b = torch.relu(self.b(x)) * self.s
+        y = torch.einsum("bnd,de->bne", a, self.w) + torch.einsum("bnd,de->bne", b, self.w)
+        return self.out(y)
+
+
+@pytest.mark.parametrize("model_type", [CatWeight, SharedParameter])
+def test_review_cases_are_removed_exactly(model_type: type[nn.Module]) -> None:
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model, x = model_type().eval(), _x()
+        graph = build_dependency_graph(model, x)
+        gen = torch.Generator().manual_seed(seed)
+        removals = [(g, random_units(g, gen)) for g in graph.groups]
+        for group, units in removals:
+            silence_(model, group, units)
+        with torch.no_grad():
+            expected = model(x)
+        apply_removals_(model, graph, removals)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_parameter_read_by_two_layers_joins_them() -> None:
+    graph = build_dependency_graph(SharedParameter().eval(), _x())
+    (group,) = [g for g in graph.groups if g.size == 8]
+    assert {"a", "b", "c"} <= set(group.module_names())
+
+
+def test_a_per_head_mask_that_is_no_parameter_keeps_multi_query_heads() -> None:
+    """ALiBi-like slopes computed from the head count cannot be sliced with the heads."""
+
+    class MultiQuery(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads, self.hd = 3, 2
+            self.q, self.kv, self.o = nn.Linear(5, 6), nn.Linear(5, 4), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, self.heads, self.hd).transpose(1, 2)
+            k, v = (t.unsqueeze(1) for t in self.kv(x).split(self.hd, -1))
+            slopes = 2.0 ** -torch.arange(1, self.heads + 1, dtype=x.dtype)
+            pos = torch.arange(n, dtype=x.dtype)
+            mask = slopes[:, None, None] * -(pos[:, None] - pos[None, :]).abs()
+            y = F.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask)
+            return self.o(y.transpose(1, 2).reshape(b, n, -1))
+
+    graph = build_dependency_graph(MultiQuery().eval(), _x())
+    assert not [g for g in graph.groups if g.kind == "head"]
+    assert ("o, q", "a mask with a value per head") in graph.blocked
+
+
+def test_vector_norm_over_tokens_and_a_permute_by_keyword_pass() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.o = nn.Linear(5, 8), nn.Linear(8, 3)
+            self.table = nn.Parameter(torch.randn(8, TOKENS))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            h = h / torch.linalg.vector_norm(h, 2, dim=1, keepdim=True)
+            return self.o(h + self.table.permute(dims=(1, 0)))
+
+    graph = build_dependency_graph(Scaled().eval(), _x())
+    (group,) = graph.groups
+    assert ("", "table", 0) in {(m.module_name, m.tensor, m.dim) for m in group.members}

@@ -112,9 +112,15 @@ class AttentionRules:
         return True
 
     def attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
-        q, k, v = args[:3]
+        given = [*args[:3], None, None, None][:3]
+        q, k, v = (kwargs.get(n, a) for n, a in zip(("query", "key", "value"), given, strict=True))
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+            return False
         infos = [self.info(t) for t in (q, k, v)]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         if self._multi_query(q, (k, v), infos, out):
+            if isinstance(mask, torch.Tensor) and not self._mask_follows(mask, infos[0][0], out):
+                self.table.block_layout(infos[0][0], "a mask with a value per head")
             return True
         if any(i is None for i in infos) or any(
             i[1] != t.dim() - 3 for i, t in zip(infos, (q, k, v), strict=True)
@@ -128,7 +134,6 @@ class AttentionRules:
             layout = self.unify(layout, tuple(Segment(s.space, s.factor * rep) for s in lt))
             if layout is None:
                 return False
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         if isinstance(mask, torch.Tensor) and not self._mask_follows(mask, layout, out):
             return False
         self.set(out, layout, out.dim() - 3)
@@ -159,6 +164,11 @@ class AttentionRules:
         self.flag_shared_kv(infos[0][0])
         self.set(out, infos[0][0], out.dim() - 3)
         return True
+
+    def are_heads(self, layout: Layout) -> bool:
+        """Whether every unit of ``layout`` is a whole head (a ``(heads, head_dim)`` view)."""
+        flagged = {self.table.find(i) for i, names in self.table.flags.items() if "heads" in names}
+        return all(self.table.find(s.space) in flagged for s in layout)
 
     def flag_shared_kv(self, heads: Layout) -> None:
         """Mark query heads that share one key/value head: their groups count query heads."""

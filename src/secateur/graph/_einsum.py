@@ -10,7 +10,7 @@ Multi-query attention (one key/value head shared by every query head) keeps the 
 and leaves the shared head whole, as the matmul rule does.
 
 A mixin of :class:`~secateur.graph._ops.OpRules`, which provides ``info``, ``set``, ``fresh``,
-``unify``, ``add_param``, ``flag_shared_kv`` and ``same_rows_same_space``.
+``unify``, ``add_param``, ``flag_shared_kv``, ``are_heads`` and ``same_rows_same_space``.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class EinsumRule:
         if len(channel) != 1:
             return False
         letter = channel.pop()
-        if any(s.count(letter) != 1 for s in letters):
+        if any(s.count(letter) > 1 for s in letters):
             return False  # a diagonal along the channels
         if letter not in result:
             return self._reads_channels(operands, letters, tracked, letter, result, out)
@@ -107,6 +107,8 @@ class EinsumRule:
         inner = [item for item in tracked if item[1][item[2][1]] not in batch]
         if not heads or not inner or len({s[info[1]] for _, s, info in heads}) != 1:
             return tracked
+        if not all(self.are_heads(info[0]) for _, _, info in heads):
+            return tracked  # not attention: a per-token gate, say
         for _, _, (layout, _) in inner:
             self.table.block_layout(layout, "a key/value head shared by every query head")
         self.flag_shared_kv(heads[0][2][0])
@@ -122,6 +124,9 @@ class EinsumRule:
         weight, s = params[0]
         if weight.dim() != 2 or s.replace(letter, "") not in result:
             return False
+        (t, ts, (_, d)) = tracked[0]
+        if weight.shape[s.index(letter)] != t.shape[d]:
+            return False  # broadcast along the channels: not a weight per channel
         written = s.replace(letter, "")
         if any(
             written in other for t, other in zip(operands, letters, strict=True) if t is not weight

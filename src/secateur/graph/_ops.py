@@ -62,19 +62,8 @@ RESHAPE = {
     "expand",
     "broadcast_to",
 }
-REDUCE = {
-    "mean",
-    "sum",
-    "amax",
-    "amin",
-    "var",
-    "std",
-    "logsumexp",
-    "max",
-    "min",
-    "norm",
-    "vector_norm",
-}
+NORMS = {"norm", "vector_norm", "linalg_vector_norm"}  # p-norms, called (x, ord, dim)
+REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "max", "min"} | NORMS
 CAT = {"cat", "concat", "concatenate"}
 SPLIT = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 MATMUL = {"matmul", "__matmul__", "bmm"}
@@ -254,13 +243,13 @@ class OpRules(AttentionRules, EinsumRule):
         return True
 
     def reduce(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
-        axes = dim_arg(args, kwargs, 2 if name in ("norm", "vector_norm") else 1)
+        axes = dim_arg(args, kwargs, 2 if name in NORMS else 1)
         if axes is None:
             return False
         axes = [int(d) % x.dim() for d in (axes if isinstance(axes, (tuple, list)) else [axes])]
         outs = list(out) if isinstance(out, tuple) else [out]
         if dim in axes:  # a statistic pooled over the channels: it stays valid on fewer
-            if name not in {"mean", "sum", "var", "std", "amax", "amin", "norm", "vector_norm"}:
+            if name not in {"mean", "sum", "var", "std", "amax", "amin", *NORMS}:
                 return False
             for seg in layout:
                 self.table.flag(seg.space, "pooled")
@@ -398,8 +387,9 @@ class OpRules(AttentionRules, EinsumRule):
                 return None
         return tuple(merged)
 
-    def elementwise(self, args: tuple, out: torch.Tensor) -> bool:
-        operands = [a for a in args[:3] if isinstance(a, torch.Tensor)]
+    def elementwise(self, args: tuple, out: torch.Tensor, kwargs: dict | None = None) -> bool:
+        given = [*args[:3], *(v for k, v in (kwargs or {}).items() if k != "out")]
+        operands = [a for a in given if isinstance(a, torch.Tensor)]
         tracked = []  # (tensor, layout, output axis, whether it spans that axis whole)
         for t in operands:
             if (info := self.info(t)) is not None:
@@ -567,6 +557,8 @@ class OpRules(AttentionRules, EinsumRule):
     def same_rows_same_space(self, weight: torch.Tensor, axis: int, produced: Layout) -> None:
         """The same rows of one parameter write the same channels, call after call: the
         experts of an MoE layer are slices of one stacked tensor, run one after another."""
+        if id(weight) not in self.params:
+            return  # parameters concatenated: each piece's rows were added on their own
         module_name, pname, dims = self.params[id(weight)]
         key = (module_name, pname, dims[axis])
         earlier = self.param_outputs.setdefault(key, produced[0].space)

@@ -49,7 +49,7 @@ from ._params import (
     scalar_arithmetic,
     single_number,
 )
-from ._shapes import PERMUTE, dim_arg, index_axes
+from ._shapes import PERMUTE, dim_arg, index_axes, permute_order
 from ._spaces import Layout, Segment, SpaceTable
 from ._width_notes import (
     WidthNote,
@@ -71,7 +71,7 @@ _SHAPE_KEEPING = {
 # new tensors shaped like their input, holding none of its values
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
 # x.new_zeros(shape) and kin: only x's dtype and device; a fresh constant
-_NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+_NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
 _LIKE = {"type_as", "expand_as", "view_as", "reshape_as"}
 
@@ -103,6 +103,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.params: dict[int, tuple[str, str, tuple[int | None, ...]]] = {}
         # (module, tensor, dim) of a parameter read by F.linear -> the first space its rows wrote
         self.param_outputs: dict[tuple[str, str, int | None], int] = {}
+        # where each parameter dim was first made a member: met again, the spaces unite
+        self.param_layouts: dict[tuple[str, str, int | None], Layout] = {}
         # parameters concatenated: cat axis and the pieces, in order
         self.param_cats: dict[int, tuple[int, tuple[torch.Tensor, ...]]] = {}
         self.keepalive: list[torch.Tensor] = []  # ids stay unique while tracing
@@ -179,6 +181,14 @@ class _Tracer(OpRules, TorchFunctionMode):
         if factor > 1:  # the axis indexes heads of ``factor`` parameter entries each
             layout = tuple(Segment(s.space, s.factor * factor) for s in layout)
         self.table.add_member(layout, module_name, role, tensor=pname, dim=dims[axis])
+        # the same entries of one parameter, reached again from other channels: slicing them
+        # once means those channels must be the same ones
+        key = (module_name, pname, dims[axis])
+        earlier = self.param_layouts.setdefault(key, layout)
+        if earlier is not layout and self.unify(earlier, layout) is None:
+            reason = f"{module_name}.{pname} is read by channels that do not line up"
+            self.table.block_layout(earlier, reason)
+            self.table.block_layout(layout, reason)
         return True
 
     def add_param_pieces(self, t: torch.Tensor, axis: int, layout: Layout, role: str) -> bool:
@@ -276,8 +286,9 @@ class _Tracer(OpRules, TorchFunctionMode):
             order[a], order[b] = order[b], order[a]
             dims, factors = tuple(entry[2][i] for i in order), tuple(factors[i] for i in order)
         elif name == "permute":
-            order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
-            order = [int(o) % src.dim() for o in order]
+            order = permute_order(src.dim(), name, args, kwargs or {})
+            if order is None or len(order) != src.dim():
+                return
             dims, factors = tuple(entry[2][i] for i in order), tuple(factors[i] for i in order)
         elif name in PARAM_SHAPE:
             dims, factors = reshaped_dims(src.shape, out.shape, entry[2], factors)
@@ -318,7 +329,7 @@ class _Tracer(OpRules, TorchFunctionMode):
                 name in SOFTMAX and single,
                 lambda: self.softmax(x, name, args, kwargs, layout, dim, out),
             ),
-            (name in ELEMENTWISE and tensor_out, lambda: self.elementwise(args, out)),
+            (name in ELEMENTWISE and tensor_out, lambda: self.elementwise(args, out, kwargs)),
             (name in RESHAPE and single, lambda: self.reshape(x, layout, dim, out, name, args)),
             (
                 name in PERMUTE and single,
