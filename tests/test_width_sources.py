@@ -4,6 +4,7 @@ that ran the reshape, and an attribute copied into a local first."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,7 +84,7 @@ def test_an_attribute_spelled_at_another_entry_keeps_its_value() -> None:
     assert (model.window, model.window_area) == (4, 16)
     assert model(x).shape == (2 * 4, 2)
     notes = [a for a in build_dependency_graph(Windows(), x).attributes if a.value == 16]
-    assert {(a.passed, a.from_shape) for a in notes} == {(True, False), (False, True)}
+    assert {(a.passed, a.from_shape) for a in notes} == {(True, True), (False, True)}
 
 
 def test_an_attribute_copied_into_a_local_is_still_rewritten() -> None:
@@ -92,3 +93,56 @@ def test_an_attribute_copied_into_a_local_is_still_rewritten() -> None:
     assert result.refused == ()
     assert model.num_heads == 2 and model.qkv.out_features == 18
     assert model(x).shape == (2, 5, 6)
+
+
+class WidthFromInput(nn.Module):
+    """Attention whose output is reshaped to the width of its input, read from the input's
+    shape (timm's BEiT, EVA, Swin-V2, PVT-v2; torchvision's Swin): heads and the hidden
+    width must lose as many channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 3
+        self.embed, self.head = nn.Linear(5, 12), nn.Linear(12, 2)
+        self.norm = nn.LayerNorm(12)
+        self.qkv, self.proj = nn.Linear(12, 36), nn.Linear(12, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.embed(x))
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.head(x + self.proj(y))
+
+
+def test_a_width_read_from_another_tensors_shape_ties_the_two() -> None:
+    model, x = WidthFromInput().eval(), torch.randn(2, 5, 5)
+    graph = build_dependency_graph(model, x)
+    (group,) = [g for g in graph.groups if g.kind == "head"]
+    assert {"embed", "norm", "qkv", "proj", "head"} <= set(group.module_names())
+    assert group.size == 3  # whole heads, each with 4 hidden channels
+    for ratio in (0.3, 0.5, 0.7):
+        model = WidthFromInput().eval()
+        result = prune_(model, StructuredConfig(ratio=ratio), example_inputs=x)
+        assert result.refused == ()
+        assert model.embed.out_features == 4 * model.num_heads < 12
+        assert model(x).shape == (2, 5, 2)
+
+
+def test_torchvision_swin_loses_heads_with_its_hidden_width() -> None:
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    torch.manual_seed(0)
+    model = swin.SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=[4, 4],
+        num_classes=3,
+    ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = sum(p.numel() for p in model.parameters())
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    assert sum(p.numel() for p in model.parameters()) < 0.35 * before
+    assert model(x).shape == (1, 3)

@@ -103,6 +103,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.params: dict[int, tuple[str, str, tuple[int | None, ...]]] = {}
         # (module, tensor, dim) of a parameter read by F.linear -> the first space its rows wrote
         self.param_outputs: dict[tuple[str, str, int | None], int] = {}
+        # per module, the channels whose width its code read from a shape, and that width
+        self.shape_reads: dict[str, list[tuple[Layout, int]]] = {}
         # where each parameter dim was first made a member: met again, the spaces unite
         self.param_layouts: dict[tuple[str, str, int | None], Layout] = {}
         # parameters concatenated: cat axis and the pieces, in order
@@ -204,18 +206,22 @@ class _Tracer(OpRules, TorchFunctionMode):
             return False
         return all(self.add_param(p, axis, lt, role) for p, lt in zip(pieces, layouts, strict=True))
 
-    def note_context(self) -> tuple[str, frozenset[str], str, bool, frozenset[str]] | None:
+    def note_context(self) -> tuple | None:
         """Where a width is being read now: the running module, the names its code refers to,
         the source of the expression at hand in that code, whether the op ran in a function
-        that code called rather than in the code itself, and the code's locals read from a
-        tensor's shape."""
+        that code called rather than in the code itself, and the source of the op's own
+        expression with the locals its code read from a tensor's shape."""
         if not self.stack:
             return None
         frames = module_frames(self.running[-1])
+        own = calling_frame()
+        passed = bool(frames) and own is not frames[0]
+        # the shape's own frame says whether an entry was read from a tensor's shape
+        where = own if passed and own is not None else frames[0] if frames else None
         source = expression_source(frames[0]) if frames else ""
-        passed = bool(frames) and calling_frame() is not frames[0]
-        shaped = shape_locals(frames[0].f_code) if frames else frozenset()
-        return self.stack[-1], names_in_use(frames), source, passed, shaped
+        own_source = expression_source(where) if where is not None else ""
+        shaped = shape_locals(where.f_code) if where is not None else frozenset()
+        return self.stack[-1], names_in_use(frames), source, passed, (own_source, shaped)
 
     def note_width(
         self,
@@ -227,14 +233,17 @@ class _Tracer(OpRules, TorchFunctionMode):
         """Note that ``value`` was read as the width of ``layout``; ``at`` is ``(axis, ndim)``
         when it was entry ``axis`` of a shape of ``ndim`` entries."""
         if (context := context or self.note_context()) is not None:
-            module_name, names, source, passed, shaped = context
+            module_name, names, source, passed, (own_source, shaped) = context
             spelled_at = names_at(source, *at) if at is not None and not passed else None
-            from_shape = bool(spelled_at) and spelled_at <= shaped  # type: ignore[operator]
+            read_at = names_at(own_source, *at) if at is not None else None
+            from_shape = bool(read_at) and read_at <= shaped  # type: ignore[operator]
             spelled = spelled_names(source)
             note = WidthNote(
                 module_name, int(value), layout, names, spelled, spelled_at, passed, from_shape
             )
             self.notes.append(note)
+            if from_shape:
+                self.tie_to_shape_read(module_name, int(value), layout)
 
     def note_literals(
         self, args: tuple, axis: int, value: int, layout: Layout, context: tuple | None = None
@@ -255,8 +264,33 @@ class _Tracer(OpRules, TorchFunctionMode):
         else:
             out = func(*args, **kwargs)
         if self.depth == 0:
+            if name in ("__get__", "size") and args and isinstance(args[0], torch.Tensor):
+                self.shape_read(args[0], args[1:], out)
             self.record(name, args, kwargs, out)
         return out
+
+    def shape_read(self, t: torch.Tensor, index: tuple, out: Any) -> None:
+        """Remember the width of ``t``'s channels when the running module reads its shape
+        (``B, N, C = x.shape``): a reshape spelling that width later ties to those channels."""
+        info = self.layouts.get(id(t))
+        if info is None or not self.stack:
+            return
+        layout, axis = info
+        whole = isinstance(out, torch.Size)
+        if whole or (index and isinstance(index[0], int) and index[0] % t.dim() == axis):
+            self.shape_reads.setdefault(self.stack[-1], []).append((layout, t.shape[axis]))
+
+    def tie_to_shape_read(self, module_name: str, value: int, layout: Layout) -> None:
+        """A reshape spells, at its channel axis, a width the module read from the shape of
+        other channels (timm's Swin-V2 and PVT-v2, torchvision's Swin: ``reshape(B, N, C)``
+        with ``C`` the block input's width): after pruning the two widths must still be equal,
+        so the two spaces become one (the coarser unit wins: whole heads and as many hidden
+        channels). The latest such read of that width is the one."""
+        for earlier, width in reversed(self.shape_reads.get(module_name, [])):
+            if width == value:
+                if earlier != layout:
+                    self.unify(earlier, layout)
+                return
 
     def follow_param(self, name: str, args: tuple, out: Any, kwargs: dict | None = None) -> None:
         if name in CAT and args and isinstance(out, torch.Tensor):

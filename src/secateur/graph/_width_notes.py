@@ -8,6 +8,7 @@ import ast
 import dis
 import functools
 import linecache
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -71,7 +72,10 @@ def expression_source(frame: Any) -> str:
     return "".join(lines)
 
 
-_OURS = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
+# secateur's and torch's own folders (with the separator: torchvision is not torch)
+_OURS = tuple(
+    os.path.join(str(p), "") for p in (Path(__file__).parents[1], Path(torch.__file__).parent)
+)
 
 
 def calling_frame() -> Any:
