@@ -160,3 +160,37 @@ def test_prune_refuses_nothing(block: str) -> None:
     assert result.refused == ()
     assert sum(p.numel() for p in model.parameters()) < before
     assert model(_x(1)).shape == (2, TOKENS, 4)
+
+
+class PoolFormerBlock(nn.Module):
+    """timm's MetaFormer block: GroupNorm with one group over the channels, pooling as the
+    token mixer, and layer scales viewed to ``self.shape = (dim, 1, 1)``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shape = (width, 1, 1)
+        self.norm1, self.norm2 = nn.GroupNorm(1, width), nn.GroupNorm(1, width)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.scale1 = nn.Parameter(torch.rand(width))
+        self.scale2 = nn.Parameter(torch.rand(width))
+        self.fc1, self.fc2 = nn.Conv2d(width, 4 * width, 1), nn.Conv2d(4 * width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + (self.pool(y) - y) * self.scale1.view(self.shape)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)))) * self.scale2.view(self.shape)
+
+
+def test_metaformer_layer_scales_and_one_group_norms_prune_per_channel() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), PoolFormerBlock(8), nn.Flatten(), nn.Linear(8 * 16, 4)
+    ).eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = build_dependency_graph(model, x)
+    assert sorted((g.kind, g.size) for g in graph.groups) == [("channel", 32), ("hidden", 8)]
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    block = model[1]
+    assert block.shape == (4, 1, 1) and block.scale1.shape == (4,)
+    assert block.norm1.num_channels == 4 and block.fc1.out_channels == 16
+    assert model(x).shape == (2, 4)

@@ -103,6 +103,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.params: dict[int, tuple[str, str, tuple[int | None, ...]]] = {}
         # (module, tensor, dim) of a parameter read by F.linear -> the first space its rows wrote
         self.param_outputs: dict[tuple[str, str, int | None], int] = {}
+        # views of parameters, with where they ran: their shape may spell a width
+        self.param_views: dict[int, tuple[tuple, tuple]] = {}
         # per module, the channels whose width its code read from a shape, and that width
         self.shape_reads: dict[str, list[tuple[Layout, int]]] = {}
         # where each parameter dim was first made a member: met again, the spaces unite
@@ -183,6 +185,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         if factor > 1:  # the axis indexes heads of ``factor`` parameter entries each
             layout = tuple(Segment(s.space, s.factor * factor) for s in layout)
         self.table.add_member(layout, module_name, role, tensor=pname, dim=dims[axis])
+        if (view := self.param_views.get(id(t))) is not None:
+            self.note_literals(view[0], axis, t.shape[axis], layout, view[1])
         # the same entries of one parameter, reached again from other channels: slicing them
         # once means those channels must be the same ones
         key = (module_name, pname, dims[axis])
@@ -338,6 +342,10 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         self.keepalive.append(out)
         self.params[id(out)] = (entry[0], entry[1], dims)
+        if name in ("view", "reshape") and (context := self.note_context()) is not None:
+            # a width spelled in the view of a parameter (timm's layer scale,
+            # ``scale.view(self.shape)``) is noted once the parameter meets its channels
+            self.param_views[id(out)] = (args, context)
         if len(factors) == out.dim() and any(f > 1 for f in factors):
             self.param_factors[id(out)] = factors
 
@@ -613,9 +621,9 @@ class _Tracer(OpRules, TorchFunctionMode):
             if dim != 1 or len(layout) != 1 or layout[0].factor != 1:
                 return False
             per_group = module.num_channels // module.num_groups
-            if module.num_groups < module.num_channels:
+            if 1 < module.num_groups < module.num_channels:  # whole groups go
                 self.table.coarsen(layout[0].space, per_group)
-            if module.num_groups == 1:
+            if module.num_groups == 1:  # statistics over all channels, as a LayerNorm's
                 self.table.flag(layout[0].space, "pooled")
             return self.passthrough(name, layout, out, dim, "groupnorm")
         return False

@@ -86,18 +86,29 @@ def shared_config(config: Any) -> Any:
     return config._secateur_base if isinstance(config, ConfigView) else config
 
 
+def _shape_entry(value: Any) -> int | None:
+    """Where the width sits in a shape whose other entries are all 1: OLMo's
+    ``normalized_shape = (hidden,)``, timm's layer scale ``shape = (dim, 1, 1)``."""
+    if not isinstance(value, (tuple, list)) or not value:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return None
+    wide = [i for i, v in enumerate(value) if v != 1]
+    return wide[0] if len(wide) == 1 else 0 if len(value) == 1 else None
+
+
 def one_int(value: Any) -> int | None:
-    """The int in a one-int shape such as OLMo's ``normalized_shape = (hidden,)``, else None."""
-    if isinstance(value, (tuple, list)) and len(value) == 1:
-        (item,) = value
-        if isinstance(item, int) and not isinstance(item, bool):
-            return item
-    return None
+    """The width in a shape of one entry other than 1 (see ``_shape_entry``), else None."""
+    at = _shape_entry(value)
+    return value[at] if at is not None else None
 
 
 def with_width(current: Any, width: int) -> Any:
-    """``width`` in the form of ``current``: an int, or a one-int shape of the same type."""
-    return type(current)((width,)) if one_int(current) is not None else width
+    """``width`` in the form of ``current``: an int, or such a shape of the same type."""
+    at = _shape_entry(current)
+    if at is None:
+        return width
+    return type(current)(width if i == at else v for i, v in enumerate(current))
 
 
 def _int(value: Any) -> int | None:
