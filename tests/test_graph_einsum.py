@@ -245,7 +245,7 @@ def test_torchvision_maxvit_loses_heads_with_their_position_bias() -> None:
     result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
     assert result.refused == ()
     # the heads reshaped back to the input's width, read from its shape: one group with it
-    assert {g.kind for g in result.graph.groups} == {"channel", "head"}
+    assert {g.kind for g in result.graph.groups} == {"channel", "hidden"}
     attn = model.blocks[1].layers[0].layers.grid_attention.attn_layer[1]
     assert attn.n_heads == 2 and attn.relative_position_bias_table.shape[1] == 2
     assert model(x).shape == (1, 3)

@@ -322,5 +322,6 @@ def test_a_three_axis_view_read_otherwise_keeps_its_outer_axis_as_the_unit() -> 
     model, x = Grouped().eval(), torch.randn(2, 3, 8)
     graph = build_dependency_graph(model, x)
     (group,) = [g for g in graph.groups if "proj" in g.producers()]
-    assert group.size == 2 and group.kind == "head"
+    # whole groups are the units; the mean over them pools them, so the kind is "hidden"
+    assert group.size == 2 and group.kind == "hidden"
     assert [m.factor for m in group.members if m.module_name == "proj"] == [12]

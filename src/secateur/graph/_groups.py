@@ -161,7 +161,8 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
             blocked.append((names, reason))
             continue
         fl = flags.get(root, set())
-        kind = "head" if "heads" in fl else "hidden" if "pooled" in fl else "channel"
+        # pooled first: heads tied to a hidden width a norm pools are not removed exactly
+        kind = "hidden" if "pooled" in fl else "head" if "heads" in fl else "channel"
         index[root] = len(groups)
         multiple = math.lcm(1, *(int(f.split(":")[1]) for f in fl if f.startswith("multiple:")))
         members = tuple(_unique(members))

@@ -53,6 +53,7 @@ from ._shapes import PERMUTE, dim_arg, index_axes, permute_order
 from ._spaces import Layout, Segment, SpaceTable
 from ._width_notes import (
     WidthNote,
+    bare_name_at,
     calling_frame,
     expression_source,
     module_frames,
@@ -105,8 +106,9 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.param_outputs: dict[tuple[str, str, int | None], int] = {}
         # views of parameters, with where they ran: their shape may spell a width
         self.param_views: dict[int, tuple[tuple, tuple]] = {}
-        # per module, the channels whose width its code read from a shape, and that width
-        self.shape_reads: dict[str, list[tuple[Layout, int]]] = {}
+        # shapes read from tracked tensors, by (code id, instruction): layout, channel axis,
+        # number of axes and width
+        self.shape_reads: dict[tuple[int, int], tuple[Layout, int, int, int]] = {}
         # where each parameter dim was first made a member: met again, the spaces unite
         self.param_layouts: dict[tuple[str, str, int | None], Layout] = {}
         # parameters concatenated: cat axis and the pieces, in order
@@ -181,12 +183,12 @@ class _Tracer(OpRules, TorchFunctionMode):
         if entry is None or entry[2][axis] is None:
             return False
         module_name, pname, dims = entry
+        if (view := self.param_views.get(id(t))) is not None:  # the width of this view's axis
+            self.note_literals(view[0], axis, t.shape[axis], layout, view[1])
         factor = self.param_factors.get(id(t), (1,) * t.dim())[axis]
         if factor > 1:  # the axis indexes heads of ``factor`` parameter entries each
             layout = tuple(Segment(s.space, s.factor * factor) for s in layout)
         self.table.add_member(layout, module_name, role, tensor=pname, dim=dims[axis])
-        if (view := self.param_views.get(id(t))) is not None:
-            self.note_literals(view[0], axis, t.shape[axis], layout, view[1])
         # the same entries of one parameter, reached again from other channels: slicing them
         # once means those channels must be the same ones
         key = (module_name, pname, dims[axis])
@@ -213,19 +215,18 @@ class _Tracer(OpRules, TorchFunctionMode):
     def note_context(self) -> tuple | None:
         """Where a width is being read now: the running module, the names its code refers to,
         the source of the expression at hand in that code, whether the op ran in a function
-        that code called rather than in the code itself, and the source of the op's own
-        expression with the locals its code read from a tensor's shape."""
+        that code called rather than in the code itself, and the op's own frame (its code
+        says which locals were read from a tensor's shape)."""
         if not self.stack:
             return None
         frames = module_frames(self.running[-1])
         own = calling_frame()
         passed = bool(frames) and own is not frames[0]
-        # the shape's own frame says whether an entry was read from a tensor's shape
         where = own if passed and own is not None else frames[0] if frames else None
         source = expression_source(frames[0]) if frames else ""
         own_source = expression_source(where) if where is not None else ""
-        shaped = shape_locals(where.f_code) if where is not None else frozenset()
-        return self.stack[-1], names_in_use(frames), source, passed, (own_source, shaped)
+        code = where.f_code if where is not None else None
+        return self.stack[-1], names_in_use(frames), source, passed, (own_source, code)
 
     def note_width(
         self,
@@ -237,17 +238,19 @@ class _Tracer(OpRules, TorchFunctionMode):
         """Note that ``value`` was read as the width of ``layout``; ``at`` is ``(axis, ndim)``
         when it was entry ``axis`` of a shape of ``ndim`` entries."""
         if (context := context or self.note_context()) is not None:
-            module_name, names, source, passed, (own_source, shaped) = context
+            module_name, names, source, passed, (own_source, code) = context
+            shaped = shape_locals(code) if code is not None else {}
             spelled_at = names_at(source, *at) if at is not None and not passed else None
             read_at = names_at(own_source, *at) if at is not None else None
-            from_shape = bool(read_at) and read_at <= shaped  # type: ignore[operator]
+            from_shape = bool(read_at) and read_at <= shaped.keys()  # type: ignore[operator]
             spelled = spelled_names(source)
             note = WidthNote(
                 module_name, int(value), layout, names, spelled, spelled_at, passed, from_shape
             )
             self.notes.append(note)
-            if from_shape:
-                self.tie_to_shape_read(module_name, int(value), layout)
+            local = bare_name_at(own_source, *at) if at is not None else None
+            if local in shaped and code is not None:
+                self.tie_to_shape_read(code, shaped[local], int(value), layout)
 
     def note_literals(
         self, args: tuple, axis: int, value: int, layout: Layout, context: tuple | None = None
@@ -269,32 +272,34 @@ class _Tracer(OpRules, TorchFunctionMode):
             out = func(*args, **kwargs)
         if self.depth == 0:
             if name in ("__get__", "size") and args and isinstance(args[0], torch.Tensor):
-                self.shape_read(args[0], args[1:], out)
+                self.shape_read(args[0])
             self.record(name, args, kwargs, out)
         return out
 
-    def shape_read(self, t: torch.Tensor, index: tuple, out: Any) -> None:
-        """Remember the width of ``t``'s channels when the running module reads its shape
-        (``B, N, C = x.shape``): a reshape spelling that width later ties to those channels."""
+    def shape_read(self, t: torch.Tensor) -> None:
+        """Remember which channels a shape was read from, by where the code read it (its
+        frame's code and instruction): a reshape spelling that width later ties to them."""
         info = self.layouts.get(id(t))
-        if info is None or not self.stack:
-            return
-        layout, axis = info
-        whole = isinstance(out, torch.Size)
-        if whole or (index and isinstance(index[0], int) and index[0] % t.dim() == axis):
-            self.shape_reads.setdefault(self.stack[-1], []).append((layout, t.shape[axis]))
+        frame = calling_frame()
+        if info is not None and frame is not None:
+            key = (id(frame.f_code), frame.f_lasti)
+            self.shape_reads[key] = (info[0], info[1], t.dim(), t.shape[info[1]])
 
-    def tie_to_shape_read(self, module_name: str, value: int, layout: Layout) -> None:
-        """A reshape spells, at its channel axis, a width the module read from the shape of
-        other channels (timm's Swin-V2 and PVT-v2, torchvision's Swin: ``reshape(B, N, C)``
-        with ``C`` the block input's width): after pruning the two widths must still be equal,
+    def tie_to_shape_read(
+        self, code: Any, read: tuple[int, int | None], value: int, layout: Layout
+    ) -> None:
+        """A reshape spells, at its channel axis, a local the code read from the shape of
+        other channels (timm's BEiT, Swin-V2 and PVT-v2, torchvision's Swin: ``B, N, C =
+        x.shape`` ... ``reshape(B, N, C)``): after pruning the two widths must still be equal,
         so the two spaces become one (the coarser unit wins: whole heads and as many hidden
-        channels). The latest such read of that width is the one."""
-        for earlier, width in reversed(self.shape_reads.get(module_name, [])):
-            if width == value:
-                if earlier != layout:
-                    self.unify(earlier, layout)
-                return
+        channels). ``read`` is where that local was read and which entry it took."""
+        offset, entry = read
+        found = self.shape_reads.get((id(code), offset))
+        if found is None or entry is None:
+            return
+        earlier, axis, ndim, width = found
+        if entry % ndim == axis and width == value and earlier != layout:
+            self.unify(earlier, layout)
 
     def follow_param(self, name: str, args: tuple, out: Any, kwargs: dict | None = None) -> None:
         if name in CAT and args and isinstance(out, torch.Tensor):
@@ -384,6 +389,10 @@ class _Tracer(OpRules, TorchFunctionMode):
             (name in CAT, lambda: self.cat(args, kwargs, out)),
             (name == "stack" and tensor_out, lambda: self.stacked(args, kwargs, out)),
             (name in _LIKE_NEW and single, lambda: self.fresh_like(x, dim, out)),
+            (  # x.new_tensor(data): data's values, none of x's channels
+                name == "new_tensor" and not self.tracked([args[1:], kwargs]),
+                lambda: True,
+            ),
             (
                 name in _NEW_FROM and single and tensor_out,
                 lambda: self.fresh_like(x, dim, out) or out.shape != x.shape,

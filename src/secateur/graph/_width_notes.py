@@ -56,7 +56,8 @@ def module_frames(module: nn.Module) -> list[Any]:
 
 def expression_source(frame: Any) -> str:
     """The source of the expression ``frame`` is executing (e.g. ``x.view(b, t,
-    self.num_heads, self.head_dim)``), or "" when it is not available."""
+    self.num_heads, self.head_dim)``), or "" when it is not available (Python 3.10 has no
+    ``co_positions``; code from ``exec`` has no file)."""
     try:
         positions = list(frame.f_code.co_positions())[frame.f_lasti // 2]
     except (AttributeError, IndexError):
@@ -67,9 +68,10 @@ def expression_source(frame: Any) -> str:
     lines = [linecache.getline(frame.f_code.co_filename, n) for n in range(first, last + 1)]
     if not all(lines):
         return ""
-    lines[-1] = lines[-1][:end]
-    lines[0] = lines[0][start:]
-    return "".join(lines)
+    raw = [line.encode() for line in lines]  # the columns count UTF-8 bytes
+    raw[-1] = raw[-1][:end]
+    raw[0] = raw[0][start:]
+    return b"".join(raw).decode(errors="replace")
 
 
 # secateur's and torch's own folders (with the separator: torchvision is not torch)
@@ -92,26 +94,50 @@ def calling_frame() -> Any:
 _INLINE = frozenset({"<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>", "<lambda>"})
 
 
-_PASS_THROUGH = {"LOAD_CONST", "BINARY_SUBSCR", "PRECALL", "CALL", "KW_NAMES", "CACHE"}
+_PASS_THROUGH = {"BINARY_SUBSCR", "PRECALL", "KW_NAMES", "CACHE", "PUSH_NULL"}
+_CALLS = {"CALL", "CALL_METHOD", "CALL_FUNCTION", "CALL_KW"}
 
 
 @functools.lru_cache(maxsize=1024)
-def shape_locals(code: Any) -> frozenset[str]:
-    """Locals of ``code`` assigned only from a tensor's shape: ``B, N, C = x.shape``,
-    ``C = x.shape[-1]``, ``b, c, h, w = x.size()`` or ``c = x.size(1)``, found in its bytecode."""
-    from_shape, other = set(), set()
-    pending, unpacked = False, 0
+def shape_locals(code: Any) -> dict[str, tuple[int, int | None]]:
+    """Locals of ``code`` assigned only from a tensor's shape (``B, N, C = x.shape``,
+    ``C = x.shape[-1]``, ``b, c, h, w = x.size()``, ``c = x.size(1)``), each with the offset of
+    the instruction that read the shape and which entry it took (None when not known), found
+    in its bytecode (Python 3.10 to 3.13)."""
+    from_shape: dict[str, tuple[int, int | None]] = {}
+    other: set[str] = set()
+    read, unpacked, total, const = None, 0, 0, None  # the shape read under way
+    sizing = False  # x.size seen, its call still to come
     for ins in dis.get_instructions(code):
-        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval in ("shape", "size"):
-            pending, unpacked = True, 0
-        elif ins.opname == "UNPACK_SEQUENCE" and pending:
-            pending, unpacked = False, int(ins.argval)
-        elif ins.opname == "STORE_FAST":
-            (from_shape if pending or unpacked else other).add(ins.argval)
-            pending, unpacked = False, max(unpacked - 1, 0)
-        elif ins.opname not in _PASS_THROUGH:
-            pending, unpacked = False, 0
-    return frozenset(from_shape - other)
+        name = ins.opname
+        if name in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval in ("shape", "size"):
+            read, unpacked, total, const = ins.offset, 0, 0, None
+            sizing = ins.argval == "size"
+        elif name == "LOAD_CONST" and read is not None:
+            const = ins.argval if isinstance(ins.argval, int) else None
+        elif name in _CALLS and read is not None:
+            # x.size(...) reads the shape in its call; any other call makes something else
+            read, sizing = (ins.offset if sizing else None), False
+        elif name == "UNPACK_SEQUENCE" and read is not None:
+            unpacked = total = int(ins.argval)
+        elif name.startswith("STORE_FAST"):
+            names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
+            names = names[:1] if name == "STORE_FAST_LOAD_FAST" else names
+            for local in names:
+                if read is None:
+                    other.add(local)
+                    continue
+                entry = (read, total - unpacked if total else const)
+                if from_shape.setdefault(local, entry) != entry:
+                    other.add(local)  # read from two places: no single source
+                unpacked = max(unpacked - 1, 0)
+            if not unpacked:
+                read = None
+        elif name == "BINARY_OP" and ins.argrepr == "[]":
+            continue  # Python 3.14's subscript
+        elif name not in _PASS_THROUGH:
+            read, unpacked, total = None, 0, 0
+    return {local: at for local, at in from_shape.items() if local not in other}
 
 
 def spelled_names(source: str) -> frozenset[str]:
@@ -122,12 +148,12 @@ def spelled_names(source: str) -> frozenset[str]:
 _SHAPE_CALLS = frozenset({"view", "reshape"})
 
 
-def names_at(source: str, axis: int, ndim: int) -> frozenset[str] | None:
-    """The identifiers of the shape entry at ``axis`` when ``source`` is a ``view``/``reshape``
-    call spelling all ``ndim`` entries (``x.view(b, n, C)``, ``x.reshape((b, n, C))``); None
-    when it is not (a shape held in a variable, a starred entry, another call)."""
+def _shape_entries(source: str, ndim: int) -> list[ast.expr] | None:
+    """The entries of the shape in ``source`` when it is a ``view``/``reshape`` call spelling
+    all ``ndim`` of them: ``x.view(b, n, C)``, ``x.reshape((b, n, C))``,
+    ``torch.reshape(x, (b, n, C))``; one entry for a shape held in a name (``view(shape)``)."""
     try:
-        call = ast.parse(source.strip(), mode="eval").body
+        call = ast.parse("(" + source.strip() + ")", mode="eval").body
     except SyntaxError:
         return None
     if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Attribute):
@@ -135,16 +161,40 @@ def names_at(source: str, axis: int, ndim: int) -> frozenset[str] | None:
     if call.func.attr not in _SHAPE_CALLS or call.keywords:
         return None
     entries = call.args
+    owner = call.func.value
+    if isinstance(owner, ast.Name) and owner.id == "torch" and entries:
+        entries = entries[1:]  # torch.reshape(x, shape)
     if len(entries) == 1 and isinstance(entries[0], (ast.Tuple, ast.List)):
         entries = entries[0].elts
+    if len(entries) == 1 and ndim > 1 and isinstance(entries[0], (ast.Name, ast.Attribute)):
+        return entries  # the shape is one name: an attribute (``self.shape``) or a local
     if len(entries) != ndim or any(isinstance(e, ast.Starred) for e in entries):
         return None
-    node = entries[axis]
+    return entries
+
+
+def names_at(source: str, axis: int, ndim: int) -> frozenset[str] | None:
+    """The identifiers of the shape entry at ``axis`` of a ``view``/``reshape`` call in
+    ``source`` (of the whole shape when a name holds it); None when the source does not say."""
+    entries = _shape_entries(source, ndim)
+    if entries is None:
+        return None
+    node = entries[axis] if len(entries) == ndim else entries[0]
     return frozenset(
         n.id if isinstance(n, ast.Name) else n.attr
         for n in ast.walk(node)
         if isinstance(n, (ast.Name, ast.Attribute))
     )
+
+
+def bare_name_at(source: str, axis: int, ndim: int) -> str | None:
+    """The local spelled alone at ``axis`` of the shape in ``source`` (``C`` in
+    ``reshape(B, N, C)``, not ``C // 2``), else None."""
+    entries = _shape_entries(source, ndim)
+    if entries is None or len(entries) != ndim:
+        return None
+    node = entries[axis]
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def names_in_use(frames: list[Any]) -> frozenset[str]:

@@ -98,7 +98,16 @@ def _shape_entry(value: Any) -> int | None:
 
 
 def one_int(value: Any) -> int | None:
-    """The width in a shape of one entry other than 1 (see ``_shape_entry``), else None."""
+    """The int in a one-int shape such as OLMo's ``normalized_shape = (hidden,)``, else None."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        return _int(value[0]) if not isinstance(value[0], (tuple, list)) else None
+    return None
+
+
+def _shape_width(value: Any) -> int | None:
+    """The width in a shape whose other entries are 1 (timm's layer scale ``(dim, 1, 1)``).
+    Taken only for an attribute the reshape names as its shape: kernel sizes and strides
+    such as ``(3, 1)`` look the same."""
     at = _shape_entry(value)
     return value[at] if at is not None else None
 
@@ -115,6 +124,17 @@ def _int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     return value if isinstance(value, int) else one_int(value)
+
+
+def _named_shapes(module: nn.Module, attr: WidthAttribute) -> dict[str, int]:
+    """The module's shape attributes (``(dim, 1, 1)``) that the reshape spells as its shape."""
+    if not attr.spelled_at:
+        return {}
+    return {
+        n: w
+        for n, v in vars(module).items()
+        if n in attr.spelled_at and (w := _shape_width(v)) is not None
+    }
 
 
 def _within_head(name: str) -> bool:
@@ -249,6 +269,7 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
             continue
         module = model.get_submodule(attr.module_name)
         values = before.setdefault(attr.module_name, _candidates(module))
+        values = {**_named_shapes(module, attr), **values}
         head_size = _head_size({n: v for n, v in values.items() if "." not in n})
         units = _head_units(graph, attr, kept)
         same: dict[str, int] = {}  # attributes holding the width itself
