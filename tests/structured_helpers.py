@@ -69,3 +69,30 @@ def silence_readers_(model: nn.Module, group: Group, units: torch.Tensor) -> Non
 def random_units(group: Group, gen: torch.Generator) -> torch.Tensor:
     count = int(torch.randint(1, max(2, group.size // 2 + 1), (1,), generator=gen))
     return torch.randperm(group.size, generator=gen)[: min(count, group.size - 1)]
+
+
+def assert_silenced_removal_exact(
+    model: nn.Module,
+    x: torch.Tensor,
+    seed: int = 0,
+    *,
+    skip: tuple[str, ...] = ("hidden",),
+    tol: float = 1e-5,
+) -> None:
+    """Silence a random subset of every group of ``model``'s graph not of a ``skip`` kind
+    (norms pool ``hidden`` channels: their removal is not exact by nature), remove exactly
+    those units, and check that the outputs did not move."""
+    from secateur.graph import build_dependency_graph
+    from secateur.pruning._structured import apply_removals_
+
+    graph = build_dependency_graph(model, x)
+    gen = torch.Generator().manual_seed(seed)
+    removals = [(g, random_units(g, gen)) for g in graph.groups if g.kind not in skip]
+    assert removals, "no group to remove"
+    for group, units in removals:
+        silence_(model, group, units)
+    with torch.no_grad():
+        expected = model(x)
+    apply_removals_(model, graph, removals)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=tol, rtol=tol)

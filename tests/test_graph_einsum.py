@@ -12,7 +12,7 @@ from secateur import StructuredConfig, prune_
 from secateur.graph import build_dependency_graph
 from secateur.graph._einsum import einsum_letters
 from secateur.pruning._structured import apply_removals_
-from structured_helpers import random_units, silence_
+from structured_helpers import assert_silenced_removal_exact, random_units, silence_
 
 TOKENS = 4  # a 2 x 2 window
 
@@ -293,17 +293,7 @@ class SharedParameter(nn.Module):
 def test_review_cases_are_removed_exactly(model_type: type[nn.Module]) -> None:
     for seed in range(3):
         torch.manual_seed(seed)
-        model, x = model_type().eval(), _x()
-        graph = build_dependency_graph(model, x)
-        gen = torch.Generator().manual_seed(seed)
-        removals = [(g, random_units(g, gen)) for g in graph.groups]
-        for group, units in removals:
-            silence_(model, group, units)
-        with torch.no_grad():
-            expected = model(x)
-        apply_removals_(model, graph, removals)
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        assert_silenced_removal_exact(model_type().eval(), _x(), seed, skip=())
 
 
 def test_one_parameter_read_by_two_layers_joins_them() -> None:

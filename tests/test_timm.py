@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from secateur import StructuredConfig, prune_
-from secateur.graph import build_dependency_graph
-from secateur.pruning._structured import apply_removals_
-from structured_helpers import random_units, silence_
+from structured_helpers import assert_silenced_removal_exact
 
 timm = pytest.importorskip("timm")
 mlp_mixer = pytest.importorskip("timm.models.mlp_mixer")
@@ -82,18 +80,4 @@ def test_every_width_goes_and_nothing_is_refused(case: str) -> None:
 @pytest.mark.parametrize("case", [c for c in ALL if c != "convnextv2"])
 def test_removing_silenced_units_keeps_the_outputs(case: str) -> None:
     model, x = _build(case)
-    graph = build_dependency_graph(model, x)
-    gen = torch.Generator().manual_seed(0)
-    removals = []
-    for group in graph.groups:
-        if group.kind == "hidden":
-            continue  # norms pool these channels: removal is not exact by nature
-        units = random_units(group, gen)
-        silence_(model, group, units)
-        removals.append((group, units))
-    assert removals
-    with torch.no_grad():
-        expected = model(x)
-    apply_removals_(model, graph, removals)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+    assert_silenced_removal_exact(model, x, tol=1e-4)

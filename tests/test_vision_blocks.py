@@ -11,8 +11,7 @@ from torch import nn
 
 from secateur import StructuredConfig, prune_
 from secateur.graph import build_dependency_graph
-from secateur.pruning._structured import apply_removals_
-from structured_helpers import random_units, silence_
+from structured_helpers import assert_silenced_removal_exact
 
 TOKENS, WIDTH = 5, 8
 
@@ -134,22 +133,7 @@ def test_token_mixing_leaves_the_channels_to_the_channel_layers() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_silenced_units_are_removed_exactly(block: str, seed: int) -> None:
     torch.manual_seed(seed)
-    model, x = Net(block).eval(), _x(seed)
-    graph = build_dependency_graph(model, x)
-    gen = torch.Generator().manual_seed(seed)
-    removals = []
-    for group in graph.groups:
-        if group.kind == "hidden":
-            continue  # LayerNorm pools these: removal is not exact by nature
-        units = random_units(group, gen)
-        silence_(model, group, units)
-        removals.append((group, units))
-    assert removals
-    with torch.no_grad():
-        expected = model(x)
-    apply_removals_(model, graph, removals)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert_silenced_removal_exact(Net(block).eval(), _x(seed), seed)
 
 
 @pytest.mark.parametrize("block", ["beit", "grn", "mixer"])
