@@ -224,7 +224,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         passed = bool(frames) and own is not frames[0]
         where = own if passed and own is not None else frames[0] if frames else None
         source = expression_source(frames[0]) if frames else ""
-        own_source = expression_source(where) if where is not None else ""
+        own_source = expression_source(where) if passed and where is not None else source
         code = where.f_code if where is not None else None
         return self.stack[-1], names_in_use(frames), source, passed, (own_source, code)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import dis
 import functools
+import itertools
 import linecache
 import os
 import re
@@ -58,9 +59,9 @@ def expression_source(frame: Any) -> str:
     """The source of the expression ``frame`` is executing (e.g. ``x.view(b, t,
     self.num_heads, self.head_dim)``), or "" when it is not available (Python 3.10 has no
     ``co_positions``; code from ``exec`` has no file)."""
-    try:
-        positions = list(frame.f_code.co_positions())[frame.f_lasti // 2]
-    except (AttributeError, IndexError):
+    try:  # the instruction's own entry, without listing them all
+        positions = next(itertools.islice(frame.f_code.co_positions(), frame.f_lasti // 2, None))
+    except (AttributeError, StopIteration):
         return ""
     first, last, start, end = positions
     if None in positions:
