@@ -30,6 +30,10 @@ CASES = {
     # global response norm: a 2-norm over space and addcmul
     "convnextv2": ("convnextv2_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)), 64),
     "efficientnet": ("efficientnet_b0", dict(), 64),
+    # concatenated primary and cheap halves added to the shortcut, read by depthwise convs
+    "ghostnet": ("ghostnet_050", dict(), 64),
+    # the shortcut added in place to the first channels only (``x[:, :in_chs] += shortcut``)
+    "rexnet": ("rexnet_100", dict(width_mult=0.5), 64),
 }
 HEADS = {"vit": 3, "beit": 12, "eva02": 4}  # default head counts where not given
 

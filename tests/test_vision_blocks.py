@@ -178,3 +178,73 @@ def test_metaformer_layer_scales_and_one_group_norms_prune_per_channel() -> None
     assert block.shape == (4, 1, 1) and block.scale1.shape == (4,)
     assert block.norm1.num_channels == 4 and block.fc1.out_channels == 16
     assert model(x).shape == (2, 4)
+
+
+class GhostModule(nn.Module):
+    """GhostNet's module: a primary conv, a cheap depthwise conv on its output, the two
+    concatenated and cut to ``out_chs`` (one channel fewer when ``out_chs`` is odd)."""
+
+    def __init__(self, in_chs: int, out_chs: int) -> None:
+        super().__init__()
+        self.out_chs = out_chs
+        init = -(-out_chs // 2)
+        self.primary = nn.Sequential(nn.Conv2d(in_chs, init, 1), nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, padding=1, groups=init), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary(x)
+        out = torch.cat([x1, self.cheap(x1)], dim=1)
+        return out[:, : self.out_chs]
+
+
+class GhostBottleneck(nn.Module):
+    """Two ghost modules around a depthwise conv that reads their concatenation, added in
+    place to the block's input (``x += shortcut``): the concat's halves meet the input's one
+    space, and a depthwise conv passes both halves through."""
+
+    def __init__(self, width: int, mid: int) -> None:
+        super().__init__()
+        self.ghost1, self.ghost2 = GhostModule(width, mid), GhostModule(mid, width)
+        self.dw = nn.Conv2d(mid, mid, 3, padding=1, groups=mid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        y = self.ghost2(self.dw(self.ghost1(x)))
+        y += shortcut
+        return y
+
+
+def _ghost_net(mid: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        GhostBottleneck(8, mid),
+        GhostBottleneck(8, mid),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+
+
+@pytest.mark.parametrize("mid", [12, 11])
+def test_a_concat_added_to_one_space_and_read_depthwise_is_followed(mid: int) -> None:
+    model, x = _ghost_net(mid), torch.randn(2, 3, 6, 6)
+    graph = build_dependency_graph(model, x)
+    assert graph.blocked == (("0", "model input"), ("5", "model output"))
+    # the cheap depthwise conv writes its input's channels again: the residual's 8 channels
+    # are the 4 of each block's second primary conv, twice
+    (residual,) = [g for g in graph.groups if "0" in g.module_names()]
+    assert residual.size == 4
+    # an odd cut drops the cheap copy of the last primary channel, which stays as one alone
+    sizes = sorted(g.size for g in graph.groups if "1.dw" in g.module_names())
+    assert sizes == ([6] if mid == 12 else [1, 5])
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    assert model[1].ghost1.out_chs == model[1].dw.in_channels < mid
+    assert model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("mid", [12, 11])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_silenced_ghost_units_are_removed_exactly(mid: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    assert_silenced_removal_exact(_ghost_net(mid), torch.randn(2, 3, 6, 6), seed)

@@ -370,9 +370,21 @@ class OpRules(AttentionRules, EinsumRule):
 
     # -- several inputs ----------------------------------------------------------------------
     def unify(self, la: Layout, lb: Layout) -> Layout | None:
-        """Make two layouts of one axis name the same channels; the coarser one survives."""
-        if len(la) != len(lb):
-            return None
+        """Make two layouts of one axis name the same channels; the coarser one survives.
+
+        Layouts cut at different places (a concat added to one layer's output: GhostNet's
+        primary and cheap halves plus the shortcut) are first cut at every boundary of both."""
+        if self._bounds(la) != self._bounds(lb):
+            if self._width(la) != self._width(lb):
+                return None
+            cuts = sorted(self._bounds(la) | self._bounds(lb))
+            pieces_a, pieces_b = self.split_layout(la, cuts), self.split_layout(lb, cuts)
+            if pieces_a is None or pieces_b is None:
+                return None
+            la = tuple(s for p in pieces_a for s in p)
+            lb = tuple(s for p in pieces_b for s in p)
+            if self._bounds(la) != self._bounds(lb):
+                return None
         merged = []
         for a, b in zip(la, lb, strict=True):
             if a.factor == b.factor:
@@ -436,6 +448,14 @@ class OpRules(AttentionRules, EinsumRule):
         free = {at for lt, at in whole if not self._all_blocked(lt)}
         axes = free or {at for _, at in whole}
         return axes.pop() if len(axes) == 1 else None
+
+    def _bounds(self, layout: Layout) -> set[int]:
+        """Feature positions where one segment of the layout ends and the next begins."""
+        bounds, offset = set(), 0
+        for seg in layout[:-1]:
+            offset += self.table.sizes[self.table.find(seg.space)] * seg.factor
+            bounds.add(offset)
+        return bounds
 
     def _width(self, layout: Layout) -> int:
         return sum(self.table.sizes[self.table.find(s.space)] * s.factor for s in layout)

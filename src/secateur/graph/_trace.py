@@ -690,11 +690,14 @@ class _Tracer(OpRules, TorchFunctionMode):
 
     def grouped_conv(self, module, name, layout, out) -> bool:  # noqa: ANN001
         """Grouped conv: whole groups go, each taking its input and output channels along."""
-        if len(layout) != 1 or layout[0].factor != 1:
+        if any(seg.factor != 1 for seg in layout):
             return False
         g = module.groups
         if module.groups == module.in_channels == module.out_channels:
+            # each channel on its own: a concat's parts pass through as they are (GhostNet)
             return self.passthrough(name, layout, out, 1, "depthwise")
+        if len(layout) != 1:
+            return False
         self.table.add_member(layout, name, "grouped_in")
         self.fresh(out, 1)
         out_layout = self.layouts[id(out)][0]
