@@ -11,6 +11,7 @@ from structured_helpers import assert_silenced_removal_exact
 
 timm = pytest.importorskip("timm")
 mlp_mixer = pytest.importorskip("timm.models.mlp_mixer")
+focalnet = pytest.importorskip("timm.models.focalnet")
 
 # name: (timm model, options, input size); each small enough to build and prune in ~0.1 s
 CASES = {
@@ -32,6 +33,12 @@ CASES = {
     "efficientnet": ("efficientnet_b0", dict(), 64),
     # concatenated primary and cheap halves added to the shortcut, read by depthwise convs
     "ghostnet": ("ghostnet_050", dict(), 64),
+    # a channel split whose sizes a tuple attribute holds (FocalNet's list: below)
+    "inception_next": (
+        "inception_next_tiny",
+        dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)),
+        64,
+    ),
     # the shortcut added in place to the first channels only (``x[:, :in_chs] += shortcut``)
     "rexnet": ("rexnet_100", dict(width_mult=0.5), 64),
 }
@@ -50,6 +57,9 @@ def _build(case: str) -> tuple[torch.nn.Module, torch.Tensor]:
             num_classes=5, img_size=32, patch_size=8, num_blocks=2, embed_dim=32, **extra
         )
         return model.eval(), torch.randn(1, 3, 32, 32)
+    if case == "focalnet":  # its registered names fix the depths
+        model = focalnet.FocalNet(num_classes=5, embed_dim=16, depths=(1, 1, 1, 1))
+        return model.eval(), torch.randn(1, 3, 64, 64)
     name, options, size = CASES[case]
     if case in HEADS:
         options = dict(options, num_heads=4)
@@ -57,7 +67,7 @@ def _build(case: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(1, 3, size, size)
 
 
-ALL = [*CASES, "mixer", "resmlp"]
+ALL = [*CASES, "mixer", "resmlp", "focalnet"]
 # BEiT and EVA reshape the attention's output to the width of its input (``reshape(B, N,
 # C)``, C read from the input's shape): heads go only with as many hidden channels, which a
 # norm pools, in one group of the "hidden" kind; ConvNeXt-V2's response norm pools all its

@@ -7,7 +7,8 @@ Layout for ``save_model(model, "out/pruned.safetensors")``:
   ``"edits"`` when the architecture was changed beyond widths, e.g.
   ``"edits": {"skipped": ["layer1.2"]}`` for blocks that depth pruning replaced by ``Skip``, or
   ``"edits": {"attributes": {"transformer.h.0.attn": {"split_size": 32}}}`` for module attributes
-  that structural pruning tied to a pruned width, or
+  that structural pruning tied to a pruned width (a list for a split's sizes held whole:
+  ``{"split_indexes": [40, 8, 8, 8]}``), or
   ``"edits": {"attention": {"encoder.layers.0.self_attention": {"num_heads": 3}}}`` for
   ``nn.MultiheadAttention`` modules that structural pruning switched to
   ``PrunedMultiheadAttention`` (whole heads removed, or the hidden size pruned: the loader
@@ -70,14 +71,30 @@ def _apply_skipped(model: nn.Module, names: Any) -> None:
             raise ValueError(f"skipped module {name!r} does not exist in the model") from None
 
 
-def _attributes(model: nn.Module) -> dict[str, dict[str, int]]:
+def _attributes(model: nn.Module) -> dict[str, dict[str, int | list[int]]]:
     held = getattr(model, "secateur_attributes", None) or {}
     present = dict(model.named_modules(remove_duplicate=False))  # depth pruning may remove some
     return {
-        str(m): {str(a): int(v) for a, v in attrs.items()}
+        str(m): {
+            str(a): [int(x) for x in v] if isinstance(v, (list, tuple)) else int(v)
+            for a, v in attrs.items()
+        }
         for m, attrs in held.items()
         if m in present
     }
+
+
+def _apply_sizes(module: nn.Module, where: str, attr: str, value: list) -> None:
+    """A split's sizes (a tuple or list attribute of the module itself), entry for entry."""
+    current = getattr(module, attr, None) if "." not in attr else None
+    if not isinstance(current, (tuple, list)) or len(current) != len(value):
+        raise ValueError(
+            f"attribute edit {where}: the module has no sizes attribute {attr!r} of"
+            f" {len(value)} entries"
+        )
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError(f"attribute edit {where} = {value!r}: must be non-negative integers")
+    setattr(module, attr, type(current)(value))
 
 
 def _apply_attributes(model: nn.Module, edits: Any) -> None:
@@ -94,6 +111,9 @@ def _apply_attributes(model: nn.Module, edits: Any) -> None:
             where = f"{module_name}.{attr}" if module_name else str(attr)
             if not module_name and str(attr).startswith("config."):
                 raise ValueError(f"attribute edit {where}: the model's own config is never edited")
+            if isinstance(value, list):
+                _apply_sizes(module, where, str(attr), value)
+                continue
             current = width_attribute(module, str(attr))
             if (isinstance(current, bool) or not isinstance(current, int)) and one_int(
                 current

@@ -95,7 +95,8 @@ class WidthAttribute:
     ``passed``: the reshape ran in a function the module's code called; only candidates that
     code spelled in the call can have carried the width there. ``from_shape``: the entry at
     the width's axis is made of locals read from a tensor's shape (``B, N, C = x.shape``); it
-    follows the pruned width by itself and no attribute is its source."""
+    follows the pruned width by itself and no attribute is its source. ``sizes``: the split
+    sizes the width was entry ``entry`` of; an attribute holding them all is rewritten whole."""
 
     module_name: str
     value: int
@@ -105,6 +106,8 @@ class WidthAttribute:
     spelled_at: frozenset[str] | None = None  # the identifiers at the width's own shape entry
     passed: bool = False  # the reshape ran in a function the module's code called
     from_shape: bool = False  # the entry at its axis is read from a tensor's shape
+    sizes: tuple[int, ...] = ()  # a split's sizes, the width being entry ``entry``
+    entry: int = -1
 
     def new_value(self, kept: Mapping[int, int]) -> int:
         return sum((kept.get(g, n) if g is not None else n) * f for g, n, f in self.terms)
@@ -183,6 +186,8 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
                 note.spelled_at,
                 note.passed,
                 note.from_shape,
+                note.sizes,
+                note.entry,
             )
         )
     return DependencyGraph(

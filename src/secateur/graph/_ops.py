@@ -319,7 +319,10 @@ class OpRules(AttentionRules, EinsumRule):
             if sized and isinstance(sizes, int):
                 self.note_width(sizes, piece)
             elif sized and isinstance(sizes, (tuple, list)) and isinstance(sizes[i], int):
-                self.note_width(sizes[i], piece)  # GPT-BigCode's (embed_dim, kv_dim, kv_dim)
+                # GPT-BigCode's (embed_dim, kv_dim, kv_dim); all of them at once when an
+                # attribute holds the sizes (InceptionNeXt's split_indexes)
+                whole = tuple(sizes) if all(type(v) is int for v in sizes) else ()
+                self.note_width(sizes[i], piece, sizes=whole, entry=i if whole else -1)
         return True
 
     def fresh_like(self, x, dim, out) -> bool:  # noqa: ANN001

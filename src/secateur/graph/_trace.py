@@ -234,9 +234,12 @@ class _Tracer(OpRules, TorchFunctionMode):
         layout: Layout,
         context: tuple | None = None,
         at: tuple[int, int] | None = None,
+        sizes: tuple[int, ...] = (),
+        entry: int = -1,
     ) -> None:
         """Note that ``value`` was read as the width of ``layout``; ``at`` is ``(axis, ndim)``
-        when it was entry ``axis`` of a shape of ``ndim`` entries."""
+        when it was entry ``axis`` of a shape of ``ndim`` entries; ``sizes`` and ``entry`` when
+        it was entry ``entry`` of a split's ``sizes``."""
         if (context := context or self.note_context()) is not None:
             module_name, names, source, passed, (own_source, code) = context
             shaped = shape_locals(code) if code is not None else {}
@@ -245,7 +248,16 @@ class _Tracer(OpRules, TorchFunctionMode):
             from_shape = bool(read_at) and read_at <= shaped.keys()  # type: ignore[operator]
             spelled = spelled_names(source)
             note = WidthNote(
-                module_name, int(value), layout, names, spelled, spelled_at, passed, from_shape
+                module_name,
+                int(value),
+                layout,
+                names,
+                spelled,
+                spelled_at,
+                passed,
+                from_shape,
+                sizes,
+                entry,
             )
             self.notes.append(note)
             local = bare_name_at(own_source, *at) if at is not None else None

@@ -41,6 +41,10 @@ class WidthNote:
     # the entry at the width's axis is made only of locals read from a tensor's shape
     # (``B, N, C = x.shape``): it follows the pruned width by itself
     from_shape: bool = False
+    # the width is entry ``entry`` of the sizes a split was given (InceptionNeXt's
+    # ``split(x, self.split_indexes)``): an attribute holding all of ``sizes`` is rewritten whole
+    sizes: tuple[int, ...] = ()
+    entry: int = -1
 
 
 def module_frames(module: nn.Module) -> list[Any]:

@@ -256,16 +256,57 @@ def _spelled_ones(same: dict[str, int], attr: WidthAttribute) -> dict[str, int]:
     return same
 
 
+def _int_sizes(value: Any) -> tuple[int, ...] | None:
+    """``value`` as a tuple when it is a tuple or list of two or more ints, else None."""
+    if not isinstance(value, (tuple, list)) or len(value) < 2:
+        return None
+    return tuple(value) if all(type(v) is int for v in value) else None
+
+
+def _split_sizes_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int], edits: dict):
+    """Rewrite the attributes holding a split's sizes whole (InceptionNeXt's ``split_indexes =
+    (in_chs - 3 * gc, gc, gc, gc)``, FocalNet's ``input_split``), each entry the new width of
+    its piece; return the width notes so handled, whose entries no int attribute then takes."""
+    splits: dict[tuple, dict[int, WidthAttribute]] = {}
+    for attr in graph.attributes:
+        if attr.sizes:
+            key = (attr.module_name, attr.sizes, attr.names, attr.spelled)
+            splits.setdefault(key, {})[attr.entry] = attr
+    handled: set[WidthAttribute] = set()
+    for (module_name, sizes, names, spelled), entries in splits.items():
+        if set(entries) != set(range(len(sizes))):
+            continue
+        new = tuple(entries[i].new_value(kept) for i in range(len(sizes)))
+        module = model.get_submodule(module_name)
+        held = [
+            n
+            for n, v in vars(module).items()
+            if not n.startswith("_") and _int_sizes(v) == sizes and (not names or n in names)
+        ]
+        if spelled and (named := [n for n in held if n in spelled]):
+            held = named  # the split names it: others only hold the same sizes
+        if not held:
+            continue
+        handled.update(entries.values())
+        if new == sizes:
+            continue
+        for name in held:
+            setattr(module, name, type(getattr(module, name))(new))
+            edits.setdefault(module_name, {})[name] = list(new)
+    return handled
+
+
 def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:
     """Set the attributes behind ``graph.attributes`` to the widths left by ``kept`` (units
     kept per group index) and record them in ``model.secateur_attributes``."""
-    edits: dict[str, dict[str, int]] = getattr(model, "secateur_attributes", {})
+    edits: dict[str, dict[str, Any]] = getattr(model, "secateur_attributes", {})
+    handled = _split_sizes_(model, graph, kept, edits)
     # Match against the values before any rewrite: with grouped-query attention num_heads may
     # fall to the old num_kv_heads, and must not then be rewritten again as if it were that.
     before: dict[str, dict[str, int]] = {}
     for attr in graph.attributes:
         new = attr.new_value(kept)
-        if new == attr.value:
+        if new == attr.value or attr in handled:
             continue
         module = model.get_submodule(attr.module_name)
         values = before.setdefault(attr.module_name, _candidates(module))
