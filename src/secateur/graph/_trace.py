@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .._inputs import split_inputs
+from ._filter_extras import STANDARDISING, add_filter_extras
 from ._ops import (
     CAT,
     ELEMENTWISE,
@@ -125,6 +126,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         # layer -> (input layout or None for a fixed input, output layout, output axis)
         self.layer_calls: dict[str, tuple[Layout | None, Layout, int]] = {}
         self.names = {m: n for n, m in model.named_modules()}
+        self.standardising: set[int] = set()  # layers whose forward pools their weight's stats
         named = (
             state.items()
             if state
@@ -286,6 +288,8 @@ class _Tracer(OpRules, TorchFunctionMode):
             if name in ("__get__", "size") and args and isinstance(args[0], torch.Tensor):
                 self.shape_read(args[0])
             self.record(name, args, kwargs, out)
+        elif name in STANDARDISING and self.running and not self.tracked([args[:1]]):
+            self.standardising.add(id(self.running[-1]))  # StdConv2d's batch_norm on its weight
         return out
 
     def shape_read(self, t: torch.Tensor) -> None:
@@ -552,7 +556,16 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.table.add_member(self.layouts[id(out)][0], name, role)
         self.called.setdefault(name, []).extend(s.space for s in self.layouts[id(out)][0])
         self.layer_calls[name] = (None, self.layouts[id(out)][0], dim)
+        if role == "conv_out":
+            self.filter_extras(module, name, None, out)
         return True
+
+    def filter_extras(self, module: nn.Module, name: str, reads: Layout | None, out) -> None:  # noqa: ANN001
+        """A conv subclass's per-filter tensors and weight standardisation (NFNet, BiT)."""
+        if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            standardised = id(module) in self.standardising
+            writes = self.layouts[id(out)][0]
+            add_filter_extras(self.table, module, name, reads, writes, standardised)
 
     def parameter_source(self, module: nn.Module, x: Any) -> tuple[Layout, int] | None:
         """A float parameter fed to a Linear or a norm over its last axis (DeBERTa's relative
@@ -622,14 +635,18 @@ class _Tracer(OpRules, TorchFunctionMode):
             return self.producer(name, layout, out, f"{kind}_in", f"{kind}_out", -1)
         if isinstance(module, nn.modules.conv._ConvNd):
             if dim != 1:
-                return False
+                return self.conv_along_channels(module, x, layout, dim, out)
             if isinstance(module, nn.modules.conv._ConvTransposeNd):
                 return module.groups == 1 and self.producer(
                     name, layout, out, "convT_in", "convT_out", 1
                 )
             if module.groups == 1:
-                return self.producer(name, layout, out, "conv_in", "conv_out", 1)
-            return self.grouped_conv(module, name, layout, out)
+                done = self.producer(name, layout, out, "conv_in", "conv_out", 1)
+            else:
+                done = self.grouped_conv(module, name, layout, out)
+            if done:
+                self.filter_extras(module, name, layout, out)
+            return done
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return dim == 1 and self.passthrough(name, layout, out, dim, "norm")
         if type(module) in (nn.LayerNorm, nn.RMSNorm):
@@ -684,6 +701,20 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.table.add_member((Segment(fine),), f"{name}.out_proj", "linear_in")
         self.table.flag(self.table.coarsen(fine, head_dim), "heads")
         self.called[name].append(fine)  # a second call blocks the heads too
+        return True
+
+    def conv_along_channels(self, module, x, layout, dim, out) -> bool:  # noqa: ANN001
+        """A conv sliding along the channels as a spatial axis (ECA's Conv1d over the pooled
+        channels, kernel 3): each output position is its channel again, mixed with its
+        neighbours. The channels pass through; removing one changes its neighbours' mix, so
+        they are of the ``pooled`` kind (removed, not exactly)."""
+        if isinstance(module, nn.modules.conv._ConvTransposeNd) or dim < 2:
+            return False
+        if out.dim() != x.dim() or out.shape[dim] != x.shape[dim]:
+            return False
+        for seg in layout:
+            self.table.flag(seg.space, "pooled")
+        self.set(out, layout, dim)
         return True
 
     def producer(self, name, layout, out, consumer_role, producer_role, dim) -> bool:  # noqa: ANN001

@@ -1,0 +1,62 @@
+"""What a conv subclass adds to its filters: tensors of its own beside ``weight`` and ``bias``,
+and weight standardisation.
+
+timm's ``ScaledStdConv2d`` (NFNet) holds a ``gain`` of shape ``(out_channels, 1, 1, 1)``: one
+value per filter, sliced with the filters. Its ``StdConv2d`` (BiT's ResNetV2) and
+``ScaledStdConv2d`` standardise each filter over its inputs in their forward (a
+``batch_norm`` on the weight): removing input channels changes those statistics, so the
+channels it reads are of the ``pooled`` kind (removed, but not exactly), as under a LayerNorm.
+Each filter of a depthwise or grouped conv reads only its own group, which goes whole: exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._spaces import Layout, SpaceTable
+
+# ops that, run inside a layer's forward on a tensor that is not an activation (its weight),
+# pool statistics over the weight's entries
+STANDARDISING = {
+    *("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"),
+    *("var_mean", "std_mean", "var", "std", "mean"),
+}
+
+
+def own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's parameters and buffers other than ``weight`` and ``bias``."""
+    return [
+        (name, t)
+        for name, t in (
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        )
+        if name not in ("weight", "bias") and t is not None
+    ]
+
+
+def add_filter_extras(
+    table: SpaceTable,
+    module: nn.Module,
+    name: str,
+    reads: Layout | None,
+    writes: Layout,
+    standardised: bool,
+) -> None:
+    """Make ``module``'s per-filter tensors members of the space its filters write, and mark
+    the channels it reads as pooled when it standardises its weight over them. A tensor of any
+    other shape (more than one value, not one per filter) leaves both spaces whole: the
+    surgery would not know how to cut it."""
+    filters = module.out_channels
+    for tensor_name, t in own_tensors(module):
+        if t.dim() >= 1 and t.shape[0] == filters and t.numel() == filters:
+            table.add_member(writes, name, "param", tensor=tensor_name, dim=0)
+        elif t.numel() > 1:
+            reason = f"{name}.{tensor_name} of shape {tuple(t.shape)} is not one value per filter"
+            table.block_layout(writes, reason)
+            if reads is not None:
+                table.block_layout(reads, reason)
+    if standardised and reads is not None and module.groups == 1:
+        for seg in reads:
+            table.flag(seg.space, "pooled")
