@@ -12,6 +12,7 @@ from structured_helpers import assert_silenced_removal_exact
 timm = pytest.importorskip("timm")
 mlp_mixer = pytest.importorskip("timm.models.mlp_mixer")
 focalnet = pytest.importorskip("timm.models.focalnet")
+twins = pytest.importorskip("timm.models.twins")
 
 # name: (timm model, options, input size); each small enough to build and prune in ~0.1 s
 CASES = {
@@ -60,6 +61,19 @@ def _build(case: str) -> tuple[torch.nn.Module, torch.Tensor]:
     if case == "focalnet":  # its registered names fix the depths
         model = focalnet.FocalNet(num_classes=5, embed_dim=16, depths=(1, 1, 1, 1))
         return model.eval(), torch.randn(1, 3, 64, 64)
+    if case == "twins":  # windows regrouped while q|k|v splits, in one reshape
+        model = twins.Twins(
+            img_size=32,
+            num_classes=5,
+            embed_dims=(16, 32),
+            num_heads=(2, 4),
+            mlp_ratios=(2, 2),
+            depths=(2, 2),
+            sr_ratios=(2, 1),
+            wss=(2, 2),
+            block_cls=twins.Block,
+        )
+        return model.eval(), torch.randn(1, 3, 32, 32)
     name, options, size = CASES[case]
     if case in HEADS:
         options = dict(options, num_heads=4)
@@ -67,7 +81,7 @@ def _build(case: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(1, 3, size, size)
 
 
-ALL = [*CASES, "mixer", "resmlp", "focalnet"]
+ALL = [*CASES, "mixer", "resmlp", "focalnet", "twins"]
 # BEiT and EVA reshape the attention's output to the width of its input (``reshape(B, N,
 # C)``, C read from the input's shape): heads go only with as many hidden channels, which a
 # norm pools, in one group of the "hidden" kind; ConvNeXt-V2's response norm pools all its

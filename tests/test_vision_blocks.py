@@ -11,6 +11,7 @@ from torch import nn
 
 from secateur import StructuredConfig, prune_
 from secateur.graph import build_dependency_graph
+from secateur.graph._shapes import regrouped_lead
 from structured_helpers import assert_silenced_removal_exact
 
 TOKENS, WIDTH = 5, 8
@@ -248,3 +249,79 @@ def test_a_concat_added_to_one_space_and_read_depthwise_is_followed(mid: int) ->
 def test_silenced_ghost_units_are_removed_exactly(mid: int, seed: int) -> None:
     torch.manual_seed(seed)
     assert_silenced_removal_exact(_ghost_net(mid), torch.randn(2, 3, 6, 6), seed)
+
+
+@pytest.mark.parametrize(
+    ("shape", "out", "d", "expected"),
+    [
+        # Twins: windows regrouped, q|k|v split into (3, heads, head_dim) in one reshape
+        ((1, 2, 2, 3, 3, 24), (1, 4, 9, 3, 2, 4), 5, ((1, 4, 9, 24), 3)),
+        # and back: (heads, head_dim) merged while the windows split again
+        ((1, 4, 9, 2, 4), (1, 2, 2, 3, 3, 8), 3, ((1, 2, 2, 3, 3, 2, 4), 5)),
+        ((2, 5, 24), (2, 5, 3, 8), 2, None),  # the leading axes already agree
+        ((2, 6, 4), (3, 2, 2, 4), 1, None),  # no cut before the channels' axis fits
+    ],
+)
+def test_regrouped_lead_separates_the_leading_axes_from_the_channels_run(
+    shape: tuple, out: tuple, d: int, expected: tuple | None
+) -> None:
+    assert regrouped_lead(shape, out, d) == expected
+
+
+class RelPosBias(nn.Module):
+    """timm's relative position bias: a table gathered and viewed to a shape attribute
+    ``(window_area, window_area, num_heads)``, read by the attention through ``get_bias()``,
+    a method of this module, which itself never runs as a module."""
+
+    def __init__(self, window: int, heads: int) -> None:
+        super().__init__()
+        area = window * window
+        self.bias_shape = (area, area, heads)
+        self.table = nn.Parameter(torch.randn(2 * area - 1, heads))
+        index = torch.arange(area)[:, None] - torch.arange(area)[None, :] + area - 1
+        self.register_buffer("index", index.view(-1), persistent=False)
+
+    def get_bias(self) -> torch.Tensor:
+        return self.table[self.index].view(self.bias_shape).permute(2, 0, 1).unsqueeze(0)
+
+
+class ChannelsLastAttention(nn.Module):
+    """MaxViT's attention on (B, H, W, C) windows: q|k|v reshaped to (B, H * W, 3, heads,
+    head_dim) in one reshape that also merges the spatial axes."""
+
+    def __init__(self, width: int, heads: int, window: int) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.rel_pos = RelPosBias(window, heads)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, shape = x.shape[0], x.shape[:-1]
+        qkv = self.qkv(x).reshape(b, -1, 3, self.num_heads, self.dim_head).transpose(1, 3)
+        q, k, v = qkv.unbind(2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos.get_bias())
+        return self.proj(y.transpose(1, 2).reshape(shape + (-1,)))
+
+
+def test_heads_follow_a_spatial_merge_and_a_bias_shape_read_by_a_helper_method() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), ChannelsLastAttention(8, 4, 2), nn.Linear(8, 2))
+    x = torch.randn(2, 2, 2, 3)
+    graph = build_dependency_graph(model.eval(), x)
+    (heads,) = [g for g in graph.groups if g.kind == "head"]
+    assert heads.size == 4 and "1.rel_pos" in heads.module_names()
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    attn = model[1]
+    assert attn.num_heads == attn.rel_pos.table.shape[1] < 4
+    assert attn.rel_pos.bias_shape == (4, 4, attn.num_heads)
+    assert model(x).shape == (2, 2, 2, 2)
+    assert model.secateur_attributes["1.rel_pos"] == {"bias_shape": [4, 4, attn.num_heads]}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_silenced_heads_under_a_spatial_merge_are_removed_exactly(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 8), ChannelsLastAttention(8, 4, 2), nn.Linear(8, 2))
+    assert_silenced_removal_exact(model.eval(), torch.randn(2, 2, 2, 3), seed)

@@ -23,6 +23,7 @@ from ._shapes import (
     intact_axis,
     merge_run,
     permute_order,
+    regrouped_lead,
 )
 from ._spaces import Layout, Segment
 
@@ -136,6 +137,9 @@ class OpRules(AttentionRules, EinsumRule):
         elif name != "expand" and (squeezed := drop_ones(x.shape, dim)) is not None:
             # GPT-BigCode's view of (b, 1, t, heads * hd) as (b, t, heads, hd)
             return self.reshape(ShapeOnly(squeezed[0]), layout, squeezed[1], out, name, args)
+        elif name != "expand" and (lead := regrouped_lead(x.shape, out.shape, dim)) is not None:
+            # leading axes regrouped while the channels' run splits or merges (Twins' windows)
+            return self.reshape(ShapeOnly(lead[0]), layout, lead[1], out, name, args)
         else:
             return False
         if name in ("view", "reshape"):

@@ -128,3 +128,22 @@ def permute_order(ndim: int, name: str, args: tuple, kwargs: dict) -> list[int] 
     order = list(range(ndim))
     order[a], order[b] = b, a
     return order
+
+
+def regrouped_lead(
+    shape: Sequence[int], out: Sequence[int], d: int
+) -> tuple[tuple[int, ...], int] | None:
+    """A reshape that regroups the axes before axis ``d``'s run while it also splits or merges
+    that run (Twins' ``reshape(B, _h * _w, ws * ws, 3, heads, hd)`` of ``(B, _h, _w, ws, ws,
+    3C)``): the shape after regrouping only the leading axes as ``out``'s, and where ``d``
+    lands there; the rest is a split or merge of the tail alone. None when no cut before
+    ``d`` leaves equal products on both sides, or when the leading axes already agree."""
+    shape, out = tuple(shape), tuple(out)
+    for cut in range(d, 0, -1):
+        lead = math.prod(shape[:cut])
+        for k in range(1, len(out)):
+            if math.prod(out[:k]) == lead and math.prod(out[k:]) == math.prod(shape[cut:]):
+                if out[:k] == shape[:cut]:
+                    return None
+                return out[:k] + shape[cut:], k + d - cut
+    return None

@@ -106,7 +106,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         # (module, tensor, dim) of a parameter read by F.linear -> the first space its rows wrote
         self.param_outputs: dict[tuple[str, str, int | None], int] = {}
         # views of parameters, with where they ran: their shape may spell a width
-        self.param_views: dict[int, tuple[tuple, tuple]] = {}
+        self.param_views: dict[int, tuple[tuple, tuple, tuple]] = {}  # args, context, dims
         # shapes read from tracked tensors, by (code id, instruction): layout, channel axis,
         # number of axes and width
         self.shape_reads: dict[tuple[int, int], tuple[Layout, int, int, int]] = {}
@@ -185,8 +185,10 @@ class _Tracer(OpRules, TorchFunctionMode):
         if entry is None or entry[2][axis] is None:
             return False
         module_name, pname, dims = entry
-        if (view := self.param_views.get(id(t))) is not None:  # the width of this view's axis
-            self.note_literals(view[0], axis, t.shape[axis], layout, view[1])
+        view = self.param_views.get(id(t))
+        if view is not None and dims[axis] in view[2]:  # the width of the view's axis
+            at = view[2].index(dims[axis])
+            self.note_literals(view[0], at, t.shape[axis], layout, view[1])
         factor = self.param_factors.get(id(t), (1,) * t.dim())[axis]
         if factor > 1:  # the axis indexes heads of ``factor`` parameter entries each
             layout = tuple(Segment(s.space, s.factor * factor) for s in layout)
@@ -221,14 +223,29 @@ class _Tracer(OpRules, TorchFunctionMode):
         says which locals were read from a tensor's shape)."""
         if not self.stack:
             return None
-        frames = module_frames(self.running[-1])
         own = calling_frame()
+        owner = self.frame_owner(own)
+        if owner is not None:  # a method of a module not running (timm's rel_pos.get_bias())
+            frames = module_frames(owner)
+            source = expression_source(own)
+            return self.names[owner], names_in_use(frames), source, False, (source, own.f_code)
+        frames = module_frames(self.running[-1])
         passed = bool(frames) and own is not frames[0]
         where = own if passed and own is not None else frames[0] if frames else None
         source = expression_source(frames[0]) if frames else ""
         own_source = expression_source(where) if passed and where is not None else source
         code = where.f_code if where is not None else None
         return self.stack[-1], names_in_use(frames), source, passed, (own_source, code)
+
+    def frame_owner(self, frame: Any) -> nn.Module | None:
+        """The model's module whose method ``frame`` runs (its first argument), when that is
+        not the running module: the width read there is that module's to rewrite."""
+        if frame is None or not frame.f_code.co_argcount:
+            return None
+        first = frame.f_locals.get(frame.f_code.co_varnames[0])
+        if isinstance(first, nn.Module) and first in self.names and first is not self.running[-1]:
+            return first
+        return None
 
     def note_width(
         self,
@@ -272,7 +289,11 @@ class _Tracer(OpRules, TorchFunctionMode):
         """Note ``value`` when the reshape's shape argument spells it at ``axis`` (not -1)."""
         shape = [v for v in tree_flatten(list(args[1:]))[0] if not isinstance(v, torch.Tensor)]
         if len(shape) > axis and isinstance(shape[axis], int) and shape[axis] == value:
-            self.note_width(value, layout, context, at=(axis, len(shape)))
+            # a shape given whole (timm's ``view(self.bias_shape)``): an attribute may hold it
+            given = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else ()
+            whole = tuple(given) if given and all(type(v) is int for v in given) else ()
+            entry = axis if whole else -1
+            self.note_width(value, layout, context, at=(axis, len(shape)), sizes=whole, entry=entry)
 
     # -- torch calls -------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -365,8 +386,11 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.params[id(out)] = (entry[0], entry[1], dims)
         if name in ("view", "reshape") and (context := self.note_context()) is not None:
             # a width spelled in the view of a parameter (timm's layer scale,
-            # ``scale.view(self.shape)``) is noted once the parameter meets its channels
-            self.param_views[id(out)] = (args, context)
+            # ``scale.view(self.shape)``) is noted once the parameter meets its channels,
+            # maybe after a permute (timm's ``view(self.bias_shape).permute(2, 0, 1)``)
+            self.param_views[id(out)] = (args, context, dims)
+        elif (view := self.param_views.get(id(src))) is not None:
+            self.param_views[id(out)] = view
         if len(factors) == out.dim() and any(f > 1 for f in factors):
             self.param_factors[id(out)] = factors
 

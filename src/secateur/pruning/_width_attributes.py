@@ -266,7 +266,10 @@ def _int_sizes(value: Any) -> tuple[int, ...] | None:
 def _split_sizes_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int], edits: dict):
     """Rewrite the attributes holding a split's sizes whole (InceptionNeXt's ``split_indexes =
     (in_chs - 3 * gc, gc, gc, gc)``, FocalNet's ``input_split``), each entry the new width of
-    its piece; return the width notes so handled, whose entries no int attribute then takes."""
+    its piece; return the width notes so handled, whose entries no int attribute then takes.
+    A shape given whole to a reshape (timm's ``view(self.bias_shape)``, ``(window_area,
+    window_area, num_heads)``) has only its width's entry noted: the others stay, and the
+    int attributes behind that width (``num_heads``) are still rewritten."""
     splits: dict[tuple, dict[int, WidthAttribute]] = {}
     for attr in graph.attributes:
         if attr.sizes:
@@ -274,9 +277,10 @@ def _split_sizes_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]
             splits.setdefault(key, {})[attr.entry] = attr
     handled: set[WidthAttribute] = set()
     for (module_name, sizes, names, spelled), entries in splits.items():
-        if set(entries) != set(range(len(sizes))):
-            continue
-        new = tuple(entries[i].new_value(kept) for i in range(len(sizes)))
+        split = set(entries) == set(range(len(sizes)))
+        new = tuple(
+            entries[i].new_value(kept) if i in entries else size for i, size in enumerate(sizes)
+        )
         module = model.get_submodule(module_name)
         held = [
             n
@@ -285,9 +289,12 @@ def _split_sizes_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]
         ]
         if spelled and (named := [n for n in held if n in spelled]):
             held = named  # the split names it: others only hold the same sizes
+        elif not split:
+            held = []  # a shape: only one the reshape names
         if not held:
             continue
-        handled.update(entries.values())
+        if split:
+            handled.update(entries.values())
         if new == sizes:
             continue
         for name in held:
