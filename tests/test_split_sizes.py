@@ -166,3 +166,57 @@ def test_a_bad_sizes_edit_is_an_artifact_error(
     with pytest.raises(ArtifactError, match=match) as exc:
         load_model(path)
     assert "\n" not in str(exc.value)
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f block: one conv's output cut in two equal halves, by ``chunk(2, 1)`` or by
+    ``split((self.c, self.c), 1)``; each bottleneck reads the last piece, all are concatenated."""
+
+    def __init__(self, width: int, cut: str, n: int = 2) -> None:
+        super().__init__()
+        self.c, self.cut = width // 2, cut
+        self.cv1 = nn.Conv2d(width, 2 * self.c, 1)
+        self.cv2 = nn.Conv2d((2 + n) * self.c, width, 1)
+        self.m = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(self.c, self.c, 3, padding=1), nn.SiLU()) for _ in range(n)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv1(x)
+        pieces = list(y.chunk(2, 1) if self.cut == "chunk" else y.split((self.c, self.c), 1))
+        pieces.extend(m(pieces[-1]) for m in self.m)
+        return self.cv2(torch.cat(pieces, 1))
+
+
+def _yolo(cut: str) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        C2f(16, cut),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ).eval()
+
+
+@pytest.mark.parametrize("cut", ["chunk", "split"])
+def test_equal_halves_keep_equal_widths_under_a_global_ranking(cut: str) -> None:
+    torch.manual_seed(0)
+    model = _yolo(cut)
+    graph = build_dependency_graph(model, _x())
+    halves = [g for g in graph.groups if "1.cv1" in g.producers() and g.size == 8]
+    assert len(halves) == 1  # both halves of cv1's output: one group, sliced at two offsets
+    config = StructuredConfig(ratio=0.5, scope="global")
+    result = prune_(model, config, example_inputs=_x())
+    assert result.refused == ()
+    block = model[1]
+    assert block.cv1.out_channels == 2 * block.m[0][0].in_channels < 16
+    if cut == "split":  # the attribute the sizes were written with follows
+        assert block.c == block.m[0][0].in_channels
+    assert model(_x()).shape == (2, 4)
+
+
+@pytest.mark.parametrize("cut", ["chunk", "split"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_silenced_units_of_equal_halves_are_removed_exactly(cut: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    assert_silenced_removal_exact(_yolo(cut), _x(), seed)

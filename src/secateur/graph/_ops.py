@@ -318,6 +318,14 @@ class OpRules(AttentionRules, EinsumRule):
             return False
         sizes = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections")
         sized = name in ("split", "split_with_sizes")  # not chunk counts or tensor_split indices
+        for same in self._kept_equal(name, sizes, [t.shape[dim] for t in outs]):
+            merged: Layout | None = pieces[same[0]]
+            for i in same[1:]:
+                merged = self.unify(merged, pieces[i]) if merged is not None else None
+            if merged is None:
+                return False
+            for i in same:
+                pieces[i] = merged
         for i, (t, piece) in enumerate(zip(outs, pieces, strict=True)):
             self.set(t, piece, dim)
             if sized and isinstance(sizes, int):
@@ -328,6 +336,27 @@ class OpRules(AttentionRules, EinsumRule):
                 whole = tuple(sizes) if all(type(v) is int for v in sizes) else ()
                 self.note_width(sizes[i], piece, sizes=whole, entry=i if whole else -1)
         return True
+
+    def _kept_equal(self, name: str, sizes: object, widths: list[int]) -> list[list[int]]:
+        """Pieces of a split that must keep equal widths, as lists of their indices: all the
+        full pieces of ``chunk(n)`` or ``split(k)`` (YOLOv8's ``cv1(x).chunk(2, 1)``), whose
+        sizes follow from the total; the pieces of equal size in sizes written out in the call
+        (``split((self.c, self.c), 1)``), which may come from one attribute. Not sizes an
+        attribute holds whole (InceptionNeXt's ``split_indexes``): each entry is rewritten."""
+        if name == "chunk" or (name == "split" and isinstance(sizes, int)):
+            full = [i for i, w in enumerate(widths) if w == widths[0]]
+            return [full] if len(full) > 1 else []
+        if name not in ("split", "split_with_sizes") or not isinstance(sizes, (tuple, list)):
+            return []
+        held = self.running[-1] if self.running else None
+        if held is not None and any(
+            isinstance(v, (tuple, list)) and list(v) == list(sizes) for v in vars(held).values()
+        ):
+            return []
+        by_width: dict[int, list[int]] = {}
+        for i, w in enumerate(widths):
+            by_width.setdefault(w, []).append(i)
+        return [same for same in by_width.values() if len(same) > 1]
 
     def fresh_like(self, x, dim, out) -> bool:  # noqa: ANN001
         """``zeros_like(x)`` and kin: the same shape, none of x's values. The channel axis stays
