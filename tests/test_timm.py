@@ -13,6 +13,8 @@ timm = pytest.importorskip("timm")
 mlp_mixer = pytest.importorskip("timm.models.mlp_mixer")
 focalnet = pytest.importorskip("timm.models.focalnet")
 twins = pytest.importorskip("timm.models.twins")
+tiny_vit = pytest.importorskip("timm.models.tiny_vit")
+levit = pytest.importorskip("timm.models.levit")
 
 # name: (timm model, options, input size); each small enough to build and prune in ~0.1 s
 CASES = {
@@ -61,6 +63,25 @@ def _build(case: str) -> tuple[torch.nn.Module, torch.Tensor]:
     if case == "focalnet":  # its registered names fix the depths
         model = focalnet.FocalNet(num_classes=5, embed_dim=16, depths=(1, 1, 1, 1))
         return model.eval(), torch.randn(1, 3, 64, 64)
+    if case == "tiny_vit":  # attention biases gathered by a (N, N) index: heads go
+        model = tiny_vit.TinyVit(
+            num_classes=5,
+            embed_dims=(16, 32, 48, 64),
+            depths=(1, 1, 1, 1),
+            num_heads=(1, 2, 3, 4),
+            window_sizes=(2, 2, 2, 2),
+        )
+        return model.eval(), torch.randn(1, 3, 64, 64)
+    if case == "levit":
+        model = levit.Levit(
+            img_size=64,
+            num_classes=5,
+            embed_dim=(32, 48, 64),
+            key_dim=8,
+            num_heads=(2, 3, 4),
+            depth=(1, 1, 1),
+        )
+        return model.eval(), torch.randn(1, 3, 64, 64)
     if case == "twins":  # windows regrouped while q|k|v splits, in one reshape
         model = twins.Twins(
             img_size=32,
@@ -81,7 +102,7 @@ def _build(case: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(1, 3, size, size)
 
 
-ALL = [*CASES, "mixer", "resmlp", "focalnet", "twins"]
+ALL = [*CASES, "mixer", "resmlp", "focalnet", "twins", "tiny_vit", "levit"]
 # BEiT and EVA reshape the attention's output to the width of its input (``reshape(B, N,
 # C)``, C read from the input's shape): heads go only with as many hidden channels, which a
 # norm pools, in one group of the "hidden" kind; ConvNeXt-V2's response norm pools all its
@@ -96,8 +117,10 @@ def test_every_width_goes_and_nothing_is_refused(case: str) -> None:
     result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
     assert result.refused == ()
     kinds = {g.kind for g in result.graph.groups}
-    if case in ("vit", "swin"):
+    if case in ("vit", "swin", "tiny_vit"):
         assert kinds == {"channel", "head", "hidden"}
+    elif case == "levit":  # its attention's output is its own width (BatchNorm, no norm pools)
+        assert kinds == {"channel", "head"}
     elif case in TIED_TO_HIDDEN:  # one group: whole heads with as many hidden channels
         assert kinds == {"channel", "hidden"}
     assert sum(p.numel() for p in model.parameters()) < 0.4 * before

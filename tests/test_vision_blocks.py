@@ -11,7 +11,7 @@ from torch import nn
 
 from secateur import StructuredConfig, prune_
 from secateur.graph import build_dependency_graph
-from secateur.graph._shapes import regrouped_lead
+from secateur.graph._shapes import index_axes, regrouped_lead
 from structured_helpers import assert_silenced_removal_exact
 
 TOKENS, WIDTH = 5, 8
@@ -325,3 +325,15 @@ def test_silenced_heads_under_a_spatial_merge_are_removed_exactly(seed: int) -> 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 8), ChannelsLastAttention(8, 4, 2), nn.Linear(8, 2))
     assert_silenced_removal_exact(model.eval(), torch.randn(2, 2, 2, 3), seed)
+
+
+def test_index_axes_places_one_integer_tensor_index_where_its_axis_was() -> None:
+    idx = torch.zeros(4, 4, dtype=torch.long)
+    whole = slice(None)
+    # TinyViT's attention_biases[:, idxs]: heads stay first, the index's two axes follow
+    assert index_axes((3, 10), (whole, idx)) == [(0, whole), (1, ("tensor", 2))]
+    assert index_axes((3, 10, 5), (whole, idx)) == [(0, whole), (1, ("tensor", 2)), (3, whole)]
+    assert index_axes((3, 10), (whole, torch.tensor(2))) == [(0, whole), (-1, ("tensor", 0))]
+    assert index_axes((3, 10), (0, idx)) is None  # beside an int the axes move to the front
+    assert index_axes((3, 10), (whole, idx > 0)) is None
+    assert index_axes((3, 10), (idx, idx)) is None

@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 
 def follow_axis(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
     """Where axis ``d`` of shape ``src`` lands in ``dst`` when only size-1 axes were added or
@@ -71,16 +73,24 @@ def merge_run(src: Sequence[int], dst: Sequence[int]) -> tuple[int, int] | None:
 def index_axes(shape: Sequence[int], index: Any) -> list[tuple[int, Any]] | None:
     """For a ``tensor[index]``: per input axis, ``(output axis or -1 if removed, selector)``.
 
-    Selectors are ``slice`` objects, ints, or one list of ints (Falcon's ``qkv[:, :, :, [-2]]``:
-    a single advanced index keeps its axis in place). None for other advanced indexing (tensors,
-    bools, several lists, or a list beside an int, which moves the axes to the front).
+    Selectors are ``slice`` objects, ints, one list of ints (Falcon's ``qkv[:, :, :, [-2]]``:
+    a single advanced index keeps its axis in place), or one integer tensor, whose axes
+    take the indexed axis's place (TinyViT's ``attention_biases[:, idxs]`` with ``idxs`` of
+    shape (N, N)), given as ``("tensor", its number of axes)``. None for other advanced
+    indexing (bools, several lists or tensors, or one beside an int, which moves the axes to
+    the front).
     """
     items = list(index) if isinstance(index, tuple) else [index]
     lists = [i for i in items if isinstance(i, list)]
+    tensors = [i for i in items if isinstance(i, torch.Tensor)]
+    ints = any(isinstance(i, int) and not isinstance(i, bool) for i in items)
     if lists:
-        ints = any(isinstance(i, int) and not isinstance(i, bool) for i in items)
         plain = all(isinstance(v, int) and not isinstance(v, bool) for v in lists[0])
-        if len(lists) > 1 or ints or not plain:
+        if len(lists) > 1 or ints or tensors or not plain:
+            return None
+    if tensors:
+        t = tensors[0]
+        if len(tensors) > 1 or ints or t.is_floating_point() or t.dtype == torch.bool:
             return None
     explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
     out: list[tuple[int, Any]] = []
@@ -95,6 +105,9 @@ def index_axes(shape: Sequence[int], index: Any) -> list[tuple[int, Any]] | None
         elif isinstance(item, list):
             out.append((out_axis, item))
             out_axis += 1
+        elif isinstance(item, torch.Tensor):
+            out.append((out_axis if item.dim() else -1, ("tensor", item.dim())))
+            out_axis += item.dim()
         elif isinstance(item, bool) or not isinstance(item, (int, slice)):
             return None
         elif isinstance(item, int):

@@ -335,8 +335,15 @@ def apply_removals_(
     *,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Remove the given units of ``graph``'s groups and update the width attributes."""
+    """Remove the given units of ``graph``'s groups and update the width attributes. Modules
+    that cache tensors of their old widths and drop them on ``train()`` (timm's LeViT and
+    TinyViT attention biases) see ``train()`` called, so the caches go; every module keeps
+    its mode."""
     remove_units_(model, removals, optimizer=optimizer)
     index = {id(g): i for i, g in enumerate(graph.groups)}
     kept = {index[id(g)]: g.size - len(units) for g, units in removals}
     update_width_attributes(model, graph, kept)
+    modes = {m: m.training for m in model.modules()}
+    model.train(model.training)
+    for module, mode in modes.items():
+        module.training = mode
