@@ -42,6 +42,8 @@ CASES = {
         dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)),
         64,
     ),
+    # halo attention's views: dropping size-1 axes and regrouping the leading ones in turn
+    "halonet": ("halonet26t", dict(), 256),
     # the shortcut added in place to the first channels only (``x[:, :in_chs] += shortcut``)
     "rexnet": ("rexnet_100", dict(width_mult=0.5), 64),
 }

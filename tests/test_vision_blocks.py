@@ -337,3 +337,37 @@ def test_index_axes_places_one_integer_tensor_index_where_its_axis_was() -> None
     assert index_axes((3, 10), (0, idx)) is None  # beside an int the axes move to the front
     assert index_axes((3, 10), (whole, idx > 0)) is None
     assert index_axes((3, 10), (idx, idx)) is None
+
+
+class SharedEncoder(nn.Module):
+    """CoaT's layout: one position encoder owned by the model and handed to every block,
+    so it is registered under several paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpe = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"cpe": self.cpe, "fc": nn.Conv2d(8, 8, 1)}) for _ in range(2)
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block["fc"](block["cpe"](x))
+        return self.head(x)
+
+
+def test_tracing_leaves_a_module_registered_under_two_paths_with_its_own_tensors() -> None:
+    torch.manual_seed(0)
+    model, x = SharedEncoder().eval(), torch.randn(1, 3, 4, 4)
+    weights = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    with torch.no_grad():
+        expected = model(x)
+    build_dependency_graph(model, x)  # traced on meta tensors first
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert all(after[n] is p for n, p in weights.items())
+    assert not any(p.is_meta for p in after.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)

@@ -107,7 +107,9 @@ class OpRules(AttentionRules, EinsumRule):
             return False
         return self.pointwise(x, layout, dim, out)
 
-    def reshape(self, x, layout, dim, out, name, args) -> bool:  # noqa: ANN001
+    def reshape(self, x, layout, dim, out, name, args, tried=frozenset()) -> bool:  # noqa: ANN001
+        """``tried``: the fallbacks below already applied on the way here (each once: dropping
+        size-1 axes and regrouping leading axes would otherwise undo each other forever)."""
         if name in ("expand", "broadcast_to") and out.dim() >= x.dim():
             off = out.dim() - x.dim()
             if out.shape[dim + off] == x.shape[dim]:
@@ -134,12 +136,22 @@ class OpRules(AttentionRules, EinsumRule):
                 return False
         elif x.shape[dim] != 1 and (moved := intact_axis(x.shape, out.shape, dim)) is not None:
             self.set(out, layout, moved)  # other axes split or merged around the channels
-        elif name != "expand" and (squeezed := drop_ones(x.shape, dim)) is not None:
+        elif (
+            name != "expand"
+            and "drop" not in tried
+            and (squeezed := drop_ones(x.shape, dim)) is not None
+        ):
             # GPT-BigCode's view of (b, 1, t, heads * hd) as (b, t, heads, hd)
-            return self.reshape(ShapeOnly(squeezed[0]), layout, squeezed[1], out, name, args)
-        elif name != "expand" and (lead := regrouped_lead(x.shape, out.shape, dim)) is not None:
+            shape, at = ShapeOnly(squeezed[0]), squeezed[1]
+            return self.reshape(shape, layout, at, out, name, args, tried | {"drop"})
+        elif (
+            name != "expand"
+            and "lead" not in tried
+            and (lead := regrouped_lead(x.shape, out.shape, dim)) is not None
+        ):
             # leading axes regrouped while the channels' run splits or merges (Twins' windows)
-            return self.reshape(ShapeOnly(lead[0]), layout, lead[1], out, name, args)
+            shape, at = ShapeOnly(lead[0]), lead[1]
+            return self.reshape(shape, layout, at, out, name, args, tried | {"lead"})
         else:
             return False
         if name in ("view", "reshape"):

@@ -12,13 +12,13 @@ ViT position embedding, a ConvNeXt layer scale) become members of the space they
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -823,8 +823,8 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
 
 def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> Trace:
     state: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}
     if meta:
-        copies: dict[int, torch.Tensor] = {}
         named = [
             *model.named_parameters(remove_duplicate=False),
             *model.named_buffers(remove_duplicate=False),
@@ -846,11 +846,8 @@ def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> T
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tracer:
-            if meta:
-                out = functional_call(model, state, args, kwargs, tie_weights=False)
-            else:
-                out = model(*args, **kwargs)
+        with torch.no_grad(), tracer, _on_meta(model, copies):
+            out = model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -861,6 +858,25 @@ def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> T
         if info is not None:
             tracer.table.block_layout(info[0], "model output")
     return Trace(tracer.table, tracer.notes, output_shapes(out))
+
+
+@contextlib.contextmanager
+def _on_meta(model: nn.Module, copies: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Run with every parameter and buffer that has a meta copy swapped for it, each module
+    once, and put the originals back. Not ``functional_call``: it swaps by path, and a module
+    registered under two paths (CoaT's shared position encoders) got a meta tensor back."""
+    swapped = []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is not None and id(t) in copies:
+                    swapped.append((store, name, t))
+                    store[name] = copies[id(t)]
+    try:
+        yield
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
 
 
 def _to_meta(value: Any) -> Any:
