@@ -7,8 +7,8 @@ Layout for ``save_model(model, "out/pruned.safetensors")``:
   ``"edits"`` when the architecture was changed beyond widths, e.g.
   ``"edits": {"skipped": ["layer1.2"]}`` for blocks that depth pruning replaced by ``Skip``, or
   ``"edits": {"attributes": {"transformer.h.0.attn": {"split_size": 32}}}`` for module attributes
-  that structural pruning tied to a pruned width (a list for a split's sizes held whole:
-  ``{"split_indexes": [40, 8, 8, 8]}``), or
+  that structural pruning tied to a pruned width (a list for split sizes or a shape held
+  whole: ``{"split_indexes": [40, 8, 8, 8]}``), or
   ``"edits": {"attention": {"encoder.layers.0.self_attention": {"num_heads": 3}}}`` for
   ``nn.MultiheadAttention`` modules that structural pruning switched to
   ``PrunedMultiheadAttention`` (whole heads removed, or the hidden size pruned: the loader

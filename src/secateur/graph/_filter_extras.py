@@ -21,6 +21,8 @@ from ._spaces import Layout, SpaceTable
 STANDARDISING = {
     *("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"),
     *("var_mean", "std_mean", "var", "std", "mean"),
+    *("normalize", "norm", "vector_norm", "linalg_vector_norm", "_weight_norm"),
+    "norm_except_dim",
 }
 
 
@@ -45,12 +47,15 @@ def add_filter_extras(
     standardised: bool,
 ) -> None:
     """Make ``module``'s per-filter tensors members of the space its filters write, and mark
-    the channels it reads as pooled when it standardises its weight over them. A tensor of any
-    other shape (more than one value, not one per filter) leaves both spaces whole: the
-    surgery would not know how to cut it."""
+    the channels it reads as pooled when it standardises its weight over them. A tensor is
+    taken as per filter only when shaped as the weight with one value per filter (NFNet's
+    gain, ``(out, 1, 1, 1)``); any other of more than one value (a ``(channels,)`` vector
+    may scale the inputs as well as the filters) leaves both spaces whole: the surgery
+    would not know how to cut it."""
     filters = module.out_channels
+    per_filter = (filters,) + (1,) * (module.weight.dim() - 1)
     for tensor_name, t in own_tensors(module):
-        if t.dim() >= 1 and t.shape[0] == filters and t.numel() == filters:
+        if tuple(t.shape) == per_filter:
             table.add_member(writes, name, "param", tensor=tensor_name, dim=0)
         elif t.numel() > 1:
             reason = f"{name}.{tensor_name} of shape {tuple(t.shape)} is not one value per filter"

@@ -96,7 +96,8 @@ class WidthAttribute:
     code spelled in the call can have carried the width there. ``from_shape``: the entry at
     the width's axis is made of locals read from a tensor's shape (``B, N, C = x.shape``); it
     follows the pruned width by itself and no attribute is its source. ``sizes``: the split
-    sizes the width was entry ``entry`` of; an attribute holding them all is rewritten whole."""
+    sizes, or the shape given whole to a reshape, the width was entry ``entry`` of; an
+    attribute holding them all that the call names is rewritten whole."""
 
     module_name: str
     value: int
@@ -106,7 +107,7 @@ class WidthAttribute:
     spelled_at: frozenset[str] | None = None  # the identifiers at the width's own shape entry
     passed: bool = False  # the reshape ran in a function the module's code called
     from_shape: bool = False  # the entry at its axis is read from a tensor's shape
-    sizes: tuple[int, ...] = ()  # a split's sizes, the width being entry ``entry``
+    sizes: tuple[int, ...] = ()  # a split's sizes or a whole shape; the width is ``entry``
     entry: int = -1
 
     def new_value(self, kept: Mapping[int, int]) -> int:

@@ -425,14 +425,14 @@ class OpRules(AttentionRules, EinsumRule):
         if self._bounds(la) != self._bounds(lb):
             if self._width(la) != self._width(lb):
                 return None
-            cuts = sorted(self._bounds(la) | self._bounds(lb))
+            cuts = sorted(set(self._bounds(la)) | set(self._bounds(lb)))
             pieces_a, pieces_b = self.split_layout(la, cuts), self.split_layout(lb, cuts)
             if pieces_a is None or pieces_b is None:
                 return None
             la = tuple(s for p in pieces_a for s in p)
             lb = tuple(s for p in pieces_b for s in p)
-            if self._bounds(la) != self._bounds(lb):
-                return None
+        if self._bounds(la) != self._bounds(lb):
+            return None  # a segment of no width, or pieces that came out cut otherwise
         merged = []
         for a, b in zip(la, lb, strict=True):
             if a.factor == b.factor:
@@ -497,12 +497,13 @@ class OpRules(AttentionRules, EinsumRule):
         axes = free or {at for _, at in whole}
         return axes.pop() if len(axes) == 1 else None
 
-    def _bounds(self, layout: Layout) -> set[int]:
-        """Feature positions where one segment of the layout ends and the next begins."""
-        bounds, offset = set(), 0
+    def _bounds(self, layout: Layout) -> list[int]:
+        """Feature positions where one segment of the layout ends and the next begins, in
+        order (a segment of no width repeats its position)."""
+        bounds, offset = [], 0
         for seg in layout[:-1]:
             offset += self.table.sizes[self.table.find(seg.space)] * seg.factor
-            bounds.add(offset)
+            bounds.append(offset)
         return bounds
 
     def _width(self, layout: Layout) -> int:

@@ -149,8 +149,9 @@ def regrouped_lead(
     """A reshape that regroups the axes before axis ``d``'s run while it also splits or merges
     that run (Twins' ``reshape(B, _h * _w, ws * ws, 3, heads, hd)`` of ``(B, _h, _w, ws, ws,
     3C)``): the shape after regrouping only the leading axes as ``out``'s, and where ``d``
-    lands there; the rest is a split or merge of the tail alone. None when no cut before
-    ``d`` leaves equal products on both sides, or when the leading axes already agree."""
+    lands there, for the other reshape rules to follow the tail from. None when no cut
+    before ``d`` leaves equal products on both sides, or when the leading axes already
+    agree."""
     shape, out = tuple(shape), tuple(out)
     for cut in range(d, 0, -1):
         lead = math.prod(shape[:cut])

@@ -239,13 +239,18 @@ class _Tracer(OpRules, TorchFunctionMode):
 
     def frame_owner(self, frame: Any) -> nn.Module | None:
         """The model's module whose method ``frame`` runs (its first argument), when that is
-        not the running module: the width read there is that module's to rewrite."""
+        not the running module and the expression at hand reads that module's own attributes
+        (``view(self.bias_shape)``): the width read there is that module's to rewrite. A width
+        the method was handed (``x.view(b, t, heads, -1)``) came from its caller's code."""
         if frame is None or not frame.f_code.co_argcount:
             return None
-        first = frame.f_locals.get(frame.f_code.co_varnames[0])
-        if isinstance(first, nn.Module) and first in self.names and first is not self.running[-1]:
-            return first
-        return None
+        me = frame.f_code.co_varnames[0]
+        first = frame.f_locals.get(me)
+        if not isinstance(first, nn.Module) or first not in self.names:
+            return None
+        if first is self.running[-1] or f"{me}." not in expression_source(frame):
+            return None
+        return first
 
     def note_width(
         self,

@@ -42,7 +42,9 @@ class WidthNote:
     # (``B, N, C = x.shape``): it follows the pruned width by itself
     from_shape: bool = False
     # the width is entry ``entry`` of the sizes a split was given (InceptionNeXt's
-    # ``split(x, self.split_indexes)``): an attribute holding all of ``sizes`` is rewritten whole
+    # ``split(x, self.split_indexes)``) or of a shape a reshape was given whole (timm's
+    # ``view(self.bias_shape)``): an attribute holding all of ``sizes`` that the call names
+    # is rewritten whole
     sizes: tuple[int, ...] = ()
     entry: int = -1
 

@@ -268,8 +268,10 @@ def _split_sizes_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]
     (in_chs - 3 * gc, gc, gc, gc)``, FocalNet's ``input_split``), each entry the new width of
     its piece; return the width notes so handled, whose entries no int attribute then takes.
     A shape given whole to a reshape (timm's ``view(self.bias_shape)``, ``(window_area,
-    window_area, num_heads)``) has only its width's entry noted: the others stay, and the
-    int attributes behind that width (``num_heads``) are still rewritten."""
+    window_area, num_heads)``) has only its width's entry noted: the others stay. Only an
+    attribute the call names is taken (when the source is not at hand, a split's sizes
+    held by one attribute alone); sizes spelled otherwise (``split(x, [self.a, self.b])``)
+    leave their notes to the int attributes."""
     splits: dict[tuple, dict[int, WidthAttribute]] = {}
     for attr in graph.attributes:
         if attr.sizes:
@@ -287,14 +289,13 @@ def _split_sizes_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]
             for n, v in vars(module).items()
             if not n.startswith("_") and _int_sizes(v) == sizes and (not names or n in names)
         ]
-        if spelled and (named := [n for n in held if n in spelled]):
-            held = named  # the split names it: others only hold the same sizes
-        elif not split:
-            held = []  # a shape: only one the reshape names
+        if named := [n for n in held if n in spelled]:
+            held = named  # the call names it: others only hold the same sizes
+        elif spelled or not split:
+            held = []  # the call spells its sizes otherwise (``[self.a, self.b]``)
         if not held:
             continue
-        if split:
-            handled.update(entries.values())
+        handled.update(entries.values())
         if new == sizes:
             continue
         for name in held:

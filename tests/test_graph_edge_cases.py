@@ -1,0 +1,178 @@
+"""Edge cases of the channel rules and width attributes, each once a wrong or crashing
+prune: a concat holding a piece of no width added to a cut layout, a width handed to a helper
+module's method, a conv's tensor that may scale its inputs, a shape attribute beside an int of
+the same value, and split sizes spelled entry by entry beside a tuple holding them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateur import StructuredConfig, prune_
+from secateur.graph import build_dependency_graph
+from structured_helpers import assert_silenced_removal_exact
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+
+
+class EmptyPiece(nn.Module):
+    """``cat([a, a[:, :0], b])`` (an optional slice configured off) plus a layout cut in two
+    halves: equal cuts, but one layout has a segment of no width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+        self.n_extra = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        y = torch.cat([a, a[:, : self.n_extra], self.b(x)], 1)
+        z = self.c(x)
+        return self.head(y + torch.cat([z[:, :4], z[:, 4:]], 1))
+
+
+def test_a_piece_of_no_width_in_an_add_blocks_instead_of_crashing() -> None:
+    graph = build_dependency_graph(EmptyPiece().eval(), _x())
+    assert graph.groups == ()
+    assert any("has no channel rule" in reason for _, reason in graph.blocked)
+
+
+class Heads(nn.Module):
+    """A helper module whose methods split and merge heads; never run as a module."""
+
+    def split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, heads, -1).transpose(1, 2)
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = x.shape
+        return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+class HandedHeads(nn.Module):
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.heads = Heads()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q = self.heads.split(q, self.num_heads)
+        k = self.heads.split(k, self.num_heads)
+        v = self.heads.split(v, self.num_heads)
+        return self.proj(self.heads.merge(F.scaled_dot_product_attention(q, k, v)))
+
+
+def _handed() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), HandedHeads(), nn.Linear(16, 3)).eval()
+
+
+def test_a_width_handed_to_a_helper_method_is_the_callers_attribute() -> None:
+    torch.manual_seed(0)
+    model, x = _handed(), torch.randn(2, 5, 8)
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    attn = model[1]
+    assert attn.num_heads * 4 == attn.qkv.out_features // 3 < 16
+    assert model.secateur_attributes == {"1": {"num_heads": attn.num_heads}}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_silenced_heads_handed_to_a_helper_are_removed_exactly(seed: int) -> None:
+    torch.manual_seed(seed)
+    assert_silenced_removal_exact(_handed(), torch.randn(2, 5, 8), seed)
+
+
+class InputScaledConv(nn.Conv2d):
+    """A square conv with one value per input channel: ``(C,)`` could be either side."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c, c, 3, padding=1)
+        self.in_scale = nn.Parameter(torch.rand(c) * 4 + 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.in_scale[:, None, None])
+
+
+def test_a_conv_tensor_not_shaped_per_filter_leaves_the_layer_whole() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        InputScaledConv(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    ).eval()
+    graph = build_dependency_graph(model, _x())
+    assert [g.producers() for g in graph.groups] == [["4"]]
+    reason = "2.in_scale of shape (8,) is not one value per filter"
+    assert sorted(r for _, r in graph.blocked if "in_scale" in r) == [reason, reason]
+
+
+class ScaledPool(nn.Module):
+    """A layer scale viewed to a shape attribute, beside an int that equals the width."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.tokens = dim
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(self.shape)
+
+
+def test_a_shape_attribute_is_rewritten_and_an_int_of_the_same_value_is_not() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        ScaledPool(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    ).eval()
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=_x())
+    assert model[1].shape == (4, 1, 1) and model[1].tokens == 8
+    assert model.secateur_attributes == {"1": {"shape": [4, 1, 1]}}
+
+
+class SpelledSplit(nn.Module):
+    """``split(x, [self.a, self.b])`` in a module that also holds ``(a, b)`` for another use."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+        self.out_sizes = (a, b)
+        self.dw = nn.Conv2d(a, a, 3, padding=1, groups=a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, q = torch.split(x, [self.a, self.b], dim=1)
+        assert len(self.out_sizes) == 2
+        return torch.cat([self.dw(p), q], 1)
+
+
+def test_sizes_spelled_entry_by_entry_rewrite_their_ints_not_a_tuple_of_the_same_value() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        SpelledSplit(10, 6),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 2),
+    ).eval()
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=_x())
+    assert result.refused == ()
+    mix = model[1]
+    assert (mix.a, mix.b) == (mix.dw.in_channels, model[0].out_channels - mix.dw.in_channels)
+    assert mix.a < 10 and mix.out_sizes == (10, 6)
+    assert model(_x()).shape == (2, 2)
