@@ -61,6 +61,8 @@ MODELS = [
     "davit_tiny",
     "efficientformer_l1",
     "mobilevit_xxs",
+    "coat_lite_tiny",  # position encoders shared by every block
+    "halonet26t",  # halo (blocked local) attention
     # convolutional
     "resnet50d",
     "resnext26ts",
@@ -85,6 +87,8 @@ MODELS = [
     "cspdarknet53",
     "vovnet39a",
     "nfnet_l0",
+    "resnetv2_50x1_bit",  # BiT: weight-standardised convs
+    "ecaresnet26t",  # efficient channel attention: a Conv1d along the channels
     "convnext_atto",
     "convnextv2_atto",
     "inception_next_tiny",

@@ -220,3 +220,45 @@ def test_equal_halves_keep_equal_widths_under_a_global_ranking(cut: str) -> None
 def test_silenced_units_of_equal_halves_are_removed_exactly(cut: str, seed: int) -> None:
     torch.manual_seed(seed)
     assert_silenced_removal_exact(_yolo(cut), _x(), seed)
+
+
+class CrossStage(nn.Module):
+    """CSPDarknet's stage: the expanded channels cut in halves by ``split(self.expand_chs //
+    2)``; no attribute holds the half itself."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.expand_chs = 2 * width
+        self.conv_exp = nn.Conv2d(width, self.expand_chs, 1)
+        self.block = nn.Conv2d(width, width, 3, padding=1)
+        self.transition = nn.Conv2d(self.expand_chs, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = self.conv_exp(x).split(self.expand_chs // 2, dim=1)
+        return self.transition(torch.cat([xs, torch.relu(self.block(xb))], dim=1))
+
+
+def _csp() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        CrossStage(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    ).eval()
+
+
+def test_an_attribute_holding_a_multiple_of_the_split_size_is_scaled() -> None:
+    torch.manual_seed(0)
+    model = _csp()
+    result = prune_(model, StructuredConfig(ratio=0.5, scope="global"), example_inputs=_x())
+    assert result.refused == ()
+    stage = model[1]
+    assert stage.expand_chs == stage.conv_exp.out_channels == 2 * stage.block.in_channels < 16
+    assert model.secateur_attributes["1"] == {"expand_chs": stage.expand_chs}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_silenced_units_of_the_scaled_halves_are_removed_exactly(seed: int) -> None:
+    torch.manual_seed(seed)
+    assert_silenced_removal_exact(_csp(), _x(), seed)

@@ -341,7 +341,7 @@ class OpRules(AttentionRules, EinsumRule):
         for i, (t, piece) in enumerate(zip(outs, pieces, strict=True)):
             self.set(t, piece, dim)
             if sized and isinstance(sizes, int):
-                self.note_width(sizes, piece)
+                self.note_width(sizes, piece, sizes=(sizes,), entry=0)  # one size for all
             elif sized and isinstance(sizes, (tuple, list)) and isinstance(sizes[i], int):
                 # GPT-BigCode's (embed_dim, kv_dim, kv_dim); all of them at once when an
                 # attribute holds the sizes (InceptionNeXt's split_indexes)

@@ -44,7 +44,7 @@ class WidthNote:
     # the width is entry ``entry`` of the sizes a split was given (InceptionNeXt's
     # ``split(x, self.split_indexes)``) or of a shape a reshape was given whole (timm's
     # ``view(self.bias_shape)``): an attribute holding all of ``sizes`` that the call names
-    # is rewritten whole
+    # is rewritten whole; ``(width,)`` for the one size of ``split(k)``
     sizes: tuple[int, ...] = ()
     entry: int = -1
 

@@ -304,6 +304,25 @@ def _split_sizes_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]
     return handled
 
 
+def _scaled_one(values: dict[str, int], attr: WidthAttribute, new: int) -> dict[str, int]:
+    """When no attribute holds the width a split was given as its one size (noted with
+    ``sizes == (width,)``): the one int attribute the call spells that holds a multiple of
+    it (CSPDarknet's ``split(self.expand_chs // 2)``), scaled to the new width; else none.
+    Not for slices or reshapes, whose bounds may be any sum of widths."""
+    if len(attr.sizes) != 1 or attr.value <= 0:
+        return {}
+    scaled = {
+        name: new * (value // attr.value)
+        for name, value in values.items()
+        if "." not in name
+        and name in attr.spelled
+        and value > attr.value
+        and value % attr.value == 0
+        and (not attr.names or name in attr.names)
+    }
+    return scaled if len(scaled) == 1 else {}
+
+
 def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:
     """Set the attributes behind ``graph.attributes`` to the widths left by ``kept`` (units
     kept per group index) and record them in ``model.secateur_attributes``."""
@@ -337,6 +356,8 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
             if width is not None:
                 (same if value == attr.value else counts)[name] = width
         same = _spelled_ones(same, attr)
+        if not same and not counts:
+            same = _scaled_one(values, attr, new)
         for name, width in {**counts, **same}.items():
             set_width_attribute(module, name, width)
             edits.setdefault(attr.module_name, {})[name] = width
