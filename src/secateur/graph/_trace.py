@@ -224,20 +224,26 @@ class _Tracer(OpRules, TorchFunctionMode):
         if not self.stack:
             return None
         own = calling_frame()
-        owner = self.frame_owner(own)
+        own_source = expression_source(own) if own is not None else ""
+        owner = self.frame_owner(own, own_source)
         if owner is not None:  # a method of a module not running (timm's rel_pos.get_bias())
             frames = module_frames(owner)
-            source = expression_source(own)
-            return self.names[owner], names_in_use(frames), source, False, (source, own.f_code)
+            context = (own_source, own.f_code)
+            return self.names[owner], names_in_use(frames), own_source, False, context
         frames = module_frames(self.running[-1])
         passed = bool(frames) and own is not frames[0]
         where = own if passed and own is not None else frames[0] if frames else None
-        source = expression_source(frames[0]) if frames else ""
-        own_source = expression_source(where) if passed and where is not None else source
+        if not frames:
+            source = ""
+        elif frames[0] is own:
+            source = own_source  # the op runs in the module's own code: read once
+        else:
+            source = expression_source(frames[0])
+        own_source = own_source if passed and where is not None else source
         code = where.f_code if where is not None else None
         return self.stack[-1], names_in_use(frames), source, passed, (own_source, code)
 
-    def frame_owner(self, frame: Any) -> nn.Module | None:
+    def frame_owner(self, frame: Any, source: str) -> nn.Module | None:
         """The model's module whose method ``frame`` runs (its first argument), when that is
         not the running module and the expression at hand reads that module's own attributes
         (``view(self.bias_shape)``): the width read there is that module's to rewrite. A width
@@ -248,7 +254,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         first = frame.f_locals.get(me)
         if not isinstance(first, nn.Module) or first not in self.names:
             return None
-        if first is self.running[-1] or f"{me}." not in expression_source(frame):
+        if first is self.running[-1] or f"{me}." not in source:
             return None
         return first
 
@@ -263,7 +269,7 @@ class _Tracer(OpRules, TorchFunctionMode):
     ) -> None:
         """Note that ``value`` was read as the width of ``layout``; ``at`` is ``(axis, ndim)``
         when it was entry ``axis`` of a shape of ``ndim`` entries; ``sizes`` and ``entry`` when
-        it was entry ``entry`` of a split's ``sizes``."""
+        it was entry ``entry`` of a split's sizes or of a shape given whole."""
         if (context := context or self.note_context()) is not None:
             module_name, names, source, passed, (own_source, code) = context
             shaped = shape_locals(code) if code is not None else {}
