@@ -16,6 +16,7 @@ from secateur.errors import ArtifactError, ConfigError
 from secateur.export import export_onnx
 from secateur.measure import OnnxRunner
 from secateur.quantization import QuantMode, quantize_dynamic_torch, quantize_onnx
+from secateur.quantization._onnx_int8 import cpu_needs_reduce_range
 from secateur.training import TrainConfig, evaluate, fit
 
 pytest.importorskip("onnxruntime")
@@ -165,3 +166,40 @@ def test_pre_processing_runs_on_a_relative_path(tmp_path, monkeypatch) -> None:
     prepared = _pre_process(_modules()[1], Path("m.onnx"), folder)
     assert prepared == (folder / "pre.onnx").resolve() and prepared.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "work"]
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "needed"),
+    [
+        ("x86_64", "fpu sse avx2 fma", True),  # AVX2 only: u8s8 sums saturate
+        ("x86_64", "fpu avx2 avx512f avx512_vnni", False),
+        ("x86_64", "fpu avx2 avx_vnni", False),
+        ("aarch64", "fp asimd asimddp", False),
+    ],
+)
+def test_weights_keep_to_7_bits_only_on_x86_without_vnni(
+    monkeypatch, machine: str, flags: str, needed: bool
+) -> None:
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    cpuinfo = f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n"
+    assert cpu_needs_reduce_range(cpuinfo) is needed
+
+
+def test_reduce_range_stores_7_bit_weights(tmp_path, trained) -> None:  # noqa: ANN001
+    import onnx
+    from onnx import numpy_helper
+
+    _, fp32 = trained
+    widest = {}
+    for reduce in (False, True):
+        out = quantize_onnx(fp32, tmp_path / f"q{reduce}.onnx", reduce_range=reduce)
+        weights = [
+            numpy_helper.to_array(t).astype(np.int32)
+            for t in onnx.load(str(out)).graph.initializer
+            if t.name.endswith("_quantized")
+        ]
+        assert weights
+        widest[reduce] = max(int(np.abs(w).max()) for w in weights)
+    assert widest[False] > 64 and widest[True] <= 64

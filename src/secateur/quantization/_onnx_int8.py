@@ -9,6 +9,12 @@ Two modes:
   of each tensor), written in QDQ format (QuantizeLinear/DequantizeLinear pairs around int8
   tensors, the form ONNX Runtime fuses into int8 kernels), int8 activations and int8 weights.
 
+Weights are quantized to 7 bits (``reduce_range``) where the CPU has no VNNI int8 dot product
+(x86 with AVX2 or AVX-512 only): ONNX Runtime's u8s8 kernels there sum pairs of products in
+16 bits, which saturate with full 8-bit weights. Measured on an AVX2-only EPYC (the tests'
+models): a pruned LeNet-5's static int8 agreed with fp32 on 83% of the test digits with 8-bit
+weights and on 99% with 7-bit ones; a small Mixtral's dynamic int8 logits moved by 8.3% and 2.1%.
+
 The file is first run through ``quant_pre_process`` (symbolic shape inference and graph
 optimisation), as ONNX Runtime recommends; if that fails for a graph, quantization proceeds on
 the original file.
@@ -20,6 +26,7 @@ import contextlib
 import enum
 import itertools
 import os
+import platform
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +47,28 @@ class QuantMode(str, enum.Enum):
 
     DYNAMIC = "dynamic"
     STATIC = "static"
+
+
+_VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def cpu_needs_reduce_range(cpuinfo: str | None = None) -> bool:
+    """Whether int8 weights should keep to 7 bits on this machine: an x86 CPU without VNNI.
+
+    ``cpuinfo`` is the text of ``/proc/cpuinfo`` (read when ``None``); where it cannot be
+    read, an x86 CPU is assumed to lack VNNI (7-bit weights cost little accuracy, saturation
+    much) and any other (ARM's int8 dot products do not saturate) to need nothing."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return True
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return not _VNNI_FLAGS & set(line.partition(":")[2].split())
+    return True
 
 
 def _modules() -> tuple[Any, Any]:
@@ -137,6 +166,7 @@ def quantize_onnx(
     per_channel: bool = True,
     input_name: str | None = None,
     max_batches: int | None = DEFAULT_MAX_BATCHES,
+    reduce_range: bool | None = None,
 ) -> Path:
     """Write an int8-quantized copy of the ONNX file ``src`` to ``dst`` (atomically).
 
@@ -153,6 +183,10 @@ def quantize_onnx(
         input_name: the graph input that bare tensor batches feed; default its first input.
         max_batches: at most this many calibration batches are read (``None``: all); the
             min/max calibrator holds every activation of every batch in memory.
+        reduce_range: quantize weights to 7 bits, for x86 CPUs without VNNI, where full 8-bit
+            weights saturate ONNX Runtime's int8 kernels; ``None`` (default) decides by this
+            machine's CPU (:func:`cpu_needs_reduce_range`). Quantizing for another machine,
+            set it for that one.
 
     Returns:
         ``dst`` as a ``Path``; the file loads in ``secateur.measure.OnnxRunner``.
@@ -196,6 +230,7 @@ def quantize_onnx(
             f"input_name={input_name!r} is not a graph input: use one of {', '.join(names)}"
         )
     ensure_writable_dir(target.parent)
+    reduce = cpu_needs_reduce_range() if reduce_range is None else bool(reduce_range)
     with tempfile.TemporaryDirectory(prefix="secateur-quant-") as tmp:
         folder = Path(tmp)
         prepared = _pre_process(ortq, source, folder)
@@ -207,6 +242,7 @@ def quantize_onnx(
                     str(out),
                     per_channel=per_channel,
                     weight_type=ortq.QuantType.QInt8,
+                    reduce_range=reduce,
                 )
             else:
                 feeds = _feeds(calibration, names, input_name, max_batches)
@@ -224,6 +260,7 @@ def quantize_onnx(
                     per_channel=per_channel,
                     activation_type=ortq.QuantType.QInt8,
                     weight_type=ortq.QuantType.QInt8,
+                    reduce_range=reduce,
                 )
         except ConfigError:
             raise
