@@ -13,6 +13,7 @@ PRODUCERS = {
     "conv1d_out",
     "convT_out",
     "grouped_out",
+    "pergroup_out",
     "depthwise",
     "norm",
     "layernorm",
@@ -42,7 +43,7 @@ def silence_(model: nn.Module, group: Group, units: torch.Tensor) -> None:
         if member.role not in PRODUCERS:
             continue
         module = model.get_submodule(member.module_name)
-        idx = group.feature_indices(member, units)
+        idx = group.slice_indices(member, units)
         for name, dim in member_slices(member):
             tensor = getattr(module, name, None)
             if tensor is not None and (

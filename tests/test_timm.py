@@ -46,6 +46,9 @@ CASES = {
     "halonet": ("halonet26t", dict(), 256),
     # the shortcut added in place to the first channels only (``x[:, :in_chs] += shortcut``)
     "rexnet": ("rexnet_100", dict(width_mult=0.5), 64),
+    # grouped 3x3 convs: every group keeps as many channels as the others
+    "resnext": ("resnext26ts", dict(), 64),
+    "regnetz": ("regnetz_b16", dict(), 64),
 }
 HEADS = {"vit": 3, "beit": 12, "eva02": 4}  # default head counts where not given
 

@@ -12,7 +12,11 @@ Layout for ``save_model(model, "out/pruned.safetensors")``:
   ``"edits": {"attention": {"encoder.layers.0.self_attention": {"num_heads": 3}}}`` for
   ``nn.MultiheadAttention`` modules that structural pruning switched to
   ``PrunedMultiheadAttention`` (whole heads removed, or the hidden size pruned: the loader
-  rebuilds them with that head count, their ``head_dim`` unchanged); plus ``"tied"`` when
+  rebuilds them with that head count, their ``head_dim`` unchanged), and
+  ``"edits": {"groups": {"layer1.0.conv2": 32}}`` for every grouped conv (structural pruning
+  shrinks each group of a ResNeXt conv alike but removes whole groups of a depthwise one: the
+  loader gives each its saved count; a file without it was written before grouped convs
+  shrank per group, when whole groups went); plus ``"tied"`` when
   parameters are shared, e.g. ``"tied": {"lm_head.weight": "transformer.wte.weight"}``: the
   weights file holds a shared tensor once, under its first state-dict name, and loading shares
   it again.
@@ -128,6 +132,30 @@ def _apply_attributes(model: nn.Module, edits: Any) -> None:
     model.secateur_attributes = {m: dict(attrs) for m, attrs in edits.items()}
 
 
+def _groups(model: nn.Module) -> dict[str, int]:
+    return {
+        name: int(m.groups)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd)
+        and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+        and m.groups > 1
+    }
+
+
+def _apply_groups(model: nn.Module, edits: Any) -> None:
+    """Check the saved group counts; ``rebuild_model`` hands them to the resize."""
+    if not isinstance(edits, dict):
+        raise ValueError("'groups' must map conv names to their group count")
+    built = _groups(model)
+    for name, count in edits.items():
+        if name not in built:
+            raise ValueError(f"groups edit names {name!r}, which is no grouped conv of the model")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= built[name]:
+            raise ValueError(
+                f"groups edit {name!r} = {count!r}: must be an integer from 1 to {built[name]}"
+            )
+
+
 def _attention(model: nn.Module) -> dict[str, dict[str, int]]:
     return {
         name: {"num_heads": int(m.num_heads)}
@@ -169,6 +197,7 @@ _EDITS: dict[str, tuple[Callable[[nn.Module], Any], Callable[[nn.Module, Any], N
     "skipped": (skipped_modules, _apply_skipped),
     "attributes": (_attributes, _apply_attributes),
     "attention": (_attention, _apply_attention),
+    "groups": (_groups, _apply_groups),
 }
 
 
@@ -361,7 +390,8 @@ def rebuild_model(
         raise ArtifactError(f"checkpoint {source} has a bad manifest ({exc}): {_FIX}") from None
     state = {**tensors, **{alias: tensors[source_name] for alias, source_name in tied.items()}}
     try:
-        resize_to_state_(model, state)  # structurally pruned widths come from the tensors
+        # structurally pruned widths come from the tensors
+        resize_to_state_(model, state, manifest.get("edits", {}).get("groups"))
         _match_dtypes_(model, state)  # a half-precision model reloads in half precision
         _retie_(model, tied)
         model.load_state_dict(state, strict=True)

@@ -1,5 +1,6 @@
 """graph/: trace a model once and find the groups of coupled channels (knows nothing of scores)."""
 
+from ._filter_extras import can_shrink_per_group as can_shrink_per_group
 from ._groups import KINDS as KINDS
 from ._groups import ROLE_SLICES as ROLE_SLICES
 from ._groups import DependencyGraph as DependencyGraph
@@ -17,5 +18,6 @@ __all__ = [
     "Member",
     "WidthAttribute",
     "build_dependency_graph",
+    "can_shrink_per_group",
     "member_slices",
 ]

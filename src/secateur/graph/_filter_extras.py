@@ -26,6 +26,19 @@ STANDARDISING = {
 }
 
 
+def can_shrink_per_group(module: nn.Module) -> bool:
+    """Whether structural pruning may shrink every group of this grouped conv alike (its
+    ``groups`` stays; each group keeps as many inputs and outputs as the others) rather than
+    remove whole groups: only when each group has at least two inputs and two outputs. With
+    one (depthwise, or a channel multiplier) a unit across all groups would be the whole
+    layer. Roles ``pergroup_in``/``pergroup_out`` tell the surgery which one the graph chose."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
+        return False
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return False
+    return min(module.in_channels, module.out_channels) // module.groups >= 2
+
+
 def own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The module's parameters and buffers other than ``weight`` and ``bias``."""
     return [
@@ -45,6 +58,7 @@ def add_filter_extras(
     reads: Layout | None,
     writes: Layout,
     standardised: bool,
+    per_group: bool = False,
 ) -> None:
     """Make ``module``'s per-filter tensors members of the space its filters write, and mark
     the channels it reads as pooled when it standardises its weight over them. A tensor is
@@ -62,6 +76,6 @@ def add_filter_extras(
             table.block_layout(writes, reason)
             if reads is not None:
                 table.block_layout(reads, reason)
-    if standardised and reads is not None and module.groups == 1:
+    if standardised and reads is not None and (module.groups == 1 or per_group):
         for seg in reads:
             table.flag(seg.space, "pooled")

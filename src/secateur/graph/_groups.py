@@ -24,7 +24,9 @@ ROLE_SLICES: dict[str, tuple[tuple[str, int], ...]] = {
     "convT_out": (("weight", 1), ("bias", 0)),
     "convT_in": (("weight", 0),),
     "grouped_out": (("weight", 0), ("bias", 0)),
-    "grouped_in": (),  # a grouped conv's weight holds only its group's inputs
+    "grouped_in": (),  # whole groups go: a grouped conv's weight holds only its group's inputs
+    "pergroup_in": (("weight", 1),),  # every group loses the same inputs: at the same places
+    "pergroup_out": (("weight", 0), ("bias", 0)),
     "depthwise": (("weight", 0), ("bias", 0)),
     "norm": (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)),
     "layernorm": (("weight", 0), ("bias", 0)),
@@ -37,6 +39,7 @@ ORIGINS = {
     "conv1d_out",
     "convT_out",
     "grouped_out",
+    "pergroup_out",
     "embedding",
     "param_out",
 }
@@ -67,9 +70,22 @@ class Group:
     shared_kv: bool = False  # query heads sharing one key/value head (multi-query attention)
 
     def feature_indices(self, member: Member, units: torch.Tensor) -> torch.Tensor:
-        """Indices along ``member``'s sliced dims of the given ``units`` (a 1-D long tensor)."""
+        """Features of the tensor ``member`` reads or writes that the given ``units`` (a 1-D
+        long tensor) cover, ``member.width`` per unit, unit by unit."""
         k = torch.arange(member.factor)
-        return (member.offset + units[:, None] * member.factor + k[None, :]).flatten()
+        idx = member.offset + units[:, None] * member.factor + k[None, :]
+        if member.repeats > 1:
+            copies = torch.arange(member.repeats) * member.period
+            idx = idx[:, None, :] + copies[None, :, None]
+        return idx.flatten()
+
+    def slice_indices(self, member: Member, units: torch.Tensor) -> torch.Tensor:
+        """Indices along ``member``'s sliced dims (:func:`member_slices`) of ``units``: its
+        features, except for a grouped conv's inputs, which its weight holds once per group
+        (the features of the first group)."""
+        if member.role == "pergroup_in":
+            return self.feature_indices(replace(member, repeats=1), units)
+        return self.feature_indices(member, units)
 
     def module_names(self) -> list[str]:
         return sorted({m.module_name for m in self.members})
@@ -145,15 +161,20 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
     by_root: dict[int, list[Member]] = {}
     for idx in range(len(table.sizes)):
         for m in table.members[idx]:
-            for root, offset, factor in table.resolve(idx, m.offset, m.factor):
-                by_root.setdefault(root, []).append(replace(m, offset=offset, factor=factor))
+            for root, offset, factor, repeats, period in table.resolve(idx, m.offset, m.factor):
+                by_root.setdefault(root, []).append(
+                    replace(m, offset=offset, factor=factor, repeats=repeats, period=period)
+                )
     reasons: dict[int, str] = {}
+    for root, members in by_root.items():
+        if any(m.repeats == 0 for m in members):
+            reasons[root] = "grouped convs nested in one another's groups"
     for idx, reason in table.blocked.items():
-        for root, _, _ in table.resolve(idx):
+        for root, *_ in table.resolve(idx):
             reasons.setdefault(root, reason)
     flags: dict[int, set[str]] = {}
     for idx, names in table.flags.items():
-        for root, _, _ in table.resolve(idx):
+        for root, *_ in table.resolve(idx):
             flags.setdefault(root, set()).update(names)
     groups, blocked, index = [], [], {}
     for root, members in by_root.items():
@@ -175,8 +196,8 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
     for note in tr.notes:
         terms = []
         for seg in note.layout:
-            for root, _, factor in table.resolve(seg.space, 0, seg.factor):
-                terms.append((index.get(root), table.sizes[root], factor))
+            for root, _, factor, repeats, _ in table.resolve(seg.space, 0, seg.factor):
+                terms.append((index.get(root), table.sizes[root], factor * max(1, repeats)))
         attributes.append(
             WidthAttribute(
                 note.module_name,

@@ -13,8 +13,11 @@ Two more relations keep the table exact without ever splitting a union:
   projection); each piece is a space of its own, and members of the whole are spread over them.
 - *coarsen*: a view that splits features into ``(heads, head_dim)`` makes the unit of the space
   a whole head; members of the fine space move to the coarse one with ``factor * by``.
+- *interleave*: a grouped conv that shrinks every group alike makes unit ``k`` of the space
+  the ``k``-th channel of each of its ``groups`` blocks; members move to the new space with
+  ``repeats = groups`` copies ``period`` features apart.
 
-:meth:`SpaceTable.resolve` follows both relations down to the final prunable spaces.
+:meth:`SpaceTable.resolve` follows the three relations down to the final prunable spaces.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ class Member:
 
     Producers (``conv_out``, ``linear_out``, ``convT_out``, ``norm``, ``depthwise``,
     ``embedding``, ...) write the channels; consumers (``conv_in``, ``linear_in``, ...) read
-    them at feature ``offset + i * factor + k`` for ``k < factor``. Role ``param`` slices the
-    module's own tensor ``tensor`` along ``dim`` (a free parameter such as an RMSNorm weight).
+    them at feature ``offset + r * period + i * factor + k`` for ``k < factor`` and
+    ``r < repeats`` (``repeats > 1`` when every group of a grouped conv loses the same
+    channels). Role ``param`` slices the module's own tensor ``tensor`` along ``dim`` (a free
+    parameter such as an RMSNorm weight).
     """
 
     module_name: str
@@ -47,6 +52,13 @@ class Member:
     factor: int = 1
     tensor: str = ""
     dim: int = 0
+    repeats: int = 1
+    period: int = 0
+
+    @property
+    def width(self) -> int:
+        """Features one unit covers in this member."""
+        return self.factor * self.repeats
 
 
 @dataclass
@@ -60,6 +72,7 @@ class SpaceTable:
     flags: dict[int, set[str]] = field(default_factory=dict)
     coarse: dict[int, tuple[int, int]] = field(default_factory=dict)  # root -> (space, by)
     refined: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # root -> pieces
+    strided: dict[int, tuple[int, int]] = field(default_factory=dict)  # root -> (space, groups)
 
     def new(self, size: int, *, blocked: str | None = None) -> int:
         idx = len(self.sizes)
@@ -105,6 +118,16 @@ class SpaceTable:
                     self.block(ra, f"heads of {by_a} and {by_b} channels met")
             else:
                 self.coarse[ra] = (cb, by_b)
+        if rb in self.strided:
+            sb, g_b = self.strided.pop(rb)
+            if ra in self.strided:
+                sa, g_a = self.strided[ra]
+                if g_a == g_b:
+                    self.unite(sa, sb)
+                else:
+                    self.block(ra, f"grouped convs of {g_a} and {g_b} groups met")
+            else:
+                self.strided[ra] = (sb, g_b)
         self._check_exclusive(self.find(ra))
         return self.find(ra)
 
@@ -153,6 +176,27 @@ class SpaceTable:
         self._check_exclusive(root)
         return space
 
+    def interleave(self, idx: int, groups: int) -> int:
+        """The space whose unit ``k`` is unit ``k`` of each of ``idx``'s ``groups`` equal blocks
+        (channels ``k + j * size / groups``): a grouped conv that shrinks every group alike."""
+        root = self.find(idx)
+        if groups == 1:
+            return root
+        per = self.sizes[root] // groups
+        if self.sizes[root] % groups:
+            self.block(root, f"{self.sizes[root]} channels do not split into {groups} groups")
+            return self.new(max(1, per), blocked="uneven groups")
+        if root in self.strided:
+            space, have = self.strided[root]
+            if have == groups:
+                return self.find(space)
+            self.block(root, f"grouped convs of {have} and {groups} groups met")
+            return self.new(per, blocked="mismatched groups")
+        space = self.new(per)
+        self.strided[root] = (space, groups)
+        self._check_exclusive(root)
+        return space
+
     def refine(self, idx: int, cuts: set[int]) -> list[tuple[int, int, int]]:
         """Cut ``idx``'s space at unit boundaries ``cuts``; return its leaf pieces in order as
         ``(space, start unit, size)``. Cutting again only ever adds boundaries."""
@@ -182,19 +226,40 @@ class SpaceTable:
 
     def _check_exclusive(self, root: int) -> None:
         if root in self.refined and root in self.coarse:
-            self.block(root, "a space both split into parts and grouped into heads")
+            self._block_below(root, "a space both split into parts and grouped into heads")
+        elif root in self.strided and (root in self.refined or root in self.coarse):
+            self._block_below(root, "a grouped conv's channels also split or grouped another way")
+
+    def _block_below(self, root: int, reason: str) -> None:
+        """Block ``root`` and every space derived from it: its members stay on ``root`` (it
+        resolves to itself), so a derived space's group would lack them."""
+        self.block(root, reason)
+        below = [piece for piece, _ in self.refined.get(root, ())]
+        below += [rel[root][0] for rel in (self.coarse, self.strided) if root in rel]
+        for space in below:
+            self._block_below(self.find(space), reason)
 
     # -- resolution --------------------------------------------------------------------------
-    def resolve(self, idx: int, offset: int = 0, factor: int = 1) -> list[tuple[int, int, int]]:
-        """Final spaces that ``idx``'s units belong to, as ``(root, offset, factor)`` triples
-        for a member that sits at ``offset`` with ``factor`` on ``idx``."""
+    def resolve(
+        self, idx: int, offset: int = 0, factor: int = 1, repeats: int = 1, period: int = 0
+    ) -> list[tuple[int, int, int, int, int]]:
+        """Final spaces that ``idx``'s units belong to, as ``(root, offset, factor, repeats,
+        period)`` for a member that sits at ``offset`` with ``factor`` on ``idx``. Two grouped
+        convs nested in one another give ``repeats == 0``: no single stride describes them."""
         root = self.find(idx)
-        if root in self.refined and root not in self.coarse:
+        kinds = (root in self.refined) + (root in self.coarse) + (root in self.strided)
+        if kinds == 1 and root in self.refined:
             out = []
             for piece, start in self.refined[root]:
-                out += self.resolve(piece, offset + start * factor, factor)
+                out += self.resolve(piece, offset + start * factor, factor, repeats, period)
             return out
-        if root in self.coarse and root not in self.refined:
+        if kinds == 1 and root in self.coarse:
             space, by = self.coarse[root]
-            return self.resolve(space, offset, factor * by)
-        return [(root, offset, factor)]
+            return self.resolve(space, offset, factor * by, repeats, period)
+        if kinds == 1 and root in self.strided:
+            space, groups = self.strided[root]
+            per = self.sizes[root] // groups
+            if repeats > 1:
+                return [(r, o, f, 0, 0) for r, o, f, _, _ in self.resolve(space, offset, factor)]
+            return self.resolve(space, offset, factor, groups, per * factor)
+        return [(root, offset, factor, repeats, period)]

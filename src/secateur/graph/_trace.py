@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .._inputs import split_inputs
-from ._filter_extras import STANDARDISING, add_filter_extras
+from ._filter_extras import STANDARDISING, add_filter_extras, can_shrink_per_group
 from ._ops import (
     CAT,
     ELEMENTWISE,
@@ -127,6 +127,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.layer_calls: dict[str, tuple[Layout | None, Layout, int]] = {}
         self.names = {m: n for n, m in model.named_modules()}
         self.standardising: set[int] = set()  # layers whose forward pools their weight's stats
+        self.per_group: set[str] = set()  # grouped convs whose every group shrinks alike
         named = (
             state.items()
             if state
@@ -600,7 +601,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             standardised = id(module) in self.standardising
             writes = self.layouts[id(out)][0]
-            add_filter_extras(self.table, module, name, reads, writes, standardised)
+            per_group = name in self.per_group
+            add_filter_extras(self.table, module, name, reads, writes, standardised, per_group)
 
     def parameter_source(self, module: nn.Module, x: Any) -> tuple[Layout, int] | None:
         """A float parameter fed to a Linear or a norm over its last axis (DeBERTa's relative
@@ -767,7 +769,13 @@ class _Tracer(OpRules, TorchFunctionMode):
         return True
 
     def grouped_conv(self, module, name, layout, out) -> bool:  # noqa: ANN001
-        """Grouped conv: whole groups go, each taking its input and output channels along."""
+        """Grouped conv. With at least two inputs and outputs per group
+        (:func:`can_shrink_per_group`: ResNeXt, RegNet) every group loses the same channels:
+        unit ``k`` of the input space is the ``k``-th input of each group, unit ``k`` of the
+        output space the ``k``-th filter of each, and the two spaces stay independent (its
+        MACs fall with both). Otherwise (a channel multiplier, or input channels already
+        grouped in blocks) whole groups go, each taking its inputs and outputs along. A
+        depthwise conv passes its channels through."""
         if any(seg.factor != 1 for seg in layout):
             return False
         g = module.groups
@@ -776,11 +784,22 @@ class _Tracer(OpRules, TorchFunctionMode):
             return self.passthrough(name, layout, out, 1, "depthwise")
         if len(layout) != 1:
             return False
-        self.table.add_member(layout, name, "grouped_in")
+        root = self.table.find(layout[0].space)
+        per_group = can_shrink_per_group(module) and not (
+            root in self.table.coarse or root in self.table.refined
+        )
+        kind = "pergroup" if per_group else "grouped"
+        self.table.add_member(layout, name, f"{kind}_in")
         self.fresh(out, 1)
         out_layout = self.layouts[id(out)][0]
-        self.table.add_member(out_layout, name, "grouped_out")
+        self.table.add_member(out_layout, name, f"{kind}_out")
         self.called[name] += [out_layout[0].space]
+        self.layer_calls[name] = (layout, out_layout, 1)
+        if per_group:
+            self.per_group.add(name)
+            self.table.interleave(layout[0].space, g)
+            self.table.interleave(out_layout[0].space, g)
+            return True
         coarse_in = self.table.coarsen(layout[0].space, module.in_channels // g)
         coarse_out = self.table.coarsen(out_layout[0].space, module.out_channels // g)
         self.table.unite(coarse_in, coarse_out)

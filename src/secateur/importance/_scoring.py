@@ -27,11 +27,15 @@ WEIGHTED_ROLES = {
     "conv1d_out",
     "conv1d_in",
     "grouped_out",
+    "pergroup_out",
+    "pergroup_in",
     "param_out",
 }
 #: Roles that read a space as their input features (where activation statistics are taken).
-CONSUMER_ROLES = {"conv_in", "linear_in", "convT_in", "conv1d_in", "grouped_in"}
-PRODUCER_ROLES = {"conv_out", "linear_out", "convT_out", "conv1d_out", "grouped_out"}
+CONSUMER_ROLES = {"conv_in", "linear_in", "convT_in", "conv1d_in", "grouped_in", "pergroup_in"}
+PRODUCER_ROLES = {
+    *("conv_out", "linear_out", "convT_out", "conv1d_out", "grouped_out", "pergroup_out")
+}
 NORMALIZATIONS = ("none", "mean", "max", "sum", "l2")
 
 
@@ -159,7 +163,7 @@ def _one_group(
             if element.dim() > 1
             else element
         )
-        idx = group.feature_indices(member, units).view(group.size, member.factor)
+        idx = group.slice_indices(member, units).view(group.size, -1)
         score += per_index[idx].sum(dim=1)
     return score.sqrt() if criterion.reduce == "l2" else score
 
@@ -177,7 +181,7 @@ def _unit_features(group: Group, stats: Statistics) -> FeatureStats | None:
             idx = group.feature_indices(member, units)
             if int(idx.max()) >= entry.sq_sum.numel():
                 continue
-            idx = idx.view(group.size, member.factor)
+            idx = idx.view(group.size, member.width)
             count = max(1, entry.count)
             found.append(
                 [

@@ -24,32 +24,43 @@ _RESIZABLE = (
 )
 
 
-def resize_to_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+def resize_to_state_(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    groups: Mapping[str, int] | None = None,
+) -> list[str]:
     """Give every module the widths its tensors have in ``state`` (in place).
 
     Used to load a structurally pruned model into a freshly built full-width one. Known layer
     types may shrink only along channel dims (kernel sizes, vocabularies must match); a free
-    1-D+ parameter of another module type may shrink along any dim. Returns the names of
-    modules resized; a real mismatch still surfaces when the state is loaded.
+    1-D+ parameter of another module type may shrink along any dim. ``groups`` holds the
+    saved ``groups`` of grouped convs (the manifest's ``"groups"`` edit); a grouped conv it
+    does not name was saved before grouped convs shrank per group: whole groups went. Returns
+    the names of modules resized; a real mismatch still surfaces when the state is loaded.
 
     Raises:
         ValueError: a saved tensor is wider than the module or differs outside channel dims.
     """
+    groups = groups or {}
     resized = []
     for name, module in model.named_modules():
         changed = False
+        recorded = groups.get(name)
         for tensor_name, tensor in list(module.named_parameters(recurse=False)) + list(
             module.named_buffers(recurse=False)
         ):
             saved = state.get(f"{name}.{tensor_name}" if name else tensor_name)
             if saved is None or saved.shape == tensor.shape:
                 continue
-            _check_shrink(name, tensor_name, module, tensor.shape, saved.shape)
+            _check_shrink(name, tensor_name, module, tensor.shape, saved.shape, recorded)
             new = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
             _assign(module, tensor_name, tensor, new)
             changed = True
         if changed:
-            _fix_attributes(module)
+            conv_groups = recorded
+            if recorded is None and _is_grouped(module):
+                conv_groups = _whole_groups(module)
+            _fix_attributes(module, groups=conv_groups)
             resized.append(name)
     return resized
 
@@ -63,7 +74,23 @@ def _assign(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) 
     return new
 
 
-def _channel_dims(module: nn.Module, tensor_name: str, ndim: int) -> set[int]:
+def _is_grouped(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+        and module.groups > 1
+    )
+
+
+def _whole_groups(module: nn.Module) -> int:
+    """A grouped conv's group count once whole groups went: its (sliced) filters over the
+    filters per group it had."""
+    return module.weight.shape[0] // (module.out_channels // module.groups)
+
+
+def _channel_dims(
+    module: nn.Module, tensor_name: str, ndim: int, groups: int | None = None
+) -> set[int]:
     if isinstance(module, nn.Embedding):
         return {1}
     if isinstance(module, PrunedMultiheadAttention):
@@ -71,8 +98,8 @@ def _channel_dims(module: nn.Module, tensor_name: str, ndim: int) -> set[int]:
         return {1} if tensor_name == "in_proj_weight" else set()
     if isinstance(module, nn.MultiheadAttention):
         return set(range(ndim))  # saved before heads were decoupled: both widths shrank together
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-        return {0}  # grouped: dim 1 holds one group's inputs, which never changes
+    if _is_grouped(module) and groups is None:
+        return {0}  # saved with whole groups removed: dim 1 holds one group's inputs, as built
     if (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_hf_conv1d(module)) and (
         tensor_name == "weight"
     ):
@@ -83,9 +110,14 @@ def _channel_dims(module: nn.Module, tensor_name: str, ndim: int) -> set[int]:
 
 
 def _check_shrink(
-    name: str, tensor_name: str, module: nn.Module, current: torch.Size, saved: torch.Size
+    name: str,
+    tensor_name: str,
+    module: nn.Module,
+    current: torch.Size,
+    saved: torch.Size,
+    groups: int | None = None,
 ) -> None:
-    dims = _channel_dims(module, tensor_name, len(current))
+    dims = _channel_dims(module, tensor_name, len(current), groups)
     if len(current) != len(saved) or any(
         (d in dims and s > c) or (d not in dims and s != c)
         for d, (c, s) in enumerate(zip(current, saved, strict=True))
@@ -95,10 +127,11 @@ def _check_shrink(
         )
 
 
-def _fix_attributes(module: nn.Module, dropped: int = 0) -> None:
+def _fix_attributes(module: nn.Module, dropped: int = 0, groups: int | None = None) -> None:
     """Set width attributes from the (already sliced) tensors so the module runs and saves.
 
-    ``dropped`` is the number of channels removed, for norms without affine tensors.
+    ``dropped`` is the number of channels removed, for norms without affine tensors; ``groups``
+    a grouped conv's new group count, when not its own.
     """
     w = getattr(module, "weight", None)
     if isinstance(module, nn.Linear):
@@ -110,12 +143,9 @@ def _fix_attributes(module: nn.Module, dropped: int = 0) -> None:
     elif isinstance(module, nn.modules.conv._ConvTransposeNd):
         module.in_channels, module.out_channels = w.shape[0], w.shape[1] * module.groups
     elif isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1:  # grouped or depthwise: whole groups went
-            per_group = module.out_channels // module.groups
-            module.groups = w.shape[0] // per_group
-            module.out_channels, module.in_channels = w.shape[0], module.groups * w.shape[1]
-        else:
-            module.out_channels, module.in_channels = w.shape[0], w.shape[1]
+        if groups is not None:
+            module.groups = groups
+        module.out_channels, module.in_channels = w.shape[0], module.groups * w.shape[1]
     elif isinstance(module, PrunedMultiheadAttention):  # whole heads go: head_dim stays
         module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
         module.num_heads = module.in_proj_weight.shape[0] // (3 * module.head_dim)
@@ -157,11 +187,14 @@ def remove_units_(
     """
     drop: dict[tuple[str, str, int], set[int]] = defaultdict(set)
     touched: dict[str, int] = {}
+    whole_groups: set[str] = set()  # grouped convs that lose whole groups
     for group, units in removals:
         if units.numel() == 0:
             continue
         for member in group.members:
-            idx = group.feature_indices(member, units.cpu()).tolist()
+            if member.role in ("grouped_in", "grouped_out", "depthwise"):
+                whole_groups.add(member.module_name)
+            idx = group.slice_indices(member, units.cpu()).tolist()
             touched.setdefault(member.module_name, 0)
             if member.role in ("norm", "layernorm", "groupnorm"):
                 touched[member.module_name] += len(idx)
@@ -208,7 +241,11 @@ def remove_units_(
                 module.register_buffer(name, shared)
         replaced[tensor] = (shared, keeps)
     for module_name, dropped in touched.items():
-        _fix_attributes(model.get_submodule(module_name), dropped)
+        module = model.get_submodule(module_name)
+        if module_name in whole_groups and _is_grouped(module):
+            _fix_attributes(module, dropped, _whole_groups(module))
+        else:
+            _fix_attributes(module, dropped)
     if optimizer is not None:
         _slice_optimizer_state(optimizer, replaced)
 
