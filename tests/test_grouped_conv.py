@@ -183,6 +183,7 @@ def test_a_bad_groups_edit_is_refused(tmp_path) -> None:  # noqa: ANN001
     for edit, message in (
         ({"fc": 2}, "no grouped conv"),
         ({"trunk_output.block1.block1-0.f.b.0": 99}, "must be an integer from 1 to 2"),
+        ({"trunk_output.block1.block1-0.f.b.0": 1}, "keeps its width but its saved group count"),
     ):
         manifest = json.loads(manifest_file.read_text())
         manifest["edits"]["groups"] = edit
@@ -234,3 +235,59 @@ def test_a_weight_standardised_grouped_conv_pools_the_channels_it_reads() -> Non
     graph = build_dependency_graph(model, torch.randn(1, 3, 8, 8))
     kinds = {g.producers()[0]: g.kind for g in graph.groups}
     assert kinds == {"0": "hidden", "1": "channel"}
+
+
+def test_a_saved_group_count_that_does_not_divide_the_widths_is_refused(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = create_model("torchvision.regnet_x_400mf", num_classes=5).eval()
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=torch.randn(1, 3, 32, 32))
+    path = save_model(model, tmp_path / "regnet.safetensors")
+    manifest_file = path.with_suffix(".json")
+    manifest = json.loads(manifest_file.read_text())
+    name, count = next((n, c) for n, c in manifest["edits"]["groups"].items() if c >= 4)
+    width = model.get_submodule(name).out_channels
+    bad = next(k for k in range(2, count) if width % k)
+    manifest["edits"]["groups"][name] = bad
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"which {bad} groups do not divide"):
+        load_model(path)
+
+
+def test_a_groupnorm_after_a_per_group_conv_shrinks_each_of_its_groups(tmp_path) -> None:  # noqa: ANN001
+    """Each GroupNorm group spans whole conv groups, so it loses as many channels as the
+    others; its statistics move (kind ``hidden``), and its group count stays."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.GroupNorm(2, 16),
+        nn.ReLU(), nn.Conv2d(16, 4, 1),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_dependency_graph(model, x)
+    assert {reason for _, reason in graph.blocked} == {"model input", "model output"}
+    kinds = {g.producers()[0]: g.kind for g in graph.groups}
+    assert kinds == {"0": "channel", "1": "hidden"}
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("channel", "hidden")), example_inputs=x)
+    assert (model[1].groups, model[2].num_groups) == (4, 2)
+    assert model[2].num_channels == model[1].out_channels < 16
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.GroupNorm(2, 16),
+        nn.ReLU(), nn.Conv2d(16, 4, 1),
+    ).eval()  # fmt: skip
+    resize_to_state_(fresh, state, {"1": 4, "2": 2})
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_a_file_without_group_counts_shrunk_per_group_reloads() -> None:
+    """A grouped conv whose weight holds fewer inputs per group shrank every group alike."""
+    torch.manual_seed(0)
+    model, x = _plain().eval(), torch.randn(1, 3, 8, 8)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    fresh = _plain().eval()
+    resize_to_state_(fresh, model.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    assert fresh[3].groups == 4
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)

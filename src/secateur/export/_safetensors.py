@@ -13,10 +13,10 @@ Layout for ``save_model(model, "out/pruned.safetensors")``:
   ``nn.MultiheadAttention`` modules that structural pruning switched to
   ``PrunedMultiheadAttention`` (whole heads removed, or the hidden size pruned: the loader
   rebuilds them with that head count, their ``head_dim`` unchanged), and
-  ``"edits": {"groups": {"layer1.0.conv2": 32}}`` for every grouped conv (structural pruning
-  shrinks each group of a ResNeXt conv alike but removes whole groups of a depthwise one: the
-  loader gives each its saved count; a file without it was written before grouped convs
-  shrank per group, when whole groups went); plus ``"tied"`` when
+  ``"edits": {"groups": {"layer1.0.conv2": 32}}`` for grouped convs with two or more inputs
+  per group and GroupNorms (structural pruning shrinks each group of a ResNeXt conv alike, or
+  removes whole groups: the loader gives each its saved count; a file without it was written
+  before grouped convs shrank per group, when whole groups went); plus ``"tied"`` when
   parameters are shared, e.g. ``"tied": {"lm_head.weight": "transformer.wte.weight"}``: the
   weights file holds a shared tensor once, under its first state-dict name, and loading shares
   it again.
@@ -133,23 +133,42 @@ def _apply_attributes(model: nn.Module, edits: Any) -> None:
 
 
 def _groups(model: nn.Module) -> dict[str, int]:
-    return {
-        name: int(m.groups)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.conv._ConvNd)
-        and not isinstance(m, nn.modules.conv._ConvTransposeNd)
-        and m.groups > 1
-    }
+    """Group counts a reload cannot tell from the tensors: of grouped convs with two or more
+    inputs per group (each group may have shrunk alike, or whole groups gone) and of
+    GroupNorms (the same after such a conv)."""
+    counts = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.GroupNorm) and m.num_groups > 1:
+            counts[name] = int(m.num_groups)
+        elif (
+            isinstance(m, nn.modules.conv._ConvNd)
+            and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+            and m.groups > 1
+            and m.in_channels // m.groups >= 2
+        ):
+            counts[name] = int(m.groups)
+    return counts
 
 
 def _apply_groups(model: nn.Module, edits: Any) -> None:
     """Check the saved group counts; ``rebuild_model`` hands them to the resize."""
     if not isinstance(edits, dict):
-        raise ValueError("'groups' must map conv names to their group count")
-    built = _groups(model)
+        raise ValueError("'groups' must map module names to their group count")
+    built = {
+        name: m.groups if isinstance(m, nn.modules.conv._ConvNd) else m.num_groups
+        for name, m in model.named_modules()
+        if isinstance(m, nn.GroupNorm)
+        or (
+            isinstance(m, nn.modules.conv._ConvNd)
+            and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+            and m.groups > 1
+        )
+    }
     for name, count in edits.items():
         if name not in built:
-            raise ValueError(f"groups edit names {name!r}, which is no grouped conv of the model")
+            raise ValueError(
+                f"groups edit names {name!r}, which is no grouped conv or GroupNorm of the model"
+            )
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= built[name]:
             raise ValueError(
                 f"groups edit {name!r} = {count!r}: must be an integer from 1 to {built[name]}"

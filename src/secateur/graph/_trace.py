@@ -696,7 +696,12 @@ class _Tracer(OpRules, TorchFunctionMode):
             if dim != 1 or len(layout) != 1 or layout[0].factor != 1:
                 return False
             per_group = module.num_channels // module.num_groups
-            if 1 < module.num_groups < module.num_channels:  # whole groups go
+            strided = self.table.strided.get(self.table.find(layout[0].space))
+            if strided is not None and strided[1] % module.num_groups == 0:
+                # after a grouped conv that shrinks every group alike: so does each of its
+                # groups (each spans whole conv groups), and its statistics move
+                self.table.flag(layout[0].space, "pooled")
+            elif 1 < module.num_groups < module.num_channels:  # whole groups go
                 self.table.coarsen(layout[0].space, per_group)
             if module.num_groups == 1:  # statistics over all channels, as a LayerNorm's
                 self.table.flag(layout[0].space, "pooled")

@@ -34,9 +34,10 @@ def resize_to_state_(
     Used to load a structurally pruned model into a freshly built full-width one. Known layer
     types may shrink only along channel dims (kernel sizes, vocabularies must match); a free
     1-D+ parameter of another module type may shrink along any dim. ``groups`` holds the
-    saved ``groups`` of grouped convs (the manifest's ``"groups"`` edit); a grouped conv it
-    does not name was saved before grouped convs shrank per group: whole groups went. Returns
-    the names of modules resized; a real mismatch still surfaces when the state is loaded.
+    saved group counts of grouped convs and GroupNorms (the manifest's ``"groups"`` edit);
+    for one it does not name, whole groups went, unless a grouped conv's weight holds fewer
+    inputs per group (then every group shrank alike). Returns the names of modules resized;
+    a real mismatch still surfaces when the state is loaded.
 
     Raises:
         ValueError: a saved tensor is wider than the module or differs outside channel dims.
@@ -52,17 +53,44 @@ def resize_to_state_(
             saved = state.get(f"{name}.{tensor_name}" if name else tensor_name)
             if saved is None or saved.shape == tensor.shape:
                 continue
-            _check_shrink(name, tensor_name, module, tensor.shape, saved.shape, recorded)
+            _check_shrink(name, tensor_name, module, tensor.shape, saved.shape)
             new = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
             _assign(module, tensor_name, tensor, new)
             changed = True
         if changed:
-            conv_groups = recorded
-            if recorded is None and _is_grouped(module):
-                conv_groups = _whole_groups(module)
-            _fix_attributes(module, groups=conv_groups)
+            _fix_attributes(module, groups=_saved_groups(name, module, state, recorded))
             resized.append(name)
+        elif recorded is not None and recorded != _group_count(module):
+            raise ValueError(f"{name} keeps its width but its saved group count is {recorded}")
     return resized
+
+
+def _group_count(module: nn.Module) -> int | None:
+    if _is_grouped(module):
+        return module.groups
+    return module.num_groups if isinstance(module, nn.GroupNorm) else None
+
+
+def _saved_groups(
+    name: str, module: nn.Module, state: Mapping[str, torch.Tensor], recorded: int | None
+) -> int | None:
+    """The group count of a resized grouped conv or GroupNorm: the manifest's, checked against
+    the saved widths, or else the one its tensors imply (whole groups went, unless a grouped
+    conv's weight holds fewer inputs per group: then every group shrank alike)."""
+    count = _group_count(module)
+    if count is None:
+        return None
+    if recorded is not None:
+        width = module.weight.shape[0] if _is_grouped(module) else _width(module, "weight", 0)
+        if width and width % recorded:
+            raise ValueError(f"{name} has {width} channels, which {recorded} groups do not divide")
+        return recorded
+    if isinstance(module, nn.GroupNorm):
+        return None  # the whole-groups rule of _fix_attributes
+    saved = state.get(f"{name}.weight" if name else "weight")
+    if saved is not None and saved.shape[1] != module.in_channels // module.groups:
+        return module.groups
+    return _whole_groups(module)
 
 
 def _assign(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -88,9 +116,7 @@ def _whole_groups(module: nn.Module) -> int:
     return module.weight.shape[0] // (module.out_channels // module.groups)
 
 
-def _channel_dims(
-    module: nn.Module, tensor_name: str, ndim: int, groups: int | None = None
-) -> set[int]:
+def _channel_dims(module: nn.Module, tensor_name: str, ndim: int) -> set[int]:
     if isinstance(module, nn.Embedding):
         return {1}
     if isinstance(module, PrunedMultiheadAttention):
@@ -98,8 +124,8 @@ def _channel_dims(
         return {1} if tensor_name == "in_proj_weight" else set()
     if isinstance(module, nn.MultiheadAttention):
         return set(range(ndim))  # saved before heads were decoupled: both widths shrank together
-    if _is_grouped(module) and groups is None:
-        return {0}  # saved with whole groups removed: dim 1 holds one group's inputs, as built
+    if _is_grouped(module):
+        return {0, 1}  # dim 1: a group's inputs, fewer when every group shrank alike
     if (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_hf_conv1d(module)) and (
         tensor_name == "weight"
     ):
@@ -110,14 +136,9 @@ def _channel_dims(
 
 
 def _check_shrink(
-    name: str,
-    tensor_name: str,
-    module: nn.Module,
-    current: torch.Size,
-    saved: torch.Size,
-    groups: int | None = None,
+    name: str, tensor_name: str, module: nn.Module, current: torch.Size, saved: torch.Size
 ) -> None:
-    dims = _channel_dims(module, tensor_name, len(current), groups)
+    dims = _channel_dims(module, tensor_name, len(current))
     if len(current) != len(saved) or any(
         (d in dims and s > c) or (d not in dims and s != c)
         for d, (c, s) in enumerate(zip(current, saved, strict=True))
@@ -160,7 +181,9 @@ def _fix_attributes(module: nn.Module, dropped: int = 0, groups: int | None = No
         module.normalized_shape = (*module.normalized_shape[:-1], width)
     elif isinstance(module, nn.GroupNorm):
         width = _width(module, "weight", module.num_channels - dropped)
-        if module.num_groups > 1:
+        if groups is not None:
+            module.num_groups = groups
+        elif module.num_groups > 1:  # whole groups went
             per_group = module.num_channels // module.num_groups
             module.num_groups = width // per_group
         module.num_channels = width
@@ -188,12 +211,15 @@ def remove_units_(
     drop: dict[tuple[str, str, int], set[int]] = defaultdict(set)
     touched: dict[str, int] = {}
     whole_groups: set[str] = set()  # grouped convs that lose whole groups
+    per_group_norms: set[str] = set()
     for group, units in removals:
         if units.numel() == 0:
             continue
         for member in group.members:
             if member.role in ("grouped_in", "grouped_out", "depthwise"):
                 whole_groups.add(member.module_name)
+            elif member.role == "groupnorm" and member.repeats > 1:
+                per_group_norms.add(member.module_name)  # each of its groups shrank alike
             idx = group.slice_indices(member, units.cpu()).tolist()
             touched.setdefault(member.module_name, 0)
             if member.role in ("norm", "layernorm", "groupnorm"):
@@ -244,6 +270,8 @@ def remove_units_(
         module = model.get_submodule(module_name)
         if module_name in whole_groups and _is_grouped(module):
             _fix_attributes(module, dropped, _whole_groups(module))
+        elif module_name in per_group_norms:
+            _fix_attributes(module, dropped, module.num_groups)
         else:
             _fix_attributes(module, dropped)
     if optimizer is not None:
