@@ -291,3 +291,23 @@ def test_a_file_without_group_counts_shrunk_per_group_reloads() -> None:
     assert fresh[3].groups == 4
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_round_to_counts_the_channels_a_unit_spans() -> None:
+    """A per-group unit is one channel in each of 4 groups: ``round_to=8`` keeps an even number
+    of units. A head of 4 channels likewise: 2 heads make 8 channels."""
+    torch.manual_seed(0)
+    model, x = _plain().eval(), torch.randn(1, 3, 8, 8)
+    prune_(model, StructuredConfig(ratio=0.6, round_to=8), example_inputs=x)
+    assert (model[3].in_channels, model[3].out_channels) == (8, 8)  # 2 of 4 and 2 of 8 units
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=8,
+        num_classes=5,
+    ).eval()  # fmt: skip
+    result = prune_(
+        vit,
+        StructuredConfig(ratio=0.4, round_to=8, kinds=("head",)),
+        example_inputs=torch.randn(1, 3, 32, 32),
+    )
+    assert result.widths == ((8, 4),)  # 4 heads of 4: 16 channels; units of 8 would keep 8

@@ -87,6 +87,13 @@ class Group:
             return self.feature_indices(replace(member, repeats=1), units)
         return self.feature_indices(member, units)
 
+    @property
+    def unit_width(self) -> int:
+        """Channels one unit spans in the layers that write it (1 for neurons and filters, a
+        head's size for heads, one per group for a grouped conv's shrinking groups)."""
+        widths = [m.width for m in self.members if m.role in ORIGINS]
+        return min(widths) if widths else 1
+
     def module_names(self) -> list[str]:
         return sorted({m.module_name for m in self.members})
 

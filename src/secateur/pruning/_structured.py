@@ -30,8 +30,9 @@ class StructuredConfig:
     Attributes:
         ratio: fraction in [0, 1) of each group's units to remove (at least one unit is kept);
             with global scope, the fraction of all selected units.
-        round_to: keep each group's width a multiple of this (rounded down, never below it),
-            so kernels stay efficient; 1 disables rounding.
+        round_to: keep each group's width in channels a multiple of this (rounded down, never
+            below it), so kernels stay efficient; a unit spanning several channels (a head, a
+            channel in each group of a grouped conv) counts as all of them. 1 disables it.
         ignore: fnmatch patterns of module names; a group touching any of them is left whole.
         kinds: which granularities to prune: ``channel`` (neurons, conv filters, FFN width),
             ``head`` (whole attention heads; with grouped-query attention a unit is one key/value
@@ -221,7 +222,8 @@ def _removal_counts(
             ratios[i] = taken[i] / groups[i].size
     counts = []
     for group, ratio in zip(groups, ratios, strict=True):
-        multiple = math.lcm(config.round_to, group.multiple)
+        per_unit = config.round_to // math.gcd(config.round_to, group.unit_width)
+        multiple = math.lcm(per_unit, group.multiple)
         counts.append(group.size - units_to_keep(group.size, float(ratio), multiple))
     return counts
 
