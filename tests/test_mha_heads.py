@@ -473,3 +473,26 @@ def test_zoo_vit_b_16_pruned_saves_and_reloads(tmp_path) -> None:
     assert all(layer.self_attention.num_heads == 6 for layer in model.encoder.layers)
     loaded = load_model(save_model(model, tmp_path / "vit.safetensors")).model
     assert torch.equal(loaded(x), model(x))
+
+
+class FirstLayer(nn.Module):
+    """Attention reading the model input itself: a 3-D input is tracked on axis 1 (as images
+    are), so its features are fixed, and the heads inside may still go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_heads_go_when_attention_reads_the_model_input() -> None:
+    torch.manual_seed(0)
+    model, x = FirstLayer().eval(), torch.randn(2, 5, DIM)
+    graph = build_dependency_graph(model, x)
+    assert [g.kind for g in graph.groups if "attn" in g.producers()] == ["head"]
+    result = prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    assert result.widths == ((HEADS, HEADS // 2),) and model.attn.num_heads == HEADS // 2
+    assert model(torch.randn(3, 7, DIM)).shape == (3, 3)

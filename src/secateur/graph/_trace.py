@@ -528,6 +528,10 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.layer_calls[name] = (None, self.layouts[id(out)][0], -1)
             return
         if isinstance(module, nn.MultiheadAttention) and info is not None:
+            if x.dim() > 1 and info[1] != x.dim() - 1 and self._all_blocked(info[0]):
+                # a fixed input (a 3-D model input is tracked on axis 1, as images are): its
+                # features are fixed too, and the heads inside may still go
+                info = ((Segment(self.table.new(x.shape[-1], blocked="fixed input")),), x.dim() - 1)
             self.called[name] = [s.space for s in info[0]]
             if not self.multihead(module, name, args, info, out):
                 self.block_all(
