@@ -176,3 +176,36 @@ def test_sizes_spelled_entry_by_entry_rewrite_their_ints_not_a_tuple_of_the_same
     assert (mix.a, mix.b) == (mix.dw.in_channels, model[0].out_channels - mix.dw.in_channels)
     assert mix.a < 10 and mix.out_sizes == (10, 6)
     assert model(_x()).shape == (2, 2)
+
+
+class OpenSlice(nn.Module):
+    """DPN's split: ``y[:, :self.n]`` and ``y[:, self.n:]``, the rest as wide as ``n``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 4
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.out(torch.cat([self.a(y[:, : self.n]), self.b(y[:, self.n :])], 1))
+
+
+def test_an_open_ended_slice_rewrites_its_start_only() -> None:
+    """The attribute of ``y[:, self.n:]`` is where the rest starts: it follows the head's width,
+    never the rest's, even when both are equal."""
+    from secateur.pruning._structured import apply_removals_
+
+    torch.manual_seed(0)
+    model, x = OpenSlice().eval(), torch.randn(1, 3, 4, 4)
+    graph = build_dependency_graph(model, x)
+    head, rest = (
+        next(g for g in graph.groups if "conv" in g.producers() and any(
+            m.module_name == reader and m.role == "conv_in" for m in g.members))
+        for reader in ("a", "b")
+    )  # fmt: skip
+    apply_removals_(model, graph, [(head, torch.tensor([0])), (rest, torch.tensor([0, 1]))])
+    assert model.n == 3
+    assert model(x).shape == (1, 2, 4, 4)

@@ -49,6 +49,8 @@ CASES = {
     # grouped 3x3 convs: every group keeps as many channels as the others
     "resnext": ("resnext26ts", dict(), 64),
     "regnetz": ("regnetz_b16", dict(), 64),
+    # dual paths: a slice at an attribute, the rest (its open end) as wide by chance
+    "dpn": ("dpn48b", dict(), 64),
 }
 HEADS = {"vit": 3, "beit": 12, "eva02": 4}  # default head counts where not given
 

@@ -302,10 +302,13 @@ class OpRules(AttentionRules, EinsumRule):
             return False
         chosen = pieces[0 if start == 0 else 1]
         self.set(out, chosen, out_axis)
-        # the bounds were computed from widths (Phi-3's ``qkv[..., :num_heads * head_dim]``)
+        # the bounds were computed from widths (Phi-3's ``qkv[..., :num_heads * head_dim]``);
+        # an open end spells no width (DPN's ``x[:, self.num_1x1_c:]``: its attribute is the
+        # start, and may equal the rest's width by chance)
         if start > 0:
             self.note_width(start, pieces[0])
-        self.note_width(stop - start, chosen)
+        if sel.stop is not None:
+            self.note_width(stop - start, chosen)
         return True
 
     def narrow_split(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
