@@ -108,26 +108,18 @@ class SpaceTable:
                 self.unite(pa, pb)
         else:
             self.parent[rb] = ra
-        if rb in self.coarse:
-            cb, by_b = self.coarse.pop(rb)
-            if ra in self.coarse:
-                ca, by_a = self.coarse[ra]
-                if by_a == by_b:
-                    self.unite(ca, cb)
+        for derived, what in (
+            (self.coarse, "heads of {} and {} channels"),
+            (self.strided, "grouped convs of {} and {} groups"),
+        ):
+            if rb in derived:  # the merged space keeps one derived space of each kind
+                space_b, k_b = derived.pop(rb)
+                if ra not in derived:
+                    derived[ra] = (space_b, k_b)
+                elif derived[ra][1] == k_b:
+                    self.unite(derived[ra][0], space_b)
                 else:
-                    self.block(ra, f"heads of {by_a} and {by_b} channels met")
-            else:
-                self.coarse[ra] = (cb, by_b)
-        if rb in self.strided:
-            sb, g_b = self.strided.pop(rb)
-            if ra in self.strided:
-                sa, g_a = self.strided[ra]
-                if g_a == g_b:
-                    self.unite(sa, sb)
-                else:
-                    self.block(ra, f"grouped convs of {g_a} and {g_b} groups met")
-            else:
-                self.strided[ra] = (sb, g_b)
+                    self.block(ra, what.format(derived[ra][1], k_b) + " met")
         self._check_exclusive(self.find(ra))
         return self.find(ra)
 
