@@ -49,7 +49,7 @@ from .._atomic import atomic_write_bytes, atomic_write_text
 from ..errors import ArtifactError, ConfigError
 from ..pruning._attention import PrunedMultiheadAttention, set_num_heads_
 from ..pruning._depth import replace_with_skip_, skipped_modules
-from ..pruning._surgery import resize_to_state_
+from ..pruning._surgery import group_count, resize_to_state_
 from ..pruning._width_attributes import one_int, set_width_attribute, width_attribute
 from ..zoo import create_model
 
@@ -136,18 +136,13 @@ def _groups(model: nn.Module) -> dict[str, int]:
     """Group counts a reload cannot tell from the tensors: of grouped convs with two or more
     inputs per group (each group may have shrunk alike, or whole groups gone) and of
     GroupNorms (the same after such a conv)."""
-    counts = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.GroupNorm) and m.num_groups > 1:
-            counts[name] = int(m.num_groups)
-        elif (
-            isinstance(m, nn.modules.conv._ConvNd)
-            and not isinstance(m, nn.modules.conv._ConvTransposeNd)
-            and m.groups > 1
-            and m.in_channels // m.groups >= 2
-        ):
-            counts[name] = int(m.groups)
-    return counts
+    return {
+        name: count
+        for name, m in model.named_modules()
+        if (count := group_count(m)) is not None
+        and count > 1
+        and (isinstance(m, nn.GroupNorm) or m.in_channels // count >= 2)
+    }
 
 
 def _apply_groups(model: nn.Module, edits: Any) -> None:
@@ -155,14 +150,7 @@ def _apply_groups(model: nn.Module, edits: Any) -> None:
     if not isinstance(edits, dict):
         raise ValueError("'groups' must map module names to their group count")
     built = {
-        name: m.groups if isinstance(m, nn.modules.conv._ConvNd) else m.num_groups
-        for name, m in model.named_modules()
-        if isinstance(m, nn.GroupNorm)
-        or (
-            isinstance(m, nn.modules.conv._ConvNd)
-            and not isinstance(m, nn.modules.conv._ConvTransposeNd)
-            and m.groups > 1
-        )
+        name: count for name, m in model.named_modules() if (count := group_count(m)) is not None
     }
     for name, count in edits.items():
         if name not in built:

@@ -60,12 +60,13 @@ def resize_to_state_(
         if changed:
             _fix_attributes(module, groups=_saved_groups(name, module, state, recorded))
             resized.append(name)
-        elif recorded is not None and recorded != _group_count(module):
+        elif recorded is not None and recorded != group_count(module):
             raise ValueError(f"{name} keeps its width but its saved group count is {recorded}")
     return resized
 
 
-def _group_count(module: nn.Module) -> int | None:
+def group_count(module: nn.Module) -> int | None:
+    """A grouped conv's ``groups`` or a GroupNorm's ``num_groups``; None for other modules."""
     if _is_grouped(module):
         return module.groups
     return module.num_groups if isinstance(module, nn.GroupNorm) else None
@@ -77,7 +78,7 @@ def _saved_groups(
     """The group count of a resized grouped conv or GroupNorm: the manifest's, checked against
     the saved widths, or else the one its tensors imply (whole groups went, unless a grouped
     conv's weight holds fewer inputs per group: then every group shrank alike)."""
-    count = _group_count(module)
+    count = group_count(module)
     if count is None:
         return None
     if recorded is not None:
