@@ -211,7 +211,10 @@ def test_a_buffer_contracted_like_a_weight_loses_the_same_rows() -> None:
     ]
 
 
-def test_normalize_over_the_channels_blocks_them() -> None:
+def test_normalize_over_the_channels_pools_them() -> None:
+    """A p-norm over the channels is a statistic of them all, as a LayerNorm's: the channels
+    go as a group of the ``hidden`` kind, and removing ones that were zero is exact."""
+
     class Normalized(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -220,9 +223,10 @@ def test_normalize_over_the_channels_blocks_them() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(F.normalize(self.a(x), dim=-1))
 
-    graph = build_dependency_graph(Normalized().eval(), _x())
-    assert graph.groups == ()
-    assert any(reason == "op 'normalize' has no channel rule" for _, reason in graph.blocked)
+    model = Normalized().eval()
+    graph = build_dependency_graph(model, _x())
+    assert [(g.kind, g.size) for g in graph.groups] == [("hidden", 6)]
+    assert_silenced_removal_exact(model, _x(), skip=())
 
 
 def test_torchvision_maxvit_loses_heads_with_their_position_bias() -> None:

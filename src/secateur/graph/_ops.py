@@ -104,7 +104,12 @@ class OpRules(AttentionRules, EinsumRule):
             return False
         axes = axes if isinstance(axes, (tuple, list)) else [axes]
         if any(int(a) % x.dim() == dim for a in axes):
-            return False
+            if name != "normalize":
+                return False
+            # a p-norm over the channels, as a LayerNorm's statistics: valid on fewer (SSD's
+            # L2Norm), and a removed channel that was zero leaves it exact
+            for seg in layout:
+                self.table.flag(seg.space, "pooled")
         return self.pointwise(x, layout, dim, out)
 
     def reshape(self, x, layout, dim, out, name, args, tried=frozenset()) -> bool:  # noqa: ANN001
@@ -398,6 +403,48 @@ class OpRules(AttentionRules, EinsumRule):
         if layout is None:
             return False
         self.set(out, layout, dx)
+        return True
+
+    def setitem(self, args: tuple) -> bool:
+        """``dst[index] = value`` where the index leaves the channel axis whole: the value's
+        channels land on dst's (torchvision's multi-scale RoI pooling fills a zeros tensor one
+        pyramid level at a time), so both name the same channels. A constant written into a
+        tracked tensor leaves its channels as they were."""
+        if len(args) != 3 or not isinstance(args[0], torch.Tensor):
+            return False
+        dst, key, value = args
+        keys = key if isinstance(key, tuple) else (key,)
+        rows = [k for k in keys if isinstance(k, torch.Tensor)]
+        if (
+            len(keys) > dst.dim()
+            or id(dst) in self.params
+            or len(rows) > 1
+            or any(k.dim() != 1 or k.is_floating_point() for k in rows)
+            or not all(isinstance(k, (slice, int, torch.Tensor)) for k in keys)
+        ):
+            return False
+        kept = [i for i in range(dst.dim()) if i >= len(keys) or not isinstance(keys[i], int)]
+        whole = [
+            i >= len(keys) or (isinstance(keys[i], slice) and keys[i] == slice(None))
+            for i in range(dst.dim())
+        ]
+        idst, ivalue = self.info(dst), self.info(value)
+        if ivalue is None:
+            if isinstance(value, torch.Tensor) and value.numel() > 1:
+                return False
+            return idst is not None and whole[idst[1]]
+        layout, dim = ivalue
+        pos = dim + len(kept) - value.dim()
+        if not 0 <= pos < len(kept):
+            return False
+        axis = kept[pos]
+        if not whole[axis] or dst.shape[axis] != value.shape[dim]:
+            return False
+        if idst is not None and (
+            idst[1] != axis or (layout := self.unify(idst[0], layout)) is None
+        ):
+            return False
+        self.set(dst, layout, axis)
         return True
 
     def split_layout(self, layout: Layout, cuts: list[int]) -> list[Layout] | None:

@@ -72,6 +72,7 @@ _SHAPE_KEEPING = {
 }
 # new tensors shaped like their input, holding none of its values
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
+_ROI_POOLS = {"roi_align", "roi_pool"}  # torchvision.ops: (N, C, H, W) -> (boxes, C, h, w)
 # x.new_zeros(shape) and kin: only x's dtype and device; a fresh constant
 _NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
@@ -114,6 +115,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.param_layouts: dict[tuple[str, str, int | None], Layout] = {}
         # parameters concatenated: cat axis and the pieces, in order
         self.param_cats: dict[int, tuple[int, tuple[torch.Tensor, ...]]] = {}
+        # elementwise functions of several parameters of one shape: the parameters
+        self.param_mixes: dict[int, tuple[torch.Tensor, ...]] = {}
         self.keepalive: list[torch.Tensor] = []  # ids stay unique while tracing
         self.depth = 0
         self.stack: list[str] = []
@@ -182,6 +185,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         piece of ``layout``."""
         if isinstance(t, torch.Tensor) and id(t) in self.param_cats:
             return self.add_param_pieces(t, axis, layout, role)
+        if isinstance(t, torch.Tensor) and id(t) in self.param_mixes:
+            return all(self.add_param(p, axis, layout, role) for p in self.param_mixes[id(t)])
         entry = self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
         if entry is None or entry[2][axis] is None:
             return False
@@ -203,6 +208,20 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.table.block_layout(earlier, reason)
             self.table.block_layout(layout, reason)
         return True
+
+    def param_mix(self, name: str, args: tuple, out: Any) -> tuple[torch.Tensor, ...] | None:
+        """The parameters behind ``out`` when it is an elementwise function of several of
+        them, all of one shape (a frozen BatchNorm's ``weight * (running_var + eps).rsqrt()``),
+        or of such a mix; each entry of ``out`` then belongs to the same channel as theirs."""
+        if name not in POINTWISE and name not in ELEMENTWISE or not isinstance(out, torch.Tensor):
+            return None
+        tensors = [a for a in args[:3] if isinstance(a, torch.Tensor) and a.dim() > 0]
+        known = [id(t) in self.params or id(t) in self.param_mixes for t in tensors]
+        if len(tensors) < 2 and not any(id(t) in self.param_mixes for t in tensors):
+            return None
+        if not all(known) or any(t.shape != out.shape for t in tensors):
+            return None
+        return tuple(leaf for t in tensors for leaf in self.param_mixes.get(id(t), (t,)))
 
     def add_param_pieces(self, t: torch.Tensor, axis: int, layout: Layout, role: str) -> bool:
         cat_axis, pieces = self.param_cats[id(t)]
@@ -365,6 +384,10 @@ class _Tracer(OpRules, TorchFunctionMode):
                 self.param_cats[id(out)] = (axis, tuple(pieces))
                 self.keepalive.append(out)
             return
+        if (leaves := self.param_mix(name, args, out)) is not None:
+            self.param_mixes[id(out)] = leaves
+            self.keepalive.append(out)
+            return
         src = args[0] if args else None
         entry = self.params.get(id(src)) if isinstance(src, torch.Tensor) else None
         if entry is None or not isinstance(out, torch.Tensor):
@@ -450,6 +473,7 @@ class _Tracer(OpRules, TorchFunctionMode):
                 lambda: self.fresh_like(x, dim, out) or out.shape != x.shape,
             ),
             (name in ("index_add", "index_add_"), lambda: self.index_add(args, kwargs, out)),
+            (name == "__setitem__", lambda: self.setitem(args)),
             (
                 name in GROUPED_MM and args[0] is x,
                 lambda: self.grouped_mm(args, x, layout, dim, out),
@@ -476,6 +500,10 @@ class _Tracer(OpRules, TorchFunctionMode):
                 lambda: self.linear_fn(args, kwargs, x, layout, dim, out),
             ),
             (name == "expand_as" and single, lambda: self.pointwise(x, layout, dim, out)),
+            (  # torchvision's roi_align(features, boxes): boxes pick rows, channels pass
+                name in _ROI_POOLS and args[0] is x and dim == 1 and tensor_out,
+                lambda: self.pointwise(x, layout, dim, out),
+            ),
             (
                 name == "gather" and single and tensor_out,
                 lambda: self.gather(x, args, kwargs, layout, dim, out),
@@ -885,7 +913,7 @@ def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> T
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tracer, _on_meta(model, copies):
+        with torch.no_grad(), tracer, _on_meta(model, copies), _attributes_kept(model, meta):
             out = model(*args, **kwargs)
     finally:
         for h in handles:
@@ -916,6 +944,42 @@ def _on_meta(model: nn.Module, copies: dict[int, torch.Tensor]) -> Iterator[None
     finally:
         for store, name, t in reversed(swapped):
             store[name] = t
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module, keep: bool) -> Iterator[None]:
+    """With ``keep``, put back every plain module attribute the run set, added or changed in
+    place (one level of list or dict), so that tensors cached during a meta trace (torchvision's
+    anchor generators move theirs to the input's device) never outlive it."""
+    if not keep:
+        yield
+        return
+    saved = []
+    for module in model.modules():
+        attrs = {k: v for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
+        contents = {
+            k: list(v) if isinstance(v, list) else dict(v)
+            for k, v in attrs.items()
+            if type(v) in (list, dict)
+        }
+        saved.append((module, attrs, contents))
+    try:
+        yield
+    finally:
+        for module, attrs, contents in saved:
+            now = vars(module)
+            for k in [k for k in now if k not in _MODULE_INTERNALS and k not in attrs]:
+                del now[k]
+            now.update(attrs)
+            for k, items in contents.items():
+                if isinstance(items, list):
+                    attrs[k][:] = items
+                else:
+                    attrs[k].clear()
+                    attrs[k].update(items)
 
 
 def _to_meta(value: Any) -> Any:
