@@ -25,7 +25,13 @@ different sizes (detectors) or a batch of 2 (segmentation), gives finite outputs
 form, and its parameters fell. Multiply-accumulates are counted by
 ``secateur.measure.count_macs`` for both tools, on the detectors' own transform at
 ``--size`` (min and max size of the R-CNN, RetinaNet and FCOS transforms; SSD resizes to its
-own 300 or 320). A tool gets ``--limit`` seconds per model; past that it is stopped.
+own 300 or 320). How much work an R-CNN does depends on how many proposals and boxes
+survive its score thresholds and non-maximum suppression, which with random weights follows
+the weights: a pruned model that keeps more proposals would count more MACs than the dense
+one. So that both tools are counted on the same work, the R-CNNs here keep a fixed number:
+NMS thresholds at 1.0 (nothing suppressed), score threshold 0, and 10 boxes per image (each
+box runs the mask or keypoint head), hence 1000 proposals per image through the box head.
+A tool gets ``--limit`` seconds per model; past that it is stopped.
 
     .venv/bin/pip install -c constraints.txt torch-pruning==1.6.1
     .venv/bin/python -W ignore benchmarks/torchvision_dense_coverage.py --threads 2
@@ -47,6 +53,7 @@ from secateur.measure import count_macs
 
 RATIO = 0.5
 CLASSES = 5
+BOXES = 10
 DETECTORS = [
     "fasterrcnn_resnet50_fpn",
     "fasterrcnn_resnet50_fpn_v2",
@@ -93,6 +100,10 @@ def build(name: str, norms: str, size: int) -> tuple[torch.nn.Module, tuple]:
     model = torchvision.models.get_model(name, num_classes=classes, **kwargs).eval()
     if norms == "frozen" and name.startswith(FREEZABLE):
         _freeze_norms(model)
+    if hasattr(model, "rpn"):  # a fixed number of proposals and boxes: see the docstring
+        model.rpn.nms_thresh = model.roi_heads.nms_thresh = 1.0
+        model.roi_heads.score_thresh = 0.0
+        model.roi_heads.detections_per_img = BOXES
     gen = torch.Generator().manual_seed(0)
     return model, ([torch.rand(3, size, size, generator=gen)],)
 

@@ -165,11 +165,13 @@ def _detector(name: str) -> nn.Module:
         extra_kw = {"num_keypoints": 5} if arch == "keypointrcnn" else {}
         model = cls(
             backbone,
-            num_classes=None if arch == "keypointrcnn" else 5,
+            num_classes=2 if arch == "keypointrcnn" else 5,
             min_size=160,
             max_size=160,
             **extra_kw,
         )
+        if hasattr(model, "roi_heads"):  # each box costs a run of the mask or keypoint head
+            model.roi_heads.detections_per_img = 8
     else:
         model = torchvision.models.get_model(name, **kwargs)
     return model.eval()
@@ -181,6 +183,7 @@ DETECTORS = [
     "retinanet_resnet18",
     "fcos_resnet18",
     "maskrcnn_resnet18",
+    "keypointrcnn_resnet18",  # two classes: how many boxes pass follows the weights
 ]
 
 
@@ -189,7 +192,8 @@ def test_detectors_prune_and_still_detect(name: str) -> None:
     model = _detector(name)
     images = [torch.rand(3, 160, 160)]
     before = count_macs(model, (images,)).dense
-    prune_(model, StructuredConfig(ratio=0.5), example_inputs=(images,))
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=(images,))
+    assert not result.refused
     with torch.no_grad():
         (out,) = model(images)
     assert {"boxes", "scores", "labels"} <= set(out) and out["boxes"].shape[-1] == 4
@@ -246,3 +250,24 @@ def test_segmentation_models_prune_and_keep_their_output_map(name: str) -> None:
     with torch.no_grad():
         assert model(x)["out"].shape == (1, 5, 96, 96)
     assert count_macs(model, x).dense < 0.4 * before
+
+
+class Selecting(nn.Module):
+    """Returns the rows whose score passes a threshold, as a detector returns its boxes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(torch.relu(self.a(x)))
+        return y[y[:, 0] > 0]
+
+
+def test_an_output_sized_by_the_data_is_not_taken_for_a_broken_model() -> None:
+    """Pruning changes how many rows pass; the forward check compares the other axes only."""
+    torch.manual_seed(0)
+    model, x = Selecting().eval(), torch.randn(64, 4)
+    assert build_dependency_graph(model, x).output_shapes == ((None, 3),)
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert not result.refused and model.a.out_features == 4

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._spaces import Member
-from ._trace import trace
+from ._trace import OutputShapes, trace
 
 # which tensors of a module a role slices, and along which dim
 ROLE_SLICES: dict[str, tuple[tuple[str, int], ...]] = {
@@ -145,7 +145,7 @@ class DependencyGraph:
     groups: tuple[Group, ...]
     blocked: tuple[tuple[str, str], ...]  # (module names, reason)
     attributes: tuple[WidthAttribute, ...] = ()
-    output_shapes: tuple[tuple[int, ...], ...] = ()  # of the traced forward pass
+    output_shapes: OutputShapes = ()  # of the traced forward pass; None: sized by the data
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:

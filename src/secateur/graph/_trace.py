@@ -79,13 +79,17 @@ _NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full"}
 _LIKE = {"type_as", "expand_as", "view_as", "reshape_as"}
 
 
+# the model's output shapes: None at an axis sized by the input's values, or None for all
+OutputShapes = tuple[tuple[int | None, ...], ...] | None
+
+
 @dataclass
 class Trace:
     """What one forward pass showed: channel spaces, module slices, and width notes."""
 
     table: SpaceTable
     notes: list[WidthNote] = field(default_factory=list)
-    output_shapes: tuple[tuple[int, ...], ...] = ()
+    output_shapes: OutputShapes = ()
 
 
 def _name(func: Any) -> str:
@@ -885,7 +889,44 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
     try:  # shapes alone decide the graph: tracing on meta tensors skips all arithmetic
         return _trace_once(model, args, kwargs, meta=True)
     except Exception:  # data-dependent code (masks, .item()) needs real values
-        return _trace_once(model, args, kwargs, meta=False)
+        traced = _trace_once(model, args, kwargs, meta=False)
+        traced.output_shapes = _data_sized_axes(model, args, kwargs, traced.output_shapes)
+        return traced
+
+
+def _data_sized_axes(
+    model: nn.Module, args: tuple, kwargs: dict, shapes: OutputShapes
+) -> OutputShapes:
+    """``shapes`` with ``None`` at each axis whose size follows the input's values (a
+    detector's number of boxes): found by running the model once more on the example inputs'
+    floating-point values shuffled. ``None`` when even the outputs' number or ranks change."""
+    gen = torch.Generator().manual_seed(0)
+
+    def shuffled(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.numel() < 2:
+            return v
+        order = torch.randperm(v.numel(), generator=gen).to(v.device)
+        return v.flatten()[order].view_as(v)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            again = output_shapes(model(*tree_map(shuffled, args), **tree_map(shuffled, kwargs)))
+    except Exception:  # the values broke it: the traced shapes stay as they are
+        return shapes
+    finally:
+        model.train(was_training)
+    if (
+        shapes is None
+        or len(again) != len(shapes)
+        or any(len(a) != len(b) for a, b in zip(again, shapes, strict=True))
+    ):
+        return None
+    return tuple(
+        tuple(x if x == y else None for x, y in zip(a, b, strict=True))
+        for a, b in zip(shapes, again, strict=True)
+    )
 
 
 def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> Trace:
@@ -984,6 +1025,17 @@ def _attributes_kept(model: nn.Module, keep: bool) -> Iterator[None]:
 
 def _to_meta(value: Any) -> Any:
     return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def shapes_match(shapes: OutputShapes, expected: OutputShapes) -> bool:
+    """Whether ``shapes`` are ``expected``, an axis of size ``None`` matching any size, and
+    ``expected`` of ``None`` anything."""
+    if expected is None:
+        return True
+    return len(shapes or ()) == len(expected) and all(
+        len(a) == len(b) and all(y is None or x == y for x, y in zip(a, b, strict=True))
+        for a, b in zip(shapes or (), expected, strict=True)
+    )
 
 
 def output_shapes(out: Any) -> tuple[tuple[int, ...], ...]:

@@ -14,7 +14,7 @@ from .._config import check_int, check_range, coerce_enum, config_from_dict, con
 from .._inputs import call_model
 from ..errors import ConfigError, PruningError
 from ..graph import KINDS, DependencyGraph, Group, build_dependency_graph
-from ..graph._trace import output_shapes
+from ..graph._trace import OutputShapes, output_shapes, shapes_match
 from ..importance import NORMALIZATIONS, create_criterion, group_scores, normalize
 from ..importance._statistics import LossFn
 from ._reconstruct import Refitter
@@ -285,10 +285,9 @@ def _apply_checked(model, graph, removals, example_inputs, optimizer, refit=None
     return kept, refused
 
 
-def _check_forward(
-    model: nn.Module, example_inputs: Any, expected: tuple[tuple[int, ...], ...]
-) -> str | None:
-    """None when the pruned model runs on ``example_inputs`` and keeps its output shapes."""
+def _check_forward(model: nn.Module, example_inputs: Any, expected: OutputShapes) -> str | None:
+    """None when the pruned model runs on ``example_inputs`` and keeps its output shapes
+    (axes whose size follows the input's values, as a detector's number of boxes, aside)."""
     was_training = model.training
     model.eval()
     try:
@@ -299,7 +298,7 @@ def _check_forward(
     finally:
         model.train(was_training)
     shapes = output_shapes(out)
-    return None if shapes == expected else f"output shapes {shapes} != {expected}"
+    return None if shapes_match(shapes, expected) else f"output shapes {shapes} != {expected}"
 
 
 class _Snapshot:
