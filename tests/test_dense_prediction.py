@@ -271,3 +271,79 @@ def test_an_output_sized_by_the_data_is_not_taken_for_a_broken_model() -> None:
     assert build_dependency_graph(model, x).output_shapes == ((None, 3),)
     result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
     assert not result.refused and model.a.out_features == 4
+
+
+class InPlaceScale(nn.Module):
+    """A scale built in place from two buffers (``s = a.clone(); s.mul_(b)``), and a buffer
+    registered empty that the forward fills on the input's device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("a", torch.rand(8) + 0.5)
+        self.register_buffer("b", torch.rand(8) + 0.5)
+        self.register_buffer("cache", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache = torch.ones(1, device=x.device)
+        s = self.a.clone()
+        s.mul_(self.b)
+        return self.out(self.fc(x) * s) * self.cache
+
+
+def test_a_scale_mixed_in_place_slices_both_buffers_and_the_trace_leaves_no_buffer() -> None:
+    from structured_helpers import assert_silenced_removal_exact
+
+    model, x = InPlaceScale().eval(), torch.randn(3, 4)
+    graph = build_dependency_graph(model, x)
+    assert model.cache is None
+    (group,) = graph.groups
+    assert {m.tensor for m in group.members if m.role == "param"} == {"a", "b"}
+    assert_silenced_removal_exact(model, x)
+    assert model.a.shape == model.b.shape == (model.fc.out_features,)
+
+
+class ListWrite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y[:, :, 0, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # one value per channel
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_value_per_channel_written_into_rows_blocks_the_channels() -> None:
+    graph = build_dependency_graph(ListWrite().eval(), torch.randn(1, 3, 4, 4))
+    assert not graph.groups
+
+
+class Detectron2FrozenNorm(nn.Module):
+    """Detectron2's frozen BatchNorm mixes its statistics first and reshapes the result."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, torch.rand(n) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+def test_a_mix_reshaped_after_mixing_shrinks_with_its_channels() -> None:
+    from structured_helpers import assert_silenced_removal_exact
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Detectron2FrozenNorm(8), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    (group,) = build_dependency_graph(model, x).groups
+    assert {m.tensor for m in group.members if m.module_name == "1"} == {
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+    }
+    assert_silenced_removal_exact(model, x)
+    assert model[1].running_var.shape == (model[0].out_channels,)

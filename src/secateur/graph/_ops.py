@@ -420,19 +420,22 @@ class OpRules(AttentionRules, EinsumRule):
             or id(dst) in self.params
             or len(rows) > 1
             or any(k.dim() != 1 or k.is_floating_point() for k in rows)
-            or not all(isinstance(k, (slice, int, torch.Tensor)) for k in keys)
+            or id(dst) in self.param_mixes
+            or id(dst) in self.param_cats
+            or not all(type(k) in (slice, int) or isinstance(k, torch.Tensor) for k in keys)
         ):
             return False
-        kept = [i for i in range(dst.dim()) if i >= len(keys) or not isinstance(keys[i], int)]
+        kept = [i for i in range(dst.dim()) if i >= len(keys) or type(keys[i]) is not int]
         whole = [
             i >= len(keys) or (isinstance(keys[i], slice) and keys[i] == slice(None))
             for i in range(dst.dim())
         ]
         idst, ivalue = self.info(dst), self.info(value)
         if ivalue is None:
-            if isinstance(value, torch.Tensor) and value.numel() > 1:
-                return False
-            return idst is not None and whole[idst[1]]
+            number = isinstance(value, (int, float)) or (
+                isinstance(value, torch.Tensor) and value.numel() == 1
+            )
+            return number and idst is not None and whole[idst[1]]
         layout, dim = ivalue
         pos = dim + len(kept) - value.dim()
         if not 0 <= pos < len(kept):

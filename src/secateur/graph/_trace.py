@@ -72,7 +72,7 @@ _SHAPE_KEEPING = {
 }
 # new tensors shaped like their input, holding none of its values
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
-_ROI_POOLS = {"roi_align", "roi_pool"}  # torchvision.ops: (N, C, H, W) -> (boxes, C, h, w)
+_ROI_POOLS = {"roi_align"}  # torchvision.ops: (N, C, H, W) -> (boxes, C, h, w)
 # x.new_zeros(shape) and kin: only x's dtype and device; a fresh constant
 _NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
@@ -183,14 +183,18 @@ class _Tracer(OpRules, TorchFunctionMode):
             if isinstance(out, torch.Tensor) and out.dim() > 0:
                 self.fresh(out, -1 if out.dim() < 3 else 1, blocked=reason)
 
-    def add_param(self, t: Any, axis: int, layout: Layout, role: str = "param") -> bool:
+    def add_param(
+        self, t: Any, axis: int, layout: Layout, role: str = "param", *, leaf: bool = False
+    ) -> bool:
         """Make the parameter behind untracked ``t`` (sliced along ``axis``) a member; for
         parameters concatenated (BEiT's ``cat((q_bias, k_bias, v_bias))``), each one with its
-        piece of ``layout``."""
+        piece of ``layout``; for a mix of parameters, each of them (``leaf``: ``t`` as the
+        parameter it was before an in-place op mixed others into it)."""
         if isinstance(t, torch.Tensor) and id(t) in self.param_cats:
             return self.add_param_pieces(t, axis, layout, role)
-        if isinstance(t, torch.Tensor) and id(t) in self.param_mixes:
-            return all(self.add_param(p, axis, layout, role) for p in self.param_mixes[id(t)])
+        if not leaf and isinstance(t, torch.Tensor) and id(t) in self.param_mixes:
+            parts = self.param_mixes[id(t)]
+            return all(self.add_param(p, axis, layout, role, leaf=True) for p in parts)
         entry = self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
         if entry is None or entry[2][axis] is None:
             return False
@@ -223,9 +227,34 @@ class _Tracer(OpRules, TorchFunctionMode):
         known = [id(t) in self.params or id(t) in self.param_mixes for t in tensors]
         if len(tensors) < 2 and not any(id(t) in self.param_mixes for t in tensors):
             return None
+        if name in POINTWISE and len(tensors) > 1:  # p.to(q), p.type_as(q): q gives a dtype
+            return None
         if not all(known) or any(t.shape != out.shape for t in tensors):
             return None
         return tuple(leaf for t in tensors for leaf in self.param_mixes.get(id(t), (t,)))
+
+    def follow_mix(self, name: str, args: tuple, out: Any, kwargs: dict | None) -> None:
+        """A view or permute of a mix (Detectron2's frozen BatchNorm reshapes its scale after
+        mixing it): each parameter behind it, seen through the same op, through a stand-in of
+        the mix's shape carrying that parameter's entry."""
+        if not isinstance(out, torch.Tensor):
+            return
+        viewed = []
+        for leaf in self.param_mixes[id(args[0])]:
+            # fresh tensors from shapes alone: nothing here reads the mix itself again
+            stand = torch.empty(args[0].shape, device=args[0].device)
+            seen = torch.empty(out.shape, device=out.device)
+            self.keepalive += [stand, seen]
+            self.params[id(stand)] = self.params[id(leaf)]
+            for table in (self.param_views, self.param_factors):
+                if id(leaf) in table:
+                    table[id(stand)] = table[id(leaf)]  # type: ignore[index]
+            self.follow_param(name, (stand, *args[1:]), seen, kwargs)
+            if id(seen) not in self.params:
+                return
+            viewed.append(seen)
+        self.param_mixes[id(out)] = tuple(viewed)
+        self.keepalive.append(out)
 
     def add_param_pieces(self, t: torch.Tensor, axis: int, layout: Layout, role: str) -> bool:
         cat_axis, pieces = self.param_cats[id(t)]
@@ -393,6 +422,9 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.keepalive.append(out)
             return
         src = args[0] if args else None
+        if isinstance(src, torch.Tensor) and id(src) in self.param_mixes:
+            self.follow_mix(name, args, out, kwargs)
+            return
         entry = self.params.get(id(src)) if isinstance(src, torch.Tensor) else None
         if entry is None or not isinstance(out, torch.Tensor):
             return
@@ -993,8 +1025,9 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 @contextlib.contextmanager
 def _attributes_kept(model: nn.Module, keep: bool) -> Iterator[None]:
     """With ``keep``, put back every plain module attribute the run set, added or changed in
-    place (one level of list or dict), so that tensors cached during a meta trace (torchvision's
-    anchor generators move theirs to the input's device) never outlive it."""
+    place (one level of list or dict), and every buffer or submodule entry, so that tensors
+    cached during a meta trace (torchvision's anchor generators move theirs to the input's
+    device) never outlive it."""
     if not keep:
         yield
         return
@@ -1006,6 +1039,9 @@ def _attributes_kept(model: nn.Module, keep: bool) -> Iterator[None]:
             for k, v in attrs.items()
             if type(v) in (list, dict)
         }
+        for k in ("_buffers", "_modules"):  # a buffer registered as None, set in forward
+            attrs[k] = getattr(module, k)
+            contents[k] = dict(attrs[k])
         saved.append((module, attrs, contents))
     try:
         yield
