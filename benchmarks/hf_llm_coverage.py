@@ -41,6 +41,7 @@ import torch
 import transformers
 
 from secateur import StructuredConfig, prune_
+from secateur.measure import count_macs
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 GQA = dict(SMALL, num_key_value_heads=2, max_position_embeddings=64)
@@ -323,6 +324,30 @@ def prune_and_check(
         "after": widths(model),
         "seconds": seconds,
     }
+
+
+def prune_counting_macs(
+    model: torch.nn.Module,
+    x: Any,
+    prune: Callable[[], str | None],
+    limit: int,
+    check: Callable[[], str | None],
+    digits: int = 3,
+) -> dict[str, Any]:
+    """``prune_and_check`` with the model's MACs on ``x`` as its widths, before and after,
+    and the share of them kept (the vision benchmarks' tables)."""
+    macs = count_macs(model, x).dense
+
+    def widths(m: torch.nn.Module) -> str:
+        try:
+            return f"{count_macs(m, x).dense / 1e9:.{digits}f} G MACs"
+        except Exception:  # noqa: BLE001 - a broken model has no count
+            return "–"
+
+    result = prune_and_check(model, prune, limit, check, widths)
+    if "kept" in result and result["status"].startswith("ok"):
+        result["after"] += f" ({count_macs(model, x).dense / macs:.1%})"
+    return result
 
 
 def run(family: str, tool: str, limit: int) -> dict[str, Any]:

@@ -33,10 +33,9 @@ os.environ["TIMM_FUSED_ATTN"] = "0"  # the peer's example sets it before importi
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-from hf_llm_coverage import _short, print_header, print_runs, prune_and_check  # noqa: E402
+from hf_llm_coverage import _short, print_header, print_runs, prune_counting_macs  # noqa: E402
 
 from secateur import StructuredConfig, prune_  # noqa: E402
-from secateur.measure import count_macs  # noqa: E402
 
 RATIO = 0.5
 CLASSES = 10
@@ -173,20 +172,9 @@ def check(model: torch.nn.Module, x: torch.Tensor) -> str | None:
 
 def run(name: str, tool: str, limit: int) -> dict:
     model, x = build(name)
-    macs = count_macs(model, x).dense
-
-    def widths(m: torch.nn.Module) -> str:  # MACs before and after, in G
-        try:
-            return f"{count_macs(m, x).dense / 1e9:.3f} G MACs"
-        except Exception:  # noqa: BLE001 - a broken model has no count
-            return "–"
-
-    result = prune_and_check(
-        model, lambda: TOOLS[tool](model, x), limit, lambda: check(model, x), widths
+    return prune_counting_macs(
+        model, x, lambda: TOOLS[tool](model, x), limit, lambda: check(model, x)
     )
-    if "kept" in result and result["status"].startswith("ok"):
-        result["after"] += f" ({count_macs(model, x).dense / macs:.1%})"
-    return result
 
 
 def main() -> None:

@@ -45,11 +45,10 @@ from collections.abc import Callable
 
 import torch
 import torchvision
-from hf_llm_coverage import _short, print_header, print_runs, prune_and_check
+from hf_llm_coverage import _short, print_header, print_runs, prune_counting_macs
 from torchvision.ops import FrozenBatchNorm2d
 
 from secateur import StructuredConfig, prune_
-from secateur.measure import count_macs
 
 RATIO = 0.5
 CLASSES = 5
@@ -185,24 +184,9 @@ def check(model: torch.nn.Module, name: str, size: int) -> str | None:
 
 def run(name: str, tool: str, norms: str, size: int, limit: int) -> dict:
     model, x = build(name, norms, size)
-    macs = count_macs(model, x).dense
-
-    def widths(m: torch.nn.Module) -> str:
-        try:
-            return f"{count_macs(m, x).dense / 1e9:.2f} G MACs"
-        except Exception:  # noqa: BLE001 - a broken model has no count
-            return "–"
-
-    result = prune_and_check(
-        model,
-        lambda: TOOLS[tool](model, x, name),
-        limit,
-        lambda: check(model, name, size),
-        widths,
+    return prune_counting_macs(
+        model, x, lambda: TOOLS[tool](model, x, name), limit, lambda: check(model, name, size), 2
     )
-    if "kept" in result and result["status"].startswith("ok"):
-        result["after"] += f" ({count_macs(model, x).dense / macs:.1%})"
-    return result
 
 
 def main() -> None:
