@@ -72,7 +72,6 @@ _SHAPE_KEEPING = {
 }
 # new tensors shaped like their input, holding none of its values
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
-_ROI_POOLS = {"roi_align"}  # torchvision.ops: (N, C, H, W) -> (boxes, C, h, w)
 # x.new_zeros(shape) and kin: only x's dtype and device; a fresh constant
 _NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
@@ -224,12 +223,12 @@ class _Tracer(OpRules, TorchFunctionMode):
         if name not in POINTWISE and name not in ELEMENTWISE or not isinstance(out, torch.Tensor):
             return None
         tensors = [a for a in args[:3] if isinstance(a, torch.Tensor) and a.dim() > 0]
-        known = [id(t) in self.params or id(t) in self.param_mixes for t in tensors]
         if len(tensors) < 2 and not any(id(t) in self.param_mixes for t in tensors):
             return None
         if name in POINTWISE and len(tensors) > 1:  # p.to(q), p.type_as(q): q gives a dtype
             return None
-        if not all(known) or any(t.shape != out.shape for t in tensors):
+        known = all(id(t) in self.params or id(t) in self.param_mixes for t in tensors)
+        if not known or any(t.shape != out.shape for t in tensors):
             return None
         return tuple(leaf for t in tensors for leaf in self.param_mixes.get(id(t), (t,)))
 
@@ -537,7 +536,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             ),
             (name == "expand_as" and single, lambda: self.pointwise(x, layout, dim, out)),
             (  # torchvision's roi_align(features, boxes): boxes pick rows, channels pass
-                name in _ROI_POOLS and args[0] is x and dim == 1 and tensor_out,
+                name == "roi_align" and args[0] is x and dim == 1 and tensor_out,
                 lambda: self.pointwise(x, layout, dim, out),
             ),
             (
@@ -927,7 +926,7 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
 
 
 def _data_sized_axes(
-    model: nn.Module, args: tuple, kwargs: dict, shapes: OutputShapes
+    model: nn.Module, args: tuple, kwargs: dict, shapes: tuple[tuple[int, ...], ...]
 ) -> OutputShapes:
     """``shapes`` with ``None`` at each axis whose size follows the input's values (a
     detector's number of boxes): found by running the model once more on the example inputs'
@@ -949,10 +948,8 @@ def _data_sized_axes(
         return shapes
     finally:
         model.train(was_training)
-    if (
-        shapes is None
-        or len(again) != len(shapes)
-        or any(len(a) != len(b) for a, b in zip(again, shapes, strict=True))
+    if len(again) != len(shapes) or any(
+        len(a) != len(b) for a, b in zip(again, shapes, strict=True)
     ):
         return None
     return tuple(
@@ -986,7 +983,8 @@ def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> T
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tracer, _on_meta(model, copies), _attributes_kept(model, meta):
+        kept = _attributes_kept(model) if meta else contextlib.nullcontext()
+        with torch.no_grad(), tracer, _on_meta(model, copies), kept:
             out = model(*args, **kwargs)
     finally:
         for h in handles:
@@ -1023,14 +1021,11 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 @contextlib.contextmanager
-def _attributes_kept(model: nn.Module, keep: bool) -> Iterator[None]:
-    """With ``keep``, put back every plain module attribute the run set, added or changed in
-    place (one level of list or dict), and every buffer or submodule entry, so that tensors
-    cached during a meta trace (torchvision's anchor generators move theirs to the input's
-    device) never outlive it."""
-    if not keep:
-        yield
-        return
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every plain module attribute the run set, added or changed in place (one
+    level of list or dict), and every buffer or submodule entry, so that tensors cached during
+    a meta trace (torchvision's anchor generators move theirs to the input's device) never
+    outlive it."""
     saved = []
     for module in model.modules():
         attrs = {k: v for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
