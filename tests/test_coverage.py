@@ -17,31 +17,49 @@ torchvision = pytest.importorskip("torchvision")
 # Empty today: every torchvision classifier prunes (Swin and MaxViT with their heads and
 # hidden size tied, since their attention reshapes to the input's width).
 KNOWN_GAPS: dict[str, str] = {}
-# Over ~100M parameters: too slow to build and trace in the default run on 2 cores.
+# Over ~100M parameters, or a deeper or wider sibling of a family that a smaller member
+# covers in the default run: too slow to build and trace there on 2 cores (`-m slow` runs them).
 HEAVY = {
     "regnet_y_128gf",
     "regnet_y_32gf",
     "regnet_x_32gf",
     "regnet_y_16gf",
     "regnet_x_16gf",
+    "regnet_y_8gf",
+    "regnet_x_8gf",
     "vit_h_14",
     "vit_l_16",
     "vit_l_32",
+    "vit_b_16",
     "convnext_large",
     "convnext_base",
+    "convnext_small",
     "swin_b",
+    "swin_s",
     "swin_v2_b",
+    "swin_v2_s",
     "efficientnet_v2_l",
+    "efficientnet_v2_m",
+    "efficientnet_b7",
+    "efficientnet_b6",
+    "efficientnet_b5",
+    "efficientnet_b4",
     "resnext101_32x8d",
     "resnext101_64x4d",
     "wide_resnet101_2",
+    "resnet152",
+    "resnet101",
+    "densenet201",
+    "densenet169",
+    "densenet161",
+    "shufflenet_v2_x2_0",
     "vgg19",
     "vgg19_bn",
     "vgg16",
     "vgg16_bn",
     "vgg13",
     "vgg13_bn",
-    "efficientnet_b7",
+    "vgg11",
 }
 
 
