@@ -3,7 +3,8 @@ head shared by every query head, under sdpa or written as matmuls), and q, k and
 view of the channels, read once the op that picks from it is known.
 
 A mixin of :class:`~secateur.graph._ops.OpRules`, which provides ``table``, ``info``, ``set``,
-``fresh``, ``unify``, ``split_layout``, ``_split``, ``_coarsened`` and ``note_literals``.
+``fresh``, ``unify``, ``split_layout``, ``_split``, ``_coarsened``, ``note_literals``, ``add_param``
+and ``uniform_mask``.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class AttentionRules:
             return True
         if (info := self.info(mask)) is not None:
             return info[1] == at and self.unify(layout, info[0]) is not None
-        return self.add_param(mask, at, layout)
+        return self.add_param(mask, at, layout) or self.uniform_mask(mask, at, layout)
 
     def _multi_query(self, q, kv, infos, out) -> bool:  # noqa: ANN001
         """Multi-query attention (GPT-BigCode): one key/value head broadcast to every query

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._spaces import Member
+from ._spaces import Member, SpaceTable
 from ._trace import OutputShapes, trace
 
 # which tensors of a module a role slices, and along which dim
@@ -165,6 +165,7 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
     """
     tr = trace(model, example_inputs)
     table = tr.table
+    _unite_tied(table, model)
     by_root: dict[int, list[Member]] = {}
     for idx in range(len(table.sizes)):
         for m in table.members[idx]:
@@ -222,6 +223,23 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
     return DependencyGraph(
         tuple(groups), tuple(blocked), tuple(dict.fromkeys(attributes)), tr.output_shapes
     )
+
+
+def _unite_tied(table: SpaceTable, model: nn.Module) -> None:
+    """Unite the spaces of members that slice one tensor (tied by identity, not by name: an
+    encoder-decoder's embeddings and its LM head share one weight) the same way: surgery
+    slices such a tensor once for all its owners, so they must lose the same channels."""
+    first: dict[tuple[int, int, int, int, int, int], int] = {}
+    for idx, members in enumerate(table.members):
+        for m in members:
+            module = model.get_submodule(m.module_name)
+            for tensor_name, dim in member_slices(m):
+                tensor = getattr(module, tensor_name, None)
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                key = (id(tensor), dim, m.offset, m.factor, m.repeats, m.period)
+                if (other := first.setdefault(key, idx)) != idx:
+                    table.unite(other, idx)
 
 
 def _unique(members: list[Member]) -> list[Member]:

@@ -81,7 +81,7 @@ def picks_rows(index: torch.Tensor) -> bool:
 
 class OpRules(AttentionRules, EinsumRule):
     """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
-    ``add_param`` and ``note_width``."""
+    ``add_param``, ``pick`` and ``note_width``."""
 
     # -- one input ---------------------------------------------------------------------------
     def pointwise(self, x, layout, dim, out) -> bool:  # noqa: ANN001
@@ -292,6 +292,8 @@ class OpRules(AttentionRules, EinsumRule):
         if axes is None:
             return False
         out_axis, sel = axes[dim]
+        if out_axis < 0 and isinstance(sel, int) and isinstance(out, torch.Tensor):
+            return self.pick(layout, out)
         if out_axis < 0:
             return False
         if sel == slice(None):

@@ -72,6 +72,11 @@ _SHAPE_KEEPING = {
 }
 # new tensors shaped like their input, holding none of its values
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
+# factories of a tensor with one value everywhere, and ops that keep a value the same along an
+# axis when every operand does or broadcasts along it
+_FILLED = {"zeros", "ones", "full"}
+_CASTS = {"to", "float", "half", "bfloat16"}
+_UNIFORM_KEEPING = ELEMENTWISE | _CASTS | {"contiguous", "clone", "detach"}
 # x.new_zeros(shape) and kin: only x's dtype and device; a fresh constant
 _NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
@@ -121,6 +126,14 @@ class _Tracer(OpRules, TorchFunctionMode):
         # elementwise functions of several parameters of one shape: the parameters
         self.param_mixes: dict[int, tuple[torch.Tensor, ...]] = {}
         self.keepalive: list[torch.Tensor] = []  # ids stay unique while tracing
+        # one channel taken out on its own (BART's ``inputs_embeds[:, :, -1]``, for its shape):
+        # its channels stay prunable unless something reads its values
+        self.picked: dict[int, Layout] = {}
+        # untracked tensors made by zeros/ones/full, and what elementwise ops make of them: the
+        # axes (counted from the end) along which every value is the same, and the call that
+        # made the first one (its number of axes, its arguments and where it ran)
+        self.uniform: dict[int, tuple[frozenset[int], tuple[int, tuple, tuple | None]]] = {}
+        self.uniform_layouts: dict[int, Layout] = {}  # by id of that call's record
         self.depth = 0
         self.stack: list[str] = []
         self.running: list[nn.Module] = []  # the modules of ``stack``
@@ -464,11 +477,71 @@ class _Tracer(OpRules, TorchFunctionMode):
         if len(factors) == out.dim() and any(f > 1 for f in factors):
             self.param_factors[id(out)] = factors
 
+    def follow_uniform(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        """Keep :attr:`uniform` up to date for an op on untracked tensors."""
+        if not isinstance(out, torch.Tensor) or out.dim() == 0:
+            return
+        if name in _FILLED:
+            every = frozenset(range(-out.dim(), 0))
+            self.uniform[id(out)] = (every, (out.dim(), args, self.note_context()))
+            self.keepalive.append(out)
+            return
+        if name not in _UNIFORM_KEEPING:
+            return
+        sources = [a for a in tree_flatten([args, kwargs])[0] if isinstance(a, torch.Tensor)]
+        made = [self.uniform[id(a)][1] for a in sources if id(a) in self.uniform]
+        if not made:
+            return
+
+        def same_along(t: torch.Tensor, k: int) -> bool:
+            return t.dim() < k or t.shape[-k] == 1 or -k in self.uniform.get(id(t), ((),))[0]
+
+        axes = frozenset(
+            -k for k in range(1, out.dim() + 1) if all(same_along(t, k) for t in sources)
+        )
+        self.uniform[id(out)] = (axes, made[0])
+        self.keepalive.append(out)
+
+    def uniform_mask(self, mask: torch.Tensor, at: int, layout: Layout) -> bool:
+        """An untracked mask with a value per head that is the same for every head (T5's
+        cross-attention position bias, ``torch.zeros((1, self.n_heads, q, k))`` plus a mask
+        that broadcasts over the heads) loses the heads ``layout`` loses: the width spelled
+        where it was made is noted, and every attention it is passed to (T5 reuses it in each
+        decoder layer) keeps as many heads, the same ones."""
+        found = self.uniform.get(id(mask))
+        if found is None or at - mask.dim() not in found[0]:
+            return False
+        axes, made = found
+        ndim, args, context = made
+        earlier = self.uniform_layouts.setdefault(id(made), layout)
+        if earlier is not layout:
+            return self.unify(earlier, layout) is not None
+        if context is not None and (axis := at - mask.dim() + ndim) >= 0:
+            self.note_literals((None, *args), axis, mask.shape[at], layout, context)
+        return True
+
+    def pick(self, layout: Layout, out: torch.Tensor) -> bool:
+        """``x[..., i, ...]`` at the channel axis: one channel's values, with no channel axis.
+        Dropping channels moves which one that is, so any later read of its values (not of
+        its shape) blocks them."""
+        self.picked[id(out)] = layout
+        self.keepalive.append(out)
+        return True
+
+    def read_picked(self, values: Any, how: str) -> None:
+        """Block the channels of every picked tensor among ``values``: ``how`` read them."""
+        for v in tree_flatten(list(values))[0]:
+            if isinstance(v, torch.Tensor) and id(v) in self.picked:
+                self.table.block_layout(self.picked[id(v)], f"one channel's values {how}")
+
     def record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         if name in _IGNORED:
             return
+        if self.picked:
+            self.read_picked([args, kwargs], f"are read by '{name}'")
         inputs = self.tracked([args, kwargs])
         if not inputs or (name == "__getitem__" and param_gather(self.params, args, inputs)):
+            self.follow_uniform(name, args, kwargs, out)
             self.follow_param(name, args, out, kwargs)
             return
         x = inputs[0]
@@ -574,6 +647,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         if self.depth:
             return
         name = self.names[module]
+        if self.picked and not isinstance(module, nn.Embedding):  # a float input to an
+            self.read_picked(args, f"are read by {name}")  # Embedding gives only its shape
         x = args[0] if args else None
         info = self.info(x) or self.parameter_source(module, x)
         if name in self.called:
@@ -990,7 +1065,8 @@ def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> T
         for h in handles:
             h.remove()
         model.train(was_training)
-    flat = tree_flatten(list(out.to_tuple()) if hasattr(out, "to_tuple") else out)[0]
+    flat = result_tensors(out)
+    tracer.read_picked(flat, "are a model output")
     for t in flat:
         info = tracer.info(t)
         if info is not None:
@@ -1069,7 +1145,33 @@ def shapes_match(shapes: OutputShapes, expected: OutputShapes) -> bool:
     )
 
 
+# Fields of an HF ``ModelOutput`` that carry a model's inner states beside its predictions
+# (a seq2seq model's encoder states, handed back to it by ``generate()``; the hidden states
+# and attentions asked for): once it has ``logits``, these are not what it outputs.
+_INNER_STATES = frozenset(
+    {
+        "encoder_last_hidden_state",
+        "encoder_hidden_states",
+        "decoder_hidden_states",
+        "hidden_states",
+        "attentions",
+        "encoder_attentions",
+        "decoder_attentions",
+        "cross_attentions",
+    }
+)
+
+
+def result_tensors(out: Any) -> list[Any]:
+    """Everything a model returned that its widths must keep: all of ``out`` flattened (an HF
+    ``ModelOutput`` as its tuple), less the inner states of an output that has ``logits``."""
+    if hasattr(out, "to_tuple") and hasattr(out, "keys"):
+        keys = set(out.keys())
+        inner = _INNER_STATES & keys if "logits" in keys else set()
+        out = [out[k] for k in out if k not in inner]
+    return tree_flatten(out)[0]
+
+
 def output_shapes(out: Any) -> tuple[tuple[int, ...], ...]:
-    """Shapes of every tensor in a model's output (HF ``ModelOutput`` included)."""
-    flat = tree_flatten(list(out.to_tuple()) if hasattr(out, "to_tuple") else out)[0]
-    return tuple(tuple(t.shape) for t in flat if isinstance(t, torch.Tensor))
+    """Shapes of every tensor in a model's result (see :func:`result_tensors`)."""
+    return tuple(tuple(t.shape) for t in result_tensors(out) if isinstance(t, torch.Tensor))

@@ -267,6 +267,12 @@ def remove_units_(
             else:
                 module.register_buffer(name, shared)
         replaced[tensor] = (shared, keeps)
+    members = {id(model.get_submodule(name)) for name in touched}
+    for owned in owners.values():  # a module that holds a sliced tensor without reading it
+        for module, _ in owned:  # (a seq2seq model's ``shared`` embedding) follows its width
+            if id(module) not in members:
+                members.add(id(module))
+                _fix_attributes(module)
     for module_name, dropped in touched.items():
         module = model.get_submodule(module_name)
         if module_name in whole_groups and _is_grouped(module):

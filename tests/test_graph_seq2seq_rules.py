@@ -1,0 +1,152 @@
+"""Channel rules that encoder-decoder transformers need, each on a minimal model: one weight
+tied between two modules, one channel taken out for its shape only, and an attention mask that
+is the same for every head (built from the head count, reused by the next layer)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateur import StructuredConfig, prune_
+from secateur.graph import build_dependency_graph
+from structured_helpers import assert_silenced_removal_exact
+
+
+class _TiedEmbeddings(nn.Module):
+    """An encoder and a decoder embedding, two modules holding one weight, in two branches
+    that never meet: tied by the tensor alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.Embedding(20, 8), nn.Embedding(20, 8)
+        self.dec.weight = self.enc.weight
+        self.enc_ffn, self.dec_ffn = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.enc_head, self.dec_head = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e, d = self.enc(a), self.dec(b)
+        return self.enc_head(e + self.enc_ffn(e)), self.dec_head(d + self.dec_ffn(d))
+
+
+def _ids() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 20, (2, 5), generator=gen), torch.randint(0, 20, (2, 4), generator=gen)
+
+
+def test_modules_holding_one_weight_lose_the_same_channels() -> None:
+    model = _TiedEmbeddings().eval()
+    graph = build_dependency_graph(model, _ids())
+    (group,) = [g for g in graph.groups if "enc" in g.module_names()]
+    assert {"enc", "dec", "enc_head", "dec_head"} <= set(group.module_names())
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=_ids())
+    assert result.refused == ()
+    assert model.dec.weight is model.enc.weight and model.enc.weight.shape == (20, 4)
+    assert [t.shape for t in model(*_ids())] == [(2, 5, 3), (2, 4, 3)]
+
+
+class _Positions(nn.Embedding):
+    """BART's learned positions: called on ``inputs_embeds[:, :, -1]``, reads only its shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(torch.arange(x.shape[1], device=x.device))
+
+
+class _OneChannel(nn.Module):
+    def __init__(self, reads_values: bool) -> None:
+        super().__init__()
+        self.reads_values = reads_values
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.pos = _Positions(6, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        last = h[:, :, -1]
+        h = h + self.pos(last)
+        if self.reads_values:
+            h = h * last.unsqueeze(-1)  # the last channel's values scale every channel
+        return self.fc2(torch.relu(h))
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_channel_taken_for_its_shape_leaves_the_channels_prunable() -> None:
+    model = _OneChannel(reads_values=False).eval()
+    graph = build_dependency_graph(model, _tokens())
+    assert [sorted(g.module_names()) for g in graph.groups] == [["fc1", "fc2", "pos"]]
+    assert_silenced_removal_exact(model, _tokens(), skip=())
+    model = _OneChannel(reads_values=False).eval()
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=_tokens())
+    assert model.pos.weight.shape == (6, 4) and model(_tokens()).shape == (2, 5, 2)
+
+
+def test_a_channel_whose_values_are_read_blocks_the_channels() -> None:
+    graph = build_dependency_graph(_OneChannel(reads_values=True).eval(), _tokens())
+    assert graph.groups == ()
+    assert any("one channel's values are read by 'unsqueeze'" in why for _, why in graph.blocked)
+
+
+class _Attention(nn.Module):
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = heads, width // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None, per_head: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        if bias is None:
+            if per_head:  # a value of its own for each head (ALiBi-like slopes)
+                slopes = torch.arange(1.0, self.n_heads + 1).view(1, self.n_heads, 1, 1)
+                bias = slopes * torch.ones(1, 1, n, n)
+            else:  # T5's cross-attention: zeros shaped by the head count
+                bias = torch.zeros((1, self.n_heads, n, n))
+            causal = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+            bias = torch.where(causal, bias, -1e4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1)), bias
+
+
+class _TwoLayers(nn.Module):
+    """The first layer builds the mask and hands it to the second, as T5's decoder does."""
+
+    def __init__(self, per_head: bool) -> None:
+        super().__init__()
+        self.per_head = per_head
+        self.layers = nn.ModuleList(_Attention() for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None
+        for layer in self.layers:
+            out, bias = layer(x, bias, self.per_head)
+            x = x + out
+        return self.head(x)
+
+
+def _hidden() -> torch.Tensor:
+    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_mask_the_same_for_every_head_follows_the_heads_of_each_layer_it_reaches() -> None:
+    model = _TwoLayers(per_head=False).eval()
+    graph = build_dependency_graph(model, _hidden())
+    (heads,) = [g for g in graph.groups if g.kind == "head"]  # one mask: one head count
+    assert {"layers.0.o", "layers.1.o"} <= set(heads.module_names())
+    assert_silenced_removal_exact(model, _hidden())
+    model = _TwoLayers(per_head=False).eval()
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=_hidden())
+    assert model.layers[0].n_heads == 2  # read where the zeros are made (in layer 0 only)
+    assert [layer.o.in_features for layer in model.layers] == [8, 8]
+    assert model(_hidden()).shape == (2, 5, 3)
+
+
+def test_a_mask_with_a_value_per_head_keeps_the_heads() -> None:
+    graph = build_dependency_graph(_TwoLayers(per_head=True).eval(), _hidden())
+    assert not [g for g in graph.groups if g.kind == "head"]

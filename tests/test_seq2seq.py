@@ -1,0 +1,151 @@
+"""Encoder-decoder transformers (T5, BART, Marian, ...) from small random configs (no download):
+heads of self- and cross-attention, FFN neurons and the hidden size prune, exactly."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from secateur import create_model, load_model, save_model
+from secateur.graph import build_dependency_graph
+from secateur.pruning import StructuredConfig, prune_
+from secateur.pruning._structured import apply_removals_
+from structured_helpers import silence_
+
+transformers = pytest.importorskip("transformers")
+
+BART_LIKE = dict(
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    max_position_embeddings=64,
+)
+FAMILIES = {
+    # relative position bias shared by a stack's layers; cross-attention's bias is zeros
+    # built from n_heads in the first decoder layer and handed to the next
+    "t5": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
+    # encoder and decoder embeddings share one weight (and the LM head);
+    # ``inputs_embeds[:, :, -1]`` is taken for its shape only
+    "bart": BART_LIKE,
+    "marian": BART_LIKE,  # sinusoidal positions held in a frozen Embedding weight
+    # sinusoidal positions rebuilt from the width as a buffer: the hidden size stays whole
+    "m2m_100": BART_LIKE,
+}
+VOCAB = 100
+
+
+def _build(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB, **FAMILIES[family])
+    config.pad_token_id = config.bos_token_id = config.decoder_start_token_id = 0
+    config.eos_token_id = 1
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    return model, {
+        "input_ids": torch.randint(2, VOCAB, (3, 10), generator=gen),
+        "decoder_input_ids": torch.randint(2, VOCAB, (3, 7), generator=gen),
+    }
+
+
+def _logits(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def _attention_widths(model: torch.nn.Module) -> dict[str, int]:
+    """Input width of every attention output projection, by the attention's role."""
+    widths: dict[str, set[int]] = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and leaf in ("o", "out_proj"):
+            role = "cross" if "EncDec" in name or "encoder_attn" in name else "self"
+            stack = "decoder" if "decoder" in name else "encoder"
+            widths.setdefault(f"{stack} {role}", set()).add(module.in_features)
+    return {k: max(v) for k, v in widths.items()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_heads_of_every_attention_ffn_and_hidden_prune(family: str) -> None:
+    model, x = _build(family)
+    before = sum(p.numel() for p in model.parameters())
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert result.refused == ()
+    assert _logits(model, x).shape == (3, 7, VOCAB)
+    # self-attention of both stacks and the decoder's cross-attention: 2 of 4 heads left
+    assert _attention_widths(model) == dict.fromkeys(
+        ("encoder self", "decoder self", "decoder cross"), 32
+    )
+    kinds = [g.kind for g in result.graph.groups]
+    assert kinds.count("channel") == 4  # one FFN width per layer of each stack
+    hidden = model.get_input_embeddings().embedding_dim
+    kept = sum(p.numel() for p in model.parameters()) / before
+    if family == "m2m_100":
+        assert hidden == 64 and "hidden" not in kinds  # its position table follows the width
+        assert kept < 0.6
+    else:
+        assert hidden == 32 and kinds.count("hidden") == 1  # encoder and decoder: one space
+        assert kept < 0.35
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_removing_silenced_heads_and_neurons_keeps_outputs(family: str) -> None:
+    """Zero half of each head and FFN group's units (cross-attention included), remove
+    exactly those, and the logits do not move."""
+    model, x = _build(family)
+    graph = build_dependency_graph(model, x)
+    gen = torch.Generator().manual_seed(3)
+    removals = []
+    for group in graph.groups:
+        if group.kind == "hidden":
+            continue  # norms pool the hidden channels: removing them is not exact by nature
+        units = torch.randperm(group.size, generator=gen)[: group.size // 2]
+        silence_(model, group, units)
+        removals.append((group, units))
+    # per layer: encoder self, decoder self and cross; T5's stacks share a bias over layers
+    heads = 3 if family == "t5" else 6
+    assert sum(g.kind == "head" for g, _ in removals) == heads
+    reference = _logits(model, x)
+    apply_removals_(model, graph, removals)
+    torch.testing.assert_close(_logits(model, x), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_pruned_model_decodes_through_its_cache(family: str) -> None:
+    """Decoding reads the head counts again through the self- and cross-attention caches
+    (not in the traced pass): a step through the cache gives the full pass's logits."""
+    model, x = _build(family)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    ids, dec = x["input_ids"][:1], x["decoder_input_ids"][:1]
+    with torch.no_grad():
+        first = model(input_ids=ids, decoder_input_ids=dec[:, :4], use_cache=True)
+        cache = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+        step = model(
+            decoder_input_ids=dec[:, 4:5],
+            encoder_outputs=(first.encoder_last_hidden_state,),
+            **{cache: first.past_key_values},
+        )
+        full = model(input_ids=ids, decoder_input_ids=dec[:, :5]).logits
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(step.logits[0, -1], full[0, -1], atol=1e-5, rtol=1e-4)
+    assert out.shape == (1, 5)
+
+
+def test_pruned_t5_saves_and_reloads_exactly(tmp_path: Path) -> None:
+    options = dict(task="seq2seq-lm", vocab_size=VOCAB, **FAMILIES["t5"])
+    torch.manual_seed(0)
+    model = create_model("hf.t5", **options)
+    _, x = _build("t5")
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    path = save_model(model, tmp_path / "t5.safetensors")
+    loaded = load_model(path).model
+    assert loaded.secateur_spec["kwargs"]["task"] == "seq2seq-lm"
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
