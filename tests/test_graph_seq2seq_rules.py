@@ -4,6 +4,7 @@ is the same for every head (built from the head count, reused by the next layer)
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,8 +64,8 @@ class _OneChannel(nn.Module):
         h = self.fc1(x)
         last = h[:, :, -1]
         h = h + self.pos(last)
-        if self.reads_values:
-            h = h * last.unsqueeze(-1)  # the last channel's values scale every channel
+        if self.reads_values:  # the last channel's values scale every channel
+            h = h * last.mT.mT.unsqueeze(-1)
         return self.fc2(torch.relu(h))
 
 
@@ -89,9 +90,9 @@ def test_a_channel_whose_values_are_read_blocks_the_channels() -> None:
 
 
 class _Attention(nn.Module):
-    def __init__(self, width: int = 16, heads: int = 4) -> None:
+    def __init__(self, eager: bool, marked: bool = False, width: int = 16, heads: int = 4) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = heads, width // heads
+        self.eager, self.marked, self.n_heads, self.head_dim = eager, marked, heads, width // heads
         self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
 
     def forward(
@@ -107,19 +108,25 @@ class _Attention(nn.Module):
                 bias = slopes * torch.ones(1, 1, n, n)
             else:  # T5's cross-attention: zeros shaped by the head count
                 bias = torch.zeros((1, self.n_heads, n, n))
+                if self.marked:
+                    bias[:, 0] = 1.0  # written into: the first head's bias differs
             causal = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
             bias = torch.where(causal, bias, -1e4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.eager:  # T5's eager attention: the bias is added to the scores
+            scores = q @ k.transpose(-1, -2) / self.head_dim**0.5 + bias
+            out = scores.softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.o(out.transpose(1, 2).reshape(b, n, -1)), bias
 
 
 class _TwoLayers(nn.Module):
     """The first layer builds the mask and hands it to the second, as T5's decoder does."""
 
-    def __init__(self, per_head: bool) -> None:
+    def __init__(self, per_head: bool, eager: bool = False, marked: bool = False) -> None:
         super().__init__()
         self.per_head = per_head
-        self.layers = nn.ModuleList(_Attention() for _ in range(2))
+        self.layers = nn.ModuleList(_Attention(eager, marked) for _ in range(2))
         self.head = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,19 +141,28 @@ def _hidden() -> torch.Tensor:
     return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
 
 
-def test_a_mask_the_same_for_every_head_follows_the_heads_of_each_layer_it_reaches() -> None:
-    model = _TwoLayers(per_head=False).eval()
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
+def test_a_mask_the_same_for_every_head_follows_the_heads_of_each_layer_it_reaches(
+    eager: bool,
+) -> None:
+    model = _TwoLayers(per_head=False, eager=eager).eval()
     graph = build_dependency_graph(model, _hidden())
     (heads,) = [g for g in graph.groups if g.kind == "head"]  # one mask: one head count
     assert {"layers.0.o", "layers.1.o"} <= set(heads.module_names())
     assert_silenced_removal_exact(model, _hidden())
-    model = _TwoLayers(per_head=False).eval()
+    model = _TwoLayers(per_head=False, eager=eager).eval()
     prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=_hidden())
     assert model.layers[0].n_heads == 2  # read where the zeros are made (in layer 0 only)
     assert [layer.o.in_features for layer in model.layers] == [8, 8]
     assert model(_hidden()).shape == (2, 5, 3)
 
 
-def test_a_mask_with_a_value_per_head_keeps_the_heads() -> None:
-    graph = build_dependency_graph(_TwoLayers(per_head=True).eval(), _hidden())
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
+def test_a_mask_with_a_value_per_head_keeps_the_heads(eager: bool) -> None:
+    graph = build_dependency_graph(_TwoLayers(per_head=True, eager=eager).eval(), _hidden())
+    assert not [g for g in graph.groups if g.kind == "head"]
+
+
+def test_a_mask_written_into_after_it_was_made_keeps_the_heads() -> None:
+    graph = build_dependency_graph(_TwoLayers(per_head=False, marked=True).eval(), _hidden())
     assert not [g for g in graph.groups if g.kind == "head"]

@@ -4,7 +4,7 @@ view of the channels, read once the op that picks from it is known.
 
 A mixin of :class:`~secateur.graph._ops.OpRules`, which provides ``table``, ``info``, ``set``,
 ``fresh``, ``unify``, ``split_layout``, ``_split``, ``_coarsened``, ``note_literals``, ``add_param``
-and ``uniform_mask``.
+and ``uniform_operand``.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class AttentionRules:
             return True
         if (info := self.info(mask)) is not None:
             return info[1] == at and self.unify(layout, info[0]) is not None
-        return self.add_param(mask, at, layout) or self.uniform_mask(mask, at, layout)
+        return self.add_param(mask, at, layout) or self.uniform_operand(mask, at, layout)
 
     def _multi_query(self, q, kv, infos, out) -> bool:  # noqa: ANN001
         """Multi-query attention (GPT-BigCode): one key/value head broadcast to every query

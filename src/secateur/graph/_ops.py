@@ -42,7 +42,7 @@ POINTWISE = _words(
     gelu gelu_ half hardsigmoid hardsigmoid_ hardswish hardswish_ hardtanh hardtanh_ interpolate
     leaky_relu leaky_relu_ pad log logsigmoid max_pool1d max_pool2d max_pool3d mish nan_to_num
     __neg__ neg pixel_unshuffle __pow__ pow reciprocal relu relu_ relu6 rsqrt selu sigmoid
-    sigmoid_ sign silu silu_ sin softplus softsign sqrt square tanh tanh_ to type_as upsample
+    sigmoid_ sign silu silu_ sin softplus softsign sqrt square tanh tanh_ to type type_as upsample
     """
 )
 # broadcasting ops over several tensors
@@ -81,7 +81,7 @@ def picks_rows(index: torch.Tensor) -> bool:
 
 class OpRules(AttentionRules, EinsumRule):
     """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
-    ``add_param``, ``pick`` and ``note_width``."""
+    ``add_param``, ``uniform_operand``, ``pick`` and ``note_width``."""
 
     # -- one input ---------------------------------------------------------------------------
     def pointwise(self, x, layout, dim, out) -> bool:  # noqa: ANN001
@@ -537,7 +537,7 @@ class OpRules(AttentionRules, EinsumRule):
             at = axis - (out.dim() - t.dim())
             if at < 0 or t.shape[at] == 1:
                 continue
-            if not self.add_param(t, at, layout):
+            if not (self.add_param(t, at, layout) or self.uniform_operand(t, at, layout)):
                 # a constant with its own value per channel (a rotary table on a key/value
                 # head shared by every query head): the channels stay whole, still on this axis
                 self.table.block_layout(layout, "scaled by a constant with a value per channel")

@@ -56,6 +56,7 @@ from ._width_notes import (
     WidthNote,
     bare_name_at,
     calling_frame,
+    defined_in,
     expression_source,
     module_frames,
     names_at,
@@ -296,11 +297,13 @@ class _Tracer(OpRules, TorchFunctionMode):
             context = (own_source, own.f_code)
             return self.names[owner], names_in_use(frames), own_source, False, context
         frames = module_frames(self.running[-1])
-        passed = bool(frames) and own is not frames[0]
-        where = own if passed and own is not None else frames[0] if frames else None
+        # a function defined in the module's code (LongT5's ``unshape``) reads what it reads
+        nested = own is not None and bool(frames) and defined_in(own.f_code, frames[0].f_code)
+        passed = bool(frames) and own is not frames[0] and not nested
+        where = own if (passed or nested) and own is not None else frames[0] if frames else None
         if not frames:
             source = ""
-        elif frames[0] is own:
+        elif frames[0] is own or nested:
             source = own_source  # the op runs in the module's own code: read once
         else:
             source = expression_source(frames[0])
@@ -502,12 +505,13 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.uniform[id(out)] = (axes, made[0])
         self.keepalive.append(out)
 
-    def uniform_mask(self, mask: torch.Tensor, at: int, layout: Layout) -> bool:
-        """An untracked mask with a value per head that is the same for every head (T5's
-        cross-attention position bias, ``torch.zeros((1, self.n_heads, q, k))`` plus a mask
-        that broadcasts over the heads) loses the heads ``layout`` loses: the width spelled
-        where it was made is noted, and every attention it is passed to (T5 reuses it in each
-        decoder layer) keeps as many heads, the same ones."""
+    def uniform_operand(self, mask: torch.Tensor, at: int, layout: Layout) -> bool:
+        """An untracked operand with a value per unit of ``layout`` along axis ``at`` that is
+        the same for every unit (T5's cross-attention position bias, ``torch.zeros((1,
+        self.n_heads, q, k))`` plus a mask that broadcasts over the heads, added to the scores
+        or passed to sdpa) loses the units ``layout`` loses: the width spelled where it was
+        made is noted, and every op it reaches (T5 reuses it in each decoder layer) keeps as
+        many units, the same ones."""
         found = self.uniform.get(id(mask))
         if found is None or at - mask.dim() not in found[0]:
             return False
@@ -535,10 +539,19 @@ class _Tracer(OpRules, TorchFunctionMode):
                 self.table.block_layout(self.picked[id(v)], f"one channel's values {how}")
 
     def record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        picked = first is not None and id(first) in self.picked
+        if picked and name == "__get__" and isinstance(out, torch.Tensor):
+            self.picked[id(out)] = self.picked[id(first)]  # ``.mT``, ``.data``: the same values
+            self.keepalive.append(out)
+            return
         if name in _IGNORED:
             return
         if self.picked:
             self.read_picked([args, kwargs], f"are read by '{name}'")
+        in_place = name == "__setitem__" or name.endswith("_") or name.startswith("__i")
+        if first is not None and in_place and name not in _UNIFORM_KEEPING:
+            self.uniform.pop(id(first), None)  # written into: maybe no longer the same
         inputs = self.tracked([args, kwargs])
         if not inputs or (name == "__getitem__" and param_gather(self.params, args, inputs)):
             self.follow_uniform(name, args, kwargs, out)

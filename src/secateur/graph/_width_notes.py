@@ -12,6 +12,7 @@ import linecache
 import os
 import re
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,8 +214,26 @@ def names_in_use(frames: list[Any]) -> frozenset[str]:
     ``split_size``) is left alone. Empty when no such frame is found."""
     names: set[str] = set()
     for frame in frames:
-        names.update(frame.f_code.co_names)
+        names.update(_code_names(frame.f_code))
         names.update(_config_reads(frame.f_code))
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=1024)
+def defined_in(code: Any, outer: Any) -> bool:
+    """Whether ``code`` is a function defined inside ``outer`` (at any depth)."""
+    inner = [c for c in outer.co_consts if isinstance(c, types.CodeType)]
+    return any(c is code or defined_in(code, c) for c in inner)
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_names(code: Any) -> frozenset[str]:
+    """``co_names`` of ``code`` and of the functions defined in it (LongT5's ``unshape``,
+    nested in its forward, reshapes with ``self.inner_dim``)."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
     return frozenset(names)
 
 
