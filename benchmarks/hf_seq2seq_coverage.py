@@ -118,10 +118,12 @@ def torch_pruning(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> str | N
     """Torch-Pruning's LLM recipe carried over to seq2seq (see the module docstring)."""
     import torch_pruning as tp
 
-    model.config.use_cache = False  # its users' workaround for tracing HF models (issue #461)
+    # its users' workaround for tracing HF models (issue #461), passed with the inputs too:
+    # T5's stacks hold configs of their own
+    model.config.use_cache = False
     pruner = tp.pruner.MetaPruner(
         model,
-        example_inputs=x,
+        example_inputs=dict(x, use_cache=False),
         importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
         global_pruning=False,
         pruning_ratio=RATIO,

@@ -83,6 +83,18 @@ def test_a_channel_taken_for_its_shape_leaves_the_channels_prunable() -> None:
     assert model.pos.weight.shape == (6, 4) and model(_tokens()).shape == (2, 5, 2)
 
 
+def test_a_channel_picked_inside_blocks_the_channels() -> None:
+    """``h[:, :, 2]`` may not exist at a smaller width: only the first or last is taken."""
+
+    class Third(_OneChannel):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            return self.fc2(torch.relu(h + self.pos(h[:, :, 2])))
+
+    graph = build_dependency_graph(Third(reads_values=False).eval(), _tokens())
+    assert graph.groups == ()
+
+
 def test_a_channel_whose_values_are_read_blocks_the_channels() -> None:
     graph = build_dependency_graph(_OneChannel(reads_values=True).eval(), _tokens())
     assert graph.groups == ()
@@ -90,9 +102,14 @@ def test_a_channel_whose_values_are_read_blocks_the_channels() -> None:
 
 
 class _Attention(nn.Module):
-    def __init__(self, eager: bool, marked: bool = False, width: int = 16, heads: int = 4) -> None:
+    def __init__(self, eager: bool, written: str = "", width: int = 16, heads: int = 4) -> None:
         super().__init__()
-        self.eager, self.marked, self.n_heads, self.head_dim = eager, marked, heads, width // heads
+        self.eager, self.written, self.n_heads, self.head_dim = (
+            eager,
+            written,
+            heads,
+            width // heads,
+        )
         self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
 
     def forward(
@@ -108,8 +125,14 @@ class _Attention(nn.Module):
                 bias = slopes * torch.ones(1, 1, n, n)
             else:  # T5's cross-attention: zeros shaped by the head count
                 bias = torch.zeros((1, self.n_heads, n, n))
-                if self.marked:
-                    bias[:, 0] = 1.0  # written into: the first head's bias differs
+                if self.written == "setitem":  # the first head's bias made to differ
+                    bias[:, 0] = 1.0
+                elif self.written == "view":  # ... through a view
+                    bias.select(1, 0).diagonal(dim1=-2, dim2=-1).fill_(5.0)
+                elif self.written == "alias":  # ... through the tensor, its alias used
+                    alias = bias.detach()
+                    bias[:, 0, :, 0] = 5.0
+                    bias = alias
             causal = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
             bias = torch.where(causal, bias, -1e4)
         if self.eager:  # T5's eager attention: the bias is added to the scores
@@ -123,10 +146,10 @@ class _Attention(nn.Module):
 class _TwoLayers(nn.Module):
     """The first layer builds the mask and hands it to the second, as T5's decoder does."""
 
-    def __init__(self, per_head: bool, eager: bool = False, marked: bool = False) -> None:
+    def __init__(self, per_head: bool, eager: bool = False, written: str = "") -> None:
         super().__init__()
         self.per_head = per_head
-        self.layers = nn.ModuleList(_Attention(eager, marked) for _ in range(2))
+        self.layers = nn.ModuleList(_Attention(eager, written) for _ in range(2))
         self.head = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,6 +186,35 @@ def test_a_mask_with_a_value_per_head_keeps_the_heads(eager: bool) -> None:
     assert not [g for g in graph.groups if g.kind == "head"]
 
 
-def test_a_mask_written_into_after_it_was_made_keeps_the_heads() -> None:
-    graph = build_dependency_graph(_TwoLayers(per_head=False, marked=True).eval(), _hidden())
+@pytest.mark.parametrize("how", ["setitem", "view", "alias"])
+def test_a_mask_written_into_after_it_was_made_keeps_the_heads(how: str) -> None:
+    graph = build_dependency_graph(_TwoLayers(per_head=False, written=how).eval(), _hidden())
     assert not [g for g in graph.groups if g.kind == "head"]
+
+
+class _Closure(nn.Module):
+    """A function defined in forward reshapes with locals it reads from forward's shape
+    unpacking; ``self.dim`` holds the same value but only scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dim = 32
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        b, n, c = h.shape
+
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b * n, c)
+
+        h = flat(h).view(b, n, -1)
+        return self.fc2(torch.relu(h) * self.dim**-0.5)
+
+
+def test_a_nested_function_rewrites_only_what_its_expression_names() -> None:
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    assert_silenced_removal_exact(_Closure().eval(), x, skip=())
+    model = _Closure().eval()
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert model.dim == 32 and model.fc1.out_features == 16

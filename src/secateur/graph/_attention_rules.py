@@ -142,8 +142,10 @@ class AttentionRules:
 
     def _mask_follows(self, mask: torch.Tensor, layout: Layout, out: torch.Tensor) -> bool:
         """An additive mask with a value per head (BEiT's relative position bias, a
-        ``(1, heads, n, n)`` gather from a parameter) loses the heads the output loses; one
-        that broadcasts over the heads is left alone; any other blocks them."""
+        ``(1, heads, n, n)`` gather from a parameter) loses the heads the output loses, and
+        so does one that holds the same values for every head (T5's cross-attention zeros,
+        made from the head count); one that broadcasts over the heads is left alone; any
+        other blocks them."""
         at = mask.dim() - 3  # the heads axis of (..., heads, L, S)
         if at < 0 or mask.shape[at] == 1:
             return True

@@ -234,8 +234,10 @@ def _unite_tied(table: SpaceTable, model: nn.Module) -> None:
         for m in members:
             module = model.get_submodule(m.module_name)
             for tensor_name, dim in member_slices(m):
-                tensor = getattr(module, tensor_name, None)
-                if not isinstance(tensor, torch.Tensor):
+                # the registered tensor itself: a parametrized weight is computed afresh
+                # (a new tensor, whose id may be reused) and is nobody's to share
+                tensor = module._parameters.get(tensor_name, module._buffers.get(tensor_name))
+                if tensor is None:
                     continue
                 key = (id(tensor), dim, m.offset, m.factor, m.repeats, m.period)
                 if (other := first.setdefault(key, idx)) != idx:

@@ -292,8 +292,8 @@ class OpRules(AttentionRules, EinsumRule):
         if axes is None:
             return False
         out_axis, sel = axes[dim]
-        if out_axis < 0 and isinstance(sel, int) and isinstance(out, torch.Tensor):
-            return self.pick(layout, out)
+        if out_axis < 0 and sel in (0, -1) and isinstance(out, torch.Tensor):
+            return self.pick(layout, out)  # the first or last: there at any width
         if out_axis < 0:
             return False
         if sel == slice(None):

@@ -52,6 +52,7 @@ from ._params import (
 )
 from ._shapes import PERMUTE, dim_arg, index_axes, permute_order
 from ._spaces import Layout, Segment, SpaceTable
+from ._uniform import UniformTensors, written
 from ._width_notes import (
     WidthNote,
     bare_name_at,
@@ -73,11 +74,6 @@ _SHAPE_KEEPING = {
 }
 # new tensors shaped like their input, holding none of its values
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
-# factories of a tensor with one value everywhere, and ops that keep a value the same along an
-# axis when every operand does or broadcasts along it
-_FILLED = {"zeros", "ones", "full"}
-_CASTS = {"to", "float", "half", "bfloat16"}
-_UNIFORM_KEEPING = ELEMENTWISE | _CASTS | {"contiguous", "clone", "detach"}
 # x.new_zeros(shape) and kin: only x's dtype and device; a fresh constant
 _NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
@@ -130,11 +126,9 @@ class _Tracer(OpRules, TorchFunctionMode):
         # one channel taken out on its own (BART's ``inputs_embeds[:, :, -1]``, for its shape):
         # its channels stay prunable unless something reads its values
         self.picked: dict[int, Layout] = {}
-        # untracked tensors made by zeros/ones/full, and what elementwise ops make of them: the
-        # axes (counted from the end) along which every value is the same, and the call that
-        # made the first one (its number of axes, its arguments and where it ran)
-        self.uniform: dict[int, tuple[frozenset[int], tuple[int, tuple, tuple | None]]] = {}
-        self.uniform_layouts: dict[int, Layout] = {}  # by id of that call's record
+        # untracked tensors with the same values all along some axes (zeros of a head count)
+        self.uniform = UniformTensors()
+        self.uniform_layouts: dict[tuple[int, int], Layout] = {}  # by (call made, its axis)
         self.depth = 0
         self.stack: list[str] = []
         self.running: list[nn.Module] = []  # the modules of ``stack``
@@ -297,10 +291,11 @@ class _Tracer(OpRules, TorchFunctionMode):
             context = (own_source, own.f_code)
             return self.names[owner], names_in_use(frames), own_source, False, context
         frames = module_frames(self.running[-1])
-        # a function defined in the module's code (LongT5's ``unshape``) reads what it reads
+        # a function defined in the module's code (LongT5's ``unshape``) can read any of its
+        # attributes: what its own expression spells may have reached the op
         nested = own is not None and bool(frames) and defined_in(own.f_code, frames[0].f_code)
-        passed = bool(frames) and own is not frames[0] and not nested
-        where = own if (passed or nested) and own is not None else frames[0] if frames else None
+        passed = bool(frames) and own is not frames[0]
+        where = own if passed and own is not None else frames[0] if frames else None
         if not frames:
             source = ""
         elif frames[0] is own or nested:
@@ -480,48 +475,25 @@ class _Tracer(OpRules, TorchFunctionMode):
         if len(factors) == out.dim() and any(f > 1 for f in factors):
             self.param_factors[id(out)] = factors
 
-    def follow_uniform(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        """Keep :attr:`uniform` up to date for an op on untracked tensors."""
-        if not isinstance(out, torch.Tensor) or out.dim() == 0:
-            return
-        if name in _FILLED:
-            every = frozenset(range(-out.dim(), 0))
-            self.uniform[id(out)] = (every, (out.dim(), args, self.note_context()))
-            self.keepalive.append(out)
-            return
-        if name not in _UNIFORM_KEEPING:
-            return
-        sources = [a for a in tree_flatten([args, kwargs])[0] if isinstance(a, torch.Tensor)]
-        made = [self.uniform[id(a)][1] for a in sources if id(a) in self.uniform]
-        if not made:
-            return
-
-        def same_along(t: torch.Tensor, k: int) -> bool:
-            return t.dim() < k or t.shape[-k] == 1 or -k in self.uniform.get(id(t), ((),))[0]
-
-        axes = frozenset(
-            -k for k in range(1, out.dim() + 1) if all(same_along(t, k) for t in sources)
-        )
-        self.uniform[id(out)] = (axes, made[0])
-        self.keepalive.append(out)
-
-    def uniform_operand(self, mask: torch.Tensor, at: int, layout: Layout) -> bool:
+    def uniform_operand(self, t: torch.Tensor, at: int, layout: Layout) -> bool:
         """An untracked operand with a value per unit of ``layout`` along axis ``at`` that is
         the same for every unit (T5's cross-attention position bias, ``torch.zeros((1,
         self.n_heads, q, k))`` plus a mask that broadcasts over the heads, added to the scores
-        or passed to sdpa) loses the units ``layout`` loses: the width spelled where it was
-        made is noted, and every op it reaches (T5 reuses it in each decoder layer) keeps as
-        many units, the same ones."""
-        found = self.uniform.get(id(mask))
-        if found is None or at - mask.dim() not in found[0]:
+        or passed to sdpa) loses the units ``layout`` loses, once the width it was made with
+        is noted where it was made; every op it reaches (T5 reuses it in each decoder layer)
+        keeps as many units, the same ones."""
+        made = self.uniform.along(t, at)
+        if made is None or made.context is None:
             return False
-        axes, made = found
-        ndim, args, context = made
-        earlier = self.uniform_layouts.setdefault(id(made), layout)
-        if earlier is not layout:
+        axis = at - t.dim() + made.ndim
+        if (earlier := self.uniform_layouts.get((made.serial, axis))) is not None:
             return self.unify(earlier, layout) is not None
-        if context is not None and (axis := at - mask.dim() + ndim) >= 0:
-            self.note_literals((None, *args), axis, mask.shape[at], layout, context)
+        noted = len(self.notes)
+        if axis >= 0:
+            self.note_literals((None, *made.args), axis, t.shape[at], layout, made.context)
+        if len(self.notes) == noted:
+            return False  # no width spelled where it was made: it could not follow
+        self.uniform_layouts[(made.serial, axis)] = layout
         return True
 
     def pick(self, layout: Layout, out: torch.Tensor) -> bool:
@@ -549,14 +521,12 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         if self.picked:
             self.read_picked([args, kwargs], f"are read by '{name}'")
-        in_place = name == "__setitem__" or name.endswith("_") or name.startswith("__i")
-        if first is not None and in_place and name not in _UNIFORM_KEEPING:
-            self.uniform.pop(id(first), None)  # written into: maybe no longer the same
         inputs = self.tracked([args, kwargs])
         if not inputs or (name == "__getitem__" and param_gather(self.params, args, inputs)):
-            self.follow_uniform(name, args, kwargs, out)
+            self.uniform.follow(name, args, kwargs, out, self.note_context)
             self.follow_param(name, args, out, kwargs)
             return
+        self.uniform.forget(written(name, args, kwargs))
         x = inputs[0]
         if id(x) in self.deferred and self.select_deferred(x, name, args, kwargs, out):
             return
@@ -1001,8 +971,9 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
     """Run ``model`` once on ``example_inputs`` and record its channel spaces.
 
     ``example_inputs`` is a tensor, a sequence of positional tensors, or a dict of keyword
-    tensors (HF style). Floating-point inputs and the model's outputs are blocked (their widths
-    are fixed by the data and the task); integer inputs (token ids) are not channels.
+    tensors (HF style). Floating-point inputs and the model's outputs (see
+    :func:`result_tensors`) are blocked (their widths are fixed by the data and the task);
+    integer inputs (token ids) are not channels.
     """
     args, kwargs = split_inputs(example_inputs)
     try:  # shapes alone decide the graph: tracing on meta tensors skips all arithmetic
@@ -1158,9 +1129,9 @@ def shapes_match(shapes: OutputShapes, expected: OutputShapes) -> bool:
     )
 
 
-# Fields of an HF ``ModelOutput`` that carry a model's inner states beside its predictions
-# (a seq2seq model's encoder states, handed back to it by ``generate()``; the hidden states
-# and attentions asked for): once it has ``logits``, these are not what it outputs.
+# Fields of an HF seq2seq ``ModelOutput`` that carry inner states beside its logits (the
+# encoder states, handed back to it by ``generate()``; the hidden states and attentions asked
+# for): not what it outputs.
 _INNER_STATES = frozenset(
     {
         "encoder_last_hidden_state",
@@ -1177,11 +1148,14 @@ _INNER_STATES = frozenset(
 
 def result_tensors(out: Any) -> list[Any]:
     """Everything a model returned that its widths must keep: all of ``out`` flattened (an HF
-    ``ModelOutput`` as its tuple), less the inner states of an output that has ``logits``."""
+    ``ModelOutput`` as its tuple), less the inner states of a seq2seq model's output (one
+    with ``logits`` and ``encoder_last_hidden_state``)."""
     if hasattr(out, "to_tuple") and hasattr(out, "keys"):
         keys = set(out.keys())
-        inner = _INNER_STATES & keys if "logits" in keys else set()
-        out = [out[k] for k in out if k not in inner]
+        seq2seq = {"logits", "encoder_last_hidden_state"} <= keys
+        out = [out[k] for k in out if not (seq2seq and k in _INNER_STATES)]
+    elif hasattr(out, "to_tuple"):
+        out = list(out.to_tuple())
     return tree_flatten(out)[0]
 
 

@@ -56,7 +56,8 @@ def module_frames(module: nn.Module) -> list[Any]:
     frames, frame = [], sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        if code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is module:
+        ours = code.co_filename.startswith(_SECATEUR)  # its own calls take the model first
+        if code.co_argcount and not ours and frame.f_locals.get(code.co_varnames[0]) is module:
             frames.append(frame)
         frame = frame.f_back
     return frames
@@ -83,9 +84,8 @@ def expression_source(frame: Any) -> str:
 
 
 # secateur's and torch's own folders (with the separator: torchvision is not torch)
-_OURS = tuple(
-    os.path.join(str(p), "") for p in (Path(__file__).parents[1], Path(torch.__file__).parent)
-)
+_SECATEUR = os.path.join(str(Path(__file__).parents[1]), "")
+_OURS = (_SECATEUR, os.path.join(str(Path(torch.__file__).parent), ""))
 
 
 def calling_frame() -> Any:
@@ -206,9 +206,10 @@ def bare_name_at(source: str, axis: int, ndim: int) -> str | None:
 
 
 def names_in_use(frames: list[Any]) -> frozenset[str]:
-    """Every name the code now running on a module refers to: ``co_names`` of ``frames``, the
-    frames of methods called on the module (its forward, helpers it called, and functions
-    that take it first, such as HF's attention functions).
+    """Every name the code now running on a module refers to: ``co_names`` of ``frames`` and
+    of the functions defined in them, the frames of methods called on the module (its
+    forward, helpers it called, and functions that take it first, such as HF's attention
+    functions).
     An attribute holding a width can only have reached a reshape through one of these, so an
     attribute that merely holds the same value (GPT-2's unused ``embed_dim`` beside its
     ``split_size``) is left alone. Empty when no such frame is found."""

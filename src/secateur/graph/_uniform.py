@@ -1,0 +1,120 @@
+"""Untracked tensors whose values are the same all along some axes (T5's cross-attention bias:
+``torch.zeros((1, n_heads, q, k))``, then a mask that broadcasts over the heads).
+
+Such a tensor, met with a value per channel (per head), holds nothing that tells one channel
+from another: it may lose channels with them, as long as the code that makes it spells the new
+width. :class:`UniformTensors` follows them from ``zeros``/``ones``/``full`` through
+elementwise ops, remembering for each axis which call made its values, and forgets every
+tensor whose memory an in-place op (or ``out=``) writes into, through any view or alias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from ._ops import ELEMENTWISE
+
+FILLED = {"zeros", "ones", "full"}
+_CASTS = {"to", "float", "half", "bfloat16"}
+KEEPING = ELEMENTWISE | _CASTS | {"contiguous", "clone", "detach"}
+_IN_PLACE_DUNDERS = {
+    *("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__"),
+    *("__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"),
+}
+
+
+@dataclass(frozen=True)
+class Made:
+    """The call that made a uniform tensor: its number, its output's number of axes, its
+    arguments and where it ran (for the width it spells)."""
+
+    serial: int
+    ndim: int
+    args: tuple
+    context: tuple | None
+
+
+def written(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an op writes into: its first argument when in place, and ``out=``."""
+    out = [kwargs["out"]] if isinstance(kwargs.get("out"), torch.Tensor) else []
+    in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
+    if in_place and args and isinstance(args[0], torch.Tensor):
+        out.append(args[0])
+    return out
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # a tensor without a plain storage: no alias can be ruled out
+        return None
+
+
+class UniformTensors:
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        self._axes: dict[int, dict[int, Made | None]] = {}  # id -> {axis from the end: made}
+        self._storages: dict[int, set[int]] = {}  # storage -> ids of the tensors on it
+        self._keep: list[torch.Tensor] = []  # ids and storages stay unique while tracing
+        self._serial = 0
+
+    def along(self, t: torch.Tensor, axis: int) -> Made | None:
+        """The call that made ``t``'s values along ``axis``, if they are the same all along it."""
+        entry = self._axes.get(id(t))
+        return entry.get(axis - t.dim()) if entry is not None else None
+
+    def follow(
+        self,
+        name: str,
+        args: tuple,
+        kwargs: dict,
+        out: Any,
+        context: Callable[[], tuple | None],
+    ) -> None:
+        """Record what an op on untracked tensors makes, then forget what it wrote into."""
+        axes = self._made(name, args, kwargs, out, context)
+        self.forget(written(name, args, kwargs))
+        key = _storage(out) if axes else None
+        if key is not None:
+            self._keep.append(out)
+            self._axes[id(out)] = axes
+            self._storages.setdefault(key, set()).add(id(out))
+
+    def forget(self, tensors: list[torch.Tensor]) -> None:
+        """Unmark every tensor sharing memory with one of ``tensors``."""
+        for t in tensors:
+            key = _storage(t)
+            if key is None:  # unknown memory: nothing marked can be trusted
+                self._axes.clear()
+                self._storages.clear()
+                return
+            for marked in self._storages.pop(key, ()):
+                self._axes.pop(marked, None)
+
+    def _made(self, name, args, kwargs, out, context) -> dict[int, Made | None]:  # noqa: ANN001
+        if not isinstance(out, torch.Tensor) or out.dim() == 0:
+            return {}
+        if name in FILLED:
+            self._serial += 1
+            made = Made(self._serial, out.dim(), args, context())
+            return {-k: made for k in range(1, out.dim() + 1)}
+        if name not in KEEPING:
+            return {}
+        sources = [a for a in tree_flatten([args, kwargs])[0] if isinstance(a, torch.Tensor)]
+        if not any(id(t) in self._axes for t in sources):
+            return {}
+        axes: dict[int, Made | None] = {}
+        for k in range(1, out.dim() + 1):
+            if all(
+                t.dim() < k or t.shape[-k] == 1 or -k in self._axes.get(id(t), {}) for t in sources
+            ):
+                # the values along it were made by the operand that spans it whole
+                spans = [t for t in sources if t.dim() >= k and t.shape[-k] == out.shape[-k]]
+                axes[-k] = next((self._axes[id(t)][-k] for t in spans if id(t) in self._axes), None)
+        return axes
