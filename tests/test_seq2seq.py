@@ -150,13 +150,17 @@ def test_pruned_model_decodes_through_its_cache(family: str) -> None:
     assert out.shape == (1, 5)
 
 
-def test_pruned_t5_saves_and_reloads_exactly(tmp_path: Path) -> None:
-    options = dict(task="seq2seq-lm", vocab_size=VOCAB, **FAMILIES["t5"])
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_pruned_model_saves_and_reloads_exactly(family: str, tmp_path: Path) -> None:
+    options = dict(task="seq2seq-lm", vocab_size=VOCAB, **FAMILIES[family])
     torch.manual_seed(0)
-    model = create_model("hf.t5", **options)
-    _, x = _build("t5")
+    model = create_model(f"hf.{family}", **options)
+    _, x = _build(family)
     prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
-    path = save_model(model, tmp_path / "t5.safetensors")
+    path = save_model(model, tmp_path / "pruned.safetensors")
     loaded = load_model(path).model
     assert loaded.secateur_spec["kwargs"]["task"] == "seq2seq-lm"
     assert torch.equal(_logits(loaded, x), _logits(model, x))
+    embeddings = loaded.get_input_embeddings()
+    assert embeddings.weight is loaded.get_output_embeddings().weight  # still one tensor
+    assert embeddings.embedding_dim == embeddings.weight.shape[1] == 32
