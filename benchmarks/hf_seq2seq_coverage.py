@@ -114,7 +114,9 @@ def _attention_heads(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
     return heads
 
 
-def torch_pruning(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> str | None:
+def torch_pruning(
+    model: torch.nn.Module, x: dict[str, torch.Tensor], ratio: float = RATIO
+) -> str | None:
     """Torch-Pruning's LLM recipe carried over to seq2seq (see the module docstring)."""
     import torch_pruning as tp
 
@@ -126,12 +128,12 @@ def torch_pruning(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> str | N
         example_inputs=dict(x, use_cache=False),
         importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
         global_pruning=False,
-        pruning_ratio=RATIO,
+        pruning_ratio=ratio,
         ignored_layers=[model.get_output_embeddings()],
         num_heads=_attention_heads(model),
         prune_num_heads=True,
         prune_head_dims=False,
-        head_pruning_ratio=RATIO,
+        head_pruning_ratio=ratio,
         round_to=4,
     )
     for group in pruner.step(interactive=True):

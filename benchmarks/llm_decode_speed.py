@@ -1,4 +1,4 @@
-"""Does structured pruning make a decoder LLM faster on this CPU? Prefill and decode, measured.
+"""Does structured pruning make an LLM faster on this CPU? Prefill and decode, measured.
 
 A Llama model with the widths of Llama 3.2 1B (hidden 2048, FFN 8192, 32 query heads over 8
 key/value heads of 64; ``--layers`` of its 16 layers, random weights, no download), or with
@@ -6,15 +6,20 @@ key/value heads of 64; ``--layers`` of its 16 layers, random weights, no downloa
 experts of 1408 neurons, top-4 routing, a shared expert of 5632), is pruned by
 secateur at each ``--ratios`` two ways: heads and FFN neurons only (the hidden size stays), and
 the hidden size too; the MoE model also loses that share of its experts whole (``ExpertConfig``,
-the least routed on the prompt first). Every model is then timed in one interleaved loop, round after round, so
-that the machine's drift falls on all of them alike:
+the least routed on the prompt first). ``--family t5`` is an encoder-decoder with T5-base's
+widths (hidden 768, FFN 3072, 12 heads of 64; ``--layers`` in each stack), where the heads of
+self- and cross-attention go; Torch-Pruning prunes it too, with the recipe of
+``hf_seq2seq_coverage.py`` at each ratio. Every model is then timed in one interleaved loop,
+round after round, so that the machine's drift falls on all of them alike:
 
-- prefill: one forward pass over a ``--prompt``-token prompt, batch 1;
-- decode: greedy generation of ``--new-tokens`` tokens after that prompt through the KV cache,
-  reported as tokens per second.
+- prefill: one forward pass over a ``--prompt``-token prompt, batch 1 (T5: the encoder over
+  the prompt and the decoder's first step);
+- decode: greedy generation of ``--new-tokens`` tokens after that prompt through the KV cache
+  (T5: also the cross-attention cache), reported as tokens per second.
 
-Medians over ``--rounds`` rounds. Torch-Pruning is not in this table: its LLM recipe fails on
-these widths (see ``hf_llm_coverage.py --real-widths``), so there is no peer model to time.
+Medians over ``--rounds`` rounds. Torch-Pruning is not in the Llama and MoE tables: its LLM
+recipe fails on these widths (see ``hf_llm_coverage.py --real-widths``), so there is no peer
+model to time.
 
     .venv/bin/python -W ignore benchmarks/llm_decode_speed.py --threads 2
 """
@@ -31,6 +36,7 @@ import time
 
 import torch
 import transformers
+from hf_seq2seq_coverage import torch_pruning as seq2seq_peer
 
 from secateur import ExpertConfig, StructuredConfig, prune_
 from secateur.measure import count_macs
@@ -65,28 +71,52 @@ PRESETS = {
             max_position_embeddings=512,
         ),
     ),
+    "t5": (
+        "T5-base widths",
+        dict(d_model=768, d_kv=64, d_ff=3072, num_heads=12, vocab_size=32128),
+    ),
 }
+SEQ2SEQ = {"t5"}
 
 
 def build(family: str, layers: int) -> torch.nn.Module:
     widths = PRESETS[family][1]
-    config = transformers.AutoConfig.for_model(family, num_hidden_layers=layers, **widths)
+    if family in SEQ2SEQ:
+        config = transformers.AutoConfig.for_model(
+            family, num_layers=layers, num_decoder_layers=layers, **widths
+        )
+        config.decoder_start_token_id = 0
+    else:
+        config = transformers.AutoConfig.for_model(family, num_hidden_layers=layers, **widths)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    auto = (
+        transformers.AutoModelForSeq2SeqLM
+        if family in SEQ2SEQ
+        else transformers.AutoModelForCausalLM
+    )
+    return auto.from_config(config).eval()
+
+
+def prefill_inputs(model: torch.nn.Module, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The prompt, and for an encoder-decoder the decoder's start token."""
+    if not model.config.is_encoder_decoder:
+        return {"input_ids": prompt}
+    start = torch.full_like(prompt[:, :1], model.config.decoder_start_token_id)
+    return {"input_ids": prompt, "decoder_input_ids": start}
 
 
 def prefill_seconds(model: torch.nn.Module, prompt: torch.Tensor) -> float:
     start = time.perf_counter()
     with torch.no_grad():
-        model(input_ids=prompt, use_cache=False)
+        model(**prefill_inputs(model, prompt), use_cache=False)
     return time.perf_counter() - start
 
 
 def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> float:
     with torch.no_grad():
         start = time.perf_counter()
-        model(input_ids=prompt)  # the same prefill as generate's, timed to be subtracted
+        model(**prefill_inputs(model, prompt))  # the same prefill as generate's, to subtract
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -111,7 +141,9 @@ def main() -> None:
     dense = build(args.family, args.layers)
     title, widths = PRESETS[args.family]
     prompt = torch.randint(1, widths["vocab_size"], (1, args.prompt))
-    example = {"input_ids": prompt[:, :16]}
+    example = prefill_inputs(dense, prompt[:, :16])
+    if args.family in SEQ2SEQ:
+        example["decoder_input_ids"] = prompt[:, :8]
     models = {"dense": dense}
     for ratio in args.ratios:
         for label, kinds in (
@@ -125,9 +157,13 @@ def main() -> None:
             model = copy.deepcopy(dense)
             prune_(model, ExpertConfig(ratio=ratio), calibration=[{"input_ids": prompt}])
             models[f"experts {ratio}"] = model
+        if args.family in SEQ2SEQ:  # the peer: its LLM recipe carried over (heads, FFN, hidden)
+            model = copy.deepcopy(dense)
+            seq2seq_peer(model, example, ratio)
+            models[f"Torch-Pruning {ratio}"] = model
 
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    macs = {k: count_macs(m, {"input_ids": prompt}).dense for k, m in models.items()}
+    macs = {k: count_macs(m, prefill_inputs(m, prompt)).dense for k, m in models.items()}
     prefill: dict[str, list[float]] = {k: [] for k in models}
     decode: dict[str, list[float]] = {k: [] for k in models}
     for model in models.values():  # warm-up
