@@ -72,17 +72,24 @@ def random_units(group: Group, gen: torch.Generator) -> torch.Tensor:
     return torch.randperm(group.size, generator=gen)[: min(count, group.size - 1)]
 
 
+def _outputs(model: nn.Module, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """``model``'s output on ``x`` (keyword tensors for a dict); an HF output's logits."""
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(x)
+    return getattr(out, "logits", out)
+
+
 def assert_silenced_removal_exact(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | dict[str, torch.Tensor],
     seed: int = 0,
     *,
     skip: tuple[str, ...] = ("hidden",),
     tol: float = 1e-5,
-) -> None:
+) -> list[tuple[Group, torch.Tensor]]:
     """Silence a random subset of every group of ``model``'s graph not of a ``skip`` kind
     (norms pool ``hidden`` channels: their removal is not exact by nature), remove exactly
-    those units, and check that the outputs did not move."""
+    those units, and check that the outputs did not move. Returns the removals."""
     from secateur.graph import build_dependency_graph
     from secateur.pruning._structured import apply_removals_
 
@@ -92,8 +99,7 @@ def assert_silenced_removal_exact(
     assert removals, "no group to remove"
     for group, units in removals:
         silence_(model, group, units)
-    with torch.no_grad():
-        expected = model(x)
+    expected = _outputs(model, x)
     apply_removals_(model, graph, removals)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(_outputs(model, x), expected, atol=tol, rtol=tol)
+    return removals
