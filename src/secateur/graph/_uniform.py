@@ -116,5 +116,7 @@ class UniformTensors:
             ):
                 # the values along it were made by the operand that spans it whole
                 spans = [t for t in sources if t.dim() >= k and t.shape[-k] == out.shape[-k]]
-                axes[-k] = next((self._axes[id(t)][-k] for t in spans if id(t) in self._axes), None)
+                axes[-k] = next(
+                    (self._axes[id(t)].get(-k) for t in spans if id(t) in self._axes), None
+                )
         return axes
