@@ -22,7 +22,11 @@ under this call; the others are marked "forward only"), and (d)
 parameters fell. A tool gets ``--limit`` seconds per model; past that it is stopped.
 
     .venv/bin/pip install -c constraints.txt torch-pruning==1.6.1
-    .venv/bin/python -W ignore benchmarks/hf_seq2seq_coverage.py --threads 2
+    .venv/bin/python -W ignore benchmarks/hf_seq2seq_coverage.py --threads 2 [--onnx]
+
+With ``--onnx``, each model that counts as pruned is also exported with secateur's
+``export_onnx`` (its attention masks added; any batch and, for token inputs, any encoder and
+decoder length) and checked in ONNX Runtime; the result is appended to its row.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +43,7 @@ import transformers
 from hf_llm_coverage import _short, print_header, print_runs, prune_and_check
 
 from secateur import StructuredConfig, prune_
+from secateur.export import export_onnx
 
 RATIO = 0.5
 VOCAB = 128
@@ -217,7 +224,24 @@ def check(model: torch.nn.Module, x: dict[str, torch.Tensor], dense_decodes: boo
     return None if agrees else "cached decoding disagrees with the forward pass"
 
 
-def run(family: str, tool: str, limit: int) -> dict[str, Any]:
+def onnx_note(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> str:
+    """Export the pruned model with secateur's ``export_onnx`` (the masks added, any batch and,
+    for token inputs, any encoder and decoder length) and say whether ONNX Runtime matched."""
+    inputs = dict(x)
+    if "input_ids" in inputs:
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["decoder_attention_mask"] = torch.ones_like(inputs["decoder_input_ids"])
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            out = export_onnx(
+                model, inputs, Path(folder) / "m.onnx", dynamic_sequence="input_ids" in inputs
+            )
+        except Exception as exc:  # noqa: BLE001 - a failure is a result to report
+            return f"ONNX fails ({_short(exc)})"
+    return f"ONNX ok (max diff {out.max_abs_diff:.1e})"
+
+
+def run(family: str, tool: str, limit: int, onnx: bool = False) -> dict[str, Any]:
     model, x = build(family)
     try:
         dense_decodes = _decodes_through_cache(model, x)
@@ -232,6 +256,8 @@ def run(family: str, tool: str, limit: int) -> dict[str, Any]:
     )
     if not dense_decodes and result["status"].startswith("ok"):
         result["status"] += " (forward only)"
+    if onnx and result["status"].startswith("ok"):
+        result["status"] += "; " + onnx_note(model, x)
     return result
 
 
@@ -242,6 +268,11 @@ def main() -> None:
     parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=list(TOOLS))
     parser.add_argument(
         "--limit", type=int, default=60, help="seconds a tool may take to prune one model"
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export each pruned model with secateur's export_onnx and check it in ONNX Runtime",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -255,7 +286,9 @@ def main() -> None:
             "cross-attention / FFN, each of the first layer that has it",
         ],
     )
-    print_runs(args.families, args.tools, lambda family, tool: run(family, tool, args.limit))
+    print_runs(
+        args.families, args.tools, lambda family, tool: run(family, tool, args.limit, args.onnx)
+    )
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def test_pruned_hf_decoder_exports_and_matches_any_length(tmp_path, family: str)
     implementation = getattr(model.config, "_experts_implementation", None)
     ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
-    with pytest.raises(ArtifactError, match="pass an attention_mask"):
+    with pytest.raises(ArtifactError, match="pass attention_mask beside the token ids"):
         export_onnx(model, {"input_ids": ids}, tmp_path / "bare.onnx")
     assert not (tmp_path / "bare.onnx").exists()
 
@@ -336,3 +336,22 @@ def test_moe_int8_onnx_quantizes_the_expert_stacks(tmp_path, monkeypatch) -> Non
         reference = model(**x).logits
     got = OnnxRunner(int8)(**x)
     assert float((got - reference).norm() / reference.norm()) < 0.05
+
+
+def test_dynamic_sequence_on_an_axis_that_is_not_one_is_a_config_error(tmp_path) -> None:
+    model = nn.Conv1d(4, 4, 3).eval()  # axis 1 holds channels
+    with pytest.raises(ConfigError, match="does not run with axis 1 of input twice as long"):
+        export_onnx(model, torch.zeros(2, 4, 10), tmp_path / "c.onnx", dynamic_sequence=True)
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_a_failed_conversion_prints_no_exporter_graph_dump(tmp_path, capfd) -> None:
+    class Diff(nn.Module):  # torch.diff has no ONNX form in the TorchScript exporter
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.diff(x, dim=1)
+
+    with pytest.raises(ArtifactError, match="cannot export Diff to ONNX"):
+        export_onnx(Diff(), torch.zeros(2, 5), tmp_path / "d.onnx", check=False)
+    captured = capfd.readouterr()
+    assert "graph(" not in captured.out + captured.err
+    assert not (tmp_path / "d.onnx").exists()

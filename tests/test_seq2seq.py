@@ -151,3 +151,39 @@ def test_pruned_model_saves_and_reloads_exactly(family: str, tmp_path: Path) -> 
     embeddings = loaded.get_input_embeddings()
     assert embeddings.weight is loaded.get_output_embeddings().weight  # still one tensor
     assert embeddings.embedding_dim == embeddings.weight.shape[1] == 32
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_pruned_model_exports_to_onnx_with_independent_lengths(family: str, tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from secateur.export import export_onnx
+
+    model, x = _build(family)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    x["attention_mask"] = torch.ones_like(x["input_ids"])
+    out = export_onnx(model, x, tmp_path / "m.onnx", dynamic_sequence=True)
+    assert out.max_abs_diff < 1e-4
+    graph = onnx.load(str(out.path)).graph
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*graph.input, *graph.output]
+    }
+    # the encoder's and the decoder's lengths are separate axes; logits follow the decoder's
+    assert dims["input_ids"] == dims["attention_mask"] == ["batch", "input_ids_sequence"]
+    assert dims["decoder_input_ids"] == ["batch", "decoder_input_ids_sequence"]
+    assert dims["output_0"] == ["batch", "decoder_input_ids_sequence", VOCAB]
+
+    gen = torch.Generator().manual_seed(1)
+    other = {
+        "input_ids": torch.randint(2, VOCAB, (2, 13), generator=gen),
+        "attention_mask": torch.ones(2, 13, dtype=torch.long),
+        "decoder_input_ids": torch.randint(2, VOCAB, (2, 4), generator=gen),
+    }
+    other["attention_mask"][1, 9:] = 0  # a padded encoder input
+    session = onnxruntime.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    got = session.run(["output_0"], {k: v.numpy() for k, v in other.items()})[0]
+    expected = _logits(model, other)
+    assert got.shape == tuple(expected.shape)
+    assert float((torch.from_numpy(got) - expected).abs().max()) < 1e-4

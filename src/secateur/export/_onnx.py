@@ -16,6 +16,11 @@ Hugging Face models: BERT-like encoders export as they are; for decoders (GPT-2,
 that is exported has ``config.use_cache = False``, because the KV cache the model returns
 otherwise (a ``DynamicCache`` object) cannot be a traced output. Only the batch axis is dynamic
 unless ``dynamic_sequence`` is set; without it, such a file takes the example's sequence length.
+Encoder-decoder models (T5, BART, Whisper, ...) export as one file that runs the encoder and the
+decoder on each call (no cache); give the encoder's and the decoder's inputs different lengths in
+the example and ``dynamic_sequence`` keeps the two lengths independent.
+
+A failed conversion raises one line; the IR graph the exporter prints on failure is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import copy
 import inspect
 import io
 import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,11 +44,13 @@ from torch import nn
 
 from .._atomic import atomic_write_bytes, ensure_writable_dir
 from .._experts import expert_stacks
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, first_line
 
 DEFAULT_OPSET = 17
 _MIN_OPSET = 9
 _MAX_OPSET = 20  # the TorchScript exporter's highest (torch.onnx._constants)
+# token ids -> the mask that spares transformers its torch.diff (no ONNX form) when given
+_MASKS = {"input_ids": "attention_mask", "decoder_input_ids": "decoder_attention_mask"}
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,52 @@ def _output_names(count: int) -> tuple[str, ...]:
     return ("output",) if count == 1 else tuple(f"output_{i}" for i in range(count))
 
 
-def _lengthened(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The inputs with axis 1 (the sequence) twice as long: each repeated along it."""
-    return tuple(torch.cat([x, x], dim=1) if x.dim() >= 2 else x for x in tensors)
+def _sequence_groups(
+    input_names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(axis name, input indices) per independent sequence axis.
+
+    Inputs of 2 or more dims whose axis 1 has the same length in the example share one axis
+    (token ids and their attention mask); inputs of another length get their own (an
+    encoder-decoder's ``decoder_input_ids``). One group is named ``sequence``; with several, each
+    is named after its first input, e.g. ``decoder_input_ids_sequence``.
+    """
+    by_length: dict[int, list[int]] = {}
+    for i, x in enumerate(tensors):
+        if x.dim() >= 2:
+            by_length.setdefault(int(x.shape[1]), []).append(i)
+    groups = list(by_length.values())
+    if len(groups) == 1:
+        return [("sequence", tuple(groups[0]))]
+    return [(f"{input_names[g[0]]}_sequence", tuple(g)) for g in groups]
+
+
+def _lengthened(
+    tensors: tuple[torch.Tensor, ...], indices: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The inputs with axis 1 (the sequence) twice as long, each repeated along it: those at
+    ``indices``, or every input of 2 or more dims when ``indices`` is ``None``."""
+    return tuple(
+        torch.cat([x, x], dim=1) if x.dim() >= 2 and (indices is None or i in indices) else x
+        for i, x in enumerate(tensors)
+    )
+
+
+def _run_lengthened(
+    flat: _Flat, tensors: tuple[torch.Tensor, ...], indices: tuple[int, ...], names: list[str]
+) -> tuple[torch.Tensor, ...]:
+    """The model's outputs with the inputs at ``indices`` twice as long on axis 1."""
+    try:
+        with torch.no_grad():
+            return flat(*_lengthened(tensors, indices))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"the model does not run with axis 1 of {', '.join(names)} twice as long "
+            f"({first_line(exc)}): dynamic_sequence takes axis 1 of every input of 2 or more "
+            "dims for a sequence; drop it for a model whose axis 1 is not one or is fixed"
+        ) from None
 
 
 def _dynamic_axes(
@@ -132,9 +184,9 @@ def _dynamic_axes(
     dynamic_batch: bool,
     dynamic_sequence: bool,
 ) -> dict[str, dict[int, str]]:
-    """Axis names per input and output: ``batch`` on axis 0; ``sequence`` on axis 1 of every
-    input of 2 or more dims, and on each output axis whose size follows it (found by running
-    the model on inputs twice as long)."""
+    """Axis names per input and output: ``batch`` on axis 0; a sequence name (see
+    :func:`_sequence_groups`) on axis 1 of every input of 2 or more dims, and on each output axis
+    whose size follows that group (found by running the model with that group twice as long)."""
     input_names, output_names = names
     axes: dict[str, dict[int, str]] = {n: {} for n in input_names + output_names}
     if dynamic_batch:
@@ -146,15 +198,14 @@ def _dynamic_axes(
                 "dynamic_sequence needs an input of shape (batch, sequence, ...): pass such "
                 "example inputs or drop dynamic_sequence"
             )
-        for name, x in zip(input_names, tensors, strict=True):
-            if x.dim() >= 2:
-                axes[name][1] = "sequence"
-        with torch.no_grad():
-            longer = flat(*_lengthened(tensors))
-        for name, short, long in zip(output_names, outputs, longer, strict=True):
-            for axis in range(1, short.dim()):
-                if short.shape[axis] != long.shape[axis]:
-                    axes[name][axis] = "sequence"
+        for axis_name, indices in _sequence_groups(input_names, tensors):
+            for i in indices:
+                axes[input_names[i]][1] = axis_name
+            longer = _run_lengthened(flat, tensors, indices, [input_names[i] for i in indices])
+            for name, short, long in zip(output_names, outputs, longer, strict=True):
+                for axis in range(1, short.dim()):
+                    if short.shape[axis] != long.shape[axis]:
+                        axes[name].setdefault(axis, axis_name)
     return {n: a for n, a in axes.items() if a}
 
 
@@ -204,28 +255,73 @@ def _to_onnx_bytes(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
         try:
-            torch.onnx.export(
-                flat,
-                tensors,
-                buffer,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                opset_version=opset,
-                do_constant_folding=True,
-                **kwargs,
-            )
+            with _output_dropped_on_failure():
+                torch.onnx.export(
+                    flat,
+                    tensors,
+                    buffer,
+                    input_names=list(input_names),
+                    output_names=list(output_names),
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    **kwargs,
+                )
         except ConfigError:
             raise
         except Exception as exc:  # an operator or construct the exporter cannot convert
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             fix = "try another opset or replace the unsupported operation"
-            if "aten::diff" in first and "attention_mask" not in input_names:
+            missing = [
+                m for ids, m in _MASKS.items() if ids in input_names and m not in input_names
+            ]
+            if "aten::diff" in first and missing:
                 # transformers looks for packed sequences with torch.diff when no mask is given
-                fix = "pass an attention_mask beside the input_ids in the example inputs"
+                fix = f"pass {' and '.join(missing)} beside the token ids in the example inputs"
             raise ArtifactError(
                 f"cannot export {type(flat.model).__name__} to ONNX (opset {opset}): {first}: {fix}"
             ) from exc
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _output_dropped_on_failure() -> Any:
+    """Hold what is written to file descriptors 1 and 2 while the body runs; pass it on if the
+    body succeeds and drop it if it raises. The TorchScript exporter prints its whole IR graph
+    (hundreds of lines) to standard output when it fails to convert a model, beside the error."""
+    held: list[tuple[int, int, Any, Any]] = []  # (fd, saved copy of fd, sink, stream)
+    try:
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            try:
+                stream.flush()
+                saved = os.dup(fd)
+            except (OSError, ValueError, AttributeError):  # no usable descriptor: not held
+                continue
+            try:
+                sink = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _release)
+            except OSError:  # no temporary folder: not held
+                os.close(saved)
+                continue
+            os.dup2(sink.fileno(), fd)
+            held.append((fd, saved, sink, stream))
+        yield
+    except BaseException:
+        _release(held, replay=False)
+        raise
+    _release(held, replay=True)
+
+
+def _release(held: list[tuple[int, int, Any, Any]], replay: bool) -> None:
+    """Point each held descriptor back where it was; with ``replay``, write what it held."""
+    for fd, saved, sink, stream in held:
+        os.dup2(saved, fd)
+        os.close(saved)
+        if replay:
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            if text:
+                stream.write(text)
+                stream.flush()
+        sink.close()
 
 
 def _ort_outputs(session: Any, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> list:
@@ -301,7 +397,21 @@ def _check(
         longer = _lengthened(tensors)
         what = f"a sequence of {max(x.shape[1] for x in longer if x.dim() >= 2)}"
         worst = max(worst, _compare(session, flat, longer, input_names, rtol, atol, what))
+        groups = _sequence_groups(input_names, tensors)
+        for axis_name, indices in groups if len(groups) > 1 else ():
+            alone = _lengthened(tensors, indices)
+            what = f"only {axis_name} twice as long"
+            worst = max(worst, _compare(session, flat, alone, input_names, rtol, atol, what))
     return worst
+
+
+def _without_cache_(model: nn.Module) -> None:
+    """Turn off the KV cache of every HF config in ``model``: a returned cache object cannot be
+    a traced output. Encoder-decoder models keep a separate config copy in each stack."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "use_cache", False):
+            config.use_cache = False
 
 
 def _traceable_experts_(model: nn.Module) -> None:
@@ -345,14 +455,17 @@ def export_onnx(
         dynamic_batch: name axis 0 of every input and output ``batch`` so any batch size runs.
         dynamic_sequence: name axis 1 of every input of 2 or more dims ``sequence``, and each
             output axis that follows it, so that any sequence length runs (token ids of a text
-            model); checked, like the batch, on inputs twice as long.
+            model); checked, like the batch, on inputs twice as long. Inputs whose axis 1 has
+            another length in the example get an axis of their own, named after the first such
+            input (``input_ids_sequence``, ``decoder_input_ids_sequence``), each checked alone.
 
     Returns:
         An :class:`OnnxExport` with the names used and the measured ``max_abs_diff``.
 
     Raises:
         ConfigError: ``path`` does not end in ``.onnx``, a bad opset or tolerance, inputs or
-            outputs that are not tensors, or onnxruntime missing while ``check`` is set.
+            outputs that are not tensors, ``dynamic_sequence`` for a model that does not run
+            with axis 1 twice as long, or onnxruntime missing while ``check`` is set.
         OutputError: the folder of ``path`` cannot be written.
         ArtifactError: the exporter cannot convert the model, or ONNX Runtime's outputs differ
             from PyTorch's beyond tolerance (nothing is left on disk).
@@ -370,9 +483,7 @@ def export_onnx(
     if check:
         _import_onnxruntime()
     clone = copy.deepcopy(model).cpu().eval()
-    config = getattr(clone, "config", None)
-    if config is not None and getattr(config, "use_cache", False):
-        config.use_cache = False  # a returned KV cache object cannot be traced
+    _without_cache_(clone)
     _traceable_experts_(clone)
     flat = _Flat(clone, keys).eval()
     with torch.no_grad():
