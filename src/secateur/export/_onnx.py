@@ -380,7 +380,9 @@ def _check(
 ) -> float:
     ort = _import_onnxruntime()
     try:
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # fatal only: a failed run is raised below in one line
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(
