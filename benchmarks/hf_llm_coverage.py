@@ -23,7 +23,12 @@ prunes these 2-layer models in well under a second when it works); past that it 
 attention whole (or refused a group) is visible.
 
     .venv/bin/pip install -c constraints.txt torch-pruning==1.6.1
-    .venv/bin/python -W ignore benchmarks/hf_llm_coverage.py --threads 2
+    .venv/bin/python -W ignore benchmarks/hf_llm_coverage.py --threads 2 [--onnx]
+
+With ``--onnx``, each model that counts as pruned is also written by secateur's
+``export_decoder_onnx`` (its key/value cache as inputs and outputs) and ``OnnxGenerator``
+decodes 10 tokens greedily in ONNX Runtime for three prompts, one padded on the left; the row
+says whether they are the tokens ``model.generate`` gives.
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ import importlib.metadata
 import logging
 import platform
 import signal
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
 from secateur import StructuredConfig, prune_
-from secateur.measure import count_macs
+from secateur.export import export_decoder_onnx
+from secateur.measure import OnnxGenerator, count_macs
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 GQA = dict(SMALL, num_key_value_heads=2, max_position_embeddings=64)
@@ -350,11 +358,37 @@ def prune_counting_macs(
     return result
 
 
-def run(family: str, tool: str, limit: int) -> dict[str, Any]:
+def onnx_note(model: torch.nn.Module) -> str:
+    """Export the pruned model with its cache and compare greedy tokens in ONNX Runtime."""
+    prompt = torch.randint(1, VOCAB, (3, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt)
+    prompt[1, :2] = mask[1, :2] = 0  # left padding
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            example = {"input_ids": prompt[[0]], "attention_mask": mask[[0]]}
+            out = export_decoder_onnx(model, example, Path(folder) / "m.onnx")
+            generator = OnnxGenerator(out.path, threads=torch.get_num_threads())
+            got = generator.generate(prompt, mask, max_new_tokens=10, eos_token_id=eos)
+        except Exception as exc:  # noqa: BLE001 - a failure is a result to report
+            return f"ONNX fails ({_short(exc)})"
+    with torch.no_grad():
+        expected = model.generate(
+            prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=eos
+        )
+    same = "PyTorch's tokens" if torch.equal(got, expected) else "other tokens than PyTorch"
+    return f"ONNX with cache ok, {same}"
+
+
+def run(family: str, tool: str, limit: int, onnx: bool = False) -> dict[str, Any]:
     model, ids = build(family)
-    return prune_and_check(
+    result = prune_and_check(
         model, lambda: TOOLS[tool](model, ids), limit, lambda: check(model, ids), _widths
     )
+    if onnx and result["status"].startswith("ok"):
+        result["status"] += "; " + onnx_note(model)
+    return result
 
 
 def print_header(
@@ -408,6 +442,11 @@ def main() -> None:
     parser.add_argument(
         "--limit", type=int, default=60, help="seconds a tool may take to prune one model"
     )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export each pruned model with its cache and generate in ONNX Runtime",
+    )
     args = parser.parse_args()
     if args.real_widths:
         args.families = list(REAL_WIDTHS)
@@ -421,7 +460,9 @@ def main() -> None:
             f"ratio {RATIO}; widths are hidden / attention (q heads x head_dim) / FFN (per expert for MoE) of layer 0",
         ],
     )
-    print_runs(args.families, list(TOOLS), lambda family, tool: run(family, tool, args.limit))
+    print_runs(
+        args.families, list(TOOLS), lambda family, tool: run(family, tool, args.limit, args.onnx)
+    )
 
 
 if __name__ == "__main__":

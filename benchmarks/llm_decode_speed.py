@@ -21,7 +21,13 @@ Medians over ``--rounds`` rounds. Torch-Pruning is not in the Llama and MoE tabl
 recipe fails on these widths (see ``hf_llm_coverage.py --real-widths``), so there is no peer
 model to time.
 
-    .venv/bin/python -W ignore benchmarks/llm_decode_speed.py --threads 2
+With ``--onnx`` (decoder-only families), the dense model and each pruned one are also written
+by ``export_decoder_onnx`` (key/value cache as inputs and outputs) and run by ``OnnxGenerator``
+in ONNX Runtime with the same threads, timed in the same interleaved loop: prefill is the
+prompt through an empty cache and its first token, decode as above. A column says whether
+ONNX Runtime generated PyTorch's tokens.
+
+    .venv/bin/python -W ignore benchmarks/llm_decode_speed.py --threads 2 [--onnx]
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ import importlib.metadata
 import logging
 import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from hf_seq2seq_coverage import torch_pruning as seq2seq_peer
 
 from secateur import ExpertConfig, StructuredConfig, prune_
-from secateur.measure import count_macs
+from secateur.export import export_decoder_onnx
+from secateur.measure import OnnxGenerator, count_macs
 
 PRESETS = {
     "llama": (
@@ -124,6 +133,46 @@ def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new: 
     return (new - 1) / max(total - prefill, 1e-9)  # the first new token comes from prefill
 
 
+class OrtModel:
+    """A file from ``export_decoder_onnx`` in ONNX Runtime, timed like the PyTorch models."""
+
+    def __init__(self, model: torch.nn.Module, folder: str, name: str, threads: int) -> None:
+        example = {"input_ids": torch.randint(1, model.config.vocab_size, (1, 16))}
+        path = Path(folder) / f"{name.replace(' ', '_').replace('+', '_')}.onnx"
+        export_decoder_onnx(model, example, path)
+        self.generator = OnnxGenerator(path, threads=threads)
+
+    def prefill_seconds(self, prompt: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.generator.generate(prompt, max_new_tokens=1)
+        return time.perf_counter() - start
+
+    def decode_tokens_per_second(self, prompt: torch.Tensor, new: int) -> float:
+        prefill = self.prefill_seconds(prompt)
+        start = time.perf_counter()
+        self.generator.generate(prompt, max_new_tokens=new)
+        total = time.perf_counter() - start
+        return (new - 1) / max(total - prefill, 1e-9)
+
+
+def _prefill(model: torch.nn.Module | OrtModel, prompt: torch.Tensor) -> float:
+    if isinstance(model, OrtModel):
+        return model.prefill_seconds(prompt)
+    return prefill_seconds(model, prompt)
+
+
+def _decode(model: torch.nn.Module | OrtModel, prompt: torch.Tensor, new: int) -> float:
+    if isinstance(model, OrtModel):
+        return model.decode_tokens_per_second(prompt, new)
+    return decode_tokens_per_second(model, prompt, new)
+
+
+def _same_tokens(model: torch.nn.Module, ort: OrtModel, prompt: torch.Tensor, new: int) -> bool:
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return torch.equal(ort.generator.generate(prompt, max_new_tokens=new), expected)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -133,7 +182,12 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--onnx", action="store_true", help="also time each model in ONNX Runtime (decoders)"
+    )
     args = parser.parse_args()
+    if args.onnx and args.family in SEQ2SEQ:
+        parser.error("--onnx times decoder-only families: drop it for --family t5")
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
@@ -164,19 +218,30 @@ def main() -> None:
 
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     macs = {k: count_macs(m, prefill_inputs(m, prompt)).dense for k, m in models.items()}
-    prefill: dict[str, list[float]] = {k: [] for k in models}
-    decode: dict[str, list[float]] = {k: [] for k in models}
-    for model in models.values():  # warm-up
-        prefill_seconds(model, prompt)
-        decode_tokens_per_second(model, prompt, 4)
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            prefill[name].append(prefill_seconds(model, prompt))
-            decode[name].append(decode_tokens_per_second(model, prompt, args.new_tokens))
+    timed: dict[str, torch.nn.Module | OrtModel] = dict(models)
+    same: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        if args.onnx:
+            for name, model in models.items():
+                ort = OrtModel(model, folder, name, args.threads)
+                same[name] = _same_tokens(model, ort, prompt, args.new_tokens)
+                timed[f"{name} (ORT)"] = ort
+                params[f"{name} (ORT)"], macs[f"{name} (ORT)"] = params[name], macs[name]
+        prefill: dict[str, list[float]] = {k: [] for k in timed}
+        decode: dict[str, list[float]] = {k: [] for k in timed}
+        for model in timed.values():  # warm-up
+            _prefill(model, prompt)
+            _decode(model, prompt, 4)
+        for _ in range(args.rounds):
+            for name, model in timed.items():
+                prefill[name].append(_prefill(model, prompt))
+                decode[name].append(_decode(model, prompt, args.new_tokens))
 
     versions = ", ".join(
         f"{n} {importlib.metadata.version(n)}" for n in ("torch", "transformers", "secateur")
     )
+    if args.onnx:
+        versions += f", onnxruntime {importlib.metadata.version('onnxruntime')}"
     print(f"machine: {platform.machine()}, {args.threads} threads; {versions}")
     print(
         f"{title}, {args.layers} layers, fp32; prompt {args.prompt} tokens, "
@@ -184,17 +249,21 @@ def main() -> None:
     )
     print(
         "| model | params | prefill MACs | prefill ms | prefill speedup | decode tokens/s "
-        "| decode speedup |"
+        "| decode speedup |" + (" ORT tokens = PyTorch's |" if args.onnx else "")
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.onnx else ""))
     base_p = statistics.median(prefill["dense"])
     base_d = statistics.median(decode["dense"])
-    for name in models:
+    for name in timed:  # speedups against dense PyTorch
         p, d = statistics.median(prefill[name]), statistics.median(decode[name])
-        print(
+        row = (
             f"| {name} | {params[name] / 1e6:.1f} M | {macs[name] / 1e9:.2f} G | {p * 1e3:.1f} "
             f"| {base_p / p:.2f}× | {d:.1f} | {d / base_d:.2f}× |"
         )
+        if args.onnx:
+            source = name.removesuffix(" (ORT)")
+            row += f" {'yes' if same[source] else 'no'} |" if name != source else " |"
+        print(row)
 
 
 if __name__ == "__main__":

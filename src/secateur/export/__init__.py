@@ -8,6 +8,7 @@ from ._compressed import read_compressed_header as read_compressed_header
 from ._compressed import save_compressed as save_compressed
 from ._onnx import OnnxExport as OnnxExport
 from ._onnx import export_onnx as export_onnx
+from ._onnx_decoder import export_decoder_onnx as export_decoder_onnx
 from ._safetensors import MANIFEST_FORMAT as MANIFEST_FORMAT
 from ._safetensors import LoadedModel as LoadedModel
 from ._safetensors import load_model as load_model
@@ -29,6 +30,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "LoadedModel",
     "OnnxExport",
+    "export_decoder_onnx",
     "export_onnx",
     "load_model",
     "manifest_path_for",

@@ -17,6 +17,7 @@ from ._metrics import Latency as Latency
 from ._metrics import LayerSparsity as LayerSparsity
 from ._metrics import Metrics as Metrics
 from ._onnx import OnnxRunner as OnnxRunner
+from ._onnx_generate import OnnxGenerator as OnnxGenerator
 from ._params import count_params as count_params
 from ._params import layer_sparsity as layer_sparsity
 
@@ -26,6 +27,7 @@ __all__ = [
     "Latency",
     "MacCount",
     "Metrics",
+    "OnnxGenerator",
     "OnnxRunner",
     "count_macs",
     "count_params",

@@ -1,0 +1,355 @@
+"""Export a transformers decoder LM to ONNX with its key/value cache as inputs and outputs.
+
+:func:`export_onnx` writes a file that runs the whole sequence on every call; generating ``n``
+tokens with it costs ``n`` full passes. :func:`export_decoder_onnx` writes the file that
+generation needs: each call takes the new tokens and the keys and values of the tokens before
+them, and returns the logits and the keys and values extended by the new tokens. The names follow
+the convention ONNX Runtime users of such files expect:
+
+- inputs ``input_ids`` (batch, sequence), ``attention_mask`` (batch, past + sequence),
+  ``position_ids`` (batch, sequence) when the model's forward takes them, and
+  ``past_key_values.{i}.key`` / ``past_key_values.{i}.value`` (batch, kv heads, past, head dim)
+  for every layer ``i``;
+- outputs ``logits`` (batch, sequence, vocabulary) and ``present.{i}.key`` /
+  ``present.{i}.value`` (batch, kv heads, past + sequence, head dim).
+
+The first call (the prompt) passes keys and values of length 0. A structurally pruned model keeps
+its own widths per layer: each layer's kv-head count and head dimension are fixed in the file.
+:class:`secateur.measure.OnnxGenerator` runs such a file greedily.
+
+Only caches of full-attention keys and values are handled (Llama, Qwen, Mistral without a sliding
+window, GPT-2, ...); a model whose cache holds sliding-window layers or recurrent states is
+refused with a one-line error naming :func:`export_onnx` as the way out.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._atomic import atomic_write_bytes, ensure_writable_dir
+from ..errors import ArtifactError, ConfigError, first_line
+from ._onnx import (
+    DEFAULT_OPSET,
+    OnnxExport,
+    _check_args,
+    _import_onnxruntime,
+    _to_onnx_bytes,
+    _traceable_experts_,
+)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward keyword that takes a cache object (transformers 5 renamed it ``cache``)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class _WithCache(nn.Module):
+    """Calls a decoder LM on new tokens and per-layer key/value tensors; returns the logits and
+    the extended keys and values as a flat tuple."""
+
+    def __init__(self, model: nn.Module, layers: int, position_ids: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+        self.position_ids = position_ids
+        self.cache_keyword = _cache_keyword(model)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        input_ids, attention_mask = tensors[:2]
+        extra = 3 if self.position_ids else 2
+        past = tensors[extra:]
+        cache = DynamicCache(
+            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
+            config=self.model.config,
+        )
+        kwargs: dict[str, Any] = {self.cache_keyword: cache}
+        if self.position_ids:
+            kwargs["position_ids"] = tensors[2]
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs
+        )
+        flat = [out.logits]
+        for layer in _cache_layers(getattr(out, "past_key_values", None)):
+            flat += [layer.keys, layer.values]
+        return tuple(flat)
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    """The layers of a transformers ``DynamicCache`` of plain key/value layers, else a
+    :class:`ConfigError` that says which cache the model keeps."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        raise ConfigError(
+            "export_decoder_onnx needs transformers: pip install 'secateur[hf]'"
+        ) from None
+    if not isinstance(cache, DynamicCache):
+        raise ConfigError(
+            f"the model keeps its cache as {type(cache).__name__}, not a transformers "
+            "DynamicCache of keys and values: use export_onnx (no cache) for this model"
+        )
+    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    if kinds:
+        raise ConfigError(
+            f"the model's cache holds {', '.join(sorted(kinds))} layers (sliding windows or "
+            "recurrent states), which export_decoder_onnx does not write: use export_onnx "
+            "(no cache) for this model"
+        )
+    return list(cache.layers)
+
+
+def _position_ids(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Positions of the last ``new`` tokens as transformers' ``generate`` computes them: the
+    count of attended tokens before each, left padding at position 1."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 1)
+    return positions[:, -new:]
+
+
+def _split(example_inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(example_inputs, Mapping) or "input_ids" not in example_inputs:
+        raise ConfigError(
+            "export_decoder_onnx takes example_inputs={'input_ids': ids, 'attention_mask': mask}"
+        )
+    unknown = sorted(set(example_inputs) - {"input_ids", "attention_mask"})
+    if unknown:
+        raise ConfigError(
+            f"export_decoder_onnx takes input_ids and attention_mask only, not {unknown[0]!r}: "
+            "drop it from example_inputs"
+        )
+    ids = example_inputs["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 4:
+        raise ConfigError(
+            "input_ids must be a (batch, sequence) tensor of at least 4 tokens: the export "
+            "traces half of them through the cache of the other half"
+        )
+    mask = example_inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        raise ConfigError("attention_mask must be a tensor of input_ids' shape")
+    return ids.detach().cpu(), mask.detach().cpu().long()
+
+
+def _feed(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    past: list[torch.Tensor],
+    position_ids: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The wrapper's positional inputs: ``mask`` covers past and new tokens."""
+    head = (ids, mask) + ((_position_ids(mask, ids.shape[1]),) if position_ids else ())
+    return head + tuple(past)
+
+
+def _empty_past(
+    shapes: list[tuple[int, int]], batch: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Keys and values of length 0, one per entry of ``shapes`` (kv heads, head dim)."""
+    return [torch.zeros(batch, heads, 0, dim, dtype=dtype) for heads, dim in shapes]
+
+
+def _names(layers: int, position_ids: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    past = tuple(f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value"))
+    present = tuple(f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value"))
+    head = ("input_ids", "attention_mask") + (("position_ids",) if position_ids else ())
+    return head + past, ("logits",) + present
+
+
+def _axes(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for name in inputs + outputs:
+        if name.startswith("past_key_values."):
+            axes[name] = {0: "batch", 2: "past_sequence"}
+        elif name.startswith("present."):
+            axes[name] = {0: "batch", 2: "total_sequence"}
+        elif name == "attention_mask":
+            axes[name] = {0: "batch", 1: "total_sequence"}
+        else:  # input_ids, position_ids, logits
+            axes[name] = {0: "batch", 1: "sequence"}
+    return axes
+
+
+def _compare(
+    session: Any,
+    names: tuple[str, ...],
+    feed: tuple[torch.Tensor, ...],
+    expected: tuple[torch.Tensor, ...],
+    rtol: float,
+    atol: float,
+    what: str,
+) -> float:
+    try:
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, feed, strict=True)})
+    except Exception as exc:
+        raise ArtifactError(
+            f"ONNX Runtime cannot run the export on {what}: {first_line(exc)}: "
+            "check the model for a size fixed at the example's"
+        ) from None
+    worst = 0.0
+    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+        g_t = torch.from_numpy(g).double()
+        e_t = e.double()
+        if g_t.shape != e_t.shape:
+            raise ArtifactError(
+                f"ONNX output {i} has shape {tuple(g_t.shape)}, PyTorch {tuple(e_t.shape)} on "
+                f"{what}: the traced graph fixes a size"
+            )
+        if e_t.numel() == 0:
+            continue
+        diff = (g_t - e_t).abs()
+        worst = max(worst, float(diff.max()))
+        if not bool((diff <= atol + rtol * e_t.abs()).all()):
+            raise ArtifactError(
+                f"ONNX output {i} differs from PyTorch by up to {float(diff.max()):.3g} on {what} "
+                f"(rtol={rtol}, atol={atol}): check the model for untraceable control flow, "
+                "or raise the tolerance"
+            )
+    return worst
+
+
+def export_decoder_onnx(
+    model: nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+) -> OnnxExport:
+    """Write a transformers decoder LM as an ONNX file with its key/value cache (see the module
+    docstring for the file's inputs and outputs), atomically, checked in ONNX Runtime.
+
+    A CPU copy is exported in eval mode; ``model`` is untouched. Every axis but the layers'
+    kv heads and head dimension is dynamic: batch, new tokens and past tokens. With ``check``,
+    ONNX Runtime (CPU) must give PyTorch's logits, keys and values within
+    ``|ort - torch| <= atol + rtol * |torch|`` on the example prompt with an empty past, on its
+    last token decoded through the cache of the tokens before it, and on both again at twice the
+    batch; otherwise nothing is written.
+
+    Args:
+        model: a transformers causal LM (``AutoModelForCausalLM``) whose cache is a
+            ``DynamicCache`` of full-attention keys and values, structurally pruned or not.
+        example_inputs: ``{"input_ids": ids, "attention_mask": mask}``, ids of shape (batch,
+            sequence) with sequence >= 4; the mask may pad on the left and defaults to ones.
+        path: the ``.onnx`` file to write; missing parent folders are created.
+        opset: ONNX opset, 9..20.
+
+    Returns:
+        An :class:`OnnxExport`; ``max_abs_diff`` is the largest difference over the checks.
+
+    Raises:
+        ConfigError: bad path, opset, tolerance or inputs; a model that is not a transformers
+            decoder with such a cache; onnxruntime missing while ``check`` is set.
+        OutputError: the folder of ``path`` cannot be written.
+        ArtifactError: the exporter cannot convert the model, or ONNX Runtime disagrees with
+            PyTorch beyond tolerance (nothing is left on disk).
+
+    Example:
+        >>> ids = torch.randint(0, model.config.vocab_size, (1, 8))
+        >>> export_decoder_onnx(model, {"input_ids": ids}, "llm.onnx").input_names[:3]
+        ('input_ids', 'attention_mask', 'position_ids')
+    """
+    target = Path(path)
+    _check_args(target, opset, rtol, atol)
+    ensure_writable_dir(target.parent)
+    ids, mask = _split(example_inputs)
+    if check:
+        _import_onnxruntime()
+    if not callable(getattr(model, "forward", None)) or getattr(model, "config", None) is None:
+        raise ConfigError("export_decoder_onnx takes a transformers model (one with a .config)")
+    clone = copy.deepcopy(model).cpu().eval()
+    _traceable_experts_(clone)
+    position_ids = "position_ids" in inspect.signature(clone.forward).parameters
+    with torch.no_grad():
+        try:
+            prompt = clone(input_ids=ids, attention_mask=mask, use_cache=True)
+        except Exception as exc:
+            raise ConfigError(
+                f"{type(model).__name__} does not run on these inputs: {first_line(exc)}"
+            ) from None
+    layers = _cache_layers(getattr(prompt, "past_key_values", None))
+    # (kv heads, head dim) of each layer's keys, then its values (they may differ)
+    shapes = [(int(t.shape[1]), int(t.shape[3])) for ly in layers for t in (ly.keys, ly.values)]
+    dtype = layers[0].keys.dtype
+    wrapper = _WithCache(clone, len(layers), position_ids).eval()
+    input_names, output_names = _names(len(layers), position_ids)
+
+    # traced with half the example as the past and half as new tokens: no size is 0 or 1,
+    # which the tracer would fold into constants; the checks then use other sizes
+    step_feed = _step(clone, ids, mask, position_ids, new=ids.shape[1] - ids.shape[1] // 2)
+    data = _to_onnx_bytes(
+        wrapper, step_feed, input_names, output_names, opset, _axes(input_names, output_names)
+    )
+    worst = None
+    if check:
+        worst = _check(data, wrapper, ids, mask, shapes, dtype, input_names, (rtol, atol))
+    atomic_write_bytes(target, data)
+    return OnnxExport(
+        path=target,
+        opset=opset,
+        input_names=input_names,
+        output_names=output_names,
+        max_abs_diff=worst,
+    )
+
+
+def _step(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, position_ids: bool, new: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """The wrapper's inputs that decode the last ``new`` tokens through the cache of the
+    others."""
+    with torch.no_grad():
+        head = model(input_ids=ids[:, :-new], attention_mask=mask[:, :-new], use_cache=True)
+    past = [t for layer in _cache_layers(head.past_key_values) for t in (layer.keys, layer.values)]
+    return _feed(ids[:, -new:], mask, [p.clone() for p in past], position_ids)
+
+
+def _check(
+    data: bytes,
+    wrapper: _WithCache,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    shapes: list[tuple[int, int]],
+    dtype: torch.dtype,
+    names: tuple[str, ...],
+    tolerance: tuple[float, float],
+) -> float:
+    """The largest difference between ONNX Runtime and PyTorch on the prompt with an empty past
+    and on its last token through the cache, at the example's batch and at twice it."""
+    ort = _import_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: a failed run is raised in one line
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ArtifactError(
+            f"ONNX Runtime cannot load the export: {first_line(exc)}: try another opset"
+        ) from None
+    worst = 0.0
+    doubled = (torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)]), "twice the batch")
+    for batch_ids, batch_mask, size in ((ids, mask, "the example"), doubled):
+        empty = _empty_past(shapes, batch_ids.shape[0], dtype)
+        checks = {
+            f"{size}'s prompt": _feed(batch_ids, batch_mask, empty, wrapper.position_ids),
+            f"{size}'s last token through the cache": _step(
+                wrapper.model, batch_ids, batch_mask, wrapper.position_ids
+            ),
+        }
+        for what, feed in checks.items():
+            with torch.no_grad():
+                expected = wrapper(*[t.clone() for t in feed])
+            worst = max(worst, _compare(session, names, feed, expected, *tolerance, what))
+    return worst

@@ -1,0 +1,141 @@
+"""Greedy text generation in ONNX Runtime with a file from ``export_decoder_onnx``.
+
+:class:`OnnxGenerator` feeds the prompt once with an empty cache, then one token per step with
+the keys and values the file returned, as transformers' ``generate`` does in PyTorch; so a pruned
+LM's decoding speed can be measured, and its tokens compared, in the runtime it ships in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError, ConfigError, first_line
+from ._onnx import OnnxRunner
+
+_PAST = "past_key_values."
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class OnnxGenerator:
+    """Greedy decoding with a decoder LM file that takes and returns its key/value cache.
+
+    Args:
+        path: an ``.onnx`` file written by ``secateur.export.export_decoder_onnx``.
+        threads, providers: as for :class:`OnnxRunner`.
+
+    Attributes:
+        runner: the :class:`OnnxRunner` on ``path``.
+
+    Raises:
+        ArtifactError: ``path`` is missing, corrupt, or not a file with ``input_ids``,
+            ``attention_mask`` and ``past_key_values.*`` inputs.
+        ConfigError: as for :class:`OnnxRunner`.
+
+    Example:
+        >>> generator = OnnxGenerator("llm.onnx", threads=2)
+        >>> generator.generate(ids, max_new_tokens=16).shape  # prompt and 16 new tokens
+        torch.Size([1, 24])
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
+        self.runner = OnnxRunner(path, threads=threads, providers=providers)
+        session = self.runner._session
+        names = self.runner.input_names
+        past = [i for i in session.get_inputs() if i.name.startswith(_PAST)]
+        if "input_ids" not in names or "attention_mask" not in names or not past:
+            raise ArtifactError(
+                f"{self.runner.path.name} takes no key/value cache (inputs "
+                f"{', '.join(names)}): write it with secateur.export.export_decoder_onnx"
+            )
+        self._position_ids = "position_ids" in names
+        self._past: list[tuple[str, int, int, type]] = []
+        for i in past:
+            heads, dim = i.shape[1], i.shape[3]
+            if not isinstance(heads, int) or not isinstance(dim, int) or i.type not in _DTYPES:
+                raise ArtifactError(
+                    f"{self.runner.path.name}: input {i.name} has shape {i.shape} and type "
+                    f"{i.type}: write the file with secateur.export.export_decoder_onnx"
+                )
+            self._past.append((i.name, heads, dim, _DTYPES[i.type]))
+        self._outputs = self.runner.output_names
+
+    def __repr__(self) -> str:
+        return f"OnnxGenerator({str(self.runner.path)!r}, threads={self.runner.threads})"
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """The prompt followed by up to ``max_new_tokens`` greedily chosen tokens.
+
+        Args:
+            input_ids: (batch, sequence) token ids; pad on the left for prompts of different
+                lengths, with ``attention_mask`` 0 there.
+            attention_mask: (batch, sequence), 1 for tokens and 0 for padding; ones if ``None``.
+            max_new_tokens: tokens to generate, >= 1.
+            eos_token_id: a row that produces it stops, and generation ends when every row
+                has stopped.
+            pad_token_id: what a stopped row holds in its later places; ``eos_token_id`` if
+                ``None``.
+
+        Returns:
+            (batch, sequence + new) token ids on ``input_ids``' device, as transformers'
+            ``generate(..., do_sample=False)`` returns them.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ConfigError("input_ids must be a (batch, sequence) tensor of token ids")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if mask.shape != input_ids.shape:
+            raise ConfigError("attention_mask must have input_ids' shape")
+        ids = input_ids.detach().cpu().numpy().astype(np.int64)
+        full_mask = mask.detach().cpu().numpy().astype(np.int64)
+        batch = ids.shape[0]
+        past = [np.zeros((batch, heads, 0, dim), dtype) for _, heads, dim, dtype in self._past]
+        new = ids
+        done = np.zeros(batch, dtype=bool)
+        out = [ids]
+        for _ in range(max_new_tokens):
+            feed = {"input_ids": new, "attention_mask": full_mask}
+            if self._position_ids:
+                positions = np.cumsum(full_mask, axis=-1) - 1
+                positions[full_mask == 0] = 1
+                feed["position_ids"] = positions[:, -new.shape[1] :]
+            feed.update({name: p for (name, *_), p in zip(self._past, past, strict=True)})
+            try:
+                outputs = self.runner._session.run(None, feed)
+            except Exception as exc:  # wrong dtype or size for the graph
+                raise ConfigError(
+                    f"{self.runner.path.name} rejects these inputs: {first_line(exc)}"
+                ) from None
+            results = dict(zip(self._outputs, outputs, strict=True))
+            token = results["logits"][:, -1].argmax(-1).astype(np.int64)
+            if eos_token_id is not None:
+                token = np.where(
+                    done, eos_token_id if pad_token_id is None else pad_token_id, token
+                )
+                done |= token == eos_token_id
+            new = token[:, None]
+            out.append(new)
+            past = [results["present." + name[len(_PAST) :]] for name, *_ in self._past]
+            full_mask = np.concatenate([full_mask, np.ones((batch, 1), np.int64)], axis=1)
+            if eos_token_id is not None and done.all():
+                break
+        return torch.from_numpy(np.concatenate(out, axis=1)).to(input_ids.device)

@@ -1,0 +1,156 @@
+"""ONNX export of decoder LMs with their key/value cache, and greedy generation in ONNX Runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from secateur.errors import ArtifactError, ConfigError
+from secateur.export import export_decoder_onnx, export_onnx
+from secateur.measure import OnnxGenerator
+from secateur.pruning import StructuredConfig, prune_
+
+pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 100
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    head_dim=16,
+    max_position_embeddings=64,
+)
+GPT2 = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+MOE = dict(SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+FAMILIES = {"llama": SMALL, "gpt2": GPT2, "qwen2_moe": MOE, "mistral": SMALL}
+
+
+def _model(family: str, **options) -> torch.nn.Module:
+    config = transformers.AutoConfig.for_model(family, **{**FAMILIES[family], **options})
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of 6 tokens, the second padded on the left by 2."""
+    ids = _ids(3, 6, 3)
+    mask = torch.ones_like(ids)
+    ids[1, :2] = 0
+    mask[1, :2] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2_moe"])
+def test_pruned_decoder_generates_in_onnx_runtime_as_in_pytorch(tmp_path, family: str) -> None:
+    model = _model(family)
+    ids = _ids(2, 8, 0)
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=example)
+    out = export_decoder_onnx(model, example, tmp_path / "llm.onnx")
+    assert out.max_abs_diff < 1e-4
+    assert out.input_names[:2] == ("input_ids", "attention_mask")
+    layers = model.config.num_hidden_layers
+    assert out.input_names[-2 * layers :] == tuple(
+        f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")
+    )
+    assert out.output_names[0] == "logits" and out.output_names[-1] == f"present.{layers - 1}.value"
+
+    generator = OnnxGenerator(out.path, threads=1)
+    prompts, mask = _padded_prompts()
+    with torch.no_grad():
+        expected = model.generate(
+            prompts, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0
+        )
+    got = generator.generate(prompts, mask, max_new_tokens=10, eos_token_id=0, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_the_file_keeps_each_layers_pruned_kv_widths(tmp_path) -> None:
+    import onnx
+
+    model = _model("llama")
+    ids = _ids(2, 8, 0)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    graph = onnx.load(str(out.path)).graph
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*graph.input, *graph.output]
+    }
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    heads, dim = cache.layers[0].keys.shape[1], cache.layers[0].keys.shape[3]
+    assert heads < 2 or dim < 16  # pruned below the dense 2 kv heads of 16
+    assert dims["past_key_values.0.key"] == ["batch", heads, "past_sequence", dim]
+    assert dims["present.0.key"] == ["batch", heads, "total_sequence", dim]
+    assert dims["attention_mask"] == ["batch", "total_sequence"]
+    assert dims["logits"] == ["batch", "sequence", VOCAB]
+
+
+def test_generation_stops_at_the_end_token(tmp_path) -> None:
+    model = _model("llama")
+    ids = _ids(1, 6, 1)
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    generator = OnnxGenerator(out.path, threads=1)
+    first = int(generator.generate(ids, max_new_tokens=1)[0, -1])
+    stopped = generator.generate(ids, max_new_tokens=10, eos_token_id=first)
+    assert stopped.shape == (1, 7) and int(stopped[0, -1]) == first
+    assert generator.generate(ids, max_new_tokens=10).shape == (1, 16)
+
+
+def test_sliding_window_caches_are_refused_with_the_way_out(tmp_path) -> None:
+    model = _model("mistral", sliding_window=16)
+    ids = _ids(1, 6, 1)
+    with pytest.raises(ConfigError, match="DynamicSlidingWindowLayer.*use export_onnx"):
+        export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_are_one_line_config_errors(tmp_path) -> None:
+    model = _model("llama")
+    ids = _ids(1, 6, 1)
+    path = tmp_path / "llm.onnx"
+    cases = [
+        (ids, "takes example_inputs="),
+        ({"input_ids": ids[:, :3]}, "at least 4 tokens"),
+        ({"input_ids": ids, "token_type_ids": ids}, "not 'token_type_ids'"),
+        ({"input_ids": ids, "attention_mask": ids[:, :2]}, "attention_mask must be"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(ConfigError, match=message) as info:
+            export_decoder_onnx(model, inputs, path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="transformers model"):
+        export_decoder_onnx(torch.nn.Linear(2, 2), {"input_ids": ids}, path)
+    with pytest.raises(ConfigError, match="must end in .onnx"):
+        export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.bin")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generator_rejects_files_without_a_cache_and_bad_arguments(tmp_path) -> None:
+    model = _model("llama")
+    ids = _ids(1, 6, 1)
+    plain = export_onnx(
+        model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "plain.onnx"
+    )
+    with pytest.raises(ArtifactError, match="takes no key/value cache.*export_decoder_onnx"):
+        OnnxGenerator(plain.path)
+    with pytest.raises(ArtifactError, match="no ONNX file"):
+        OnnxGenerator(tmp_path / "missing.onnx")
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    generator = OnnxGenerator(out.path, threads=1)
+    with pytest.raises(ConfigError, match="max_new_tokens=0 must be >= 1"):
+        generator.generate(ids, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="a \\(batch, sequence\\) tensor"):
+        generator.generate(ids[0])
+    with pytest.raises(ConfigError, match="attention_mask must have"):
+        generator.generate(ids, torch.ones(1, 2, dtype=torch.long))
