@@ -363,19 +363,21 @@ def onnx_note(model: torch.nn.Module) -> str:
     prompt = torch.randint(1, VOCAB, (3, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(prompt)
     prompt[1, :2] = mask[1, :2] = 0  # left padding
-    eos = model.generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = model.generation_config.eos_token_id  # a token or a list of them
+    pad = eos[0] if isinstance(eos, list) else eos
     with tempfile.TemporaryDirectory() as folder:
         try:
             example = {"input_ids": prompt[[0]], "attention_mask": mask[[0]]}
             out = export_decoder_onnx(model, example, Path(folder) / "m.onnx")
             generator = OnnxGenerator(out.path, threads=torch.get_num_threads())
-            got = generator.generate(prompt, mask, max_new_tokens=10, eos_token_id=eos)
+            got = generator.generate(
+                prompt, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad
+            )
         except Exception as exc:  # noqa: BLE001 - a failure is a result to report
             return f"ONNX fails ({_short(exc)})"
     with torch.no_grad():
         expected = model.generate(
-            prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=eos
+            prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=pad
         )
     same = "PyTorch's tokens" if torch.equal(got, expected) else "other tokens than PyTorch"
     return f"ONNX with cache ok, {same}"

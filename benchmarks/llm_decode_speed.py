@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
+import inspect
 import logging
 import platform
 import statistics
@@ -125,7 +126,11 @@ def prefill_seconds(model: torch.nn.Module, prompt: torch.Tensor) -> float:
 def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> float:
     with torch.no_grad():
         start = time.perf_counter()
-        model(**prefill_inputs(model, prompt))  # the same prefill as generate's, to subtract
+        # the same prefill as generate's, to subtract: generate keeps the last position's
+        # logits only, so this does too where the model allows it
+        params = inspect.signature(model.forward).parameters
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        model(**prefill_inputs(model, prompt), **keep)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -168,9 +173,12 @@ def _decode(model: torch.nn.Module | OrtModel, prompt: torch.Tensor, new: int) -
 
 
 def _same_tokens(model: torch.nn.Module, ort: OrtModel, prompt: torch.Tensor, new: int) -> bool:
+    """Whether both generate the same greedy tokens, each stopping at the model's end token."""
+    eos = model.generation_config.eos_token_id
     with torch.no_grad():
-        expected = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    return torch.equal(ort.generator.generate(prompt, max_new_tokens=new), expected)
+        expected = model.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=eos)
+    got = ort.generator.generate(prompt, max_new_tokens=new, eos_token_id=eos, pad_token_id=eos)
+    return torch.equal(got, expected)
 
 
 def main() -> None:

@@ -154,3 +154,42 @@ def test_generator_rejects_files_without_a_cache_and_bad_arguments(tmp_path) -> 
         generator.generate(ids[0])
     with pytest.raises(ConfigError, match="attention_mask must have"):
         generator.generate(ids, torch.ones(1, 2, dtype=torch.long))
+
+
+def test_a_batch_stops_row_by_row_on_any_of_several_end_tokens(tmp_path) -> None:
+    model = _model("llama")
+    prompts, mask = _padded_prompts()
+    out = export_decoder_onnx(
+        model, {"input_ids": prompts, "attention_mask": mask}, tmp_path / "m.onnx"
+    )
+    generator = OnnxGenerator(out.path, threads=1)
+    free = generator.generate(prompts, mask, max_new_tokens=8)
+    # the end tokens: row 0's third new token, and one no row produces first
+    ends = [int(free[0, 8]), VOCAB + 5]
+    got = generator.generate(prompts, mask, max_new_tokens=8, eos_token_id=ends, pad_token_id=7)
+    with torch.no_grad():
+        expected = model.generate(
+            prompts,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=ends,
+            pad_token_id=7,
+        )
+    assert torch.equal(got, expected)
+    assert got[0, 8] == ends[0] and (got[0, 9:] == 7).all()  # row 0 stopped, padded with 7
+    with pytest.raises(ConfigError, match="a token id or a non-empty list"):
+        generator.generate(prompts, mask, eos_token_id=[])
+
+
+def test_int32_ids_bf16_and_bare_models(tmp_path) -> None:
+    model = _model("llama")
+    ids = _ids(1, 6, 1).int()
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "m.onnx")
+    assert OnnxGenerator(out.path, threads=1).generate(ids, max_new_tokens=2).shape == (1, 8)
+    with pytest.raises(ConfigError, match="no bfloat16: cast the model"):
+        export_decoder_onnx(model.to(torch.bfloat16), {"input_ids": ids}, tmp_path / "b.onnx")
+    bare = transformers.AutoModel.from_config(model.config).eval()
+    with pytest.raises(ConfigError, match="returns no logits: export its language-model class"):
+        export_decoder_onnx(bare, {"input_ids": ids}, tmp_path / "c.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]

@@ -187,3 +187,16 @@ def test_pruned_model_exports_to_onnx_with_independent_lengths(family: str, tmp_
     expected = _logits(model, other)
     assert got.shape == tuple(expected.shape)
     assert float((torch.from_numpy(got) - expected).abs().max()) < 1e-4
+
+
+def test_equal_encoder_and_decoder_lengths_are_refused_with_dynamic_sequence(
+    tmp_path: Path,
+) -> None:
+    from secateur.errors import ConfigError
+    from secateur.export import export_onnx
+
+    model, x = _build("bart")
+    x["decoder_input_ids"] = x["input_ids"].clone()
+    with pytest.raises(ConfigError, match="give decoder_input_ids another length"):
+        export_onnx(model, x, tmp_path / "m.onnx", dynamic_sequence=True)
+    assert list(tmp_path.iterdir()) == []

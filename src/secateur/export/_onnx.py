@@ -20,7 +20,7 @@ Encoder-decoder models (T5, BART, Whisper, ...) export as one file that runs the
 decoder on each call (no cache); give the encoder's and the decoder's inputs different lengths in
 the example and ``dynamic_sequence`` keeps the two lengths independent.
 
-A failed conversion raises one line; the IR graph the exporter prints on failure is dropped.
+A failed conversion raises one line; the IR graph the exporter prints on failure is not shown.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ import copy
 import inspect
 import io
 import os
-import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -198,7 +196,16 @@ def _dynamic_axes(
                 "dynamic_sequence needs an input of shape (batch, sequence, ...): pass such "
                 "example inputs or drop dynamic_sequence"
             )
-        for axis_name, indices in _sequence_groups(input_names, tensors):
+        groups = _sequence_groups(input_names, tensors)
+        for _, indices in groups:
+            names_in = {input_names[i] for i in indices}
+            if {"input_ids", "decoder_input_ids"} <= names_in:
+                raise ConfigError(
+                    "input_ids and decoder_input_ids have the same length in example_inputs, "
+                    "so dynamic_sequence would tie the two lengths: give decoder_input_ids "
+                    "another length"
+                )
+        for axis_name, indices in groups:
             for i in indices:
                 axes[input_names[i]][1] = axis_name
             longer = _run_lengthened(flat, tensors, indices, [input_names[i] for i in indices])
@@ -255,7 +262,7 @@ def _to_onnx_bytes(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
         try:
-            with _output_dropped_on_failure():
+            with _graph_dump_off():
                 torch.onnx.export(
                     flat,
                     tensors,
@@ -284,44 +291,20 @@ def _to_onnx_bytes(
 
 
 @contextlib.contextmanager
-def _output_dropped_on_failure() -> Any:
-    """Hold what is written to file descriptors 1 and 2 while the body runs; pass it on if the
-    body succeeds and drop it if it raises. The TorchScript exporter prints its whole IR graph
-    (hundreds of lines) to standard output when it fails to convert a model, beside the error."""
-    held: list[tuple[int, int, Any, Any]] = []  # (fd, saved copy of fd, sink, stream)
-    try:
-        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
-            try:
-                stream.flush()
-                saved = os.dup(fd)
-            except (OSError, ValueError, AttributeError):  # no usable descriptor: not held
-                continue
-            try:
-                sink = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _release)
-            except OSError:  # no temporary folder: not held
-                os.close(saved)
-                continue
-            os.dup2(sink.fileno(), fd)
-            held.append((fd, saved, sink, stream))
+def _graph_dump_off() -> Any:
+    """Silence the TorchScript exporter's dump of its whole IR graph (hundreds of lines on
+    standard output) when a conversion fails: its ``setup_onnx_logging`` tests the function
+    ``_jit_is_onnx_log_enabled`` for truth instead of calling it, so the log is always on
+    during an export. Only that Python-side log call is replaced, for the export's duration."""
+    log = getattr(torch._C, "_jit_onnx_log", None)
+    if log is None:  # a torch without it: nothing to silence
         yield
-    except BaseException:
-        _release(held, replay=False)
-        raise
-    _release(held, replay=True)
-
-
-def _release(held: list[tuple[int, int, Any, Any]], replay: bool) -> None:
-    """Point each held descriptor back where it was; with ``replay``, write what it held."""
-    for fd, saved, sink, stream in held:
-        os.dup2(saved, fd)
-        os.close(saved)
-        if replay:
-            sink.seek(0)
-            text = sink.read().decode(errors="replace")
-            if text:
-                stream.write(text)
-                stream.flush()
-        sink.close()
+        return
+    torch._C._jit_onnx_log = lambda *args: None
+    try:
+        yield
+    finally:
+        torch._C._jit_onnx_log = log
 
 
 def _ort_outputs(session: Any, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> list:

@@ -92,7 +92,8 @@ def _cache_layers(cache: Any) -> list[Any]:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:
         raise ConfigError(
-            "export_decoder_onnx needs transformers: pip install 'secateur[hf]'"
+            "export_decoder_onnx needs a transformers release whose caches hold layers "
+            "(DynamicLayer, 4.56 or later): pip install -U transformers"
         ) from None
     if not isinstance(cache, DynamicCache):
         raise ConfigError(
@@ -111,9 +112,9 @@ def _cache_layers(cache: Any) -> list[Any]:
 
 def _position_ids(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
     """Positions of the last ``new`` tokens as transformers' ``generate`` computes them: the
-    count of attended tokens before each, left padding at position 1."""
+    count of attended tokens before each, padding at position 0."""
     positions = attention_mask.long().cumsum(-1) - 1
-    positions = positions.masked_fill(attention_mask == 0, 1)
+    positions = positions.masked_fill(attention_mask == 0, 0)
     return positions[:, -new:]
 
 
@@ -139,7 +140,7 @@ def _split(example_inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         mask = torch.ones_like(ids)
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
         raise ConfigError("attention_mask must be a tensor of input_ids' shape")
-    return ids.detach().cpu(), mask.detach().cpu().long()
+    return ids.detach().cpu().long(), mask.detach().cpu().long()
 
 
 def _feed(
@@ -246,6 +247,11 @@ def export_decoder_onnx(
             sequence) with sequence >= 4; the mask may pad on the left and defaults to ones.
         path: the ``.onnx`` file to write; missing parent folders are created.
         opset: ONNX opset, 9..20.
+        check, rtol, atol: as for :func:`export_onnx`; a float16 model needs about
+            ``rtol=atol=1e-2``. bfloat16 models are refused (cast them first).
+
+    The file holds a tied embedding twice (the lookup table and the LM head's transposed copy)
+    and, like :func:`export_onnx`, cannot exceed protobuf's 2 GiB.
 
     Returns:
         An :class:`OnnxExport`; ``max_abs_diff`` is the largest difference over the checks.
@@ -270,6 +276,11 @@ def export_decoder_onnx(
         _import_onnxruntime()
     if not callable(getattr(model, "forward", None)) or getattr(model, "config", None) is None:
         raise ConfigError("export_decoder_onnx takes a transformers model (one with a .config)")
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        raise ConfigError(
+            "ONNX Runtime's CPU kernels take no bfloat16: cast the model with .float() (or "
+            ".half(), checked with rtol=atol=1e-2) before export_decoder_onnx"
+        )
     clone = copy.deepcopy(model).cpu().eval()
     _traceable_experts_(clone)
     position_ids = "position_ids" in inspect.signature(clone.forward).parameters
@@ -278,8 +289,14 @@ def export_decoder_onnx(
             prompt = clone(input_ids=ids, attention_mask=mask, use_cache=True)
         except Exception as exc:
             raise ConfigError(
-                f"{type(model).__name__} does not run on these inputs: {first_line(exc)}"
+                f"{type(model).__name__} does not run on these inputs ({first_line(exc)}): "
+                "pass token ids of its vocabulary and a mask of their shape"
             ) from None
+    if getattr(prompt, "logits", None) is None:
+        raise ConfigError(
+            f"{type(model).__name__} returns no logits: export its language-model class "
+            "(AutoModelForCausalLM), not the bare model"
+        )
     layers = _cache_layers(getattr(prompt, "past_key_values", None))
     # (kv heads, head dim) of each layer's keys, then its values (they may differ)
     shapes = [(int(t.shape[1]), int(t.shape[3])) for ly in layers for t in (ly.keys, ly.values)]
@@ -339,7 +356,15 @@ def _check(
             f"ONNX Runtime cannot load the export: {first_line(exc)}: try another opset"
         ) from None
     worst = 0.0
-    doubled = (torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)]), "twice the batch")
+    # the added rows differ from the example's and pad one token on the left, so a graph that
+    # mixes up rows or ignores the mask disagrees
+    other_mask = mask.clone()
+    other_mask[:, 0] = 0
+    doubled = (
+        torch.cat([ids, ids.roll(1, dims=1).flip(0)]),
+        torch.cat([mask, other_mask]),
+        "twice the batch, padded",
+    )
     for batch_ids, batch_mask, size in ((ids, mask, "the example"), doubled):
         empty = _empty_past(shapes, batch_ids.shape[0], dtype)
         checks = {

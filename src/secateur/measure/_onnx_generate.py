@@ -8,6 +8,7 @@ LM's decoding speed can be measured, and its tokens compared, in the runtime it 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class OnnxGenerator:
         attention_mask: torch.Tensor | None = None,
         *,
         max_new_tokens: int = 20,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` greedily chosen tokens.
@@ -87,14 +88,17 @@ class OnnxGenerator:
                 lengths, with ``attention_mask`` 0 there.
             attention_mask: (batch, sequence), 1 for tokens and 0 for padding; ones if ``None``.
             max_new_tokens: tokens to generate, >= 1.
-            eos_token_id: a row that produces it stops, and generation ends when every row
-                has stopped.
-            pad_token_id: what a stopped row holds in its later places; ``eos_token_id`` if
-                ``None``.
+            eos_token_id: an end token or a list of them (as in a transformers generation
+                config); a row that produces one stops, and generation ends when every row
+                has stopped. ``None``: always ``max_new_tokens``.
+            pad_token_id: what a stopped row holds in its later places; the first end token
+                if ``None``.
 
         Returns:
-            (batch, sequence + new) token ids on ``input_ids``' device, as transformers'
-            ``generate(..., do_sample=False)`` returns them.
+            (batch, sequence + new) token ids on ``input_ids``' device: those of transformers'
+            ``generate(..., do_sample=False)`` given the same end and pad tokens and no logits
+            processors (repetition penalty, n-gram blocking, bad words, minimum length are not
+            applied here).
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ConfigError("input_ids must be a (batch, sequence) tensor of token ids")
@@ -102,6 +106,8 @@ class OnnxGenerator:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        ends = _end_tokens(eos_token_id)
+        fill = ends[0] if pad_token_id is None and ends else pad_token_id
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if mask.shape != input_ids.shape:
             raise ConfigError("attention_mask must have input_ids' shape")
@@ -116,26 +122,42 @@ class OnnxGenerator:
             feed = {"input_ids": new, "attention_mask": full_mask}
             if self._position_ids:
                 positions = np.cumsum(full_mask, axis=-1) - 1
-                positions[full_mask == 0] = 1
+                positions[full_mask == 0] = 0
                 feed["position_ids"] = positions[:, -new.shape[1] :]
             feed.update({name: p for (name, *_), p in zip(self._past, past, strict=True)})
             try:
                 outputs = self.runner._session.run(None, feed)
             except Exception as exc:  # wrong dtype or size for the graph
                 raise ConfigError(
-                    f"{self.runner.path.name} rejects these inputs: {first_line(exc)}"
+                    f"{self.runner.path.name} rejects these inputs ({first_line(exc)}): pass "
+                    "token ids and a mask of their shape, or export the file again"
                 ) from None
             results = dict(zip(self._outputs, outputs, strict=True))
             token = results["logits"][:, -1].argmax(-1).astype(np.int64)
-            if eos_token_id is not None:
-                token = np.where(
-                    done, eos_token_id if pad_token_id is None else pad_token_id, token
-                )
-                done |= token == eos_token_id
+            if ends:
+                token = np.where(done, fill, token)
+                done |= np.isin(token, ends)
             new = token[:, None]
             out.append(new)
             past = [results["present." + name[len(_PAST) :]] for name, *_ in self._past]
             full_mask = np.concatenate([full_mask, np.ones((batch, 1), np.int64)], axis=1)
-            if eos_token_id is not None and done.all():
+            if ends and done.all():
                 break
         return torch.from_numpy(np.concatenate(out, axis=1)).to(input_ids.device)
+
+
+def _end_tokens(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """The end tokens as a list (empty for ``None``), or a one-line :class:`ConfigError`."""
+    if eos_token_id is None:
+        return []
+    values = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if (
+        isinstance(eos_token_id, (bool, str, bytes))
+        or not isinstance(values, Sequence)
+        or not values
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    ):
+        raise ConfigError(
+            f"eos_token_id={eos_token_id!r} must be a token id or a non-empty list of them"
+        )
+    return [int(v) for v in values]
