@@ -331,12 +331,26 @@ def _compare(
             f"ONNX Runtime cannot run the export on {what}: {first}: "
             "pass dynamic_batch=False if the model fixes its batch size"
         ) from None
+    fix = "pass dynamic_batch=False or simplify forward()"
+    return _worst_difference(expected, got, (rtol, atol), what, fix)
+
+
+def _worst_difference(
+    expected: Sequence[np.ndarray],
+    got: Sequence[np.ndarray],
+    tolerance: tuple[float, float],
+    what: str,
+    shape_fix: str,
+) -> float:
+    """The largest ``|got - expected|`` over all outputs, or a one-line :class:`ArtifactError`
+    for a shape that differs or a value beyond ``atol + rtol * |expected|``."""
+    rtol, atol = tolerance
     worst = 0.0
     for i, (e, g) in enumerate(zip(expected, got, strict=True)):
         if e.shape != g.shape:
             raise ArtifactError(
                 f"ONNX output {i} has shape {g.shape}, PyTorch {e.shape} on {what}: "
-                "the traced graph fixes a size; pass dynamic_batch=False or simplify forward()"
+                f"the traced graph fixes a size; {shape_fix}"
             )
         if e.size == 0:
             continue
@@ -351,6 +365,20 @@ def _compare(
     return worst
 
 
+def _check_session(data: bytes) -> Any:
+    """An ONNX Runtime CPU session on ``data`` whose own log is quiet (a failed run is raised
+    in one line by the caller), or a one-line :class:`ArtifactError`."""
+    ort = _import_onnxruntime()
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # fatal only
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ArtifactError(
+            f"ONNX Runtime cannot load the export: {first_line(exc)}: try another opset"
+        ) from None
+
+
 def _check(
     data: bytes,
     flat: _Flat,
@@ -361,16 +389,7 @@ def _check(
     rtol: float,
     atol: float,
 ) -> float:
-    ort = _import_onnxruntime()
-    try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # fatal only: a failed run is raised below in one line
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ArtifactError(
-            f"ONNX Runtime cannot load the export: {first}: try another opset"
-        ) from None
+    session = _check_session(data)
     worst = _compare(session, flat, tensors, input_names, rtol, atol, "the example inputs")
     if dynamic_batch and all(t.dim() > 0 for t in tensors):
         doubled = tuple(torch.cat([t, t]) for t in tensors)

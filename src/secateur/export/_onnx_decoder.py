@@ -40,9 +40,11 @@ from ._onnx import (
     DEFAULT_OPSET,
     OnnxExport,
     _check_args,
+    _check_session,
     _import_onnxruntime,
     _to_onnx_bytes,
     _traceable_experts_,
+    _worst_difference,
 )
 
 
@@ -198,26 +200,10 @@ def _compare(
             f"ONNX Runtime cannot run the export on {what}: {first_line(exc)}: "
             "check the model for a size fixed at the example's"
         ) from None
-    worst = 0.0
-    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
-        g_t = torch.from_numpy(g).double()
-        e_t = e.double()
-        if g_t.shape != e_t.shape:
-            raise ArtifactError(
-                f"ONNX output {i} has shape {tuple(g_t.shape)}, PyTorch {tuple(e_t.shape)} on "
-                f"{what}: the traced graph fixes a size"
-            )
-        if e_t.numel() == 0:
-            continue
-        diff = (g_t - e_t).abs()
-        worst = max(worst, float(diff.max()))
-        if not bool((diff <= atol + rtol * e_t.abs()).all()):
-            raise ArtifactError(
-                f"ONNX output {i} differs from PyTorch by up to {float(diff.max()):.3g} on {what} "
-                f"(rtol={rtol}, atol={atol}): check the model for untraceable control flow, "
-                "or raise the tolerance"
-            )
-    return worst
+    expected_np = [e.numpy() for e in expected]
+    return _worst_difference(
+        expected_np, got, (rtol, atol), what, "check the model for a size fixed at the example's"
+    )
 
 
 def export_decoder_onnx(
@@ -346,15 +332,7 @@ def _check(
 ) -> float:
     """The largest difference between ONNX Runtime and PyTorch on the prompt with an empty past
     and on its last token through the cache, at the example's batch and at twice it."""
-    ort = _import_onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # fatal only: a failed run is raised in one line
-    try:
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ArtifactError(
-            f"ONNX Runtime cannot load the export: {first_line(exc)}: try another opset"
-        ) from None
+    session = _check_session(data)
     worst = 0.0
     # the added rows differ from the example's and pad one token on the left, so a graph that
     # mixes up rows or ignores the mask disagrees
