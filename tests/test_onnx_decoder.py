@@ -193,3 +193,12 @@ def test_int32_ids_bf16_and_bare_models(tmp_path) -> None:
     with pytest.raises(ConfigError, match="returns no logits: export its language-model class"):
         export_decoder_onnx(bare, {"input_ids": ids}, tmp_path / "c.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_a_float16_model_exports_at_its_tolerance_and_generates(tmp_path) -> None:
+    model = _model("llama").half()
+    ids = _ids(2, 8, 0)
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "h.onnx", rtol=1e-2, atol=1e-2)
+    prompts, mask = _padded_prompts()
+    got = OnnxGenerator(out.path, threads=1).generate(prompts, mask, max_new_tokens=4)
+    assert got.shape == (3, 10) and torch.equal(got[:, :6], prompts)
