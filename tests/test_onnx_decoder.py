@@ -26,7 +26,14 @@ SMALL = dict(
 )
 GPT2 = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
 MOE = dict(SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-FAMILIES = {"llama": SMALL, "gpt2": GPT2, "qwen2_moe": MOE, "mistral": SMALL}
+FAMILIES = {
+    "llama": SMALL,
+    "gpt2": GPT2,
+    "qwen2_moe": MOE,
+    "mistral": SMALL,
+    "gemma2": SMALL,
+    "qwen2": SMALL,
+}
 
 
 def _model(family: str, **options) -> torch.nn.Module:
@@ -107,10 +114,43 @@ def test_generation_stops_at_the_end_token(tmp_path) -> None:
     assert generator.generate(ids, max_new_tokens=10).shape == (1, 16)
 
 
-def test_sliding_window_caches_are_refused_with_the_way_out(tmp_path) -> None:
-    model = _model("mistral", sliding_window=16)
+WINDOWED = {
+    "mistral": dict(sliding_window=5),
+    "gemma2": dict(sliding_window=5),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+def test_sliding_window_decoders_generate_past_their_window_as_in_pytorch(
+    tmp_path, family: str
+) -> None:
+    # traced on 4 tokens, shorter than the window of 5; generation runs to 16 tokens, so the
+    # file must apply the window by position as transformers' windowed cache does
+    model = _model(family, **WINDOWED[family])
+    ids = _ids(1, 4, 2)
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    assert out.max_abs_diff < 1e-4
+    prompts, mask = _padded_prompts()
+    with torch.no_grad():
+        natural = model(input_ids=prompts, attention_mask=mask, use_cache=True).past_key_values
+        expected = model.generate(
+            prompts, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0
+        )
+    assert "DynamicSlidingWindowLayer" in {type(layer).__name__ for layer in natural.layers}
+    got = OnnxGenerator(out.path, threads=1).generate(
+        prompts, mask, max_new_tokens=10, eos_token_id=0, pad_token_id=0
+    )
+    assert torch.equal(got, expected)
+
+
+def test_recurrent_caches_are_refused_with_the_way_out(tmp_path) -> None:
+    config = transformers.AutoConfig.for_model(
+        "lfm2", **{**SMALL, "layer_types": ["conv", "full_attention"]}
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = _ids(1, 6, 1)
-    with pytest.raises(ConfigError, match="DynamicSlidingWindowLayer.*use export_onnx"):
+    with pytest.raises(ConfigError, match="LinearAttentionLayer.*use export_onnx"):
         export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -202,3 +242,16 @@ def test_a_float16_model_exports_at_its_tolerance_and_generates(tmp_path) -> Non
     prompts, mask = _padded_prompts()
     got = OnnxGenerator(out.path, threads=1).generate(prompts, mask, max_new_tokens=4)
     assert got.shape == (3, 10) and torch.equal(got[:, :6], prompts)
+
+
+def test_a_window_applied_by_the_cache_alone_is_refused(tmp_path, monkeypatch) -> None:
+    # a mask without the window leaves it to the cache's truncation, which the file does not do
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(
+        masking, "sliding_window_causal_mask_function", lambda window: masking.causal_mask_function
+    )
+    model = _model("mistral", sliding_window=3)
+    with pytest.raises(ArtifactError, match="sliding-window cache.*use export_onnx"):
+        export_decoder_onnx(model, {"input_ids": _ids(1, 8, 1)}, tmp_path / "llm.onnx")
+    assert list(tmp_path.iterdir()) == []

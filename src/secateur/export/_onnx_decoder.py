@@ -17,9 +17,14 @@ The first call (the prompt) passes keys and values of length 0. A structurally p
 its own widths per layer: each layer's kv-head count and head dimension are fixed in the file.
 :class:`secateur.measure.OnnxGenerator` runs such a file greedily.
 
-Only caches of full-attention keys and values are handled (Llama, Qwen, Mistral without a sliding
-window, GPT-2, ...); a model whose cache holds sliding-window layers or recurrent states is
-refused with a one-line error naming :func:`export_onnx` as the way out.
+Caches of keys and values are handled: full attention (Llama, Qwen, GPT-2, ...) and sliding-window
+or chunked attention (Mistral, Gemma 2 and 3, Qwen 2 with ``use_sliding_window``). A windowed
+layer's cache in the file keeps every past token, not the last window's: the model's attention
+mask already hides the tokens outside the window by position, so the outputs are those of
+transformers' windowed cache (the check compares both), while the cache grows with the sequence
+as a full-attention layer's does. A model whose cache holds recurrent states (linear attention,
+convolutions) or layers that share another's keys is refused with a one-line error naming
+:func:`export_onnx` as the way out.
 """
 
 from __future__ import annotations
@@ -71,9 +76,9 @@ class _WithCache(nn.Module):
         input_ids, attention_mask = tensors[:2]
         extra = 3 if self.position_ids else 2
         past = tensors[extra:]
+        # no config: every layer is a plain DynamicLayer that keeps all its keys, windowed or not
         cache = DynamicCache(
-            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
-            config=self.model.config,
+            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
         )
         kwargs: dict[str, Any] = {self.cache_keyword: cache}
         if self.position_ids:
@@ -87,11 +92,12 @@ class _WithCache(nn.Module):
         return tuple(flat)
 
 
-def _cache_layers(cache: Any) -> list[Any]:
-    """The layers of a transformers ``DynamicCache`` of plain key/value layers, else a
-    :class:`ConfigError` that says which cache the model keeps."""
+def _cache_layers(cache: Any, windowed: bool = False) -> list[Any]:
+    """The layers of a transformers ``DynamicCache`` of plain key/value layers (and, with
+    ``windowed``, of sliding-window ones), else a :class:`ConfigError` that says which cache the
+    model keeps."""
     try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     except ImportError:
         raise ConfigError(
             "export_decoder_onnx needs a transformers release whose caches hold layers "
@@ -102,14 +108,46 @@ def _cache_layers(cache: Any) -> list[Any]:
             f"the model keeps its cache as {type(cache).__name__}, not a transformers "
             "DynamicCache of keys and values: use export_onnx (no cache) for this model"
         )
-    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    allowed = (DynamicLayer, DynamicSlidingWindowLayer) if windowed else (DynamicLayer,)
+    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) not in allowed}
     if kinds:
         raise ConfigError(
-            f"the model's cache holds {', '.join(sorted(kinds))} layers (sliding windows or "
-            "recurrent states), which export_decoder_onnx does not write: use export_onnx "
-            "(no cache) for this model"
+            f"the model's cache holds {', '.join(sorted(kinds))} layers (recurrent states or "
+            "keys shared between layers), which export_decoder_onnx does not write: use "
+            "export_onnx (no cache) for this model"
         )
     return list(cache.layers)
+
+
+def _full_cache(model: nn.Module) -> dict[str, Any]:
+    """The forward keyword argument that makes ``model`` keep every past key and value in plain
+    DynamicLayers, windowed layers included (their mask hides what lies outside the window)."""
+    from transformers import DynamicCache
+
+    return {_cache_keyword(model): DynamicCache()}
+
+
+def _windowed_agrees(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, tolerance: tuple[float, float]
+) -> None:
+    """Raise :class:`ArtifactError` unless the last token's logits through the model's own
+    windowed cache equal those through a full cache: the file keeps a full one."""
+    with torch.no_grad():
+        logits = []
+        for empty in ({}, _full_cache(model)):
+            head = model(
+                input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **empty
+            )
+            past = {_cache_keyword(model): head.past_key_values}
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **past)
+            logits.append(out.logits)
+    if not torch.allclose(logits[0], logits[1], rtol=tolerance[0], atol=tolerance[1]):
+        worst = float((logits[0] - logits[1]).abs().max())
+        raise ArtifactError(
+            f"{type(model).__name__} gives other logits through a full cache than through its "
+            f"sliding-window cache (max |difference| {worst:.3g}): its mask does not apply the "
+            "window by position; use export_onnx (no cache) for this model"
+        )
 
 
 def _position_ids(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
@@ -283,7 +321,9 @@ def export_decoder_onnx(
             f"{type(model).__name__} returns no logits: export its language-model class "
             "(AutoModelForCausalLM), not the bare model"
         )
-    layers = _cache_layers(getattr(prompt, "past_key_values", None))
+    layers = _cache_layers(getattr(prompt, "past_key_values", None), windowed=True)
+    if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        _windowed_agrees(clone, ids, mask, (rtol, atol))
     # (kv heads, head dim) of each layer's keys, then its values (they may differ)
     shapes = [(int(t.shape[1]), int(t.shape[3])) for ly in layers for t in (ly.keys, ly.values)]
     dtype = layers[0].keys.dtype
@@ -315,7 +355,12 @@ def _step(
     """The wrapper's inputs that decode the last ``new`` tokens through the cache of the
     others."""
     with torch.no_grad():
-        head = model(input_ids=ids[:, :-new], attention_mask=mask[:, :-new], use_cache=True)
+        head = model(
+            input_ids=ids[:, :-new],
+            attention_mask=mask[:, :-new],
+            use_cache=True,
+            **_full_cache(model),
+        )
     past = [t for layer in _cache_layers(head.past_key_values) for t in (layer.keys, layer.values)]
     return _feed(ids[:, -new:], mask, [p.clone() for p in past], position_ids)
 
