@@ -260,7 +260,7 @@ def test_measure_fills_onnx_latency_and_round_trips(lenet_onnx) -> None:
     assert rows["latency, ONNX Runtime median"][1] == "–"
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "mixtral", "cohere"])
 def test_pruned_hf_decoder_exports_and_matches_any_length(tmp_path, family: str) -> None:
     """A structurally pruned transformers decoder exports with its attention mask (without
     one, transformers builds its mask with torch.diff, which the exporter lacks: the error
@@ -357,3 +357,23 @@ def test_a_failed_conversion_prints_no_exporter_graph_dump(tmp_path, capfd) -> N
     captured = capfd.readouterr()
     assert "graph(" not in captured.out + captured.err
     assert not (tmp_path / "d.onnx").exists()
+
+
+class InterleaveThenView(nn.Module):
+    """Cohere's pattern: a table interleaved by repeat_interleave, then a view with -1."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        table = torch.repeat_interleave(x, 2, dim=-1)
+        return table, x.repeat_interleave(3, dim=0), y.view(y.shape[0], y.shape[1], -1, 4)
+
+
+def test_repeat_interleave_exports_beside_a_view_of_minus_one(tmp_path) -> None:
+    """The TorchScript exporter's own repeat_interleave rewrote the view's -1 (ONNX Runtime
+    then failed to reshape); the export traces it as stacked copies, and torch is restored."""
+    functional, method = torch.repeat_interleave, torch.Tensor.repeat_interleave
+    model = InterleaveThenView()
+    out = export_onnx(model, (torch.randn(3, 4), torch.randn(2, 5, 16)), tmp_path / "ri.onnx")
+    assert torch.repeat_interleave is functional and torch.Tensor.repeat_interleave is method
+    x, y = torch.randn(5, 4), torch.randn(3, 5, 16)
+    for got, expected in zip(OnnxRunner(out.path)(x, y), model(x, y), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -33,6 +33,7 @@ FAMILIES = {
     "mistral": SMALL,
     "gemma2": SMALL,
     "qwen2": SMALL,
+    "cohere": SMALL,
 }
 
 
@@ -56,7 +57,7 @@ def _padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2_moe", "cohere"])
 def test_pruned_decoder_generates_in_onnx_runtime_as_in_pytorch(tmp_path, family: str) -> None:
     model = _model(family)
     ids = _ids(2, 8, 0)

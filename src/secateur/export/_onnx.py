@@ -262,7 +262,7 @@ def _to_onnx_bytes(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
         try:
-            with _graph_dump_off():
+            with _graph_dump_off(), _interleave_by_stacking():
                 torch.onnx.export(
                     flat,
                     tensors,
@@ -305,6 +305,38 @@ def _graph_dump_off() -> Any:
         yield
     finally:
         torch._C._jit_onnx_log = log
+
+
+@contextlib.contextmanager
+def _interleave_by_stacking() -> Any:
+    """Trace ``repeat_interleave`` by a whole number along a dimension as stacked copies merged
+    into that dimension, for the export's duration.
+
+    The TorchScript exporter's own conversion of it rewrites a ``-1`` used elsewhere in the
+    graph, so a later ``view(..., -1, head_dim)`` reshapes to a wrong size and ONNX Runtime fails
+    (pytorch/pytorch#128505; Cohere, GLM and Helium interleave their rotary tables this way).
+    Stacking gives the same values; other uses (tensor repeats, no dimension) are untouched."""
+    functional, method = torch.repeat_interleave, torch.Tensor.repeat_interleave
+
+    def by_stacking(original: Any) -> Any:
+        def repeat_interleave(
+            self: torch.Tensor, repeats: Any, dim: Any = None, *args: Any, **kwargs: Any
+        ) -> torch.Tensor:
+            whole = isinstance(repeats, int) and not isinstance(repeats, bool) and repeats > 0
+            if not (whole and isinstance(dim, int) and self.dim() > 0) or args:
+                return original(self, repeats, dim, *args, **kwargs)
+            axis = dim % self.dim()
+            return torch.stack([self] * repeats, dim=axis + 1).flatten(axis, axis + 1)
+
+        return repeat_interleave
+
+    torch.repeat_interleave = by_stacking(functional)
+    torch.Tensor.repeat_interleave = by_stacking(method)
+    try:
+        yield
+    finally:
+        torch.repeat_interleave = functional
+        torch.Tensor.repeat_interleave = method
 
 
 def _ort_outputs(session: Any, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> list:
