@@ -12,7 +12,8 @@ self- and cross-attention go; Torch-Pruning prunes it too, with the recipe of
 ``hf_seq2seq_coverage.py`` at each ratio. Every model is then timed in one interleaved loop,
 round after round, so that the machine's drift falls on all of them alike:
 
-- prefill: one forward pass over a ``--prompt``-token prompt, batch 1 (T5: the encoder over
+- prefill: one forward pass over a ``--prompt``-token prompt, batch 1, keeping the last
+  token's logits only where the model allows it, as ``generate`` does (T5: the encoder over
   the prompt and the decoder's first step);
 - decode: greedy generation of ``--new-tokens`` tokens after that prompt through the KV cache
   (T5: also the cross-attention cache), reported as tokens per second.
@@ -22,10 +23,10 @@ recipe fails on these widths (see ``hf_llm_coverage.py --real-widths``), so ther
 model to time.
 
 With ``--onnx`` (decoder-only families), the dense model and each pruned one are also written
-by ``export_decoder_onnx`` (key/value cache as inputs and outputs) and run by ``OnnxGenerator``
-in ONNX Runtime with the same threads, timed in the same interleaved loop: prefill is the
-prompt through an empty cache and its first token, decode as above. A column says whether
-ONNX Runtime generated PyTorch's tokens.
+by ``export_decoder_onnx`` (key/value cache as inputs and outputs, ``last_token_logits``) and
+run by ``OnnxGenerator`` in ONNX Runtime with the same threads, timed in the same interleaved
+loop: prefill is the prompt through an empty cache and its first token, decode as above. A
+column says whether ONNX Runtime generated PyTorch's tokens.
 
     .venv/bin/python -W ignore benchmarks/llm_decode_speed.py --threads 2 [--onnx]
 """
@@ -116,21 +117,24 @@ def prefill_inputs(model: torch.nn.Module, prompt: torch.Tensor) -> dict[str, to
     return {"input_ids": prompt, "decoder_input_ids": start}
 
 
+def _last_logits(model: torch.nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model takes it: generate computes no other logits."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
 def prefill_seconds(model: torch.nn.Module, prompt: torch.Tensor) -> float:
     start = time.perf_counter()
     with torch.no_grad():
-        model(**prefill_inputs(model, prompt), use_cache=False)
+        model(**prefill_inputs(model, prompt), use_cache=False, **_last_logits(model))
     return time.perf_counter() - start
 
 
 def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> float:
     with torch.no_grad():
         start = time.perf_counter()
-        # the same prefill as generate's, to subtract: generate keeps the last position's
-        # logits only, so this does too where the model allows it
-        params = inspect.signature(model.forward).parameters
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        model(**prefill_inputs(model, prompt), **keep)
+        # the same prefill as generate's, to subtract
+        model(**prefill_inputs(model, prompt), **_last_logits(model))
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -144,7 +148,7 @@ class OrtModel:
     def __init__(self, model: torch.nn.Module, folder: str, name: str, threads: int) -> None:
         example = {"input_ids": torch.randint(1, model.config.vocab_size, (1, 16))}
         path = Path(folder) / f"{name.replace(' ', '_').replace('+', '_')}.onnx"
-        export_decoder_onnx(model, example, path)
+        export_decoder_onnx(model, example, path, last_token_logits=True)
         self.generator = OnnxGenerator(path, threads=threads)
 
     def prefill_seconds(self, prompt: torch.Tensor) -> float:

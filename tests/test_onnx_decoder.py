@@ -256,3 +256,48 @@ def test_a_window_applied_by_the_cache_alone_is_refused(tmp_path, monkeypatch) -
     with pytest.raises(ArtifactError, match="sliding-window cache.*use export_onnx"):
         export_decoder_onnx(model, {"input_ids": _ids(1, 8, 1)}, tmp_path / "llm.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_last_token_logits_keep_one_position_and_generate_the_same(tmp_path) -> None:
+    import onnxruntime
+
+    model = _model("llama")
+    ids = _ids(2, 8, 0)
+    out = export_decoder_onnx(
+        model, {"input_ids": ids}, tmp_path / "last.onnx", last_token_logits=True
+    )
+    session = onnxruntime.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    feed = {
+        "input_ids": ids.numpy(),
+        "attention_mask": torch.ones_like(ids).numpy(),
+        "position_ids": torch.arange(8).expand(2, 8).numpy(),
+    }
+    for name in out.input_names[3:]:
+        feed[name] = torch.zeros(2, 2, 0, 16).numpy()
+    logits = session.run(["logits"], feed)[0]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[:, -1:]
+    assert logits.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-3, atol=1e-4)
+    prompts, mask = _padded_prompts()
+    with torch.no_grad():
+        expected = model.generate(
+            prompts, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0
+        )
+    got = OnnxGenerator(out.path, threads=1).generate(
+        prompts, mask, max_new_tokens=10, eos_token_id=0, pad_token_id=0
+    )
+    assert torch.equal(got, expected)
+
+
+def test_last_token_logits_need_a_forward_that_takes_logits_to_keep(tmp_path) -> None:
+    model = _model("llama")
+    forward = model.forward
+    model.forward = lambda input_ids=None, attention_mask=None, **kw: forward(
+        input_ids=input_ids, attention_mask=attention_mask, **kw
+    )
+    with pytest.raises(ConfigError, match="no logits_to_keep.*last_token_logits=False"):
+        export_decoder_onnx(
+            model, {"input_ids": _ids(1, 6, 0)}, tmp_path / "x.onnx", last_token_logits=True
+        )
+    assert list(tmp_path.iterdir()) == []

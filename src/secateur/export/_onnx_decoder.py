@@ -10,8 +10,8 @@ the convention ONNX Runtime users of such files expect:
   ``position_ids`` (batch, sequence) when the model's forward takes them, and
   ``past_key_values.{i}.key`` / ``past_key_values.{i}.value`` (batch, kv heads, past, head dim)
   for every layer ``i``;
-- outputs ``logits`` (batch, sequence, vocabulary) and ``present.{i}.key`` /
-  ``present.{i}.value`` (batch, kv heads, past + sequence, head dim).
+- outputs ``logits`` (batch, sequence, vocabulary; sequence is 1 with ``last_token_logits``)
+  and ``present.{i}.key`` / ``present.{i}.value`` (batch, kv heads, past + sequence, head dim).
 
 The first call (the prompt) passes keys and values of length 0. A structurally pruned model keeps
 its own widths per layer: each layer's kv-head count and head dimension are fixed in the file.
@@ -63,11 +63,14 @@ class _WithCache(nn.Module):
     """Calls a decoder LM on new tokens and per-layer key/value tensors; returns the logits and
     the extended keys and values as a flat tuple."""
 
-    def __init__(self, model: nn.Module, layers: int, position_ids: bool) -> None:
+    def __init__(
+        self, model: nn.Module, layers: int, position_ids: bool, last_token_logits: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.layers = layers
         self.position_ids = position_ids
+        self.last_token_logits = last_token_logits
         self.cache_keyword = _cache_keyword(model)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -83,6 +86,8 @@ class _WithCache(nn.Module):
         kwargs: dict[str, Any] = {self.cache_keyword: cache}
         if self.position_ids:
             kwargs["position_ids"] = tensors[2]
+        if self.last_token_logits:
+            kwargs["logits_to_keep"] = 1
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs
         )
@@ -208,7 +213,9 @@ def _names(layers: int, position_ids: bool) -> tuple[tuple[str, ...], tuple[str,
     return head + past, ("logits",) + present
 
 
-def _axes(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, dict[int, str]]:
+def _axes(
+    inputs: tuple[str, ...], outputs: tuple[str, ...], last_token_logits: bool = False
+) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {}
     for name in inputs + outputs:
         if name.startswith("past_key_values."):
@@ -217,6 +224,8 @@ def _axes(inputs: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, dict[i
             axes[name] = {0: "batch", 2: "total_sequence"}
         elif name == "attention_mask":
             axes[name] = {0: "batch", 1: "total_sequence"}
+        elif name == "logits" and last_token_logits:
+            axes[name] = {0: "batch"}
         else:  # input_ids, position_ids, logits
             axes[name] = {0: "batch", 1: "sequence"}
     return axes
@@ -253,6 +262,7 @@ def export_decoder_onnx(
     check: bool = True,
     rtol: float = 1e-3,
     atol: float = 1e-4,
+    last_token_logits: bool = False,
 ) -> OnnxExport:
     """Write a transformers decoder LM as an ONNX file with its key/value cache (see the module
     docstring for the file's inputs and outputs), atomically, checked in ONNX Runtime.
@@ -273,6 +283,10 @@ def export_decoder_onnx(
         opset: ONNX opset, 9..20.
         check, rtol, atol: as for :func:`export_onnx`; a float16 model needs about
             ``rtol=atol=1e-2``. bfloat16 models are refused (cast them first).
+        last_token_logits: return the logits of the last new token only, ``logits`` of shape
+            (batch, 1, vocabulary), as transformers' ``generate`` computes them
+            (``logits_to_keep=1``): a prompt then skips the LM head on all its other tokens,
+            which with a large vocabulary is much of its cost. Generation needs no more.
 
     The file holds a tied embedding twice (the lookup table and the LM head's transposed copy)
     and, like :func:`export_onnx`, cannot exceed protobuf's 2 GiB.
@@ -307,7 +321,13 @@ def export_decoder_onnx(
         )
     clone = copy.deepcopy(model).cpu().eval()
     _traceable_experts_(clone)
-    position_ids = "position_ids" in inspect.signature(clone.forward).parameters
+    parameters = inspect.signature(clone.forward).parameters
+    position_ids = "position_ids" in parameters
+    if last_token_logits and "logits_to_keep" not in parameters:
+        raise ConfigError(
+            f"{type(model).__name__}'s forward takes no logits_to_keep, so its file cannot keep "
+            "the last token's logits only: export it with last_token_logits=False"
+        )
     with torch.no_grad():
         try:
             prompt = clone(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -327,14 +347,19 @@ def export_decoder_onnx(
     # (kv heads, head dim) of each layer's keys, then its values (they may differ)
     shapes = [(int(t.shape[1]), int(t.shape[3])) for ly in layers for t in (ly.keys, ly.values)]
     dtype = layers[0].keys.dtype
-    wrapper = _WithCache(clone, len(layers), position_ids).eval()
+    wrapper = _WithCache(clone, len(layers), position_ids, last_token_logits).eval()
     input_names, output_names = _names(len(layers), position_ids)
 
     # traced with half the example as the past and half as new tokens: no size is 0 or 1,
     # which the tracer would fold into constants; the checks then use other sizes
     step_feed = _step(clone, ids, mask, position_ids, new=ids.shape[1] - ids.shape[1] // 2)
     data = _to_onnx_bytes(
-        wrapper, step_feed, input_names, output_names, opset, _axes(input_names, output_names)
+        wrapper,
+        step_feed,
+        input_names,
+        output_names,
+        opset,
+        _axes(input_names, output_names, last_token_logits),
     )
     worst = None
     if check:
