@@ -229,7 +229,10 @@ def main() -> None:
             models[f"Torch-Pruning {ratio}"] = model
 
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    macs = {k: count_macs(m, prefill_inputs(m, prompt)).dense for k, m in models.items()}
+    macs = {
+        k: count_macs(m, {**prefill_inputs(m, prompt), **_last_logits(m)}).dense
+        for k, m in models.items()
+    }
     timed: dict[str, torch.nn.Module | OrtModel] = dict(models)
     same: dict[str, bool] = {}
     with tempfile.TemporaryDirectory() as folder:
