@@ -9,6 +9,8 @@ from ._compressed import save_compressed as save_compressed
 from ._onnx import OnnxExport as OnnxExport
 from ._onnx import export_onnx as export_onnx
 from ._onnx_decoder import export_decoder_onnx as export_decoder_onnx
+from ._onnx_seq2seq import Seq2SeqOnnxExport as Seq2SeqOnnxExport
+from ._onnx_seq2seq import export_seq2seq_onnx as export_seq2seq_onnx
 from ._safetensors import MANIFEST_FORMAT as MANIFEST_FORMAT
 from ._safetensors import LoadedModel as LoadedModel
 from ._safetensors import load_model as load_model
@@ -30,8 +32,10 @@ __all__ = [
     "MANIFEST_FORMAT",
     "LoadedModel",
     "OnnxExport",
+    "Seq2SeqOnnxExport",
     "export_decoder_onnx",
     "export_onnx",
+    "export_seq2seq_onnx",
     "load_model",
     "manifest_path_for",
     "save_model",

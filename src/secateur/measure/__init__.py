@@ -18,6 +18,7 @@ from ._metrics import LayerSparsity as LayerSparsity
 from ._metrics import Metrics as Metrics
 from ._onnx import OnnxRunner as OnnxRunner
 from ._onnx_generate import OnnxGenerator as OnnxGenerator
+from ._onnx_generate import OnnxSeq2SeqGenerator as OnnxSeq2SeqGenerator
 from ._params import count_params as count_params
 from ._params import layer_sparsity as layer_sparsity
 
@@ -28,6 +29,7 @@ __all__ = [
     "MacCount",
     "Metrics",
     "OnnxGenerator",
+    "OnnxSeq2SeqGenerator",
     "OnnxRunner",
     "count_macs",
     "count_params",

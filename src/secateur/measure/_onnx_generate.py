@@ -1,4 +1,5 @@
-"""Greedy text generation in ONNX Runtime with a file from ``export_decoder_onnx``.
+"""Greedy text generation in ONNX Runtime with a file from ``export_decoder_onnx``, or the pair
+from ``export_seq2seq_onnx``.
 
 :class:`OnnxGenerator` feeds the prompt once with an empty cache, then one token per step with
 the keys and values the file returned, as transformers' ``generate`` does in PyTorch; so a pruned
@@ -8,7 +9,9 @@ LM's decoding speed can be measured, and its tokens compared, in the runtime it 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +20,8 @@ from ..errors import ArtifactError, ConfigError, first_line
 from ._onnx import OnnxRunner
 
 _PAST = "past_key_values."
+_OWN = (".decoder.key", ".decoder.value")
+_CROSS = (".encoder.key", ".encoder.value")
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -161,3 +166,146 @@ def _end_tokens(eos_token_id: int | Sequence[int] | None) -> list[int]:
             f"eos_token_id={eos_token_id!r} must be a token id or a non-empty list of them"
         )
     return [int(v) for v in values]
+
+
+class OnnxSeq2SeqGenerator:
+    """Greedy decoding with the ``encoder.onnx`` and ``decoder.onnx`` that
+    ``secateur.export.export_seq2seq_onnx`` writes: the encoder runs once, then the decoder one
+    token per step through its own cache and the encoder's cross-attention keys and values.
+
+    Args:
+        folder: the folder holding both files.
+        threads, providers: as for :class:`OnnxRunner`, for each session.
+
+    Attributes:
+        encoder, decoder: the :class:`OnnxRunner` on each file.
+        decoder_start_token_id: the start token recorded in the files at export.
+
+    Raises:
+        ArtifactError: a file is missing, corrupt, or not one of such a pair.
+        ConfigError: as for :class:`OnnxRunner`.
+
+    Example:
+        >>> generator = OnnxSeq2SeqGenerator("t5-onnx", threads=2)
+        >>> generator.generate({"input_ids": ids}, max_new_tokens=16).shape  # start + 16
+        torch.Size([1, 17])
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
+        root = Path(folder)
+        self.encoder = OnnxRunner(root / "encoder.onnx", threads=threads, providers=providers)
+        self.decoder = OnnxRunner(root / "decoder.onnx", threads=threads, providers=providers)
+        fix = "write the pair with secateur.export.export_seq2seq_onnx"
+        meta = self.decoder._session.get_modelmeta().custom_metadata_map
+        start = meta.get("decoder_start_token_id", "")
+        own = [i for i in self.decoder._session.get_inputs() if i.name.endswith(_OWN)]
+        if (
+            not start.lstrip("-").isdigit()
+            or "input_ids" not in self.decoder.input_names
+            or not own
+        ):
+            raise ArtifactError(f"{self.decoder.path} is not a decoder file with a cache: {fix}")
+        if "encoder_hidden_states" not in self.encoder.output_names:
+            raise ArtifactError(f"{self.encoder.path} is not an encoder file: {fix}")
+        self.decoder_start_token_id = int(start)
+        self._own: list[tuple[str, int, int, type]] = []
+        for i in own:
+            heads, dim = i.shape[1], i.shape[3]
+            if not isinstance(heads, int) or not isinstance(dim, int) or i.type not in _DTYPES:
+                raise ArtifactError(f"{self.decoder.path}: input {i.name} is {i.shape}: {fix}")
+            self._own.append((i.name, heads, dim, _DTYPES[i.type]))
+
+    def __repr__(self) -> str:
+        return f"OnnxSeq2SeqGenerator({str(self.decoder.path.parent)!r})"
+
+    def generate(
+        self,
+        inputs: Mapping[str, torch.Tensor] | torch.Tensor,
+        *,
+        max_new_tokens: int = 20,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """The start token followed by up to ``max_new_tokens`` greedily chosen tokens.
+
+        Args:
+            inputs: the encoder's inputs as at export (``{"input_ids": ids, "attention_mask":
+                mask}``, or Whisper's ``{"input_features": x}``); a tensor is taken as
+                ``input_ids``, with a mask of ones.
+            max_new_tokens, eos_token_id, pad_token_id: as for :meth:`OnnxGenerator.generate`.
+
+        Returns:
+            (batch, 1 + new) decoder token ids on the inputs' device: those of transformers'
+            ``generate(..., do_sample=False)`` given the same end and pad tokens and no logits
+            processors.
+        """
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"input_ids": inputs}
+        if not isinstance(inputs, Mapping) or not inputs:
+            raise ConfigError("inputs must be the encoder's tensors by name, or input_ids")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        feed = dict(inputs)
+        if "input_ids" in feed and "attention_mask" in self.encoder.input_names:
+            feed.setdefault("attention_mask", torch.ones_like(feed["input_ids"]))
+        missing = [n for n in self.encoder.input_names if n not in feed]
+        if missing:
+            raise ConfigError(f"the encoder needs input {missing[0]!r}: pass it in inputs")
+        device = next(iter(feed.values())).device
+        arrays = {n: _numpy(feed[n], n) for n in self.encoder.input_names}
+        encoded = dict(zip(self.encoder.output_names, self._run(self.encoder, arrays), strict=True))
+        batch = encoded["encoder_hidden_states"].shape[0]
+        ends = _end_tokens(eos_token_id)
+        fill = ends[0] if pad_token_id is None and ends else pad_token_id
+        fixed = {"encoder_hidden_states": encoded["encoder_hidden_states"]}
+        if "attention_mask" in arrays:
+            fixed["encoder_attention_mask"] = arrays["attention_mask"]
+        for name in self.decoder.input_names:
+            if name.endswith(_CROSS):
+                fixed[name] = encoded["present." + name[len(_PAST) :]]
+        fixed = {n: v for n, v in fixed.items() if n in self.decoder.input_names}
+        own = [np.zeros((batch, h, 0, d), t) for _, h, d, t in self._own]
+        token = np.full((batch, 1), self.decoder_start_token_id, np.int64)
+        out = [token]
+        done = np.zeros(batch, dtype=bool)
+        for _ in range(max_new_tokens):
+            step = {"input_ids": token, **fixed}
+            step.update({name: p for (name, *_), p in zip(self._own, own, strict=True)})
+            results = dict(
+                zip(self.decoder.output_names, self._run(self.decoder, step), strict=True)
+            )
+            next_token = results["logits"][:, -1].argmax(-1).astype(np.int64)
+            if ends:
+                next_token = np.where(done, fill, next_token)
+                done |= np.isin(next_token, ends)
+            token = next_token[:, None]
+            out.append(token)
+            own = [results["present." + name[len(_PAST) :]] for name, *_ in self._own]
+            if ends and done.all():
+                break
+        return torch.from_numpy(np.concatenate(out, axis=1)).to(device)
+
+    @staticmethod
+    def _run(runner: OnnxRunner, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return runner._session.run(None, feed)
+        except Exception as exc:  # wrong dtype or size for the graph
+            raise ConfigError(
+                f"{runner.path.name} rejects these inputs ({first_line(exc)}): pass the "
+                "encoder's inputs as at export, or export the pair again"
+            ) from None
+
+
+def _numpy(tensor: Any, name: str) -> np.ndarray:
+    if not isinstance(tensor, torch.Tensor):
+        raise ConfigError(f"{name} must be a tensor")
+    array = tensor.detach().cpu().numpy()
+    return array.astype(np.int64) if name in ("input_ids", "attention_mask") else array
