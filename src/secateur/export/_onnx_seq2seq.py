@@ -23,7 +23,6 @@ runs the pair greedily. The decoder start token is recorded in both files' metad
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from ._onnx import (
     _traceable_experts_,
     _worst_difference,
 )
+from ._onnx_decoder import _cache_keyword
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -64,11 +64,6 @@ class Seq2SeqOnnxExport:
     encoder: OnnxExport
     decoder: OnnxExport
     decoder_start_token_id: int
-
-
-def _cache_keyword(model: nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _empty_cache() -> Any:
@@ -291,24 +286,19 @@ def export_seq2seq_onnx(
             f"{type(model).__name__} returns no logits: export its generation class "
             "(AutoModelForSeq2SeqLM), not the bare model"
         )
-    own, _ = _layers(natural.past_key_values)
+    own, cross = _layers(natural.past_key_values)
     # (heads, head dim) of each layer's own keys, then values
     shapes = [(int(t.shape[1]), int(t.shape[3])) for ly in own for t in (ly.keys, ly.values)]
+    # what the encoder file returns: the encoder's output and the cross-attention keys, values
+    encoded = (natural.encoder_last_hidden_state,) + tuple(
+        t for ly in cross for t in (ly.keys, ly.values)
+    )
+    layers = len(own)
     encoder = _Encoder(clone, keys, start).eval()
-    with torch.no_grad():
-        encoded = encoder(*inputs.values())
-    layers = (len(encoded) - 1) // 2
-    masked = "attention_mask" in inputs
-    decoder = _Decoder(clone, layers, masked).eval()
+    decoder = _Decoder(clone, layers, "attention_mask" in inputs).eval()
     enc_names = keys
     enc_outputs = ("encoder_hidden_states",) + _kv_names("present", layers, "encoder")
-    dec_names = (
-        ("input_ids",)
-        + (("encoder_attention_mask",) if masked else ())
-        + ("encoder_hidden_states",)
-        + _kv_names("past_key_values", layers, "decoder")
-        + _kv_names("past_key_values", layers, "encoder")
-    )
+    traced_names = _decoder_inputs(decoder)
     dec_outputs = ("logits",) + _kv_names("present", layers, "decoder")
 
     encoder_bytes = _to_onnx_bytes(
@@ -322,7 +312,7 @@ def export_seq2seq_onnx(
     # traced on 2 new tokens through 2 cached ones: no size is 0 or 1, which would be frozen
     step = _decoder_feed(decoder, inputs, encoded, _tokens(clone, start, inputs, 4), 2, shapes)
     decoder_bytes = _to_onnx_bytes(
-        decoder, step, dec_names, dec_outputs, opset, _axes(dec_names + dec_outputs)
+        decoder, step, traced_names, dec_outputs, opset, _axes(traced_names + dec_outputs)
     )
     encoder_bytes, _ = _with_start(encoder_bytes, start)
     decoder_bytes, dec_names = _with_start(decoder_bytes, start)
@@ -347,6 +337,18 @@ def export_seq2seq_onnx(
 
 def _kv_names(prefix: str, layers: int, part: str) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}.{part}.{kv}" for i in range(layers) for kv in ("key", "value"))
+
+
+def _decoder_inputs(decoder: _Decoder) -> tuple[str, ...]:
+    """The decoder wrapper's inputs by name, in order (the file may drop
+    ``encoder_hidden_states``)."""
+    return (
+        ("input_ids",)
+        + (("encoder_attention_mask",) if decoder.masked else ())
+        + ("encoder_hidden_states",)
+        + _kv_names("past_key_values", decoder.layers, "decoder")
+        + _kv_names("past_key_values", decoder.layers, "encoder")
+    )
 
 
 def _axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
@@ -455,13 +457,7 @@ def _check(
 ) -> tuple[float, float]:
     """The largest differences between ONNX Runtime and PyTorch, encoder then decoder."""
     sessions = [_check_session(data) for data in files]
-    all_names = (
-        ("input_ids",)
-        + (("encoder_attention_mask",) if decoder.masked else ())
-        + ("encoder_hidden_states",)
-        + _kv_names("past_key_values", decoder.layers, "decoder")
-        + _kv_names("past_key_values", decoder.layers, "encoder")
-    )
+    all_names = _decoder_inputs(decoder)
     worst = [0.0, 0.0]
     for size, variant in _variants(inputs).items():
         with torch.no_grad():

@@ -63,15 +63,9 @@ class OnnxGenerator:
                 f"{', '.join(names)}): write it with secateur.export.export_decoder_onnx"
             )
         self._position_ids = "position_ids" in names
-        self._past: list[tuple[str, int, int, type]] = []
-        for i in past:
-            heads, dim = i.shape[1], i.shape[3]
-            if not isinstance(heads, int) or not isinstance(dim, int) or i.type not in _DTYPES:
-                raise ArtifactError(
-                    f"{self.runner.path.name}: input {i.name} has shape {i.shape} and type "
-                    f"{i.type}: write the file with secateur.export.export_decoder_onnx"
-                )
-            self._past.append((i.name, heads, dim, _DTYPES[i.type]))
+        self._past = _cache_slots(
+            past, self.runner.path.name, "write the file with secateur.export.export_decoder_onnx"
+        )
         self._outputs = self.runner.output_names
 
     def __repr__(self) -> str:
@@ -151,6 +145,20 @@ class OnnxGenerator:
         return torch.from_numpy(np.concatenate(out, axis=1)).to(input_ids.device)
 
 
+def _cache_slots(inputs: list[Any], file: str, fix: str) -> list[tuple[str, int, int, type]]:
+    """(name, heads, head dim, numpy dtype) of each cache input of a session, or a one-line
+    :class:`ArtifactError` for one whose heads or head size are not fixed numbers."""
+    slots = []
+    for i in inputs:
+        heads, dim = i.shape[1], i.shape[3]
+        if not isinstance(heads, int) or not isinstance(dim, int) or i.type not in _DTYPES:
+            raise ArtifactError(
+                f"{file}: input {i.name} has shape {i.shape} and type {i.type}: {fix}"
+            )
+        slots.append((i.name, heads, dim, _DTYPES[i.type]))
+    return slots
+
+
 def _end_tokens(eos_token_id: int | Sequence[int] | None) -> list[int]:
     """The end tokens as a list (empty for ``None``), or a one-line :class:`ConfigError`."""
     if eos_token_id is None:
@@ -214,12 +222,7 @@ class OnnxSeq2SeqGenerator:
         if "encoder_hidden_states" not in self.encoder.output_names:
             raise ArtifactError(f"{self.encoder.path} is not an encoder file: {fix}")
         self.decoder_start_token_id = int(start)
-        self._own: list[tuple[str, int, int, type]] = []
-        for i in own:
-            heads, dim = i.shape[1], i.shape[3]
-            if not isinstance(heads, int) or not isinstance(dim, int) or i.type not in _DTYPES:
-                raise ArtifactError(f"{self.decoder.path}: input {i.name} is {i.shape}: {fix}")
-            self._own.append((i.name, heads, dim, _DTYPES[i.type]))
+        self._own = _cache_slots(own, self.decoder.path.name, fix)
 
     def __repr__(self) -> str:
         return f"OnnxSeq2SeqGenerator({str(self.decoder.path.parent)!r})"
