@@ -22,11 +22,13 @@ Medians over ``--rounds`` rounds. Torch-Pruning is not in the Llama and MoE tabl
 recipe fails on these widths (see ``hf_llm_coverage.py --real-widths``), so there is no peer
 model to time.
 
-With ``--onnx`` (decoder-only families), the dense model and each pruned one are also written
-by ``export_decoder_onnx`` (key/value cache as inputs and outputs, ``last_token_logits``) and
-run by ``OnnxGenerator`` in ONNX Runtime with the same threads, timed in the same interleaved
-loop: prefill is the prompt through an empty cache and its first token, decode as above. A
-column says whether ONNX Runtime generated PyTorch's tokens.
+With ``--onnx``, the dense model and each pruned one are also written by
+``export_decoder_onnx`` (key/value cache as inputs and outputs, ``last_token_logits``) and run by
+``OnnxGenerator`` in ONNX Runtime with the same threads, timed in the same interleaved loop:
+prefill is the prompt through an empty cache and its first token, decode as above. T5 goes
+through ``export_seq2seq_onnx`` and ``OnnxSeq2SeqGenerator`` instead (an encoder file that also
+gives the cross-attention cache, a decoder file with its own cache). A column says whether ONNX
+Runtime generated PyTorch's tokens.
 
     .venv/bin/python -W ignore benchmarks/llm_decode_speed.py --threads 2 [--onnx]
 """
@@ -49,8 +51,8 @@ import transformers
 from hf_seq2seq_coverage import torch_pruning as seq2seq_peer
 
 from secateur import ExpertConfig, StructuredConfig, prune_
-from secateur.export import export_decoder_onnx
-from secateur.measure import OnnxGenerator, count_macs
+from secateur.export import export_decoder_onnx, export_seq2seq_onnx
+from secateur.measure import OnnxGenerator, OnnxSeq2SeqGenerator, count_macs
 
 PRESETS = {
     "llama": (
@@ -143,13 +145,20 @@ def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new: 
 
 
 class OrtModel:
-    """A file from ``export_decoder_onnx`` in ONNX Runtime, timed like the PyTorch models."""
+    """The model exported with its caches and run in ONNX Runtime, timed like the PyTorch
+    models: ``export_decoder_onnx`` for a decoder, ``export_seq2seq_onnx`` for T5."""
 
     def __init__(self, model: torch.nn.Module, folder: str, name: str, threads: int) -> None:
         example = {"input_ids": torch.randint(1, model.config.vocab_size, (1, 16))}
-        path = Path(folder) / f"{name.replace(' ', '_').replace('+', '_')}.onnx"
-        export_decoder_onnx(model, example, path, last_token_logits=True)
-        self.generator = OnnxGenerator(path, threads=threads)
+        stem = Path(folder) / name.replace(" ", "_").replace("+", "_")
+        self.generator: OnnxGenerator | OnnxSeq2SeqGenerator
+        if model.config.is_encoder_decoder:  # a folder of two files
+            export_seq2seq_onnx(model, example, stem)
+            self.generator = OnnxSeq2SeqGenerator(stem, threads=threads)
+        else:
+            path = stem.parent / f"{stem.name}.onnx"
+            export_decoder_onnx(model, example, path, last_token_logits=True)
+            self.generator = OnnxGenerator(path, threads=threads)
 
     def prefill_seconds(self, prompt: torch.Tensor) -> float:
         start = time.perf_counter()
@@ -194,12 +203,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument(
-        "--onnx", action="store_true", help="also time each model in ONNX Runtime (decoders)"
-    )
+    parser.add_argument("--onnx", action="store_true", help="also time each model in ONNX Runtime")
     args = parser.parse_args()
-    if args.onnx and args.family in SEQ2SEQ:
-        parser.error("--onnx times decoder-only families: drop it for --family t5")
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
