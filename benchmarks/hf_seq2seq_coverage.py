@@ -201,11 +201,12 @@ def _decodes_through_cache(model: torch.nn.Module, x: dict[str, torch.Tensor]) -
     source = {k: v[:1] for k, v in x.items() if k != "decoder_input_ids"}
     dec = x["decoder_input_ids"][:1]
     cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.no_grad():
-        first = model(**source, decoder_input_ids=dec[:, :4], use_cache=True)
+    with torch.no_grad():  # the encoder alone, then the decoder through the caches, as generate
+        encoded = model.get_encoder()(**source)
+        first = model(encoder_outputs=encoded, decoder_input_ids=dec[:, :4], use_cache=True)
         step = model(
             decoder_input_ids=dec[:, 4:5],
-            encoder_outputs=(first.encoder_last_hidden_state,),
+            encoder_outputs=encoded,
             **{cache: first.past_key_values},
         )
         full = model(**source, decoder_input_ids=dec[:, :5]).logits

@@ -111,14 +111,10 @@ class _Encoder(nn.Module):
         inputs = dict(zip(self.keys, tensors, strict=True))
         batch = tensors[0].shape[0]
         start = torch.full((batch, 1), self.start, dtype=torch.long, device=tensors[0].device)
-        out = self.model(
-            **inputs,
-            decoder_input_ids=start,
-            use_cache=True,
-            **{_cache_keyword(self.model): _empty_cache()},
-        )
+        encoded = _encode(self.model, inputs)
+        out = _first_step(self.model, inputs, encoded, start)
         _, cross = _layers(out.past_key_values)
-        flat = [out.encoder_last_hidden_state]
+        flat = [encoded[0]]
         for layer in cross:
             flat += [layer.keys, layer.values]
         return tuple(flat)
@@ -127,11 +123,12 @@ class _Encoder(nn.Module):
 class _Decoder(nn.Module):
     """Runs the decoder on new tokens through its own cache and the cross-attention cache."""
 
-    def __init__(self, model: nn.Module, layers: int, masked: bool) -> None:
+    def __init__(self, model: nn.Module, layers: int, masked: bool, kind: type) -> None:
         super().__init__()
         self.model = model
         self.layers = layers
         self.masked = masked
+        self.kind = kind  # the encoder's output class
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache, EncoderDecoderCache
@@ -148,12 +145,44 @@ class _Decoder(nn.Module):
         kwargs: dict[str, Any] = {_cache_keyword(self.model): EncoderDecoderCache(own, cross)}
         if mask is not None:
             kwargs["attention_mask"] = mask
-        out = self.model(encoder_outputs=(hidden,), decoder_input_ids=ids, use_cache=True, **kwargs)
+        out = self.model(
+            encoder_outputs=self.kind(last_hidden_state=hidden),
+            decoder_input_ids=ids,
+            use_cache=True,
+            **kwargs,
+        )
         own_layers, _ = _layers(out.past_key_values)
         flat = [out.logits]
         for layer in own_layers:
             flat += [layer.keys, layer.values]
         return tuple(flat)
+
+
+def _encode(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, type]:
+    """The encoder alone, called as ``generate`` calls it (Switch Transformers' encoder refuses
+    the ``use_cache`` that a whole-model call with a cache passes on): its states, and the class
+    of output it returns, which the decoder is given back (mixture-of-experts models read their
+    ``router_logits`` by name, so neither a tuple nor a plain ``BaseModelOutput`` will do)."""
+    out = model.get_encoder()(**inputs, return_dict=True)
+    return out.last_hidden_state, type(out)
+
+
+def _first_step(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    encoded: tuple[torch.Tensor, type],
+    tokens: torch.Tensor,
+) -> Any:
+    """The decoder's run on ``tokens`` over the encoder's states, filling an empty cache."""
+    hidden, kind = encoded
+    mask = {"attention_mask": inputs["attention_mask"]} if "attention_mask" in inputs else {}
+    return model(
+        encoder_outputs=kind(last_hidden_state=hidden),
+        decoder_input_ids=tokens,
+        use_cache=True,
+        **{_cache_keyword(model): _empty_cache()},
+        **mask,
+    )
 
 
 def _split(example_inputs: Any) -> dict[str, torch.Tensor]:
@@ -270,12 +299,8 @@ def export_seq2seq_onnx(
     keys = tuple(inputs)
     with torch.no_grad():
         try:
-            natural = clone(
-                **inputs,
-                decoder_input_ids=_tokens(clone, start, inputs, 1),
-                use_cache=True,
-                **{_cache_keyword(clone): _empty_cache()},
-            )
+            hidden, kind = _encode(clone, inputs)
+            natural = _first_step(clone, inputs, (hidden, kind), _tokens(clone, start, inputs, 1))
         except Exception as exc:
             raise ConfigError(
                 f"{type(model).__name__} does not run on these inputs ({first_line(exc)}): pass "
@@ -290,12 +315,10 @@ def export_seq2seq_onnx(
     # (heads, head dim) of each layer's own keys, then values
     shapes = [(int(t.shape[1]), int(t.shape[3])) for ly in own for t in (ly.keys, ly.values)]
     # what the encoder file returns: the encoder's output and the cross-attention keys, values
-    encoded = (natural.encoder_last_hidden_state,) + tuple(
-        t for ly in cross for t in (ly.keys, ly.values)
-    )
+    encoded = (hidden,) + tuple(t for ly in cross for t in (ly.keys, ly.values))
     layers = len(own)
     encoder = _Encoder(clone, keys, start).eval()
-    decoder = _Decoder(clone, layers, "attention_mask" in inputs).eval()
+    decoder = _Decoder(clone, layers, "attention_mask" in inputs, kind).eval()
     enc_names = keys
     enc_outputs = ("encoder_hidden_states",) + _kv_names("present", layers, "encoder")
     traced_names = _decoder_inputs(decoder)
@@ -397,15 +420,8 @@ def _decoder_feed(
     if tokens.shape[1] == new:
         past = [torch.zeros(batch, h, 0, d, dtype=hidden.dtype) for h, d in shapes]
     else:
-        kwargs = {"attention_mask": mask} if mask is not None else {}
         with torch.no_grad():
-            head = model(
-                encoder_outputs=(hidden,),
-                decoder_input_ids=tokens[:, :-new],
-                use_cache=True,
-                **{_cache_keyword(model): _empty_cache()},
-                **kwargs,
-            )
+            head = _first_step(model, inputs, (hidden, decoder.kind), tokens[:, :-new])
         own, _ = _layers(head.past_key_values)
         past = [t.clone() for ly in own for t in (ly.keys, ly.values)]
     head_inputs = (tokens[:, -new:],) + ((mask,) if mask is not None else ()) + (hidden,)

@@ -1,0 +1,91 @@
+"""A traceable forward for transformers' stacked experts: every expert in turn, each on the
+tokens routed to it.
+
+transformers runs a mixture-of-experts layer (Mixtral, Qwen-MoE, OLMoE, GPT-OSS, ...) as
+``eager`` (a Python loop over the experts the input happened to reach, which a trace freezes),
+``grouped_mm`` (``histc``, which ONNX lacks) or ``batched_mm`` (one gathered weight matrix per
+token and expert: a static graph, but it holds a copy of every routed token's matrices while it
+runs, gigabytes for a long prompt through a large model). :func:`every_expert_forward` loops over
+all experts, a number fixed by the model, and finds each one's tokens with ``nonzero``, which
+ONNX computes at run time. The file then costs what eager PyTorch costs: each routed (token,
+expert) pair is computed once, and no weights are copied. Each expert's slice of a stack is a
+constant, so the exporter folds it into an initializer of its own; ONNX Runtime's int8 then
+gives every expert its own scales.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812 - the usual name
+
+# the attributes transformers' experts decorator sets, which this forward reads
+_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+
+
+def _project(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through expert ``expert``'s matrix (and bias) of the stack ``name``."""
+    weight = getattr(module, name)[expert]
+    out = x @ weight if module.is_transposed else F.linear(x, weight)
+    if module.has_bias:
+        out = out + getattr(module, f"{name}_bias")[expert]
+    return out
+
+
+def every_expert_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The experts' output for ``hidden_states`` (tokens, hidden) routed to ``top_k_index``
+    (tokens, k) with ``top_k_weights`` (tokens, k): the contract of transformers' experts
+    implementations, computed expert by expert."""
+    k = top_k_index.shape[-1]
+    experts = top_k_index.reshape(-1)  # one entry per (token, slot) pair
+    pairs = torch.zeros(
+        experts.shape[0], hidden_states.shape[-1], dtype=hidden_states.dtype,
+        device=hidden_states.device,
+    )  # fmt: skip
+    up = "gate_up_proj" if self.has_gate else "up_proj"
+    for expert in range(self.num_experts):
+        chosen = (experts == expert).nonzero().squeeze(-1)
+        x = hidden_states[torch.div(chosen, k, rounding_mode="floor")]
+        h = _project(self, up, expert, x)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = _project(self, "down_proj", expert, h)
+        if self.has_post_expert_norm:
+            h = self.post_expert_norm(h)
+        pairs = pairs.index_put((chosen,), h.to(pairs.dtype))
+    weighted = pairs * top_k_weights.reshape(-1, 1).to(pairs.dtype)
+    return weighted.view(-1, k, pairs.shape[-1]).sum(dim=1).to(hidden_states.dtype)
+
+
+def loops_over_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module that :func:`every_expert_forward`
+    runs: the decorator's flags, an expert count, the stacks it reads, not expert-parallel."""
+    if not all(isinstance(getattr(module, flag, None), bool) for flag in _FLAGS):
+        return False
+    if getattr(module, "_is_expert_parallel", False) or not isinstance(
+        getattr(module, "num_experts", None), int
+    ):
+        return False
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    stacks = [up, "down_proj"] + ([f"{up}_bias", "down_proj_bias"] if module.has_bias else [])
+    if not all(isinstance(getattr(module, s, None), torch.Tensor) for s in stacks):
+        return False
+    gate = callable(getattr(module, "_apply_gate", None))
+    return gate if module.has_gate else callable(getattr(module, "act_fn", None))
+
+
+def loop_over_experts_(model: nn.Module) -> int:
+    """Give every experts module of ``model`` that :func:`loops_over_experts` accepts the
+    expert-by-expert forward (on the instance; the class is untouched). Returns how many."""
+    count = 0
+    for module in model.modules():
+        if loops_over_experts(module):
+            module.forward = types.MethodType(every_expert_forward, module)
+            count += 1
+    return count

@@ -1,0 +1,96 @@
+"""The expert-by-expert forward that ONNX export gives transformers' stacked experts."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from secateur import StructuredConfig, prune_
+from secateur._experts import expert_stacks
+from secateur.export import export_onnx
+from secateur.export._expert_loop import loop_over_experts_, loops_over_experts
+from secateur.measure import OnnxRunner
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+
+SMALL = dict(
+    vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, intermediate_size=128, head_dim=16,
+)  # fmt: skip
+FAMILIES = {
+    "mixtral": dict(num_local_experts=4),  # gate and up concatenated, (out, in)
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    ),  # fmt: skip
+    # (in, out) stacks with biases and an interleaved gate
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"] * 2),
+}
+
+
+def _model(family: str) -> torch.nn.Module:
+    config = transformers.AutoConfig.for_model(family, **SMALL, **FAMILIES[family])
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases drawn too, so that they count
+        for name, tensor in model.named_parameters():
+            if "experts" in name and name.endswith("_bias"):
+                tensor.normal_(std=0.1)
+    return model
+
+
+def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_expert_in_turn_computes_what_eager_computes(family: str) -> None:
+    model = _model(family)
+    looped = copy.deepcopy(model)
+    assert loop_over_experts_(looped) == 2  # one experts module per layer
+    assert all(loops_over_experts(m) for _, m in expert_stacks(looped).values())
+    ids = _ids(3, 11, 0)
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, looped(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert (
+        type(model.model.layers[0].mlp.experts).forward
+        is type(looped.model.layers[0].mlp.experts).forward
+    )  # the class is untouched
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pruned_moe_exports_expert_by_expert_and_routes_other_tokens(tmp_path, family) -> None:
+    """Traced on one batch, the file routes a longer batch, and a single token, which
+    reaches only top-k of the experts, as PyTorch does."""
+    model = _model(family)
+    ids = _ids(2, 8, 0)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = export_onnx(model, inputs, tmp_path / "moe.onnx", dynamic_sequence=True)
+    runner = OnnxRunner(out.path)
+    for other in (_ids(3, 13, 1), _ids(1, 1, 2)):
+        got = runner(input_ids=other, attention_mask=torch.ones_like(other))
+        with torch.no_grad():
+            expected = model(input_ids=other).logits
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_a_module_without_the_decorators_flags_is_left_alone() -> None:
+    class Experts(torch.nn.Module):  # stacks, but no layout flags: not ours to rewrite
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_experts = 2
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(2, 8, 4))
+            self.down_proj = torch.nn.Parameter(torch.zeros(2, 4, 4))
+
+    module = Experts()
+    assert not loops_over_experts(module)
+    assert loop_over_experts_(module) == 0 and "forward" not in vars(module)
