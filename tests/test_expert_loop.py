@@ -94,3 +94,27 @@ def test_a_module_without_the_decorators_flags_is_left_alone() -> None:
     module = Experts()
     assert not loops_over_experts(module)
     assert loop_over_experts_(module) == 0 and "forward" not in vars(module)
+
+
+def test_experts_looped_over_as_the_example_reached_them_are_refused(tmp_path) -> None:
+    """Switch Transformers' experts are a dict of modules looped over as the input reaches
+    them, which a trace freezes: other token ids route elsewhere and the check refuses the
+    file rather than write one that computes the wrong experts."""
+    from secateur.errors import ArtifactError
+
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, num_experts=4, expert_capacity=16, num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    ids = _ids(2, 10, 0)
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "decoder_input_ids": ids[:, :2],
+    }
+    with pytest.raises(ArtifactError, match="on inputs with other values"):
+        export_onnx(model, inputs, tmp_path / "switch.onnx")
+    assert not (tmp_path / "switch.onnx").exists()

@@ -381,3 +381,17 @@ def test_repeat_interleave_exports_beside_a_view_of_minus_one(tmp_path) -> None:
     x, y = torch.randn(5, 4), torch.randn(3, 5, 16)
     for got, expected in zip(OnnxRunner(out.path)(x, y), model(x, y), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_branch_the_examples_values_took_is_caught(tmp_path) -> None:
+    """A trace keeps the branch the example's values chose; the check on other values (here
+    the features flipped) finds it and nothing is written."""
+
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if bool(x[0, 0] > x[0, -1]) else x - 1
+
+    x = torch.tensor([[3.0, 2.0, 1.0]])
+    with pytest.raises(ArtifactError, match="on inputs with other values"):
+        export_onnx(Branchy().eval(), x, tmp_path / "b.onnx")
+    assert not (tmp_path / "b.onnx").exists()

@@ -3,8 +3,9 @@
 The TorchScript exporter is used (``torch.onnx.export(..., dynamo=False)``): the dynamo exporter
 needs ``onnxscript``, which secateur does not depend on. It traces one forward pass, so
 data-dependent Python control flow is frozen at the example's values; the check below runs the
-file on the example batch and, with a dynamic batch, on a batch twice as large, which catches a
-batch size baked into the graph.
+file on the example batch, on inputs with other values (token ids rolled, features flipped),
+which catches a choice those values made (a router's experts, a loop's length), and, with a
+dynamic batch, on a batch twice as large, which catches a batch size baked into the graph.
 
 Names in the file: inputs are ``input`` (one tensor), ``input_0``, ``input_1``, ... (a sequence of
 tensors) or the keys of a dict of keyword tensors (HF style, e.g. ``input_ids``, which is what
@@ -353,6 +354,7 @@ def _compare(
     rtol: float,
     atol: float,
     what: str,
+    fix: str = "pass dynamic_batch=False if the model fixes its batch size",
 ) -> float:
     with torch.no_grad():
         expected = [t.numpy() for t in flat(*tensors)]
@@ -361,11 +363,10 @@ def _compare(
     except Exception as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(
-            f"ONNX Runtime cannot run the export on {what}: {first}: "
-            "pass dynamic_batch=False if the model fixes its batch size"
+            f"ONNX Runtime cannot run the export on {what}: {first}: {fix}"
         ) from None
-    fix = "pass dynamic_batch=False or simplify forward()"
-    return _worst_difference(expected, got, (rtol, atol), what, fix)
+    shape_fix = "pass dynamic_batch=False or simplify forward()"
+    return _worst_difference(expected, got, (rtol, atol), what, shape_fix)
 
 
 def _worst_difference(
@@ -412,6 +413,23 @@ def _check_session(data: bytes) -> Any:
         ) from None
 
 
+def _other_values(
+    tensors: tuple[torch.Tensor, ...], input_names: tuple[str, ...]
+) -> tuple[torch.Tensor, ...] | None:
+    """The inputs with other values of the same kind, or ``None`` where none can be made: token
+    ids (``*input_ids``) rolled by one position, floating inputs of 2 or more dims that are not
+    masks flipped along their last axis. Running the file on them catches a trace that froze
+    what the example's values decided (the experts a router reached, a data-dependent loop)."""
+    varied, changed = [], False
+    for name, x in zip(input_names, tensors, strict=True):
+        if name.endswith("input_ids") and x.dim() >= 2 and x.shape[1] > 1:
+            x, changed = x.roll(1, dims=1), True
+        elif x.is_floating_point() and x.dim() >= 2 and "mask" not in name and x.shape[-1] > 1:
+            x, changed = x.flip(-1), True
+        varied.append(x)
+    return tuple(varied) if changed else None
+
+
 def _check(
     data: bytes,
     flat: _Flat,
@@ -430,6 +448,13 @@ def _check(
         worst = max(
             worst, _compare(session, flat, doubled, input_names, rtol, atol, f"a batch of {batch}")
         )
+    varied = _other_values(tensors, input_names)
+    if varied is not None:
+        what = "inputs with other values (token ids rolled, features flipped)"
+        fix = (
+            "the trace froze a choice the example's values made; make forward() not branch on them"
+        )
+        worst = max(worst, _compare(session, flat, varied, input_names, rtol, atol, what, fix))
     if dynamic_sequence:
         longer = _lengthened(tensors)
         what = f"a sequence of {max(x.shape[1] for x in longer if x.dim() >= 2)}"
@@ -480,8 +505,10 @@ def export_onnx(
     """Write ``model`` as an ONNX file at ``path`` (atomically) and check it in ONNX Runtime.
 
     A CPU copy of the model is exported in eval mode; ``model`` itself, its device and its mode
-    are untouched. With ``check``, ONNX Runtime (CPU) runs the file on ``example_inputs`` (and, if
-    ``dynamic_batch``, on those inputs repeated to twice the batch) and every output must satisfy
+    are untouched. With ``check``, ONNX Runtime (CPU) runs the file on ``example_inputs``, on
+    them with other values (``*input_ids`` rolled by a position, floating inputs of 2 or more
+    dims not named as masks flipped along their last axis), and, if ``dynamic_batch``, on them
+    repeated to twice the batch; every output must satisfy
     ``|ort - torch| <= atol + rtol * |torch|``; otherwise nothing is written. Models of several
     GiB (over protobuf's 2 GiB limit) are not supported.
 
