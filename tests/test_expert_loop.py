@@ -1,4 +1,4 @@
-"""The expert-by-expert forward that ONNX export gives transformers' stacked experts."""
+"""The expert-by-expert forward of transformers' stacked experts: ONNX export and PyTorch int8."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from secateur import StructuredConfig, prune_
+from secateur._expert_loop import experts_as_linears_, loop_over_experts_, loops_over_experts
 from secateur._experts import expert_stacks
 from secateur.export import export_onnx
-from secateur.export._expert_loop import loop_over_experts_, loops_over_experts
 from secateur.measure import OnnxRunner
 
 transformers = pytest.importorskip("transformers")
@@ -118,3 +118,39 @@ def test_experts_looped_over_as_the_example_reached_them_are_refused(tmp_path) -
     with pytest.raises(ArtifactError, match="on inputs with other values"):
         export_onnx(model, inputs, tmp_path / "switch.onnx")
     assert not (tmp_path / "switch.onnx").exists()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_experts_as_linears_compute_the_same_and_drop_the_stacks(family: str) -> None:
+    model = _model(family)
+    split = copy.deepcopy(model)
+    assert experts_as_linears_(split) == 2
+    assert not expert_stacks(split, any_layout=True)  # no 3-D stack is left
+    experts = split.model.layers[0].mlp.experts
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    linears = getattr(experts, f"{up}_linears")
+    assert len(linears) == 4 and isinstance(linears[0], torch.nn.Linear)
+    ids = _ids(2, 9, 3)
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, split(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pytorch_dynamic_int8_reaches_every_expert(family: str) -> None:
+    """quantize_dynamic_torch leaves no expert in float: each expert's matrices become int8
+    Linear layers, the weights take about a quarter of their float bytes and the logits stay
+    close to the float model's."""
+    from secateur.quantization import quantize_dynamic_torch
+
+    model = _model(family)
+    quantized = quantize_dynamic_torch(model)
+    experts = quantized.model.layers[1].mlp.experts
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    assert all(isinstance(m, dynamic) for m in experts.down_proj_linears)
+    assert not expert_stacks(quantized, any_layout=True)
+    assert hasattr(model.model.layers[1].mlp.experts, "down_proj")  # the original is untouched
+    ids = _ids(2, 9, 4)
+    with torch.no_grad():
+        reference, got = model(input_ids=ids).logits, quantized(input_ids=ids).logits
+    assert float((got - reference).norm() / reference.norm()) < 0.05

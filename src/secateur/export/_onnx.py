@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_write_bytes, ensure_writable_dir
+from .._expert_loop import loop_over_experts_, loops_over_experts
 from .._experts import expert_stacks
 from ..errors import ArtifactError, ConfigError, first_line
-from ._expert_loop import loop_over_experts_, loops_over_experts
 
 DEFAULT_OPSET = 17
 _MIN_OPSET = 9
@@ -478,7 +478,7 @@ def _without_cache_(model: nn.Module) -> None:
 
 def _traceable_experts_(model: nn.Module) -> None:
     """Run a transformers MoE model's experts in a form a trace keeps: expert by expert
-    (:mod:`._expert_loop`) where the experts module is one it knows, else as ``batched_mm``
+    (:mod:`secateur._expert_loop`) where the experts module is one it knows, else as ``batched_mm``
     (one gathered matrix per token, a static graph): ``grouped_mm`` counts tokens per expert
     with ``histc``, which ONNX lacks, and ``eager`` loops over the experts the example happened
     to reach, which a trace would freeze."""

@@ -2,8 +2,11 @@
 
 Each ``nn.Linear`` becomes a dynamically quantized Linear: weights stored int8 per tensor,
 activations quantized per batch at run time, int8 GEMM via fbgemm/oneDNN/qnnpack. Everything
-else (convolutions, norms, embeddings) stays fp32. The kernels exist only on CPU, so this pays
-off for Linear-heavy models (MLPs, transformers) served on CPU; convolutional models gain little.
+else (convolutions, norms, embeddings) stays fp32. The stacked experts of transformers'
+mixture-of-experts layers are first split into one Linear per expert (run expert by expert,
+:mod:`secateur._expert_loop`), so they are quantized too. The kernels exist only on CPU, so
+this pays off for Linear-heavy models (MLPs, transformers) served on CPU; convolutional models
+gain little.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import warnings
 import torch
 from torch import nn
 
+from .._expert_loop import experts_as_linears_
 from ..errors import ConfigError
 from ..pruning._layer_matrix import is_hf_conv1d
 
@@ -37,7 +41,8 @@ def _conv1d_as_linear_(model: nn.Module) -> None:
 
 def quantize_dynamic_torch(model: nn.Module) -> nn.Module:
     """Return a CPU copy of ``model`` in eval mode whose every ``nn.Linear`` runs int8 dynamic
-    (HF ``Conv1D`` layers, GPT-2's projections, are turned into the equivalent Linear first).
+    (HF ``Conv1D`` layers, GPT-2's projections, are turned into the equivalent Linear first,
+    and the stacked experts of transformers' MoE layers into one Linear per expert).
 
     ``model`` itself (weights, device, mode) is untouched. The copy runs on CPU only (PyTorch has
     no CUDA kernels for it) and holds packed int8 weights, so it cannot be saved with
@@ -59,6 +64,7 @@ def quantize_dynamic_torch(model: nn.Module) -> nn.Module:
         )
     clone = copy.deepcopy(model).cpu().eval()
     _conv1d_as_linear_(clone)
+    experts_as_linears_(clone)
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, which is not a dependency
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -1,5 +1,6 @@
-"""A traceable forward for transformers' stacked experts: every expert in turn, each on the
-tokens routed to it.
+"""A forward for transformers' stacked experts that runs every expert in turn, each on the
+tokens routed to it: traceable for ONNX export, and able to run each expert's matrices as
+Linear modules of their own for PyTorch's int8 kernels.
 
 transformers runs a mixture-of-experts layer (Mixtral, Qwen-MoE, OLMoE, GPT-OSS, ...) as
 ``eager`` (a Python loop over the experts the input happened to reach, which a trace freezes),
@@ -11,6 +12,10 @@ ONNX computes at run time. The file then costs what eager PyTorch costs: each ro
 expert) pair is computed once, and no weights are copied. Each expert's slice of a stack is a
 constant, so the exporter folds it into an initializer of its own; ONNX Runtime's int8 then
 gives every expert its own scales.
+
+:func:`experts_as_linears_` goes further for PyTorch: it replaces each stack by one
+``nn.Linear`` per expert (same values, the stack removed), which the loop then calls, so that
+``torch.ao.quantization.quantize_dynamic`` reaches the experts like any other Linear.
 """
 
 from __future__ import annotations
@@ -25,8 +30,15 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
 
 
+_LINEARS = "_linears"  # suffix of the ModuleList that replaces a stack
+
+
 def _project(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """``x`` through expert ``expert``'s matrix (and bias) of the stack ``name``."""
+    """``x`` through expert ``expert``'s matrix (and bias) of the stack ``name``, or through
+    its Linear where :func:`experts_as_linears_` made one."""
+    linears = getattr(module, name + _LINEARS, None)
+    if linears is not None:
+        return linears[expert](x)
     weight = getattr(module, name)[expert]
     out = x @ weight if module.is_transposed else F.linear(x, weight)
     if module.has_bias:
@@ -88,4 +100,39 @@ def loop_over_experts_(model: nn.Module) -> int:
         if loops_over_experts(module):
             module.forward = types.MethodType(every_expert_forward, module)
             count += 1
+    return count
+
+
+def _stacks(module: nn.Module) -> list[str]:
+    return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
+
+
+def experts_as_linears_(model: nn.Module) -> int:
+    """Replace each stack of every experts module that :func:`loops_over_experts` accepts by
+    a ``ModuleList`` of one ``nn.Linear`` per expert holding the same values (``<stack>_linears``;
+    the stack and its bias are removed), and give the module the expert-by-expert forward,
+    which calls them. Outputs are unchanged. Returns how many modules were rewritten."""
+    count = 0
+    for module in list(model.modules()):
+        if not loops_over_experts(module):
+            continue
+        for name in _stacks(module):
+            stack = getattr(module, name).detach()
+            bias = getattr(module, f"{name}_bias").detach() if module.has_bias else None
+            matrices = stack.transpose(1, 2) if module.is_transposed else stack  # (E, out, in)
+            linears = nn.ModuleList()
+            for expert in range(module.num_experts):
+                out, inp = matrices.shape[1:]
+                linear = nn.Linear(inp, out, bias=bias is not None, dtype=stack.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(matrices[expert])
+                    if bias is not None:
+                        linear.bias.copy_(bias[expert])
+                linears.append(linear.to(stack.device))
+            delattr(module, name)
+            if bias is not None:
+                delattr(module, f"{name}_bias")
+            module.add_module(name + _LINEARS, linears)
+        module.forward = types.MethodType(every_expert_forward, module)
+        count += 1
     return count
