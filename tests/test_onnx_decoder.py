@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -301,3 +302,45 @@ def test_last_token_logits_need_a_forward_that_takes_logits_to_keep(tmp_path) ->
             model, {"input_ids": _ids(1, 6, 0)}, tmp_path / "x.onnx", last_token_logits=True
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore:Exporting aten")
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_pruned_decoder_quantized_to_int8_still_generates(tmp_path, family: str) -> None:
+    """prune → export with the cache → ONNX Runtime dynamic int8 → generate: every weight
+    matrix is stored in 8 bits (each expert's too), the cache inputs are unchanged, and the
+    first token's logits stay near PyTorch's."""
+    import onnx
+
+    from secateur.quantization import quantize_onnx
+
+    model = _model(family)
+    ids = _ids(2, 8, 0)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
+    fp32 = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    int8 = quantize_onnx(fp32.path, tmp_path / "llm.int8.onnx", mode="dynamic")
+    stored = onnx.load(str(int8)).graph.initializer
+    assert not [i.name for i in stored if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 1]
+
+    prompt = _ids(1, 6, 5)
+    tokens = OnnxGenerator(int8, threads=1).generate(prompt, max_new_tokens=6)
+    assert tokens.shape == (1, 12) and torch.equal(tokens[:, :6], prompt)
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    assert tuple(i.name for i in session.get_inputs()) == fp32.input_names
+    feed = {}
+    for given in session.get_inputs():  # the prompt through an empty cache
+        if given.name.startswith("past_key_values."):  # (batch, heads, past, head dim)
+            feed[given.name] = np.zeros((1, given.shape[1], 0, given.shape[3]), np.float32)
+        elif given.name == "position_ids":
+            feed[given.name] = np.arange(6, dtype=np.int64)[None]
+        else:
+            feed[given.name] = (
+                prompt.numpy() if given.name == "input_ids" else np.ones((1, 6), np.int64)
+            )
+    logits = torch.from_numpy(session.run(["logits"], feed)[0][:, -1])
+    with torch.no_grad():
+        reference = model(input_ids=prompt).logits[:, -1]
+    assert float((logits - reference).norm() / reference.norm()) < 0.05

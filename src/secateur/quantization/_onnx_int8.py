@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import logging
 import os
 import platform
 import tempfile
@@ -144,6 +145,21 @@ def _working_dir(folder: Path) -> Iterator[None]:
         os.chdir(before)
 
 
+@contextlib.contextmanager
+def _quantizer_warnings_off() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs a warning through the root logger for every tensor it
+    leaves float because it is not a float (e.g. the token positions ``NonZero`` finds in an
+    MoE file): dozens of multi-line messages about nothing wrong. The root logger's level is
+    raised for the block (process-wide while it lasts) and restored after."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _pre_process(ortq: Any, src: Path, folder: Path) -> Path:
     src, out = src.resolve(), (folder / "pre.onnx").resolve()  # before leaving the cwd
     try:
@@ -233,35 +249,37 @@ def quantize_onnx(
     reduce = cpu_needs_reduce_range() if reduce_range is None else bool(reduce_range)
     with tempfile.TemporaryDirectory(prefix="secateur-quant-") as tmp:
         folder = Path(tmp)
-        prepared = _pre_process(ortq, source, folder)
+        with _quantizer_warnings_off():
+            prepared = _pre_process(ortq, source, folder)
         out = folder / "int8.onnx"
         try:
-            if mode is QuantMode.DYNAMIC:
-                ortq.quantize_dynamic(
-                    str(prepared),
-                    str(out),
-                    per_channel=per_channel,
-                    weight_type=ortq.QuantType.QInt8,
-                    reduce_range=reduce,
-                )
-            else:
-                feeds = _feeds(calibration, names, input_name, max_batches)
-                first = next(feeds, None)
-                if first is None:
-                    raise ConfigError(
-                        "calibration yielded no batch: pass at least one batch of inputs"
+            with _quantizer_warnings_off():
+                if mode is QuantMode.DYNAMIC:
+                    ortq.quantize_dynamic(
+                        str(prepared),
+                        str(out),
+                        per_channel=per_channel,
+                        weight_type=ortq.QuantType.QInt8,
+                        reduce_range=reduce,
                     )
-                feeds = itertools.chain([first], feeds)
-                ortq.quantize_static(
-                    str(prepared),
-                    str(out),
-                    _reader(ortq, feeds),
-                    quant_format=ortq.QuantFormat.QDQ,
-                    per_channel=per_channel,
-                    activation_type=ortq.QuantType.QInt8,
-                    weight_type=ortq.QuantType.QInt8,
-                    reduce_range=reduce,
-                )
+                else:
+                    feeds = _feeds(calibration, names, input_name, max_batches)
+                    first = next(feeds, None)
+                    if first is None:
+                        raise ConfigError(
+                            "calibration yielded no batch: pass at least one batch of inputs"
+                        )
+                    feeds = itertools.chain([first], feeds)
+                    ortq.quantize_static(
+                        str(prepared),
+                        str(out),
+                        _reader(ortq, feeds),
+                        quant_format=ortq.QuantFormat.QDQ,
+                        per_channel=per_channel,
+                        activation_type=ortq.QuantType.QInt8,
+                        weight_type=ortq.QuantType.QInt8,
+                        reduce_range=reduce,
+                    )
         except ConfigError:
             raise
         except Exception as exc:
