@@ -154,3 +154,91 @@ def test_pytorch_dynamic_int8_reaches_every_expert(family: str) -> None:
     with torch.no_grad():
         reference, got = model(input_ids=ids).logits, quantized(input_ids=ids).logits
     assert float((got - reference).norm() / reference.norm()) < 0.05
+
+
+def _standalone_experts() -> dict[str, torch.nn.Module]:
+    """Experts modules of three more layouts, built alone: no gate (NemotronH), a norm after
+    each expert (MuseSpark), (in, out) stacks without biases (Aria)."""
+    from types import SimpleNamespace
+
+    nemotron = pytest.importorskip("transformers.models.nemotron_h.modeling_nemotron_h")
+    muse = pytest.importorskip("transformers.models.muse_spark.modeling_muse_spark")
+    aria = pytest.importorskip("transformers.models.aria.modeling_aria")
+
+    def config(**values):
+        return SimpleNamespace(_experts_implementation="eager", **values)
+
+    modules = {
+        "no gate": nemotron.NemotronHExperts(
+            config(n_routed_experts=4, hidden_size=16, moe_intermediate_size=8,
+                   moe_latent_size=None, mlp_hidden_act="relu2")
+        ),
+        "post-expert norm": muse.MuseSparkExperts(
+            config(num_local_experts=4, moe_hidden_size=16, moe_intermediate_size=8,
+                   hidden_act="silu", post_norm_eps=1e-6)
+        ),
+        "transposed": aria.AriaExperts(config(moe_num_experts=4, hidden_size=16, intermediate_size=8)),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    for module in modules.values():
+        for tensor in module.parameters():
+            torch.nn.init.normal_(tensor, std=0.3)
+    return modules
+
+
+def _routing(tokens: int = 7, k: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, their top-k experts among the first 3 of 4 (the last gets none) and weights."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, 16, generator=gen)
+    index = torch.stack([torch.randperm(3, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, k, generator=gen), dim=-1)
+    return x, index, weights
+
+
+def test_every_layout_matches_eager_and_batched_mm_in_low_precision() -> None:
+    """Exact against eager in float32 for each layout (an expert with no tokens included), and
+    in bfloat16 as close to a float32 reference as transformers' batched_mm, since the routing
+    weights and the sum stay float32."""
+    from transformers.integrations.moe import batched_mm_experts_forward
+
+    from secateur._expert_loop import every_expert_forward
+
+    x, index, weights = _routing()
+    for name, module in _standalone_experts().items():
+        assert loops_over_experts(module), name
+        reference = every_expert_forward(module, x, index, weights)
+        torch.testing.assert_close(reference, module(x, index, weights), atol=1e-6, rtol=1e-5)
+        split = copy.deepcopy(module)
+        experts_as_linears_(split)
+        torch.testing.assert_close(split(x, index, weights), reference, atol=1e-6, rtol=1e-5)
+
+        low = copy.deepcopy(module).to(torch.bfloat16)
+        ours = every_expert_forward(low, x.bfloat16(), index, weights)
+        theirs = batched_mm_experts_forward(low, x.bfloat16(), index, weights)
+        assert ours.dtype == torch.bfloat16
+        ours_error, theirs_error = (
+            float((out.float() - reference).norm() / reference.norm()) for out in (ours, theirs)
+        )
+        assert ours_error <= theirs_error * 1.05 + 1e-4, name
+
+
+def test_after_whole_experts_go_the_loop_exports_and_quantizes(tmp_path) -> None:
+    """ExpertConfig rewrites the expert count; the loop follows it in ONNX and in int8."""
+    from secateur import ExpertConfig
+    from secateur.quantization import quantize_dynamic_torch
+
+    model = _model("mixtral")
+    ids = _ids(2, 9, 0)
+    prune_(model, ExpertConfig(ratio=0.5), calibration=[{"input_ids": ids}])
+    assert model.model.layers[0].mlp.experts.num_experts == 2
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = export_onnx(model, inputs, tmp_path / "moe.onnx", dynamic_sequence=True)
+    other = _ids(1, 5, 6)
+    got = OnnxRunner(out.path)(input_ids=other, attention_mask=torch.ones_like(other))
+    quantized = quantize_dynamic_torch(model)
+    with torch.no_grad():
+        expected = model(input_ids=other).logits
+        int8 = quantized(input_ids=other).logits
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=1e-3)
+    assert len(quantized.model.layers[0].mlp.experts.down_proj_linears) == 2
+    assert float((int8 - expected).norm() / expected.norm()) < 0.05

@@ -398,3 +398,33 @@ def test_a_branch_the_examples_values_took_is_caught(tmp_path) -> None:
     with pytest.raises(ArtifactError, match="on inputs with other values"):
         export_onnx(Branchy().eval(), x, tmp_path / "b.onnx")
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_other_values_vary_ids_and_features_only() -> None:
+    from secateur.export._onnx import _other_values
+
+    ids = torch.tensor([[5, 6, 7]])
+    mask, types = torch.tensor([[1, 1, 0]]), torch.tensor([[0, 1, 1]])
+    features = torch.tensor([[[1.0, 2.0]]])
+    names = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+    varied = _other_values((ids, mask, types, features), names)
+    assert varied is not None
+    assert varied[0].tolist() == [[7, 5, 6]] and varied[3].tolist() == [[[2.0, 1.0]]]
+    assert varied[1] is mask and varied[2] is types
+    # nothing can be varied: constant ids, a symmetric feature row
+    assert _other_values((torch.zeros(1, 4, dtype=torch.long),), ("input_ids",)) is None
+    assert _other_values((torch.ones(1, 3),), ("input",)) is None
+
+
+def test_a_model_that_refuses_other_values_still_exports(tmp_path) -> None:
+    """The check on other values compares runtimes; a model that rejects such inputs itself
+    is exported without that check, not refused."""
+
+    class Ordered(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x[0, 0] < x[0, -1]):
+                raise ValueError("features must come in descending order")
+            return x * 2
+
+    out = export_onnx(Ordered().eval(), torch.tensor([[3.0, 2.0, 1.0]]), tmp_path / "o.onnx")
+    assert out.path.exists()

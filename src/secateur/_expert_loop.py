@@ -20,7 +20,7 @@ gives every expert its own scales.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 from torch import nn
@@ -54,7 +54,8 @@ def every_expert_forward(
 ) -> torch.Tensor:
     """The experts' output for ``hidden_states`` (tokens, hidden) routed to ``top_k_index``
     (tokens, k) with ``top_k_weights`` (tokens, k): the contract of transformers' experts
-    implementations, computed expert by expert."""
+    implementations, computed expert by expert. An index outside ``[0, num_experts)`` (an
+    expert-parallel sentinel) reaches no expert and adds nothing, as in eager."""
     k = top_k_index.shape[-1]
     experts = top_k_index.reshape(-1)  # one entry per (token, slot) pair
     pairs = torch.zeros(
@@ -71,7 +72,9 @@ def every_expert_forward(
         if self.has_post_expert_norm:
             h = self.post_expert_norm(h)
         pairs = pairs.index_put((chosen,), h.to(pairs.dtype))
-    weighted = pairs * top_k_weights.reshape(-1, 1).to(pairs.dtype)
+    # the routing weights keep their own dtype (float32 in most routers), so that a float16
+    # or bfloat16 model weighs and sums its experts in float32, as batched_mm does
+    weighted = pairs * top_k_weights.reshape(-1, 1)
     return weighted.view(-1, k, pairs.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
 
@@ -86,7 +89,8 @@ def loops_over_experts(module: nn.Module) -> bool:
         return False
     up = "gate_up_proj" if module.has_gate else "up_proj"
     stacks = [up, "down_proj"] + ([f"{up}_bias", "down_proj_bias"] if module.has_bias else [])
-    if not all(isinstance(getattr(module, s, None), torch.Tensor) for s in stacks):
+    tensors = [getattr(module, s, None) for s in stacks]
+    if not all(isinstance(t, torch.Tensor) and t.shape[0] == module.num_experts for t in tensors):
         return False
     gate = callable(getattr(module, "_apply_gate", None))
     return gate if module.has_gate else callable(getattr(module, "act_fn", None))
@@ -98,7 +102,7 @@ def loop_over_experts_(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if loops_over_experts(module):
-            module.forward = types.MethodType(every_expert_forward, module)
+            module.forward = functools.partial(every_expert_forward, module)
             count += 1
     return count
 
@@ -117,22 +121,24 @@ def experts_as_linears_(model: nn.Module) -> int:
         if not loops_over_experts(module):
             continue
         for name in _stacks(module):
-            stack = getattr(module, name).detach()
+            param = getattr(module, name)
+            stack = param.detach()
             bias = getattr(module, f"{name}_bias").detach() if module.has_bias else None
             matrices = stack.transpose(1, 2) if module.is_transposed else stack  # (E, out, in)
+            out, inp = matrices.shape[1:]
+            grad = param.requires_grad
             linears = nn.ModuleList()
             for expert in range(module.num_experts):
-                out, inp = matrices.shape[1:]
-                linear = nn.Linear(inp, out, bias=bias is not None, dtype=stack.dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(matrices[expert])
-                    if bias is not None:
-                        linear.bias.copy_(bias[expert])
-                linears.append(linear.to(stack.device))
+                # built on meta (no random init to overwrite), then given the expert's values
+                linear = nn.Linear(inp, out, bias=bias is not None, device="meta")
+                linear.weight = nn.Parameter(matrices[expert].contiguous().clone(), grad)
+                if bias is not None:
+                    linear.bias = nn.Parameter(bias[expert].clone(), grad)
+                linears.append(linear)
             delattr(module, name)
             if bias is not None:
                 delattr(module, f"{name}_bias")
             module.add_module(name + _LINEARS, linears)
-        module.forward = types.MethodType(every_expert_forward, module)
+        module.forward = functools.partial(every_expert_forward, module)
         count += 1
     return count
