@@ -86,7 +86,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "blenderbot": BART_LIKE,
     "blenderbot-small": BART_LIKE,
     "m2m_100": BART_LIKE,
-    "nllb-moe": dict(BART_LIKE, num_experts=4, expert_capacity=16),
+    # a sparse (experts) layer every 2nd, so that one of the 2 is: the default is every 4th
+    "nllb-moe": dict(
+        BART_LIKE, num_experts=4, expert_capacity=16, encoder_sparse_step=2, decoder_sparse_step=2
+    ),
     "bigbird_pegasus": dict(BART_LIKE, attention_type="original_full"),
     "whisper": dict(BART_LIKE, num_mel_bins=16, max_source_positions=16, max_target_positions=32),
 }

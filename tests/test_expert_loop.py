@@ -96,28 +96,55 @@ def test_a_module_without_the_decorators_flags_is_left_alone() -> None:
     assert loop_over_experts_(module) == 0 and "forward" not in vars(module)
 
 
-def test_experts_looped_over_as_the_example_reached_them_are_refused(tmp_path) -> None:
-    """Switch Transformers' experts are a dict of modules looped over as the input reaches
-    them, which a trace freezes: other token ids route elsewhere and the check refuses the
-    file rather than write one that computes the wrong experts."""
-    from secateur.errors import ArtifactError
-
+def _switch() -> torch.nn.Module:
     config = transformers.SwitchTransformersConfig(
         vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
         num_heads=4, num_experts=4, expert_capacity=16, num_sparse_encoder_layers=1,
-        num_sparse_decoder_layers=1, decoder_start_token_id=0,
+        num_sparse_decoder_layers=1, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger weights: tokens then follow the input
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(std=0.3)
+    return model
+
+
+def test_a_dict_of_experts_runs_every_expert_in_turn(tmp_path) -> None:
+    """Switch Transformers' experts, a dict of modules that eager PyTorch loops over as the
+    input reaches them, export expert by expert: the file routes other tokens correctly, and
+    the cached pair generates transformers' tokens one token (one expert) at a time."""
+    from secateur.export import export_seq2seq_onnx
+    from secateur.measure import OnnxSeq2SeqGenerator
+
+    model = _switch()
+    looped = copy.deepcopy(model)
+    assert loop_over_experts_(looped) == 2  # the encoder's and the decoder's sparse layer
     ids = _ids(2, 10, 0)
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "decoder_input_ids": ids[:, :2],
-    }
-    with pytest.raises(ArtifactError, match="on inputs with other values"):
-        export_onnx(model, inputs, tmp_path / "switch.onnx")
-    assert not (tmp_path / "switch.onnx").exists()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            looped(**inputs, decoder_input_ids=ids[:, :3]).logits,
+            model(**inputs, decoder_input_ids=ids[:, :3]).logits,
+            atol=1e-6, rtol=1e-5,
+        )  # fmt: skip
+    out = export_onnx(model, {**inputs, "decoder_input_ids": ids[:, :2]}, tmp_path / "s.onnx")
+    other = _ids(2, 10, 7)
+    got = OnnxRunner(out.path)(
+        input_ids=other, attention_mask=torch.ones_like(other), decoder_input_ids=other[:, :2]
+    )[0]  # the logits first
+    with torch.no_grad():
+        expected = model(input_ids=other, decoder_input_ids=other[:, :2]).logits
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=1e-3)
+
+    export_seq2seq_onnx(model, inputs, tmp_path / "pair")
+    tokens = OnnxSeq2SeqGenerator(tmp_path / "pair").generate(
+        other, max_new_tokens=6, eos_token_id=1, pad_token_id=0
+    )
+    with torch.no_grad():
+        reference = model.generate(other, max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, reference)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -242,3 +269,28 @@ def test_after_whole_experts_go_the_loop_exports_and_quantizes(tmp_path) -> None
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=1e-3)
     assert len(quantized.model.layers[0].mlp.experts.down_proj_linears) == 2
     assert float((int8 - expected).norm() / expected.norm()) < 0.05
+
+
+def test_nllb_moes_frozen_expert_loop_is_refused(tmp_path) -> None:
+    """NLLB-MoE's experts (transformers' eager loop over the expert indices it reached, kept
+    as they are) trace to a graph fixed at the example's routing: the checks refuse the file."""
+    from secateur.errors import ArtifactError
+
+    config = transformers.NllbMoeConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, num_experts=4, expert_capacity=16, encoder_sparse_step=2,
+        decoder_sparse_step=2, max_position_embeddings=64, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.NllbMoeForConditionalGeneration(config).eval()
+    assert loop_over_experts_(copy.deepcopy(model)) == 0  # not a layout the loop reproduces
+    ids = _ids(2, 10, 0)
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "decoder_input_ids": ids[:, :4],
+    }
+    with pytest.raises(ArtifactError):
+        export_onnx(model, inputs, tmp_path / "nllb.onnx")
+    assert not (tmp_path / "nllb.onnx").exists()

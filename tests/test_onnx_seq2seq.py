@@ -30,7 +30,8 @@ FAMILIES = {
     "t5": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
     "bart": BART_LIKE,
     "marian": BART_LIKE,
-    # experts in the encoder and decoder; the decoder reads router_logits from encoder_outputs
+    # its decoder reads router_logits from encoder_outputs (both layers are dense here: a
+    # sparse layer comes every 4th)
     "nllb-moe": dict(BART_LIKE, num_experts=4, expert_capacity=16),
 }
 

@@ -11,7 +11,8 @@ all experts, a number fixed by the model, and finds each one's tokens with ``non
 ONNX computes at run time. The file then costs what eager PyTorch costs: each routed (token,
 expert) pair is computed once, and no weights are copied. Each expert's slice of a stack is a
 constant, so the exporter folds it into an initializer of its own; ONNX Runtime's int8 then
-gives every expert its own scales.
+gives every expert its own scales. Switch Transformers keeps its experts as a dict of modules
+with an eager loop of the same kind; :func:`every_listed_expert_forward` runs those in turn.
 
 :func:`experts_as_linears_` goes further for PyTorch: it replaces each stack by one
 ``nn.Linear`` per expert (same values, the stack removed), which the loop then calls, so that
@@ -21,6 +22,7 @@ gives every expert its own scales.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from torch import nn
@@ -96,13 +98,57 @@ def loops_over_experts(module: nn.Module) -> bool:
     return gate if module.has_gate else callable(getattr(module, "act_fn", None))
 
 
+_DICT_ARGS = ("hidden_states", "selected_experts", "routing_weights")
+
+
+def _is_expert_dict(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its experts as modules ``expert_0`` ... ``expert_{n-1}`` of a
+    ``ModuleDict`` and takes ``(hidden_states, selected_experts, routing_weights)``: Switch
+    Transformers' layout, whose eager forward loops over the experts the input reached.
+    (NLLB-MoE's dict of experts is not taken: transformers' eager forward for it indexes its
+    experts by the values of a one-hot mask, which this loop would not reproduce.)"""
+    experts = getattr(module, "num_experts", None)
+    if not isinstance(module, nn.ModuleDict) or not isinstance(experts, int):
+        return False
+    if list(module.keys()) != [f"expert_{i}" for i in range(experts)]:
+        return False
+    try:
+        params = tuple(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params == _DICT_ARGS
+
+
+def every_listed_expert_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    selected_experts: torch.Tensor,
+    routing_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The output of a dict of experts for ``hidden_states`` (tokens, hidden), with
+    ``selected_experts`` (tokens, k, experts) marking each token's experts and
+    ``routing_weights`` (tokens, k) their weights: every expert in turn, on its tokens."""
+    out = torch.zeros_like(hidden_states)
+    marks = selected_experts.permute(2, 1, 0)  # (experts, k, tokens)
+    for expert in range(self.num_experts):
+        slot, token = torch.where(marks[expert])
+        h = self[f"expert_{expert}"](hidden_states[token]) * routing_weights[token, slot, None]
+        # each token meets an expert once, so its row is written once
+        out = out + torch.zeros_like(out).index_put((token,), h.to(out.dtype))
+    return out
+
+
 def loop_over_experts_(model: nn.Module) -> int:
-    """Give every experts module of ``model`` that :func:`loops_over_experts` accepts the
-    expert-by-expert forward (on the instance; the class is untouched). Returns how many."""
+    """Give every experts module of ``model`` that :func:`loops_over_experts` accepts, and
+    every dict of experts in Switch Transformers' layout, the expert-by-expert forward (on the
+    instance; the class is untouched). Returns how many."""
     count = 0
     for module in model.modules():
         if loops_over_experts(module):
             module.forward = functools.partial(every_expert_forward, module)
+            count += 1
+        elif _is_expert_dict(module):
+            module.forward = functools.partial(every_listed_expert_forward, module)
             count += 1
     return count
 
