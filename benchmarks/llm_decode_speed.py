@@ -28,7 +28,8 @@ With ``--onnx``, the dense model and each pruned one are also written by
 prefill is the prompt through an empty cache and its first token, decode as above. T5 goes
 through ``export_seq2seq_onnx`` and ``OnnxSeq2SeqGenerator`` instead (an encoder file that also
 gives the cross-attention cache, a decoder file with its own cache). A column says whether ONNX
-Runtime generated PyTorch's tokens.
+Runtime generated PyTorch's tokens. An ONNX file holds at most 2 GiB (protobuf's limit): with
+Qwen1.5-MoE's widths that is 2 layers (``--layers 2``).
 
     .venv/bin/python -W ignore benchmarks/llm_decode_speed.py --threads 2 [--onnx]
 """
