@@ -35,6 +35,11 @@ _FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
 _LINEARS = "_linears"  # suffix of the ModuleList that replaces a stack
 
 
+def _stacks(module: nn.Module) -> list[str]:
+    """The names of an experts module's two weight stacks, the input one first."""
+    return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
+
+
 def _project(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
     """``x`` through expert ``expert``'s matrix (and bias) of the stack ``name``, or through
     its Linear where :func:`experts_as_linears_` made one."""
@@ -64,7 +69,7 @@ def every_expert_forward(
         experts.shape[0], hidden_states.shape[-1], dtype=hidden_states.dtype,
         device=hidden_states.device,
     )  # fmt: skip
-    up = "gate_up_proj" if self.has_gate else "up_proj"
+    up = _stacks(self)[0]
     for expert in range(self.num_experts):
         chosen = (experts == expert).nonzero().squeeze(-1)
         x = hidden_states[torch.div(chosen, k, rounding_mode="floor")]
@@ -89,8 +94,8 @@ def loops_over_experts(module: nn.Module) -> bool:
         getattr(module, "num_experts", None), int
     ):
         return False
-    up = "gate_up_proj" if module.has_gate else "up_proj"
-    stacks = [up, "down_proj"] + ([f"{up}_bias", "down_proj_bias"] if module.has_bias else [])
+    stacks = _stacks(module)
+    stacks += [f"{name}_bias" for name in stacks] if module.has_bias else []
     tensors = [getattr(module, s, None) for s in stacks]
     if not all(isinstance(t, torch.Tensor) and t.shape[0] == module.num_experts for t in tensors):
         return False
@@ -151,10 +156,6 @@ def loop_over_experts_(model: nn.Module) -> int:
             module.forward = functools.partial(every_listed_expert_forward, module)
             count += 1
     return count
-
-
-def _stacks(module: nn.Module) -> list[str]:
-    return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
 
 
 def experts_as_linears_(model: nn.Module) -> int:
