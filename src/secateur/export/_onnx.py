@@ -58,7 +58,8 @@ class OnnxExport:
     """What :func:`export_onnx` wrote.
 
     ``max_abs_diff`` is the largest absolute difference between ONNX Runtime's and PyTorch's
-    outputs over the checked batches, or ``None`` when the export was not checked.
+    outputs over the checked inputs (the example, other values, twice the batch, ...), or
+    ``None`` when the export was not checked.
     """
 
     path: Path

@@ -136,7 +136,8 @@ def _onnx(
     labels = ["ONNX fp32"]
     notes = [
         f"ONNX opset {exported.opset}; ONNX Runtime's outputs match PyTorch's on the example "
-        f"input within |diff| <= {exported.max_abs_diff:.2e}."
+        f"input, on it flipped and on twice its batch within |diff| <= "
+        f"{exported.max_abs_diff:.2e}."
     ]
     if int8:
         quantize_onnx(
