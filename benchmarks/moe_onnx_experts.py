@@ -7,7 +7,9 @@ weights, fp32), is written twice by ``export_decoder_onnx`` with ``last_token_lo
 - ``batched_mm``: transformers' traceable experts implementation, which gathers one weight
   matrix per (token, expert) pair (secateur's export before commit 6300f21, forced here by
   turning the expert-by-expert rewrite off for that export);
-- ``expert by expert``: secateur's export now, each expert on the tokens routed to it.
+- ``expert by expert``: secateur's export now, each expert on the tokens routed to it;
+- ``expert by expert, int8``: that file through ``quantize_onnx(mode="dynamic")`` (its
+  "export s" is the quantization's time).
 
 Both files run in ``OnnxGenerator`` with the same threads, timed in one interleaved loop
 (prefill of each ``--prompts`` length: the prompt through an empty cache and its first token;
@@ -46,7 +48,7 @@ from llm_decode_speed import build
 import secateur.export._onnx as onnx_export
 from secateur.export import export_decoder_onnx
 from secateur.measure import OnnxGenerator
-from secateur.quantization import quantize_dynamic_torch
+from secateur.quantization import quantize_dynamic_torch, quantize_onnx
 
 VOCAB = 32000
 
@@ -163,6 +165,12 @@ def main() -> None:
             start = time.perf_counter()
             export(model, path, name == "expert by expert")
             seconds_to_export[name] = time.perf_counter() - start
+        # the expert-by-expert file through ONNX Runtime's dynamic int8 (each expert its scales)
+        start = time.perf_counter()
+        paths["expert by expert, int8"] = quantize_onnx(
+            paths["expert by expert"], Path(folder) / "by_expert.int8.onnx", mode="dynamic"
+        )
+        seconds_to_export["expert by expert, int8"] = time.perf_counter() - start
         runners = {name: OnnxGenerator(path, threads=args.threads) for name, path in paths.items()}
         same = {
             name: torch.equal(runner.generate(short, max_new_tokens=args.new_tokens), reference)
