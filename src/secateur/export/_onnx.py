@@ -438,6 +438,18 @@ def _other_values(
     return tuple(varied) if changed else None
 
 
+def _outputs_unless_refused(
+    flat: _Flat, tensors: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...] | None:
+    """PyTorch's outputs on ``tensors``, or ``None`` when the model refuses them (e.g. token ids
+    it expects in fixed places): such inputs are then not checked."""
+    try:
+        with torch.no_grad():
+            return flat(*tensors)
+    except Exception:  # noqa: BLE001 - a refusal means only: no such check
+        return None
+
+
 def _check(
     data: bytes,
     flat: _Flat,
@@ -457,13 +469,7 @@ def _check(
             worst, _compare(session, flat, doubled, input_names, rtol, atol, f"a batch of {batch}")
         )
     varied = _other_values(tensors, input_names)
-    expected = None
-    if varied is not None:
-        try:  # a model that refuses such values (token ids in fixed places) is not checked so
-            with torch.no_grad():
-                expected = flat(*varied)
-        except Exception:  # noqa: BLE001 - a refusal means only: no such check
-            expected = None
+    expected = None if varied is None else _outputs_unless_refused(flat, varied)
     if varied is not None and expected is not None:
         what = "inputs with other values (token ids rolled, features flipped)"
         fix = (
