@@ -218,3 +218,52 @@ def test_a_nested_function_rewrites_only_what_its_expression_names() -> None:
     model = _Closure().eval()
     prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
     assert model.dim == 32 and model.fc1.out_features == 16
+
+
+class _SinusoidalTable(nn.Module):
+    """M2M100's positions: a buffer outside the saved state, rows picked by position ids
+    computed from the tokens, viewed back with the width read off the table itself; the width
+    it was built from stays as an attribute (the module would rebuild a longer table from it)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embedding_dim = width
+        angles = torch.arange(12.0)[:, None] / 10.0 ** (torch.arange(width) / width)
+        self.register_buffer("weights", torch.sin(angles), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        positions = (ids.ne(0).long().cumsum(1) + 1) * ids.ne(0).long()
+        picked = self.weights.index_select(0, positions.view(-1))
+        return picked.view(b, t, self.weights.shape[-1]).detach()
+
+
+class _WithTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(20, 8), _SinusoidalTable(8)
+        self.ffn, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids) + self.pos(ids)
+        return self.head(h + torch.relu(self.ffn(h)))
+
+
+def test_a_table_picked_by_computed_positions_loses_the_channels_and_keeps_its_width_attribute(
+    tmp_path,
+) -> None:
+    ids, _ = _ids()
+    model = _WithTable().eval()
+    (group,) = [g for g in build_dependency_graph(model, ids).groups if "tok" in g.module_names()]
+    assert "pos" in group.module_names()
+    assert_silenced_removal_exact(_WithTable().eval(), ids)
+    full = model.pos.weights.clone()
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=ids)
+    assert model.tok.weight.shape == (20, 4) and model(ids).shape == (2, 5, 3)
+    # the kept channels of the very table the model was built with; the width it would be
+    # rebuilt from is not rewritten (a narrower sinusoid would hold other values)
+    columns = model.pos.weights.T.tolist()
+    assert len(columns) == 4 and all(c in full.T.tolist() for c in columns)
+    assert model.pos.embedding_dim == 8
+    # the sliced table is saved with the weights now: a fresh model could not rebuild it
+    assert "pos.weights" in model.state_dict()

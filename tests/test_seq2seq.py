@@ -44,7 +44,8 @@ FAMILIES = {
     # ``inputs_embeds[:, :, -1]`` is taken for its shape only
     "bart": BART_LIKE,
     "marian": BART_LIKE,  # sinusoidal positions held in a frozen Embedding weight
-    # sinusoidal positions rebuilt from the width as a buffer: the hidden size stays whole
+    # sinusoidal positions in a buffer the module rebuilds from its width for longer inputs:
+    # the table loses the hidden size's channels, the width it is rebuilt from stays
     "m2m_100": BART_LIKE,
 }
 VOCAB = 100
@@ -95,12 +96,8 @@ def test_heads_of_every_attention_ffn_and_hidden_prune(family: str) -> None:
     assert kinds.count("channel") >= 4  # one FFN width per layer of each stack (or expert)
     hidden = model.get_input_embeddings().embedding_dim
     kept = sum(p.numel() for p in model.parameters()) / before
-    if family == "m2m_100":
-        assert hidden == 64 and "hidden" not in kinds  # its position table follows the width
-        assert kept < 0.6
-    else:
-        assert hidden == 32 and kinds.count("hidden") == 1  # encoder and decoder: one space
-        assert kept < 0.35
+    assert hidden == 32 and kinds.count("hidden") == 1  # encoder and decoder: one space
+    assert kept < 0.35
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -114,7 +111,7 @@ def test_removing_silenced_heads_and_neurons_keeps_outputs(family: str) -> None:
     assert sum(g.kind == "head" for g, _ in removals) == heads
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "bart", "m2m_100"])
 def test_pruned_model_decodes_through_its_cache(family: str) -> None:
     """Decoding reads the head counts again through the self- and cross-attention caches
     (not in the traced pass): a step through the cache gives the full pass's logits."""
@@ -137,7 +134,7 @@ def test_pruned_model_decodes_through_its_cache(family: str) -> None:
     assert out.shape == (1, 5)
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "bart", "m2m_100"])
 def test_pruned_model_saves_and_reloads_exactly(family: str, tmp_path: Path) -> None:
     options = dict(task="seq2seq-lm", vocab_size=VOCAB, **FAMILIES[family])
     torch.manual_seed(0)
@@ -200,3 +197,19 @@ def test_equal_encoder_and_decoder_lengths_are_refused_with_dynamic_sequence(
     with pytest.raises(ConfigError, match="give decoder_input_ids another length"):
         export_onnx(model, x, tmp_path / "m.onnx", dynamic_sequence=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pruned_m2m100_reads_its_own_positions_up_to_its_longest_input() -> None:
+    """M2M100's sinusoidal table loses the hidden size's channels: every input up to
+    ``max_position_embeddings`` tokens reads the original table's kept columns."""
+    model, x = _build("m2m_100")
+    table = model.model.encoder.embed_positions
+    full = table.weights.clone()
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert table.weights.shape == (full.shape[0], 32) and table.embedding_dim == 64
+    assert all(c in full.T.tolist() for c in table.weights.T.tolist())
+    longest = FAMILIES["m2m_100"]["max_position_embeddings"]
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, VOCAB, (1, longest), generator=gen)
+    logits = _logits(model, {"input_ids": ids, "decoder_input_ids": ids[:, :longest]})
+    assert logits.shape == (1, longest, VOCAB) and bool(logits.isfinite().all())

@@ -54,6 +54,19 @@ def param_gather(params: dict, args: tuple, inputs: list[torch.Tensor]) -> bool:
     )
 
 
+def param_index_select(params: dict, name: str, args: tuple, inputs: list[torch.Tensor]) -> bool:
+    """``table.index_select(0, ids)``: a parameter or buffer whose rows are picked by tracked
+    integer tensors (M2M100's sinusoidal positions, by position ids computed from the tokens);
+    the ids' channels play no part."""
+    return (
+        name == "index_select"
+        and len(args) == 3
+        and isinstance(args[0], torch.Tensor)
+        and id(args[0]) in params
+        and all(not t.is_floating_point() and t.dtype != torch.bool for t in inputs)
+    )
+
+
 def scalar_arithmetic(name: str, args: tuple, out: Any) -> bool:
     """Whether ``out`` is an elementwise function of ``args[0]`` alone (e.g. Gemma's
     ``1.0 + norm.weight``): other operands are plain numbers or 0-d tensors, and the shape

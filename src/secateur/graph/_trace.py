@@ -46,6 +46,7 @@ from ._params import (
     indexed_by_numbers,
     indexed_dims,
     param_gather,
+    param_index_select,
     reshaped_dims,
     scalar_arithmetic,
     single_number,
@@ -63,6 +64,7 @@ from ._width_notes import (
     names_at,
     names_in_use,
     shape_locals,
+    shape_read_at,
     spelled_names,
 )
 
@@ -339,6 +341,8 @@ class _Tracer(OpRules, TorchFunctionMode):
             spelled_at = names_at(source, *at) if at is not None and not passed else None
             read_at = names_at(own_source, *at) if at is not None else None
             from_shape = bool(read_at) and read_at <= shaped.keys()  # type: ignore[operator]
+            # M2M100's ``view(bsz, seq_len, self.weights.shape[-1])``
+            from_shape = from_shape or (at is not None and shape_read_at(own_source, *at))
             spelled = spelled_names(source)
             note = WidthNote(
                 module_name,
@@ -455,6 +459,9 @@ class _Tracer(OpRules, TorchFunctionMode):
             dims, factors = reshaped_dims(src.shape, out.shape, entry[2], factors)
         elif any(f > 1 for f in factors):
             return  # the ops below know nothing of heads
+        elif name == "index_select" and len(args) == 3 and isinstance(args[1], int):
+            picked = args[1] % src.dim()  # rows picked along it: no channel axis any more
+            dims = tuple(None if d == picked else pd for d, pd in enumerate(entry[2]))
         elif name == "__getitem__" and len(args) > 1 and single_number(args[1]):
             dims = entry[2][1:]  # one slice of a stacked parameter (an MoE expert's weight)
         elif name == "__getitem__" and len(args) > 1 and gathers_rows(args[1], src, out):
@@ -522,7 +529,11 @@ class _Tracer(OpRules, TorchFunctionMode):
         if self.picked:
             self.read_picked([args, kwargs], f"are read by '{name}'")
         inputs = self.tracked([args, kwargs])
-        if not inputs or (name == "__getitem__" and param_gather(self.params, args, inputs)):
+        if (
+            not inputs
+            or (name == "__getitem__" and param_gather(self.params, args, inputs))
+            or param_index_select(self.params, name, args, inputs)
+        ):
             self.uniform.follow(name, args, kwargs, out, self.note_context)
             self.follow_param(name, args, out, kwargs)
             return

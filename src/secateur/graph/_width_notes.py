@@ -195,6 +195,25 @@ def names_at(source: str, axis: int, ndim: int) -> frozenset[str] | None:
     )
 
 
+def shape_read_at(source: str, axis: int, ndim: int) -> bool:
+    """Whether the shape entry at ``axis`` of a ``view``/``reshape`` call in ``source`` reads a
+    tensor's size itself (``self.weights.shape[-1]``, ``x.size(-1)``, ``x.size()[2]``): such an
+    entry follows the pruned width by itself."""
+    entries = _shape_entries(source, ndim)
+    if entries is None or len(entries) != ndim:
+        return False
+    node = entries[axis]
+    if isinstance(node, ast.Subscript):  # x.shape[k], x.size()[k]
+        node = node.value
+        if isinstance(node, ast.Attribute) and node.attr == "shape":
+            return True
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "size"
+    )
+
+
 def bare_name_at(source: str, axis: int, ndim: int) -> str | None:
     """The local spelled alone at ``axis`` of the shape in ``source`` (``C`` in
     ``reshape(B, N, C)``, not ``C // 2``), else None."""
