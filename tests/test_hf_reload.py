@@ -46,6 +46,16 @@ CASES: dict[str, dict[str, Any]] = {
     ),
     # one key/value head for all: num_key_value_groups follows the query heads
     "hf.gemma": dict(SMALL, task="causal-lm", num_key_value_heads=1, head_dim=16),
+    # sinusoidal positions outside the saved state: the sliced table is saved with the weights
+    "hf.xglm": dict(
+        task="causal-lm",
+        d_model=64,
+        num_layers=2,
+        attention_heads=4,
+        ffn_dim=128,
+        vocab_size=100,
+        max_position_embeddings=32,
+    ),
     "hf.gpt_bigcode": dict(
         task="causal-lm", n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32
     ),

@@ -17,6 +17,11 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 FAMILIES = {
     "bert": ("sequence-classification", dict(SMALL, num_labels=3, max_position_embeddings=32)),
     "gpt2": ("causal-lm", dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
+    # XGLM: sinusoidal positions in a buffer outside the saved state, picked by index_select
+    "xglm": (
+        "causal-lm",
+        dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, max_position_embeddings=32),
+    ),
     # ModernBERT: q, k and v picked by unbind from a (3, heads, head_dim) view; local layers
     "modernbert": (
         "sequence-classification",
