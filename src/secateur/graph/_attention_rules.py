@@ -50,6 +50,9 @@ class AttentionRules:
         """Give a deferred view its default reading: the outer axis is the unit. One already
         read as a selector and now used whole is left whole."""
         view = self.deferred.pop(id(t))
+        if not isinstance(view, DeferredView):
+            self.settle_grouped(t, view)
+            return
         a, outer = view.axis, view.axes[0]
         reason = f"op '{view.name}' has no channel rule"
         unpermuted = ShapeOnly(view.out_shape)
@@ -70,6 +73,8 @@ class AttentionRules:
         """``unbind`` or an int index along a deferred view's outer axis: each selected
         ``(heads, head_dim)`` block is a piece of the channels, split into heads."""
         view = self.deferred[id(x)]
+        if not isinstance(view, DeferredView):
+            return self.read_grouped(x, name, args, kwargs, out)
         a = view.axis
         outer, heads_at, _ = view.axes
         if name in PERMUTE and isinstance(out, torch.Tensor):

@@ -25,6 +25,7 @@ from ._shapes import (
     permute_order,
     regrouped_lead,
 )
+from ._shuffle_rules import GroupedView, ShuffleRules, grouped_split
 from ._spaces import Layout, Segment
 
 
@@ -79,7 +80,7 @@ def picks_rows(index: torch.Tensor) -> bool:
     return index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool
 
 
-class OpRules(AttentionRules, EinsumRule):
+class OpRules(AttentionRules, EinsumRule, ShuffleRules):
     """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
     ``add_param``, ``uniform_operand``, ``pick`` and ``note_width``."""
 
@@ -134,6 +135,13 @@ class OpRules(AttentionRules, EinsumRule):
                 args = tuple(tuple(v) if isinstance(v, list) else v for v in args)
                 self.deferred[id(out)] = DeferredView(
                     tuple(x.shape), layout, a, tuple(out.shape), name, args, self.note_context()
+                )
+                self.keepalive.append(out)
+                return True
+            if name in ("view", "reshape") and grouped_split(x.shape, dim, out.shape):
+                # (groups, per group): a channel shuffle if a transpose of the two reads it
+                self.deferred[id(out)] = GroupedView(
+                    tuple(x.shape), layout, dim, tuple(out.shape), name, args, self.note_context()
                 )
                 self.keepalive.append(out)
                 return True

@@ -232,6 +232,19 @@ class SpaceTable:
             self._block_below(self.find(space), reason)
 
     # -- resolution --------------------------------------------------------------------------
+    def unit_widths(self, layout: tuple[Segment, ...]) -> dict[int, int] | None:
+        """Features each unit of every final space spans in ``layout``, summed over its
+        segments; two layouts with the same keep the same width however units are removed
+        (a channel shuffle's input and output). None when nested grouped convs leave no
+        single stride."""
+        widths: dict[int, int] = {}
+        for seg in layout:
+            for root, _, factor, repeats, _ in self.resolve(seg.space, 0, seg.factor):
+                if repeats == 0:
+                    return None
+                widths[root] = widths.get(root, 0) + factor * repeats
+        return widths
+
     def resolve(
         self, idx: int, offset: int = 0, factor: int = 1, repeats: int = 1, period: int = 0
     ) -> list[tuple[int, int, int, int, int]]:

@@ -52,6 +52,7 @@ from ._params import (
     single_number,
 )
 from ._shapes import PERMUTE, dim_arg, index_axes, permute_order
+from ._shuffle_rules import GroupedView
 from ._spaces import Layout, Segment, SpaceTable
 from ._uniform import UniformTensors, written
 from ._width_notes import (
@@ -136,7 +137,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.running: list[nn.Module] = []  # the modules of ``stack``
         self.notes: list[WidthNote] = []
         self.called: dict[str, list[int]] = {}
-        self.deferred: dict[int, DeferredView] = {}  # views settled by the op that reads them
+        # views settled by the op that reads them
+        self.deferred: dict[int, DeferredView | GroupedView] = {}
         # parameter views whose axis indexes groups of entries (a bias viewed as heads)
         self.param_factors: dict[int, tuple[int, ...]] = {}
         # layer -> (input layout or None for a fixed input, output layout, output axis)
@@ -414,7 +416,9 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         earlier, axis, ndim, width = found
         if entry % ndim == axis and width == value and earlier != layout:
-            self.unify(earlier, layout)
+            same = self.table.unit_widths(earlier)
+            if same is None or same != self.table.unit_widths(layout):
+                self.unify(earlier, layout)  # else the same channels in another order
 
     def follow_param(self, name: str, args: tuple, out: Any, kwargs: dict | None = None) -> None:
         if name in CAT and args and isinstance(out, torch.Tensor):
