@@ -1,7 +1,8 @@
 """Edge cases of the channel rules and width attributes, each once a wrong or crashing
 prune: a concat holding a piece of no width added to a cut layout, a width handed to a helper
 module's method, a conv's tensor that may scale its inputs, a shape attribute beside an int of
-the same value, and split sizes spelled entry by entry beside a tuple holding them."""
+the same value, split sizes spelled entry by entry beside a tuple holding them, comparisons
+inside an activation, and a Linear that returns more than its output."""
 
 from __future__ import annotations
 
@@ -209,3 +210,55 @@ def test_an_open_ended_slice_rewrites_its_start_only() -> None:
     apply_removals_(model, graph, [(head, torch.tensor([0])), (rest, torch.tensor([0, 1]))])
     assert model.n == 3
     assert model(x).shape == (1, 2, 4, 4)
+
+
+class ComparingActivation(nn.Module):
+    """Apertus's xIELU: ``torch.where(x > 0, ...)`` and ``torch.min(x, eps)`` with a 0-d
+    buffer act on each channel alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("eps", torch.tensor(-1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        h = torch.where(h > 0, h * h, torch.expm1(torch.min(h, self.eps)) - h)
+        return self.down(h)
+
+
+def test_comparisons_and_an_elementwise_min_let_the_channels_through() -> None:
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    graph = build_dependency_graph(ComparingActivation().eval(), x)
+    assert [sorted(g.module_names()) for g in graph.groups] == [["down", "up"]]
+    assert_silenced_removal_exact(ComparingActivation().eval(), x)
+
+
+class TupleRouter(nn.Linear):
+    """PhiMoE's router: a Linear whose forward returns its logits and the index they pick."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        logits = super().forward(x)
+        return logits, logits.argmax(-1)
+
+
+class Routed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.router = nn.Linear(4, 8), TupleRouter(8, 3)
+        self.experts = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        logits, _ = self.router(h)
+        return self.experts(h) * logits.softmax(-1)
+
+
+def test_a_linear_returning_more_than_its_output_reads_the_channels_and_keeps_its_rows() -> None:
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    model = Routed().eval()
+    (group,) = build_dependency_graph(model, x).groups
+    assert {"inp", "router", "experts"} <= set(group.module_names())
+    assert_silenced_removal_exact(Routed().eval(), x)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert model.router.weight.shape == (3, 4) and model(x).shape == (3, 3)

@@ -77,6 +77,10 @@ FAMILIES = {
     "llama:one-kv": ("causal-lm", dict(SMALL, num_key_value_heads=1, max_position_embeddings=32)),
     # mixture of experts: stacked expert weights run by grouped_mm, top-k routing weights
     "mixtral": ("causal-lm", dict(SMALL, num_key_value_heads=2, num_local_experts=4)),
+    # PhiMoE's router is a Linear subclass returning its logits with the experts they pick
+    "phimoe": ("causal-lm", dict(SMALL, num_key_value_heads=2, num_local_experts=4)),
+    # Apertus's xIELU activation: torch.where(x > 0, ...), torch.min(x, eps)
+    "apertus": ("causal-lm", dict(SMALL, num_key_value_heads=2)),
     "qwen2_moe": (
         "causal-lm",
         dict(SMALL, num_key_value_heads=2, num_experts=4, moe_intermediate_size=32),

@@ -44,6 +44,8 @@ POINTWISE = _words(
     leaky_relu leaky_relu_ pad log logsigmoid max_pool1d max_pool2d max_pool3d mish nan_to_num
     __neg__ neg pixel_unshuffle __pow__ pow reciprocal relu relu_ relu6 rsqrt selu sigmoid
     sigmoid_ sign silu silu_ sin softplus softsign sqrt square tanh tanh_ to type type_as upsample
+    expm1 log1p log2 log10 exp2 erfc tan atan sinh cosh asinh floor ceil round trunc frac
+    __abs__ __invert__ logical_not isnan isinf isfinite sgn signbit
     """
 )
 # broadcasting ops over several tensors
@@ -52,6 +54,8 @@ ELEMENTWISE = _words(
     __add__ add add_ div div_ __iadd__ __imul__ __isub__ __itruediv__ lerp maximum minimum
     __mul__ mul mul_ __radd__ __rmul__ __rsub__ __rtruediv__ __sub__ sub sub_ __truediv__ where
     masked_fill masked_fill_ addcmul addcmul_ addcdiv addcdiv_
+    __gt__ gt greater __lt__ lt less __ge__ ge greater_equal __le__ le less_equal __eq__ eq
+    __ne__ ne not_equal logical_and logical_or logical_xor __and__ __or__ __xor__ fmin fmax
     """
 )
 RESHAPE = {
@@ -272,6 +276,8 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules):
         return True
 
     def reduce(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
+        if name in ("min", "max") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            return self.elementwise(args, out, kwargs)  # torch.min(x, other): elementwise
         axes = dim_arg(args, kwargs, 2 if name in NORMS else 1)
         if axes is None:
             return False

@@ -675,6 +675,12 @@ class _Tracer(OpRules, TorchFunctionMode):
                 )
             return
         if not isinstance(out, torch.Tensor):
+            if isinstance(module, nn.Linear) and info is not None and info[1] == x.dim() - 1:
+                # a Linear that returns more than its output (PhiMoE's router: its logits with
+                # the experts they pick) reads the channels; what it writes stays whole
+                self.table.add_member(info[0], name, "linear_in")
+                self.called[name] = [s.space for s in info[0]]
+                self.block_all([], out, f"{name} returns more than one tensor")
             return
         if info is None or (
             all(self.table.find(s.space) in self.table.blocked for s in info[0])
