@@ -249,9 +249,9 @@ class _WithTable(nn.Module):
         return self.head(h + torch.relu(self.ffn(h)))
 
 
-def test_a_table_picked_by_computed_positions_loses_the_channels_and_keeps_its_width_attribute(
-    tmp_path,
-) -> None:
+def test_a_table_picked_by_computed_positions_loses_the_channels_and_keeps_its_width_attribute() -> (
+    None
+):
     ids, _ = _ids()
     model = _WithTable().eval()
     (group,) = [g for g in build_dependency_graph(model, ids).groups if "tok" in g.module_names()]
@@ -265,5 +265,42 @@ def test_a_table_picked_by_computed_positions_loses_the_channels_and_keeps_its_w
     columns = model.pos.weights.T.tolist()
     assert len(columns) == 4 and all(c in full.T.tolist() for c in columns)
     assert model.pos.embedding_dim == 8
-    # the sliced table is saved with the weights now: a fresh model could not rebuild it
-    assert "pos.weights" in model.state_dict()
+    # the table stays out of the saved state; the indices it keeps are recorded instead
+    assert "pos.weights" not in model.state_dict()
+    (kept,) = model.secateur_buffer_slices["pos.weights"].values()
+    assert torch.equal(model.pos.weights, full[:, kept])
+
+
+class _TableAlsoIndexedByColumn(_WithTable):
+    """The same table read again at two fixed columns: after pruning they would be others."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        columns = self.pos.weights.index_select(1, torch.tensor([0, 3]))
+        return super().forward(ids) + columns.sum()
+
+
+def test_a_table_also_indexed_along_its_channels_keeps_them() -> None:
+    ids, _ = _ids()
+    graph = build_dependency_graph(_TableAlsoIndexedByColumn().eval(), ids)
+    assert not [g for g in graph.groups if "tok" in g.module_names()]
+    assert any("indexed along them" in reason for _, reason in graph.blocked)
+
+
+class _RowsPickedByChannels(nn.Module):
+    """Index values computed from a layer's channels pick rows of a table: those channels'
+    values matter one by one, so they stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.table = nn.Conv1d(4, 8, 1), nn.Parameter(torch.randn(2, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        picks = torch.relu(self.conv(x)).clamp(0, 1).to(torch.long)
+        return self.head(self.table.index_select(0, picks.view(-1))).mean(0)
+
+
+def test_index_values_computed_from_channels_keep_those_channels() -> None:
+    x = 3 * torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0))
+    graph = build_dependency_graph(_RowsPickedByChannels().eval(), x)
+    assert not [g for g in graph.groups if "conv" in g.module_names()]

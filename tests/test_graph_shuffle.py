@@ -157,3 +157,31 @@ def test_torchvision_shufflenet_prunes_its_last_stage_trunk_exactly() -> None:
     assert [g.size for g in trunks] == [12]  # 192 channels in units of 16
     assert "conv5.0" in trunks[0].module_names()
     assert_silenced_removal_exact(model, x, seed=2)
+
+
+class _SpelledUnit(_Unit):
+    """The shuffle's view spells the per-group width held in an attribute."""
+
+    def __init__(self, cin: int, width: int, first: bool) -> None:
+        super().__init__(cin, width, first)
+        self.groups, self.per = 2, width // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        else:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        b, c, h, w = out.shape
+        out = torch.transpose(out.view(b, self.groups, self.per, h, w), 1, 2).contiguous()
+        return out.view(b, c, h, w)
+
+
+def test_a_per_group_width_held_in_an_attribute_follows_the_pruned_trunk() -> None:
+    model = _MiniShuffleNet(64, 4).eval()
+    model.stage = nn.Sequential(
+        _SpelledUnit(16, 64, True), *[_SpelledUnit(64, 64, False) for _ in range(3)]
+    )
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=_images())
+    assert result.refused == ()
+    assert [unit.per for unit in model.stage] == [16] * 4 and model(_images()).shape == (2, 5)

@@ -215,3 +215,31 @@ def test_attributes_of_a_module_no_longer_there_are_not_saved(tmp_path: Path) ->
     saved = json.loads(path.with_suffix(".json").read_text())["edits"]["attributes"]
     assert set(saved) == modules
     assert load_model(path).model.transformer.h[1].attn.split_size == 32
+
+
+_TABLE = "model.embed_positions.weights"
+
+
+@pytest.mark.parametrize(
+    ("buffers", "match"),
+    [
+        ({"model.nowhere.weights": {"1": [0]}}, "does not exist"),
+        ({"model.embed_tokens.weight": {"1": [0]}}, "not an unsaved buffer"),
+        ({_TABLE: {"1": [0, 64]}}, "increasing indices below 64"),
+        ({_TABLE: {"1": [3, 1]}}, "increasing indices"),
+        ({_TABLE: {"7": [0]}}, "is not a dim"),
+        ({_TABLE: [0, 1]}, "must map dims"),
+        ([_TABLE], "must map buffer names"),
+    ],
+    ids=["no-buffer", "saved-tensor", "out-of-range", "unsorted", "bad-dim", "flat", "list"],
+)
+def test_bad_buffer_edit_is_artifact_error(tmp_path: Path, buffers: Any, match: str) -> None:
+    _, path = _pruned_and_saved("hf.xglm", tmp_path)
+    manifest_file = path.with_suffix(".json")
+    manifest = json.loads(manifest_file.read_text())
+    assert set(manifest["edits"]["buffers"]) == {_TABLE}
+    manifest["edits"]["buffers"] = buffers
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=match) as exc:
+        load_model(path)
+    assert "\n" not in str(exc.value)

@@ -199,17 +199,30 @@ def test_equal_encoder_and_decoder_lengths_are_refused_with_dynamic_sequence(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pruned_m2m100_reads_its_own_positions_up_to_its_longest_input() -> None:
-    """M2M100's sinusoidal table loses the hidden size's channels: every input up to
-    ``max_position_embeddings`` tokens reads the original table's kept columns."""
-    model, x = _build("m2m_100")
+def test_pruned_m2m100_reads_its_own_positions_at_any_length(tmp_path: Path) -> None:
+    """M2M100's sinusoidal table loses the hidden size's channels. It is rebuilt for inputs
+    longer than it, keeping the same columns of the table the module builds; it stays out of
+    the saved weights, and the columns it keeps are replayed on load."""
+    options = dict(task="seq2seq-lm", vocab_size=VOCAB, **FAMILIES["m2m_100"])
+    torch.manual_seed(0)
+    model = create_model("hf.m2m_100", **options)
+    _, x = _build("m2m_100")
     table = model.model.encoder.embed_positions
-    full = table.weights.clone()
     prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
-    assert table.weights.shape == (full.shape[0], 32) and table.embedding_dim == 64
-    assert all(c in full.T.tolist() for c in table.weights.T.tolist())
-    longest = FAMILIES["m2m_100"]["max_position_embeddings"]
+    assert table.weights.shape[1] == 32 and table.embedding_dim == 64
+    (kept,) = model.secateur_buffer_slices["model.encoder.embed_positions.weights"].values()
+    path = save_model(model, tmp_path / "pruned.safetensors")
+    assert not [k for k in model.state_dict() if "embed_positions" in k]
+    loaded = load_model(path).model
+
+    longer = FAMILIES["m2m_100"]["max_position_embeddings"] + 20
     gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(2, VOCAB, (1, longest), generator=gen)
-    logits = _logits(model, {"input_ids": ids, "decoder_input_ids": ids[:, :longest]})
-    assert logits.shape == (1, longest, VOCAB) and bool(logits.isfinite().all())
+    ids = torch.randint(2, VOCAB, (1, longer), generator=gen)
+    x_long = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    logits = _logits(model, x_long)
+    rows = table.weights.shape[0]
+    assert rows > longer  # rebuilt, with the original table's kept columns
+    original = type(table).get_embedding(rows, 64, table.padding_idx)
+    torch.testing.assert_close(table.weights, original[:, kept])
+    assert torch.equal(_logits(loaded, x_long), logits)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))

@@ -16,7 +16,10 @@ Layout for ``save_model(model, "out/pruned.safetensors")``:
   ``"edits": {"groups": {"layer1.0.conv2": 32}}`` for grouped convs with two or more inputs
   per group and GroupNorms (structural pruning shrinks each group of a ResNeXt conv alike, or
   removes whole groups: the loader gives each its saved count; a file without it was written
-  before grouped convs shrank per group, when whole groups went); plus ``"tied"`` when
+  before grouped convs shrank per group, when whole groups went), and
+  ``"edits": {"buffers": {"model.encoder.embed_positions.weights": {"1": [0, 2, ...]}}}`` for
+  tables outside the saved state that pruning sliced (the indices kept along each dim; the
+  loader builds the table and slices it again); plus ``"tied"`` when
   parameters are shared, e.g. ``"tied": {"lm_head.weight": "transformer.wte.weight"}``: the
   weights file holds a shared tensor once, under its first state-dict name, and loading shares
   it again.
@@ -48,6 +51,7 @@ from torch import nn
 from .._atomic import atomic_write_bytes, atomic_write_text
 from ..errors import ArtifactError, ConfigError
 from ..pruning._attention import PrunedMultiheadAttention, set_num_heads_
+from ..pruning._buffer_slices import apply_buffer_slices_, buffer_slices
 from ..pruning._depth import replace_with_skip_, skipped_modules
 from ..pruning._surgery import group_count, resize_to_state_
 from ..pruning._width_attributes import one_int, set_width_attribute, width_attribute
@@ -205,6 +209,7 @@ _EDITS: dict[str, tuple[Callable[[nn.Module], Any], Callable[[nn.Module, Any], N
     "attributes": (_attributes, _apply_attributes),
     "attention": (_attention, _apply_attention),
     "groups": (_groups, _apply_groups),
+    "buffers": (buffer_slices, apply_buffer_slices_),
 }
 
 

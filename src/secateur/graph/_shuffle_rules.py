@@ -88,4 +88,6 @@ class ShuffleRules:
         if merged is None:
             return False
         self.set(out, merged, a)  # the per-group axis, now where the groups were
+        # a per-group width spelled in the view (``view(b, self.groups, self.per, h, w)``)
+        self.note_literals(view.args, a + 1, per, merged, view.context)
         return True

@@ -121,6 +121,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.shape_reads: dict[tuple[int, int], tuple[Layout, int, int, int]] = {}
         # where each parameter dim was first made a member: met again, the spaces unite
         self.param_layouts: dict[tuple[str, str, int | None], Layout] = {}
+        # (module, parameter, dim) picked by index values: its entries may not be renumbered
+        self.param_indexed: set[tuple[str, str, int]] = set()
         # parameters concatenated: cat axis and the pieces, in order
         self.param_cats: dict[int, tuple[int, tuple[torch.Tensor, ...]]] = {}
         # elementwise functions of several parameters of one shape: the parameters
@@ -221,6 +223,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         # the same entries of one parameter, reached again from other channels: slicing them
         # once means those channels must be the same ones
         key = (module_name, pname, dims[axis])
+        if key in self.param_indexed:
+            self.table.block_layout(layout, f"{module_name}.{pname} is indexed along them")
         earlier = self.param_layouts.setdefault(key, layout)
         if earlier is not layout and self.unify(earlier, layout) is None:
             reason = f"{module_name}.{pname} is read by channels that do not line up"
@@ -466,6 +470,12 @@ class _Tracer(OpRules, TorchFunctionMode):
         elif name == "index_select" and len(args) == 3 and isinstance(args[1], int):
             picked = args[1] % src.dim()  # rows picked along it: no channel axis any more
             dims = tuple(None if d == picked else pd for d, pd in enumerate(entry[2]))
+            if (pd := entry[2][picked]) is not None:  # fixed indices: none of it may go
+                key = (entry[0], entry[1], pd)
+                self.param_indexed.add(key)
+                if key in self.param_layouts:
+                    reason = f"{entry[0]}.{entry[1]} is indexed along them"
+                    self.table.block_layout(self.param_layouts[key], reason)
         elif name == "__getitem__" and len(args) > 1 and single_number(args[1]):
             dims = entry[2][1:]  # one slice of a stacked parameter (an MoE expert's weight)
         elif name == "__getitem__" and len(args) > 1 and gathers_rows(args[1], src, out):
@@ -533,6 +543,9 @@ class _Tracer(OpRules, TorchFunctionMode):
         if self.picked:
             self.read_picked([args, kwargs], f"are read by '{name}'")
         inputs = self.tracked([args, kwargs])
+        if param_index_select(self.params, name, args, inputs):
+            for t in inputs:  # index values computed from channels: those channels stay
+                self.table.block_layout(self.info(t)[0], f"their values pick rows of {name}")
         if (
             not inputs
             or (name == "__getitem__" and param_gather(self.params, args, inputs))

@@ -11,6 +11,7 @@ from torch import nn
 from ..graph import Group, member_slices
 from ..graph._trace import is_hf_conv1d
 from ._attention import PrunedMultiheadAttention, decouple_heads_
+from ._buffer_slices import is_unsaved_buffer, record_buffer_slice_
 
 _RESIZABLE = (
     nn.Linear,
@@ -98,8 +99,8 @@ def _assign(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) 
     if isinstance(old, nn.Parameter):
         new = nn.Parameter(new, requires_grad=old.requires_grad)
         setattr(module, name, new)
-    else:
-        module.register_buffer(name, new)
+    else:  # a buffer stays in or out of the saved state
+        module.register_buffer(name, new, persistent=not is_unsaved_buffer(module, name))
     return new
 
 
@@ -260,6 +261,8 @@ def remove_units_(
         new = new.clone()
         shared = None
         for module, name in owners[key]:
+            if is_unsaved_buffer(module, name):  # its kept indices are what gets saved
+                record_buffer_slice_(model, _qualified(model, module, name), module, keeps)
             if shared is None:
                 shared = _assign(module, name, tensor, new)
             elif isinstance(shared, nn.Parameter):
@@ -283,6 +286,11 @@ def remove_units_(
             _fix_attributes(module, dropped)
     if optimizer is not None:
         _slice_optimizer_state(optimizer, replaced)
+
+
+def _qualified(model: nn.Module, module: nn.Module, name: str) -> str:
+    where = next(n for n, m in model.named_modules(remove_duplicate=False) if m is module)
+    return f"{where}.{name}" if where else name
 
 
 def _merge_cuts(cuts: list[tuple[int, set[int]]]) -> dict[int, set[int]]:
