@@ -81,7 +81,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
     "falcon": dict(MHA, new_decoder_architecture=True, num_kv_heads=2),
     "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    # sinusoidal positions in a table outside the saved state
+    "xglm": dict(
+        d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, max_position_embeddings=64
+    ),
     "mixtral": dict(GQA, num_local_experts=4, num_experts_per_tok=2),
+    # its router, a Linear subclass, returns the experts it picks with its logits
+    "phimoe": dict(GQA, num_local_experts=4, num_experts_per_tok=2),
+    "apertus": GQA,  # xIELU: torch.where(x > 0, ...)
     "qwen2_moe": dict(
         GQA,
         num_experts=4,

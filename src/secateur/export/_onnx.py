@@ -265,7 +265,7 @@ def _to_onnx_bytes(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
         try:
-            with _graph_dump_off(), _interleave_by_stacking():
+            with _graph_dump_off(), _interleave_by_stacking(), _expm1_as_exp_minus_one():
                 torch.onnx.export(
                     flat,
                     tensors,
@@ -308,6 +308,23 @@ def _graph_dump_off() -> Any:
         yield
     finally:
         torch._C._jit_onnx_log = log
+
+
+def _expm1_symbolic(g: Any, x: Any) -> Any:
+    exp = g.op("Exp", x)
+    return g.op("Sub", exp, g.op("CastLike", g.op("Constant", value_t=torch.tensor(1.0)), exp))
+
+
+@contextlib.contextmanager
+def _expm1_as_exp_minus_one() -> Any:
+    """Convert ``expm1`` as ``Exp`` minus one (cast to the input's type), for the export's
+    duration: the TorchScript exporter has no conversion of it (Apertus's xIELU activation
+    calls it). From opset 15, which ``CastLike`` needs."""
+    torch.onnx.register_custom_op_symbolic("aten::expm1", _expm1_symbolic, 15)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::expm1", 15)
 
 
 @contextlib.contextmanager
