@@ -86,6 +86,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
         d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, max_position_embeddings=64
     ),
     "mixtral": dict(GQA, num_local_experts=4, num_experts_per_tok=2),
+    # gate and up interleaved in one stacked expert weight, picked by [..., ::2] and [..., 1::2]
+    "gpt_oss": dict(GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
     # its router, a Linear subclass, returns the experts it picks with its logits
     "phimoe": dict(GQA, num_local_experts=4, num_experts_per_tok=2),
     "apertus": GQA,  # xIELU: torch.where(x > 0, ...)

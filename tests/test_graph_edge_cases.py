@@ -262,3 +262,26 @@ def test_a_linear_returning_more_than_its_output_reads_the_channels_and_keeps_it
     assert_silenced_removal_exact(Routed().eval(), x)
     prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
     assert model.router.weight.shape == (3, 4) and model(x).shape == (3, 3)
+
+
+class InterleavedGateUp(nn.Module):
+    """GPT-OSS's FFN: gate and up interleaved in one projection, picked with a step of 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(4, 16), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up(x)
+        gate, up = h[..., ::2], h[..., 1::2]
+        return self.down(gate * torch.sigmoid(gate) * (up + 1))
+
+
+def test_features_picked_with_a_step_make_units_of_that_many() -> None:
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    model = InterleavedGateUp().eval()
+    (group,) = build_dependency_graph(model, x).groups
+    assert group.size == 8 and set(group.module_names()) == {"gate_up", "down"}
+    assert_silenced_removal_exact(InterleavedGateUp().eval(), x)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert model.gate_up.out_features == 8 and model.down.in_features == 4

@@ -316,6 +316,14 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules):
         if not isinstance(sel, slice):
             return False  # a list of channels
         start, stop, step = sel.indices(x.shape[dim])
+        if step > 1 and sel.stop is None and start < step and x.shape[dim] % step == 0:
+            # x[..., start::step] (GPT-OSS's interleaved gate and up, ``gate_up[..., ::2]`` and
+            # ``[..., 1::2]``): a unit is ``step`` consecutive features, one of them picked
+            coarse = self._coarsened(layout, step, heads=False)
+            if coarse is None:
+                return False
+            self.set(out, coarse, out_axis)
+            return True
         if step != 1 or stop <= start:
             return False
         pieces = self.split_layout(layout, [start, stop])
