@@ -285,3 +285,41 @@ def test_features_picked_with_a_step_make_units_of_that_many() -> None:
     assert_silenced_removal_exact(InterleavedGateUp().eval(), x)
     prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
     assert model.gate_up.out_features == 8 and model.down.in_features == 4
+
+
+class ReadsOwnColumns(nn.Module):
+    """A layer's own weight also read at two fixed columns: after pruning they would be others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = self.fc2.weight.index_select(1, torch.tensor([0, 3]))
+        return self.fc2(torch.relu(self.fc1(x))) + columns.sum()
+
+
+class GathersByChannels(nn.Module):
+    """Row ids computed from a layer's channels pick rows of a table with ``table[ids]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.table = nn.Conv1d(4, 8, 1), nn.Parameter(torch.randn(2, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        picks = torch.relu(self.conv(x)).clamp(0, 1).to(torch.long)
+        return self.head(self.table[picks.view(-1)]).mean(0)
+
+
+def test_a_weight_read_at_fixed_columns_keeps_them() -> None:
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    graph = build_dependency_graph(ReadsOwnColumns().eval(), x)
+    assert graph.groups == ()
+    assert any("fixed indices" in reason for _, reason in graph.blocked)
+
+
+def test_row_ids_computed_from_channels_keep_those_channels() -> None:
+    x = 3 * torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0))
+    graph = build_dependency_graph(GathersByChannels().eval(), x)
+    assert not [g for g in graph.groups if "conv" in g.module_names()]

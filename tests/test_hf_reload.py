@@ -46,7 +46,7 @@ CASES: dict[str, dict[str, Any]] = {
     ),
     # one key/value head for all: num_key_value_groups follows the query heads
     "hf.gemma": dict(SMALL, task="causal-lm", num_key_value_heads=1, head_dim=16),
-    # sinusoidal positions outside the saved state: the sliced table is saved with the weights
+    # sinusoidal positions outside the saved state: the columns the table keeps are in the manifest
     "hf.xglm": dict(
         task="causal-lm",
         d_model=64,
@@ -243,3 +243,16 @@ def test_bad_buffer_edit_is_artifact_error(tmp_path: Path, buffers: Any, match: 
     with pytest.raises(ArtifactError, match=match) as exc:
         load_model(path)
     assert "\n" not in str(exc.value)
+
+
+def test_a_table_of_a_block_removed_by_depth_pruning_leaves_the_manifest(tmp_path: Path) -> None:
+    from secateur.pruning._depth import replace_with_skip_
+
+    model, _ = _pruned_and_saved("hf.xglm", tmp_path)
+    model.model.layers[1].register_buffer("table", torch.zeros(3, 32), persistent=False)
+    model.secateur_buffer_slices["model.layers.1.table"] = {1: list(range(32))}
+    replace_with_skip_(model, "model.layers.1")
+    path = save_model(model, tmp_path / "shallower.safetensors")
+    saved = json.loads(path.with_suffix(".json").read_text())["edits"]["buffers"]
+    assert set(saved) == {_TABLE}
+    assert torch.equal(_logits(load_model(path).model, _ids()), _logits(model, _ids()))

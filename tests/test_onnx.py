@@ -428,3 +428,24 @@ def test_a_model_that_refuses_other_values_still_exports(tmp_path) -> None:
 
     out = export_onnx(Ordered().eval(), torch.tensor([[3.0, 2.0, 1.0]]), tmp_path / "o.onnx")
     assert out.path.exists()
+
+
+def test_expm1_exports_at_any_opset_and_is_put_back(tmp_path) -> None:
+    """The TorchScript exporter cannot convert ``expm1`` (Apertus's xIELU calls it): it is
+    traced as ``exp(x) - 1``, at an opset below 15 too, and restored afterwards."""
+    from secateur.export import export_onnx
+
+    class Activation(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return torch.expm1(torch.min(h, torch.tensor(-1e-6))) + h.expm1()
+
+    functional, method = torch.expm1, torch.Tensor.expm1
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    out = export_onnx(Activation().eval(), x, tmp_path / "m.onnx", opset=13)
+    assert out.max_abs_diff < 1e-5
+    assert torch.expm1 is functional and torch.Tensor.expm1 is method

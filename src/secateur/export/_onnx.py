@@ -310,21 +310,24 @@ def _graph_dump_off() -> Any:
         torch._C._jit_onnx_log = log
 
 
-def _expm1_symbolic(g: Any, x: Any) -> Any:
-    exp = g.op("Exp", x)
-    return g.op("Sub", exp, g.op("CastLike", g.op("Constant", value_t=torch.tensor(1.0)), exp))
-
-
 @contextlib.contextmanager
 def _expm1_as_exp_minus_one() -> Any:
-    """Convert ``expm1`` as ``Exp`` minus one (cast to the input's type), for the export's
-    duration: the TorchScript exporter has no conversion of it (Apertus's xIELU activation
-    calls it). From opset 15, which ``CastLike`` needs."""
-    torch.onnx.register_custom_op_symbolic("aten::expm1", _expm1_symbolic, 15)
+    """Trace ``expm1`` as ``exp(x) - 1`` for the export's duration: the TorchScript exporter has
+    no conversion of it at any opset (Apertus's xIELU activation calls it)."""
+    functional, method = torch.expm1, torch.Tensor.expm1
+
+    def expm1(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not isinstance(x, torch.Tensor):
+            return functional(x, *args, **kwargs)
+        return torch.exp(x) - 1
+
+    torch.expm1 = expm1
+    torch.Tensor.expm1 = expm1
     try:
         yield
     finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::expm1", 15)
+        torch.expm1 = functional
+        torch.Tensor.expm1 = method
 
 
 @contextlib.contextmanager

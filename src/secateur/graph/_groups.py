@@ -180,6 +180,10 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
     for idx, reason in table.blocked.items():
         for root, *_ in table.resolve(idx):
             reasons.setdefault(root, reason)
+    for root, members in by_root.items():  # a tensor also read at fixed indices (a layer's
+        for m in members:  # own weight through ``index_select``) keeps those entries
+            if any((m.module_name, t, d) in tr.indexed for t, d in member_slices(m)):
+                reasons.setdefault(root, f"{m.module_name} is read at fixed indices of them")
     flags: dict[int, set[str]] = {}
     for idx, names in table.flags.items():
         for root, *_ in table.resolve(idx):

@@ -94,6 +94,8 @@ class Trace:
     table: SpaceTable
     notes: list[WidthNote] = field(default_factory=list)
     output_shapes: OutputShapes = ()
+    # (module, tensor, dim) read at fixed indices: no channel along it may be removed
+    indexed: frozenset[tuple[str, str, int]] = frozenset()
 
 
 def _name(func: Any) -> str:
@@ -543,14 +545,12 @@ class _Tracer(OpRules, TorchFunctionMode):
         if self.picked:
             self.read_picked([args, kwargs], f"are read by '{name}'")
         inputs = self.tracked([args, kwargs])
-        if param_index_select(self.params, name, args, inputs):
+        gathered = name == "__getitem__" and param_gather(self.params, args, inputs)
+        if gathered or param_index_select(self.params, name, args, inputs):
             for t in inputs:  # index values computed from channels: those channels stay
                 self.table.block_layout(self.info(t)[0], f"their values pick rows of {name}")
-        if (
-            not inputs
-            or (name == "__getitem__" and param_gather(self.params, args, inputs))
-            or param_index_select(self.params, name, args, inputs)
-        ):
+            gathered = True
+        if not inputs or gathered:
             self.uniform.follow(name, args, kwargs, out, self.note_context)
             self.follow_param(name, args, out, kwargs)
             return
@@ -1089,7 +1089,7 @@ def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> T
         info = tracer.info(t)
         if info is not None:
             tracer.table.block_layout(info[0], "model output")
-    return Trace(tracer.table, tracer.notes, output_shapes(out))
+    return Trace(tracer.table, tracer.notes, output_shapes(out), frozenset(tracer.param_indexed))
 
 
 @contextlib.contextmanager
