@@ -299,27 +299,8 @@ class ReadsOwnColumns(nn.Module):
         return self.fc2(torch.relu(self.fc1(x))) + columns.sum()
 
 
-class GathersByChannels(nn.Module):
-    """Row ids computed from a layer's channels pick rows of a table with ``table[ids]``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.table = nn.Conv1d(4, 8, 1), nn.Parameter(torch.randn(2, 6))
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        picks = torch.relu(self.conv(x)).clamp(0, 1).to(torch.long)
-        return self.head(self.table[picks.view(-1)]).mean(0)
-
-
 def test_a_weight_read_at_fixed_columns_keeps_them() -> None:
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     graph = build_dependency_graph(ReadsOwnColumns().eval(), x)
     assert graph.groups == ()
     assert any("fixed indices" in reason for _, reason in graph.blocked)
-
-
-def test_row_ids_computed_from_channels_keep_those_channels() -> None:
-    x = 3 * torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0))
-    graph = build_dependency_graph(GathersByChannels().eval(), x)
-    assert not [g for g in graph.groups if "conv" in g.module_names()]

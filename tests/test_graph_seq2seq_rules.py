@@ -287,20 +287,23 @@ def test_a_table_also_indexed_along_its_channels_keeps_them() -> None:
 
 
 class _RowsPickedByChannels(nn.Module):
-    """Index values computed from a layer's channels pick rows of a table: those channels'
-    values matter one by one, so they stay."""
+    """Index values computed from a layer's channels pick rows of a table (``index_select`` or
+    ``table[ids]``): those channels' values matter one by one, so they stay."""
 
-    def __init__(self) -> None:
+    def __init__(self, by_getitem: bool) -> None:
         super().__init__()
+        self.by_getitem = by_getitem
         self.conv, self.table = nn.Conv1d(4, 8, 1), nn.Parameter(torch.randn(2, 6))
         self.head = nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        picks = torch.relu(self.conv(x)).clamp(0, 1).to(torch.long)
-        return self.head(self.table.index_select(0, picks.view(-1))).mean(0)
+        picks = torch.relu(self.conv(x)).clamp(0, 1).to(torch.long).view(-1)
+        rows = self.table[picks] if self.by_getitem else self.table.index_select(0, picks)
+        return self.head(rows).mean(0)
 
 
-def test_index_values_computed_from_channels_keep_those_channels() -> None:
+@pytest.mark.parametrize("by_getitem", [False, True])
+def test_index_values_computed_from_channels_keep_those_channels(by_getitem: bool) -> None:
     x = 3 * torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0))
-    graph = build_dependency_graph(_RowsPickedByChannels().eval(), x)
+    graph = build_dependency_graph(_RowsPickedByChannels(by_getitem).eval(), x)
     assert not [g for g in graph.groups if "conv" in g.module_names()]

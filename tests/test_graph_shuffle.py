@@ -54,6 +54,9 @@ class _Unit(nn.Module):
         else:
             x1, x2 = x.chunk(2, dim=1)
             out = torch.cat((x1, self.branch2(x2)), dim=1)
+        return self.shuffle(out)
+
+    def shuffle(self, out: torch.Tensor) -> torch.Tensor:
         return _shuffle(out, 2)
 
 
@@ -166,12 +169,7 @@ class _SpelledUnit(_Unit):
         super().__init__(cin, width, first)
         self.groups, self.per = 2, width // 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:
-            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        else:
-            x1, x2 = x.chunk(2, dim=1)
-            out = torch.cat((x1, self.branch2(x2)), dim=1)
+    def shuffle(self, out: torch.Tensor) -> torch.Tensor:
         b, c, h, w = out.shape
         out = torch.transpose(out.view(b, self.groups, self.per, h, w), 1, 2).contiguous()
         return out.view(b, c, h, w)
