@@ -225,8 +225,6 @@ class _Tracer(OpRules, TorchFunctionMode):
         # the same entries of one parameter, reached again from other channels: slicing them
         # once means those channels must be the same ones
         key = (module_name, pname, dims[axis])
-        if key in self.param_indexed:
-            self.table.block_layout(layout, f"{module_name}.{pname} is indexed along them")
         earlier = self.param_layouts.setdefault(key, layout)
         if earlier is not layout and self.unify(earlier, layout) is None:
             reason = f"{module_name}.{pname} is read by channels that do not line up"
@@ -473,11 +471,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             picked = args[1] % src.dim()  # rows picked along it: no channel axis any more
             dims = tuple(None if d == picked else pd for d, pd in enumerate(entry[2]))
             if (pd := entry[2][picked]) is not None:  # fixed indices: none of it may go
-                key = (entry[0], entry[1], pd)
-                self.param_indexed.add(key)
-                if key in self.param_layouts:
-                    reason = f"{entry[0]}.{entry[1]} is indexed along them"
-                    self.table.block_layout(self.param_layouts[key], reason)
+                self.param_indexed.add((entry[0], entry[1], pd))
         elif name == "__getitem__" and len(args) > 1 and single_number(args[1]):
             dims = entry[2][1:]  # one slice of a stacked parameter (an MoE expert's weight)
         elif name == "__getitem__" and len(args) > 1 and gathers_rows(args[1], src, out):
