@@ -19,12 +19,10 @@ from ._spaces import Layout, Segment
 
 
 @dataclass(frozen=True)
-class DeferredView:
-    """A view of the channel axis into three axes ``(outer, inner, head_dim)`` waits for the
-    op that reads it: ``unbind`` or an int index along ``outer`` makes ``outer`` a selector of
-    q, k and v, each with ``inner`` heads (ModernBERT's ``view(b, t, 3, heads, hd)``);
-    anything else makes ``outer`` the unit (Falcon's ``(kv groups, heads + 2, hd)``).
-    ``context`` is where the view ran, for the width it may note."""
+class PendingView:
+    """A view of the channel axis ``axis`` (of ``x_shape``, laid out as ``layout``) into
+    several axes, waiting for the op that reads it. ``context`` is where the view ran, for the
+    width it may note."""
 
     x_shape: tuple[int, ...]
     layout: Layout
@@ -33,6 +31,15 @@ class DeferredView:
     name: str
     args: tuple
     context: tuple | None
+
+
+@dataclass(frozen=True)
+class DeferredView(PendingView):
+    """A view of the channel axis into three axes ``(outer, inner, head_dim)``: ``unbind`` or
+    an int index along ``outer`` makes ``outer`` a selector of q, k and v, each with ``inner``
+    heads (ModernBERT's ``view(b, t, 3, heads, hd)``); anything else makes ``outer`` the unit
+    (Falcon's ``(kv groups, heads + 2, hd)``)."""
+
     heads: tuple[Layout, ...] | None = None  # per outer index, once read as a selector
     # where (outer, heads, head_dim) lie now, once permuted (torchvision Swin's
     # ``reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)``); None: axis, axis + 1, axis + 2

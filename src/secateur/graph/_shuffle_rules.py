@@ -19,22 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ._attention_rules import PendingView
 from ._shapes import PERMUTE, ShapeOnly, permute_order
 from ._spaces import Layout
 
 
 @dataclass(frozen=True)
-class GroupedView:
-    """A view of the channel axis ``axis`` (not the last) into ``(groups, per group)``,
-    waiting for its reader. ``context`` is where the view ran, for the width it may note."""
-
-    x_shape: tuple[int, ...]
-    layout: Layout
-    axis: int
-    out_shape: tuple[int, ...]
-    name: str
-    args: tuple
-    context: tuple | None
+class GroupedView(PendingView):
+    """A view of the channel axis ``axis`` (not the last) into ``(groups, per group)``."""
 
 
 def grouped_split(x_shape: tuple[int, ...], dim: int, out_shape: tuple[int, ...]) -> bool:
