@@ -63,12 +63,12 @@ def buffer_slices(model: nn.Module) -> dict[str, dict[str, list[int]]]:
     """The manifest's ``"buffers"`` edit: JSON-able, dims as strings."""
     record = getattr(model, "secateur_buffer_slices", None) or {}
     present = dict(model.named_modules(remove_duplicate=False))  # depth pruning may remove some
-    return {
-        key: {str(d): [int(i) for i in keep] for d, keep in entry.items()}
-        for key, entry in record.items()
-        if key.rpartition(".")[0] in present
-        and is_unsaved_buffer(present[key.rpartition(".")[0]], key.rpartition(".")[2])
-    }
+    edits = {}
+    for key, entry in record.items():
+        module_name, _, name = key.rpartition(".")
+        if module_name in present and is_unsaved_buffer(present[module_name], name):
+            edits[key] = {str(d): [int(i) for i in keep] for d, keep in entry.items()}
+    return edits
 
 
 def apply_buffer_slices_(model: nn.Module, edits: Any) -> None:

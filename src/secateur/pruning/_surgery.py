@@ -268,7 +268,7 @@ def remove_units_(
             elif isinstance(shared, nn.Parameter):
                 setattr(module, name, shared)
             else:
-                module.register_buffer(name, shared, persistent=not is_unsaved_buffer(module, name))
+                _assign(module, name, tensor, shared)
         replaced[tensor] = (shared, keeps)
     members = {id(model.get_submodule(name)) for name in touched}
     for owned in owners.values():  # a module that holds a sliced tensor without reading it
