@@ -54,6 +54,20 @@ from secateur.measure import OnnxGenerator, count_macs
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 GQA = dict(SMALL, num_key_value_heads=2, max_position_embeddings=64)
 MHA = dict(SMALL, max_position_embeddings=64)
+MLA = dict(
+    SMALL,
+    max_position_embeddings=64,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=24,
+)
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": GQA,
     "mistral": GQA,
@@ -91,6 +105,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # its router, a Linear subclass, returns the experts it picks with its logits
     "phimoe": dict(GQA, num_local_experts=4, num_experts_per_tok=2),
     "apertus": GQA,  # xIELU: torch.where(x > 0, ...)
+    # multi-head latent attention: keys and values from a low-rank latent, each head's key
+    # copied into a fresh tensor beside a rotary part shared by all heads; q, k wider than v
+    "deepseek_v3": dict(MLA, q_lora_rank=16),
+    "deepseek_v2": dict(MLA, q_lora_rank=None),  # its rotary embedding as complex products
+    # complex rotary too, chunked attention, one routed expert beside a shared one
+    "llama4_text": dict(
+        GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128
+    ),
     "qwen2_moe": dict(
         GQA,
         num_experts=4,

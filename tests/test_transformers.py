@@ -86,6 +86,31 @@ FAMILIES = {
     "phimoe": ("causal-lm", dict(SMALL, num_key_value_heads=2, num_local_experts=4)),
     # Apertus's xIELU activation: torch.where(x > 0, ...), torch.min(x, eps)
     "apertus": ("causal-lm", dict(SMALL, num_key_value_heads=2)),
+    # DeepSeek-V3's multi-head latent attention: keys and values from a low-rank latent, each
+    # head's key copied into a fresh tensor beside a rotary part shared by every head
+    "deepseek_v3": (
+        "causal-lm",
+        dict(
+            SMALL,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=24,
+        ),
+    ),
+    # Llama 4: heads rotated as complex products (view_as_complex), chunked attention
+    "llama4_text": (
+        "causal-lm",
+        dict(SMALL, num_key_value_heads=2, head_dim=16, num_local_experts=4),
+    ),
     "qwen2_moe": (
         "causal-lm",
         dict(SMALL, num_key_value_heads=2, num_experts=4, moe_intermediate_size=32),
@@ -147,8 +172,9 @@ def test_heads_ffn_and_hidden_are_found(family: str) -> None:
     layers = 2
     assert kinds.count("head") == layers
     assert kinds.count("channel") >= layers  # one FFN width per layer
-    # the residual stream, shared by every layer (and ModernBERT's head: dense + norm)
-    assert kinds.count("hidden") == (2 if family == "modernbert" else 1)
+    # the residual stream, shared by every layer (and ModernBERT's head: dense + norm;
+    # DeepSeek's q and kv latents, each through an RMSNorm, in both layers)
+    assert kinds.count("hidden") == {"modernbert": 2, "deepseek_v3": 5}.get(family, 1)
     units = HEAD_UNITS.get(family, FAMILIES[family][1].get("num_key_value_heads", 4))
     assert {g.size for g in graph.groups if g.kind == "head"} == {units}
 

@@ -27,6 +27,7 @@ from ._shapes import (
 )
 from ._shuffle_rules import GroupedView, ShuffleRules, grouped_split
 from ._spaces import Layout, Segment
+from ._write_rules import WriteRules
 
 
 def _words(text: str) -> frozenset[str]:
@@ -84,7 +85,7 @@ def picks_rows(index: torch.Tensor) -> bool:
     return index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool
 
 
-class OpRules(AttentionRules, EinsumRule, ShuffleRules):
+class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
     """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
     ``add_param``, ``uniform_operand``, ``pick`` and ``note_width``."""
 
@@ -94,6 +95,16 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules):
             self.set(out, layout, dim)
             return True
         return False
+
+    def complex_view(self, x, layout, dim, out) -> bool:  # noqa: ANN001
+        """``view_as_complex`` makes each (real, imaginary) pair on the last axis one complex
+        value, ``view_as_real`` the reverse; the other axes stay in place, and with them a
+        channel axis (DeepSeek-V2 and Llama 4 rotate their heads as complex products). Channels
+        on the pair's axis have no rule."""
+        if dim >= min(x.dim(), out.dim()):
+            return False
+        self.set(out, layout, dim)
+        return True
 
     def softmax(self, x, name, args, kwargs, layout, dim, out) -> bool:  # noqa: ANN001
         """Ops that mix values along given axes only (softmax, roll, cumsum, flip, normalize)."""
@@ -427,51 +438,6 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules):
         if layout is None:
             return False
         self.set(out, layout, dx)
-        return True
-
-    def setitem(self, args: tuple) -> bool:
-        """``dst[index] = value`` where the index leaves the channel axis whole: the value's
-        channels land on dst's (torchvision's multi-scale RoI pooling fills a zeros tensor one
-        pyramid level at a time), so both name the same channels. A constant written into a
-        tracked tensor leaves its channels as they were."""
-        if len(args) != 3 or not isinstance(args[0], torch.Tensor):
-            return False
-        dst, key, value = args
-        keys = key if isinstance(key, tuple) else (key,)
-        rows = [k for k in keys if isinstance(k, torch.Tensor)]
-        if (
-            len(keys) > dst.dim()
-            or id(dst) in self.params
-            or len(rows) > 1
-            or any(k.dim() != 1 or k.is_floating_point() for k in rows)
-            or id(dst) in self.param_mixes
-            or id(dst) in self.param_cats
-            or not all(type(k) in (slice, int) or isinstance(k, torch.Tensor) for k in keys)
-        ):
-            return False
-        kept = [i for i in range(dst.dim()) if i >= len(keys) or type(keys[i]) is not int]
-        whole = [
-            i >= len(keys) or (isinstance(keys[i], slice) and keys[i] == slice(None))
-            for i in range(dst.dim())
-        ]
-        idst, ivalue = self.info(dst), self.info(value)
-        if ivalue is None:
-            number = isinstance(value, (int, float)) or (
-                isinstance(value, torch.Tensor) and value.numel() == 1
-            )
-            return number and idst is not None and whole[idst[1]]
-        layout, dim = ivalue
-        pos = dim + len(kept) - value.dim()
-        if not 0 <= pos < len(kept):
-            return False
-        axis = kept[pos]
-        if not whole[axis] or dst.shape[axis] != value.shape[dim]:
-            return False
-        if idst is not None and (
-            idst[1] != axis or (layout := self.unify(idst[0], layout)) is None
-        ):
-            return False
-        self.set(dst, layout, axis)
         return True
 
     def split_layout(self, layout: Layout, cuts: list[int]) -> list[Layout] | None:

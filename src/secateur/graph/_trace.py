@@ -68,6 +68,7 @@ from ._width_notes import (
     shape_read_at,
     spelled_names,
 )
+from ._write_rules import basic_selectors
 
 _IGNORED = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "__bool__"}
 _SHAPE_KEEPING = {
@@ -133,6 +134,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         # one channel taken out on its own (BART's ``inputs_embeds[:, :, -1]``, for its shape):
         # its channels stay prunable unless something reads its values
         self.picked: dict[int, Layout] = {}
+        # basic-indexing slices, by id: (the tensor sliced, the index), for writes through them
+        self.slice_views: dict[int, tuple[torch.Tensor, Any]] = {}
         # untracked tensors with the same values all along some axes (zeros of a head count)
         self.uniform = UniformTensors()
         self.uniform_layouts: dict[tuple[int, int], Layout] = {}  # by (call made, its axis)
@@ -536,6 +539,18 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         if name in _IGNORED:
             return
+        if name == "copy_" and (target := self.slice_views.get(id(first))) is not None:
+            self.uniform.forget([first])
+            self.write_slice(target[0], target[1], first, args[1] if len(args) > 1 else None)
+            return
+        if (
+            name == "__getitem__"
+            and first is not None
+            and isinstance(out, torch.Tensor)
+            and basic_selectors(first.shape, args[1]) is not None  # a view: writes reach first
+        ):
+            self.slice_views[id(out)] = (first, args[1])
+            self.keepalive.append(out)
         if self.picked:
             self.read_picked([args, kwargs], f"are read by '{name}'")
         inputs = self.tracked([args, kwargs])
@@ -613,6 +628,10 @@ class _Tracer(OpRules, TorchFunctionMode):
                 lambda: self.linear_fn(args, kwargs, x, layout, dim, out),
             ),
             (name == "expand_as" and single, lambda: self.pointwise(x, layout, dim, out)),
+            (
+                name in ("view_as_complex", "view_as_real") and single and tensor_out,
+                lambda: self.complex_view(x, layout, dim, out),
+            ),
             (  # torchvision's roi_align(features, boxes): boxes pick rows, channels pass
                 name == "roi_align" and args[0] is x and dim == 1 and tensor_out,
                 lambda: self.pointwise(x, layout, dim, out),

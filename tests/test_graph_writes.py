@@ -1,0 +1,144 @@
+"""Writes into part of a tensor (``dst[index].copy_(value)``) and complex views of the
+channels, the way DeepSeek's multi-head latent attention builds its keys and DeepSeek-V2 and
+Llama 4 rotate their heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateur.graph import build_dependency_graph
+from structured_helpers import assert_silenced_removal_exact
+
+HEADS, HEAD_DIM, ROTARY = 4, 6, 2
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+
+
+class FilledKeys(nn.Module):
+    """Keys made as DeepSeek-V3 makes them: a fresh tensor, each head's own channels copied
+    into the front of its head, then a rotary part written into the rest. ``shared`` is how
+    that part is made: one per position broadcast to every head (``expand``), the same copied
+    out per head (``contiguous``: one value per head as far as the trace can tell), or a
+    parameter with a value per head."""
+
+    def __init__(self, shared: str = "expand") -> None:
+        super().__init__()
+        self.shared = shared
+        self.q = nn.Linear(8, HEADS * (HEAD_DIM + ROTARY))
+        self.k = nn.Linear(8, HEADS * HEAD_DIM)
+        self.rotary = nn.Linear(8, ROTARY)
+        self.per_head = nn.Parameter(torch.randn(HEADS, ROTARY))
+        self.v = nn.Linear(8, HEADS * 3)  # values narrower than queries and keys
+        self.o = nn.Linear(HEADS * 3, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        k_own = self.k(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)
+        if self.shared == "parameter":
+            k_rot = self.per_head[None, :, None, :].expand(b, -1, t, -1)
+        else:
+            k_rot = self.rotary(x).view(b, 1, t, ROTARY).expand(-1, k_own.shape[1], -1, -1)
+            if self.shared == "contiguous":
+                k_rot = k_rot.contiguous()
+        keys = k_own.new_empty(*k_own.shape[:-1], HEAD_DIM + ROTARY)
+        keys[..., :HEAD_DIM].copy_(k_own)
+        keys[..., HEAD_DIM:].copy_(k_rot)
+        q = self.q(x).view(b, t, -1, HEAD_DIM + ROTARY).transpose(1, 2)
+        v = self.v(x).view(b, t, -1, 3).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys, v)
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _heads(graph) -> list:  # noqa: ANN001
+    return [g for g in graph.groups if any(m.module_name == "o" for m in g.members)]
+
+
+def test_heads_copied_into_a_fresh_tensor_beside_a_broadcast_part_are_units() -> None:
+    model = FilledKeys().eval()
+    graph = build_dependency_graph(model, _x())
+    (heads,) = _heads(graph)
+    assert heads.size == HEADS
+    assert {m.module_name for m in heads.members} >= {"q", "k", "v", "o"}
+    # the rotary part lands in part of each head: its own channels stay whole
+    assert ("rotary", "written into part of an axis of another tensor") in graph.blocked
+    assert_silenced_removal_exact(model, _x())
+
+
+@pytest.mark.parametrize("shared", ["contiguous", "parameter"])
+def test_a_part_with_a_value_per_head_keeps_the_heads_whole(shared: str) -> None:
+    model = FilledKeys(shared).eval()
+    graph = build_dependency_graph(model, _x())
+    assert _heads(graph) == []
+    assert any(
+        "k" in names.split(", ") and reason == "written into part of an axis of another tensor"
+        for names, reason in graph.blocked
+    )
+
+
+class PartialChannels(nn.Module):
+    """A layer's channels copied into half of a wider channel axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 6)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.new_zeros(*x.shape[:-1], 8)
+        y[..., :4].copy_(self.a(x))
+        return self.head(y) + self.b(x).sum(-1, keepdim=True)
+
+
+def test_channels_written_into_part_of_an_axis_stay_whole() -> None:
+    graph = build_dependency_graph(PartialChannels().eval(), _x())
+    assert ("a", "written into part of an axis of another tensor") in graph.blocked
+    assert all(m.module_name != "a" for g in graph.groups for m in g.members)
+
+
+class ComplexRotary(nn.Module):
+    """Heads rotated as complex products: ``view_as_complex`` over (real, imaginary) pairs
+    of each head's dims, times a complex table, then ``view_as_real`` and flattened back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, HEADS * HEAD_DIM)
+        self.o = nn.Linear(HEADS * HEAD_DIM, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, -1, HEAD_DIM).transpose(1, 2)
+        angles = torch.arange(t, dtype=torch.float32)[:, None] * torch.ones(HEAD_DIM // 2)
+        table = torch.polar(torch.ones_like(angles), angles)
+        pairs = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+        q = torch.view_as_real(pairs * table).flatten(3).type_as(q)
+        return self.o(q.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_heads_rotated_as_complex_numbers_stay_units() -> None:
+    model = ComplexRotary().eval()
+    graph = build_dependency_graph(model, _x())
+    (heads,) = _heads(graph)
+    assert heads.size == HEADS
+    assert_silenced_removal_exact(model, _x())
+
+
+class ComplexChannels(nn.Module):
+    """Channels on the (real, imaginary) axis itself: they have no rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(8, 2), nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.view_as_complex(self.a(x).float().contiguous())
+        return self.head(torch.view_as_real(z * 1j))
+
+
+def test_channels_on_the_real_imaginary_axis_stay_whole() -> None:
+    graph = build_dependency_graph(ComplexChannels().eval(), _x())
+    assert all(m.module_name != "a" for g in graph.groups for m in g.members)
