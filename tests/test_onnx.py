@@ -449,3 +449,60 @@ def test_expm1_exports_at_any_opset_and_is_put_back(tmp_path) -> None:
     out = export_onnx(Activation().eval(), x, tmp_path / "m.onnx", opset=13)
     assert out.max_abs_diff < 1e-5
     assert torch.expm1 is functional and torch.Tensor.expm1 is method
+
+
+class _ComplexRotary(torch.nn.Module):
+    """Llama 4's rotary embedding: a ``torch.polar`` table, pairs of dims viewed as complex,
+    a complex product (and one by a real scale), back through ``view_as_real``."""
+
+    def __init__(self, extra: str = "") -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (batch, tokens, 8)
+        angles = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * torch.ones(4) * 0.3
+        table = torch.polar(torch.ones_like(angles), angles) * 0.5
+        pairs = torch.view_as_complex(h.float().reshape(*h.shape[:-1], -1, 2))
+        turned = (1j * pairs) * table[None, :, :].to(pairs.device)
+        if self.extra == "abs":
+            return turned.abs()
+        return torch.view_as_real(turned).flatten(2) + turned.real.sum(-1, keepdim=True)
+
+
+def test_complex_rotary_products_export_as_real_pairs(tmp_path) -> None:
+    """ONNX has no complex numbers: products of complex values are traced on (real, imaginary)
+    pairs, so the export's outputs match PyTorch's."""
+    from secateur.export import export_onnx
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    out = export_onnx(_ComplexRotary().eval(), x, tmp_path / "m.onnx")
+    assert out.max_abs_diff < 1e-5
+
+
+def test_other_complex_operations_are_refused_in_one_line(tmp_path) -> None:
+    from secateur.errors import ArtifactError
+    from secateur.export import export_onnx
+
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ArtifactError, match="cannot export 'abs' on complex numbers") as err:
+        export_onnx(_ComplexRotary("abs").eval(), x, tmp_path / "m.onnx")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_cumsum_of_booleans_runs_in_onnx_runtime_and_is_put_back(tmp_path) -> None:
+    """transformers' chunked attention mask counts left padding with a cumsum of booleans,
+    which ONNX Runtime's CumSum does not take: it is traced on integers."""
+    from secateur.export import export_onnx
+
+    class Padding(torch.nn.Module):
+        def forward(self, mask: torch.Tensor) -> torch.Tensor:
+            return (mask.bool().cumsum(-1) == 0).sum(-1) + torch.cumsum(mask > 0, dim=-1)[:, -1]
+
+    functional, method = torch.cumsum, torch.Tensor.cumsum
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    out = export_onnx(Padding().eval(), mask, tmp_path / "m.onnx")
+    assert out.max_abs_diff == 0
+    assert torch.cumsum is functional and torch.Tensor.cumsum is method

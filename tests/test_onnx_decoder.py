@@ -36,6 +36,24 @@ FAMILIES = {
     "qwen2": SMALL,
     "cohere": SMALL,
     "apertus": SMALL,  # xIELU calls expm1, which the exporter converts as exp minus one
+    # complex rotary products, and a chunked mask that takes a cumsum of booleans
+    "llama4_text": dict(SMALL, num_local_experts=4, attention_chunk_size=4),
+    # multi-head latent attention: a latent cache, keys copied into a fresh tensor
+    "deepseek_v3": dict(
+        {k: v for k, v in SMALL.items() if k != "head_dim"},  # its rotary width is its own
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=24,
+    ),
 }
 
 
@@ -59,7 +77,9 @@ def _padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2_moe", "cohere", "apertus"])
+@pytest.mark.parametrize(
+    "family", ["llama", "gpt2", "qwen2_moe", "cohere", "apertus", "llama4_text", "deepseek_v3"]
+)
 def test_pruned_decoder_generates_in_onnx_runtime_as_in_pytorch(tmp_path, family: str) -> None:
     model = _model(family)
     ids = _ids(2, 8, 0)

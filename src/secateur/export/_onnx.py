@@ -45,6 +45,7 @@ from .._atomic import atomic_write_bytes, ensure_writable_dir
 from .._expert_loop import loop_over_experts_, loops_over_experts
 from .._experts import expert_stacks
 from ..errors import ArtifactError, ConfigError, first_line
+from ._onnx_rewrites import exportable_ops
 
 DEFAULT_OPSET = 17
 _MIN_OPSET = 9
@@ -265,7 +266,7 @@ def _to_onnx_bytes(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
         try:
-            with _graph_dump_off(), _interleave_by_stacking(), _expm1_as_exp_minus_one():
+            with _graph_dump_off(), exportable_ops():
                 torch.onnx.export(
                     flat,
                     tensors,
@@ -276,7 +277,7 @@ def _to_onnx_bytes(
                     do_constant_folding=True,
                     **kwargs,
                 )
-        except ConfigError:
+        except (ConfigError, ArtifactError):  # ours, already naming the problem and the fix
             raise
         except Exception as exc:  # an operator or construct the exporter cannot convert
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -308,58 +309,6 @@ def _graph_dump_off() -> Any:
         yield
     finally:
         torch._C._jit_onnx_log = log
-
-
-@contextlib.contextmanager
-def _expm1_as_exp_minus_one() -> Any:
-    """Trace ``expm1`` as ``exp(x) - 1`` for the export's duration: the TorchScript exporter has
-    no conversion of it at any opset (Apertus's xIELU activation calls it)."""
-    functional, method = torch.expm1, torch.Tensor.expm1
-
-    def expm1(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or not isinstance(x, torch.Tensor):
-            return functional(x, *args, **kwargs)
-        return torch.exp(x) - 1
-
-    torch.expm1 = expm1
-    torch.Tensor.expm1 = expm1
-    try:
-        yield
-    finally:
-        torch.expm1 = functional
-        torch.Tensor.expm1 = method
-
-
-@contextlib.contextmanager
-def _interleave_by_stacking() -> Any:
-    """Trace ``repeat_interleave`` by a whole number along a dimension as stacked copies merged
-    into that dimension, for the export's duration.
-
-    The TorchScript exporter's own conversion of it rewrites a ``-1`` used elsewhere in the
-    graph, so a later ``view(..., -1, head_dim)`` reshapes to a wrong size and ONNX Runtime fails
-    (pytorch/pytorch#128505; Cohere, GLM and Helium interleave their rotary tables this way).
-    Stacking gives the same values; other uses (tensor repeats, no dimension) are untouched."""
-    functional, method = torch.repeat_interleave, torch.Tensor.repeat_interleave
-
-    def by_stacking(original: Any) -> Any:
-        def repeat_interleave(
-            self: torch.Tensor, repeats: Any, dim: Any = None, *args: Any, **kwargs: Any
-        ) -> torch.Tensor:
-            whole = isinstance(repeats, int) and not isinstance(repeats, bool) and repeats > 0
-            if not (whole and isinstance(dim, int) and self.dim() > 0) or args:
-                return original(self, repeats, dim, *args, **kwargs)
-            axis = dim % self.dim()
-            return torch.stack([self] * repeats, dim=axis + 1).flatten(axis, axis + 1)
-
-        return repeat_interleave
-
-    torch.repeat_interleave = by_stacking(functional)
-    torch.Tensor.repeat_interleave = by_stacking(method)
-    try:
-        yield
-    finally:
-        torch.repeat_interleave = functional
-        torch.Tensor.repeat_interleave = method
 
 
 def _ort_outputs(session: Any, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> list:

@@ -1,0 +1,202 @@
+"""Operations PyTorch's TorchScript ONNX exporter cannot convert, or converts wrongly, traced
+as equivalent ones for the export's duration only: :func:`exportable_ops` enters them all.
+
+- ``expm1``: no conversion at any opset (Apertus's xIELU activation); traced as ``exp(x) - 1``.
+- ``repeat_interleave`` by a whole number along a dimension: the exporter's conversion
+  rewrites a ``-1`` used elsewhere in the graph (pytorch/pytorch#128505; Cohere, GLM and
+  Helium interleave their rotary tables this way); traced as stacked copies.
+- ``cumsum`` of booleans: ONNX Runtime's CumSum takes none, yet the exporter passes the bool
+  input on (transformers' chunked attention mask, Llama 4, counts left padding so); traced
+  on int64, the dtype PyTorch gives the sum anyway.
+- Complex numbers: ONNX has none. Rotary embeddings written as complex products (Llama 4,
+  DeepSeek-V2: ``torch.polar``, ``view_as_complex``, a product, ``view_as_real``) are traced
+  on (real, imaginary) pairs held in a last axis of 2; see :class:`ComplexAsPairs`.
+
+The model's own PyTorch forward outside the export is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import ArtifactError
+
+
+@contextlib.contextmanager
+def exportable_ops() -> Iterator[None]:
+    """Every rewrite of this module, for the duration of a ``torch.onnx.export`` call."""
+    rewrites = (_interleave_by_stacking(), _expm1_as_exp_minus_one(), _cumsum_on_integers())
+    with rewrites[0], rewrites[1], rewrites[2], ComplexAsPairs():
+        yield
+
+
+@contextlib.contextmanager
+def _expm1_as_exp_minus_one() -> Iterator[None]:
+    functional, method = torch.expm1, torch.Tensor.expm1
+
+    def expm1(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not isinstance(x, torch.Tensor):
+            return functional(x, *args, **kwargs)
+        return torch.exp(x) - 1
+
+    torch.expm1 = expm1
+    torch.Tensor.expm1 = expm1
+    try:
+        yield
+    finally:
+        torch.expm1 = functional
+        torch.Tensor.expm1 = method
+
+
+@contextlib.contextmanager
+def _cumsum_on_integers() -> Iterator[None]:
+    functional, method = torch.cumsum, torch.Tensor.cumsum
+
+    def on_integers(original: Any) -> Any:
+        def cumsum(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if isinstance(x, torch.Tensor) and x.dtype == torch.bool and "dtype" not in kwargs:
+                x = x.long()
+            return original(x, *args, **kwargs)
+
+        return cumsum
+
+    torch.cumsum = on_integers(functional)
+    torch.Tensor.cumsum = on_integers(method)
+    try:
+        yield
+    finally:
+        torch.cumsum = functional
+        torch.Tensor.cumsum = method
+
+
+@contextlib.contextmanager
+def _interleave_by_stacking() -> Iterator[None]:
+    """Same values as ``repeat_interleave``; other uses (tensor repeats, no dimension) are
+    untouched."""
+    functional, method = torch.repeat_interleave, torch.Tensor.repeat_interleave
+
+    def by_stacking(original: Any) -> Any:
+        def repeat_interleave(
+            self: torch.Tensor, repeats: Any, dim: Any = None, *args: Any, **kwargs: Any
+        ) -> torch.Tensor:
+            whole = isinstance(repeats, int) and not isinstance(repeats, bool) and repeats > 0
+            if not (whole and isinstance(dim, int) and self.dim() > 0) or args:
+                return original(self, repeats, dim, *args, **kwargs)
+            axis = dim % self.dim()
+            return torch.stack([self] * repeats, dim=axis + 1).flatten(axis, axis + 1)
+
+        return repeat_interleave
+
+    torch.repeat_interleave = by_stacking(functional)
+    torch.Tensor.repeat_interleave = by_stacking(method)
+    try:
+        yield
+    finally:
+        torch.repeat_interleave = functional
+        torch.Tensor.repeat_interleave = method
+
+
+_MUL = {"mul", "__mul__", "__rmul__"}
+# ops that act alike on a complex tensor and on its pairs, the pair axis kept last
+_ALIKE = {"to", "float", "contiguous", "clone", "detach", "type_as"}
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", "")
+
+
+class ComplexAsPairs(TorchFunctionMode):
+    """Complex tensors traced as real tensors with a last axis of (real, imaginary).
+
+    ``torch.polar`` and ``view_as_complex`` make such pairs, remembered by identity;
+    products, basic indexing, ``unsqueeze``, casts and devices act on them as on the complex
+    values; ``view_as_real`` hands the pairs back as the real tensor they are. Any other
+    operation on a complex value raises :class:`ArtifactError` naming it, rather than trace
+    something with other values (the export's check compares outputs anyway).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pairs: dict[int, torch.Tensor] = {}  # id -> the pairs, kept alive with the id
+
+    def _mark(self, pairs: torch.Tensor) -> torch.Tensor:
+        self._pairs[id(pairs)] = pairs
+        return pairs
+
+    def _is_pairs(self, value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and self._pairs.get(id(value)) is value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        name = _name(func)
+        if name == "polar":
+            magnitude = args[0] if args else kwargs["abs"]
+            angle = args[1] if len(args) > 1 else kwargs["angle"]
+            pairs = torch.stack((magnitude * torch.cos(angle), magnitude * torch.sin(angle)), -1)
+            return self._mark(pairs)
+        if name == "view_as_complex" and not self._is_pairs(args[0]):
+            return self._mark(args[0].view(args[0].shape))
+        marked = [v for v in tree_flatten([args, kwargs])[0] if self._is_pairs(v)]
+        if not marked:
+            return func(*args, **kwargs)
+        if name == "view_as_real":
+            return args[0].view(args[0].shape)  # the pairs, now an ordinary real tensor
+        if name in _MUL and not kwargs:
+            return self._mark(self._product(*args))
+        if name == "__getitem__" and args[0] is marked[0]:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            return self._mark(args[0][(*index, slice(None))])  # the pair axis stays whole
+        if name == "unsqueeze" and args[0] is marked[0]:
+            dim = args[1] if len(args) > 1 else kwargs["dim"]
+            return self._mark(args[0].unsqueeze(dim - 1 if dim < 0 else dim))
+        if name in _ALIKE and args[0] is marked[0] and len(marked) == 1:
+            return self._mark(func(*args, **kwargs))
+        if name == "__get__" and args[0] is marked[0]:
+            return self._attribute(func, args[0])
+        if name in ("size", "dim") and args[0] is marked[0]:
+            shape = args[0].shape[:-1]
+            if name == "dim":
+                return len(shape)
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            return shape if dim is None else shape[dim]
+        raise ArtifactError(
+            f"cannot export '{name}' on complex numbers to ONNX: only products, indexing and "
+            "view_as_real of complex values (complex rotary embeddings) are rewritten; "
+            "write this step with real tensors"
+        )
+
+    def _attribute(self, getter: Any, pairs: torch.Tensor) -> Any:
+        """An attribute of a complex value, read off its pairs."""
+        attribute = getattr(getattr(getter, "__self__", None), "__name__", "")
+        if attribute in ("device", "requires_grad", "is_cuda", "is_meta"):
+            return getattr(pairs, attribute)
+        if attribute == "dtype":
+            return _COMPLEX.get(pairs.dtype, pairs.dtype)
+        if attribute == "shape":
+            return pairs.shape[:-1]
+        if attribute in ("real", "imag"):
+            return pairs[..., 0 if attribute == "real" else 1]
+        raise ArtifactError(
+            f"cannot export the attribute '{attribute}' of complex numbers to ONNX: write this "
+            "step with real tensors"
+        )
+
+    def _product(self, a: Any, b: Any) -> torch.Tensor:
+        if not self._is_pairs(a):
+            a, b = b, a
+        if isinstance(b, complex):
+            ar, ai = a.unbind(-1)
+            return torch.stack((ar * b.real - ai * b.imag, ar * b.imag + ai * b.real), -1)
+        if not self._is_pairs(b):  # complex times real: each part scaled
+            scale = b.unsqueeze(-1) if isinstance(b, torch.Tensor) and b.dim() else b
+            return a * scale
+        ar, ai = a.unbind(-1)
+        br, bi = b.unbind(-1)
+        return torch.stack((ar * br - ai * bi, ar * bi + ai * br), -1)
