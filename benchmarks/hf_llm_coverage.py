@@ -113,6 +113,20 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "llama4_text": dict(
         GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128
     ),
+    # state-space mixers: a depthwise conv through F.conv1d, dt_proj's weight times a
+    # tensor, a selective scan (Jamba: Mamba layers beside attention and experts)
+    "mamba": dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2),
+    "jamba": dict(
+        GQA,
+        num_experts=4,
+        num_experts_per_tok=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        mamba_expand=2,
+    ),
     "qwen2_moe": dict(
         GQA,
         num_experts=4,
@@ -279,7 +293,7 @@ def _widths(model: torch.nn.Module) -> str:
     """hidden size / attention width (heads × head_dim) / FFN width, read from layer 0's
     output projections (the layers that read the heads and the FFN neurons)."""
     hidden = model.get_output_embeddings().in_features
-    attn = ffn = "?"
+    attn = ffn = mixer = "?"
     for name, module in model.named_modules():
         stacked = getattr(module, "down_proj", None)
         if isinstance(stacked, torch.nn.Parameter) and stacked.dim() == 3 and ffn == "?":
@@ -297,7 +311,10 @@ def _widths(model: torch.nn.Module) -> str:
             attn = inputs
         elif ffn == "?" and not in_attention and leaf in FFN_OUT:
             ffn = inputs
-    return f"{hidden} / {attn} / {ffn}"
+        elif mixer == "?" and leaf == "out_proj" and (".mixer." in name or ".mamba." in name):
+            mixer = inputs  # a state-space layer's inner width
+    widths = f"{hidden} / {attn} / {ffn}"
+    return widths if mixer == "?" else f"{widths}; Mamba inner {mixer}"
 
 
 def check(model: torch.nn.Module, ids: torch.Tensor) -> str | None:

@@ -111,11 +111,15 @@ FAMILIES = {
         "causal-lm",
         dict(SMALL, num_key_value_heads=2, head_dim=16, num_local_experts=4),
     ),
+    # Mamba: no attention; a depthwise conv run through F.conv1d, dt_proj's weight times a
+    # tensor, and a selective scan whose state sums against C
+    "mamba": ("causal-lm", dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)),
     "qwen2_moe": (
         "causal-lm",
         dict(SMALL, num_key_value_heads=2, num_experts=4, moe_intermediate_size=32),
     ),
 }
+NO_ATTENTION = {"mamba"}
 MULTI_QUERY = {"gpt_bigcode", "gemma", "gemma3_text:one-kv", "llama:one-kv"}
 HEAD_UNITS = {"falcon": 2} | dict.fromkeys(MULTI_QUERY, 4)  # kv heads, or query heads
 AUTO = {
@@ -170,13 +174,14 @@ def test_heads_ffn_and_hidden_are_found(family: str) -> None:
     graph = build_dependency_graph(model, x)
     kinds = [g.kind for g in graph.groups]
     layers = 2
-    assert kinds.count("head") == layers
-    assert kinds.count("channel") >= layers  # one FFN width per layer
+    assert kinds.count("head") == (0 if family in NO_ATTENTION else layers)
+    assert kinds.count("channel") >= layers  # one FFN (or Mamba's inner) width per layer
     # the residual stream, shared by every layer (and ModernBERT's head: dense + norm;
     # DeepSeek's q and kv latents, each through an RMSNorm, in both layers)
     assert kinds.count("hidden") == {"modernbert": 2, "deepseek_v3": 5}.get(family, 1)
     units = HEAD_UNITS.get(family, FAMILIES[family][1].get("num_key_value_heads", 4))
-    assert {g.size for g in graph.groups if g.kind == "head"} == {units}
+    heads = {g.size for g in graph.groups if g.kind == "head"}
+    assert heads == (set() if family in NO_ATTENTION else {units})
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -77,6 +77,7 @@ MATMUL = {"matmul", "__matmul__", "bmm"}
 SOFTMAX = {"softmax", "log_softmax", "_softmax", "roll", "cumsum", "flip", "normalize"}
 NORM_FN = {"layer_norm", "rms_norm"}
 LINEAR_FN = {"linear"}
+CONV_FN = {"conv1d", "conv2d", "conv3d"}
 GROUPED_MM = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback", "grouped_mm_fallback.default"}
 
 
@@ -534,11 +535,14 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
 
     def _main_axis(self, tracked: list) -> int | None:
         """The output axis the channels run along: the one every operand spanning it whole
-        agrees on, preferring operands whose channels may be pruned."""
+        agrees on, preferring operands whose channels may be pruned. An outer product of
+        channels on two axes, each operand broadcast along the other's (Mamba's
+        ``dt[..., None] * B[:, None]``), keeps the first operand's; the caller leaves the
+        other's whole."""
         whole = [(lt, at) for _, lt, at, w in tracked if w]
-        free = {at for lt, at in whole if not self._all_blocked(lt)}
-        axes = free or {at for _, at in whole}
-        return axes.pop() if len(axes) == 1 else None
+        free = [at for lt, at in whole if not self._all_blocked(lt)]
+        axes = free or [at for _, at in whole]
+        return axes[0] if axes else None
 
     def _bounds(self, layout: Layout) -> list[int]:
         """Feature positions where one segment of the layout ends and the next begins, in
@@ -617,9 +621,25 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
         ia, ib = self.info(a), self.info(b)
         if a.dim() < 2 or b.dim() < 2:
             return False
+        if (by_param := self._param_matmul(a, b, ia, ib, out)) is not None:
+            return by_param
         shared = self._shared_head(a, b, ia, ib)
         if shared:
             ia, ib = (None, ib) if shared == "a" else (ia, None)
+        sums = ((ia, a.dim() - 1, ib, b.dim() - 2), (ib, b.dim() - 2, ia, a.dim() - 1))
+        fixed = [
+            info is not None and info[1] == axis and (other is None or other[1] != other_axis)
+            for info, axis, other, other_axis in sums
+        ]
+        for info, summed in zip((ia, ib), fixed, strict=True):
+            if summed:
+                # summed against an axis that keeps all its entries (Mamba's scan state
+                # times C): these channels stay whole; the other operand's go on
+                self.table.block_layout(info[0], "summed against a tensor of fixed width")
+        ia, ib = (None if fixed[0] else ia), (None if fixed[1] else ib)
+        if ia is None and ib is None:
+            self.fresh(out, -1, blocked="summed against a tensor of fixed width")
+            return True
         batch = out.dim() - 2
         placed = []
         for t, info, contracted in ((a, ia, a.dim() - 1), (b, ib, b.dim() - 2)):
@@ -651,6 +671,22 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
         self.set(out, layout, axis)
         return True
 
+    def _param_matmul(self, a, b, ia, ib, out) -> bool | None:  # noqa: ANN001
+        """A 2-D parameter times a tensor whose channels it sums over (Mamba's
+        ``dt_proj.weight @ x``, or ``x @ W``): a linear layer written out. The parameter's
+        contracted axis reads the channels; its other axis writes a new space, on the
+        output's rows for ``W @ x`` and its columns for ``x @ W``. None when this is not
+        such a product."""
+        for w, info, w_axis, x_axis in ((a, ib, 1, b.dim() - 2), (b, ia, 0, a.dim() - 1)):
+            if info is None or info[1] != x_axis or w.dim() != 2 or id(w) not in self.params:
+                continue
+            if self.info(w) is not None or not self.add_param(w, w_axis, info[0]):
+                return False
+            self.fresh(out, -2 if w is a else -1)
+            self.add_param(w, 1 - w_axis, self.info(out)[0], role="param_out")
+            return True
+        return None
+
     def linear_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001
         """``F.linear(x, W, b)`` with the module's own parameters: W's columns read the
         channels; its rows and ``b`` write a new space."""
@@ -664,6 +700,39 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
             self.same_rows_same_space(weight, 0, produced)
         if isinstance(bias, torch.Tensor):
             self.add_param(bias, 0, produced, role="param_out")
+        return True
+
+    def depthwise_fn(self, args: tuple, kwargs: dict, x, layout, dim, out) -> bool:  # noqa: ANN001
+        """``F.conv1d(x, W, b, groups=C)`` with one filter per channel (C the input's channels
+        and the output's; Mamba's causal conv runs its layer's weight so) and W a parameter:
+        each channel is filtered alone, so the output's channels are the input's, and W's and
+        b's rows go with them. A depthwise conv layer's own weight and bias make the layer a
+        member as when it is called (its group count follows)."""
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+        channels = x.shape[1]
+        if dim != 1 or out.dim() != x.dim() or out.shape[1] != channels or groups != channels:
+            return False
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape[:2]) != (channels, 1):
+            return False
+        entry = self.params.get(id(weight))
+        if entry is None or entry[2][0] is None:
+            return False
+        owner = self.modules.get(entry[0])
+        own_bias = bias is None or self.params.get(id(bias), ())[:2] == (entry[0], "bias")
+        if (
+            isinstance(owner, torch.nn.modules.conv._ConvNd)
+            and owner.groups == owner.in_channels == owner.out_channels
+            and (entry[1], entry[2][0]) == ("weight", 0)
+            and own_bias
+        ):
+            self.table.add_member(layout, entry[0], "depthwise")
+        elif not self.add_param(weight, 0, layout) or (
+            isinstance(bias, torch.Tensor) and not self.add_param(bias, 0, layout)
+        ):
+            return False
+        self.set(out, layout, 1)
         return True
 
     def same_rows_same_space(self, weight: torch.Tensor, axis: int, produced: Layout) -> None:

@@ -26,6 +26,7 @@ from .._inputs import split_inputs
 from ._filter_extras import STANDARDISING, add_filter_extras, can_shrink_per_group
 from ._ops import (
     CAT,
+    CONV_FN,
     ELEMENTWISE,
     GROUPED_MM,
     LINEAR_FN,
@@ -151,6 +152,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         # layer -> (input layout or None for a fixed input, output layout, output axis)
         self.layer_calls: dict[str, tuple[Layout | None, Layout, int]] = {}
         self.names = {m: n for n, m in model.named_modules()}
+        self.modules = {n: m for m, n in self.names.items()}
         self.standardising: set[int] = set()  # layers whose forward pools their weight's stats
         self.per_group: set[str] = set()  # grouped convs whose every group shrinks alike
         named = (
@@ -539,7 +541,9 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         if name in _IGNORED:
             return
-        if name == "copy_" and (target := self.slice_views.get(id(first))) is not None:
+        if name == "copy_" and first is not None and id(first) not in self.params:
+            # into a slice of another tensor, or into all of this one (a cache's state)
+            target = self.slice_views.get(id(first), (first, Ellipsis))
             self.uniform.forget([first])
             self.write_slice(target[0], target[1], first, args[1] if len(args) > 1 else None)
             return
@@ -623,6 +627,10 @@ class _Tracer(OpRules, TorchFunctionMode):
             (name == "scaled_dot_product_attention", lambda: self.attention(args, kwargs, out)),
             (name == "einsum", lambda: self.einsum(args, out)),
             (name in NORM_FN and single, lambda: self.norm_fn(args, kwargs, x, layout, dim, out)),
+            (
+                name in CONV_FN and args[0] is x and tensor_out,
+                lambda: self.depthwise_fn(args, kwargs, x, layout, dim, out),
+            ),
             (
                 name in LINEAR_FN and single,
                 lambda: self.linear_fn(args, kwargs, x, layout, dim, out),
