@@ -113,6 +113,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "llama4_text": dict(
         GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128
     ),
+    # per-layer embeddings: one block per layer of a (layers * width) projection and table
+    "gemma4_text": dict(
+        GQA, head_dim=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=100
+    ),
+    "persimmon": MHA,  # nn.LayerNorm over each head's dims (q_layernorm, k_layernorm)
     # state-space mixers: a depthwise conv through F.conv1d, dt_proj's weight times a
     # tensor, a selective scan (Jamba: Mamba layers beside attention and experts)
     "mamba": dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2),

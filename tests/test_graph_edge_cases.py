@@ -304,3 +304,25 @@ def test_a_weight_read_at_fixed_columns_keeps_them() -> None:
     graph = build_dependency_graph(ReadsOwnColumns().eval(), x)
     assert graph.groups == ()
     assert any("fixed indices" in reason for _, reason in graph.blocked)
+
+
+class HeadNorm(nn.Module):
+    """An ``nn.RMSNorm`` over each head's dims while the heads are the channels (Persimmon's
+    q_layernorm): it acts within each head, its weight shared by all of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.norm, self.o = nn.Linear(8, 16), nn.RMSNorm(4), nn.Linear(16, 8)
+        self.heads = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return self.o(self.norm(self.q(x).view(b, t, self.heads, -1)).reshape(b, t, -1))
+
+
+def test_a_norm_module_over_each_heads_dims_lets_the_heads_through() -> None:
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    graph = build_dependency_graph(HeadNorm().eval(), x)
+    (heads,) = [g for g in graph.groups if any(m.module_name == "o" for m in g.members)]
+    assert heads.size == 4 and all(m.module_name != "norm" for m in heads.members)
+    assert_silenced_removal_exact(HeadNorm().eval(), x)

@@ -142,3 +142,43 @@ class ComplexChannels(nn.Module):
 def test_channels_on_the_real_imaginary_axis_stay_whole() -> None:
     graph = build_dependency_graph(ComplexChannels().eval(), _x())
     assert all(m.module_name != "a" for g in graph.groups for m in g.members)
+
+
+class PerLayerEmbeddings(nn.Module):
+    """Gemma's per-layer embeddings: one projection makes a block of channels per layer
+    (``reshape(b, t, layers, width)``), one RMSNorm weight scales every block alike, and
+    layer ``i`` multiplies its own block, picked by ``[:, :, i, :]``, into a gate."""
+
+    def __init__(self, layers: int = 3, width: int = 6, norm: bool = True) -> None:
+        super().__init__()
+        self.layers, self.width = layers, width
+        self.embed = nn.Linear(8, 8)
+        self.project = nn.Linear(8, layers * width)
+        self.norm = nn.RMSNorm(width) if norm else nn.Identity()
+        self.gates = nn.ModuleList(nn.Linear(8, width) for _ in range(layers))
+        self.outs = nn.ModuleList(nn.Linear(width, 8) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        blocks = self.project(x).reshape(*x.shape[:-1], self.layers, self.width)
+        blocks = self.norm(blocks)
+        for i, (gate, out) in enumerate(zip(self.gates, self.outs, strict=True)):
+            x = x + out(F.gelu(gate(x)) * blocks[:, :, i, :])
+        return x
+
+
+def test_blocks_picked_one_per_layer_fold_into_one_prunable_width() -> None:
+    graph = build_dependency_graph(PerLayerEmbeddings().eval(), _x())
+    (group,) = [g for g in graph.groups if any(m.module_name == "project" for m in g.members)]
+    assert group.size == 6  # entry k of every layer's block is one unit
+    names = {m.module_name for m in group.members}
+    assert {"project", "norm", "gates.0", "gates.2", "outs.1"} <= names
+    (projected,) = [m for m in group.members if m.module_name == "project"]
+    assert (projected.repeats, projected.period) == (3, 6)
+    assert [why for _, why in graph.blocked] == ["model output"]  # the residual stream
+
+
+def test_folded_blocks_are_removed_exactly() -> None:
+    model = PerLayerEmbeddings(norm=False).eval()
+    removals = assert_silenced_removal_exact(model, _x())
+    assert any(m.module_name == "project" for g, _ in removals for m in g.members)

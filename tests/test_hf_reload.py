@@ -56,6 +56,33 @@ CASES: dict[str, dict[str, Any]] = {
         vocab_size=100,
         max_position_embeddings=32,
     ),
+    # Mamba: its mixer's depthwise conv (run through F.conv1d) keeps its group count true,
+    # and time_step_rank, read by a split, is an attribute edit
+    "hf.mamba": dict(
+        task="causal-lm",
+        hidden_size=64,
+        num_hidden_layers=2,
+        state_size=8,
+        expand=2,
+        vocab_size=100,
+    ),
+    # MLA: keys copied into a fresh tensor, q and kv latents
+    "hf.deepseek_v3": dict(
+        SMALL,
+        task="causal-lm",
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=24,
+    ),
     "hf.gpt_bigcode": dict(
         task="causal-lm", n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32
     ),

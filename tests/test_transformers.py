@@ -106,6 +106,18 @@ FAMILIES = {
             v_head_dim=24,
         ),
     ),
+    # Gemma 4's per-layer embeddings: one block per layer of a (layers * width) projection,
+    # each layer picking its own; the width folds into one group across the layers
+    "gemma4_text": (
+        "causal-lm",
+        dict(
+            SMALL,
+            num_key_value_heads=2,
+            head_dim=16,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=100,
+        ),
+    ),
     # Llama 4: heads rotated as complex products (view_as_complex), chunked attention
     "llama4_text": (
         "causal-lm",
@@ -177,8 +189,10 @@ def test_heads_ffn_and_hidden_are_found(family: str) -> None:
     assert kinds.count("head") == (0 if family in NO_ATTENTION else layers)
     assert kinds.count("channel") >= layers  # one FFN (or Mamba's inner) width per layer
     # the residual stream, shared by every layer (and ModernBERT's head: dense + norm;
-    # DeepSeek's q and kv latents, each through an RMSNorm, in both layers)
-    assert kinds.count("hidden") == {"modernbert": 2, "deepseek_v3": 5}.get(family, 1)
+    # DeepSeek's q and kv latents, each through an RMSNorm, in both layers; Gemma 4's
+    # per-layer embeddings, under one RMSNorm)
+    hidden = {"modernbert": 2, "deepseek_v3": 5, "gemma4_text": 2}
+    assert kinds.count("hidden") == hidden.get(family, 1)
     units = HEAD_UNITS.get(family, FAMILIES[family][1].get("num_key_value_heads", 4))
     heads = {g.size for g in graph.groups if g.kind == "head"}
     assert heads == (set() if family in NO_ATTENTION else {units})

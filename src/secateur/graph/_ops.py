@@ -218,9 +218,13 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
                 return True
         unit = math.prod(out.shape[a + 1 : b])  # features per index of the new outer axis
         heads = b - a >= 2 and a == x.dim() - 1  # (heads, head_dim); Falcon (kv, g + 2, hd)
+        if heads and b - a == 2 and self.folded_split(layout, outer, out, a + 1):
+            return True
         coarse = self._coarsened(layout, unit, heads=heads)
         if coarse is None:
             return False
+        if heads and b - a == 2:
+            self.note_split_site(coarse)
         self.set(out, coarse, a)
         return True
 

@@ -98,6 +98,8 @@ class Trace:
     output_shapes: OutputShapes = ()
     # (module, tensor, dim) read at fixed indices: no channel along it may be removed
     indexed: frozenset[tuple[str, str, int]] = frozenset()
+    # sites of views to fold on another trace (see _Tracer.folded_split)
+    folds_wanted: frozenset[tuple] = frozenset()
 
 
 def _name(func: Any) -> str:
@@ -110,8 +112,15 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 class _Tracer(OpRules, TorchFunctionMode):
-    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, state: dict[str, torch.Tensor], folds: frozenset = frozenset()
+    ) -> None:
         super().__init__()
+        # where a view of the last axis into (blocks, per block) is folded: unit k is entry k
+        # of every block (Gemma's per-layer embeddings, one block per layer); see folded_split
+        self.folds = folds
+        self.split_sites: list[tuple[int, tuple]] = []  # (coarse space, the view's site)
+        self.folds_wanted: set[tuple] = set()
         self.table = SpaceTable()
         self.meta = bool(state)
         self.layouts: dict[int, tuple[Layout, int]] = {}  # id(tensor) -> (layout, feature dim)
@@ -527,10 +536,37 @@ class _Tracer(OpRules, TorchFunctionMode):
         return True
 
     def read_picked(self, values: Any, how: str) -> None:
-        """Block the channels of every picked tensor among ``values``: ``how`` read them."""
+        """Block the channels of every picked tensor among ``values``: ``how`` read them. A
+        picked unit that is a block of a view of the last axis asks for that view to be
+        folded on the next trace."""
         for v in tree_flatten(list(values))[0]:
             if isinstance(v, torch.Tensor) and id(v) in self.picked:
-                self.table.block_layout(self.picked[id(v)], f"one channel's values {how}")
+                layout = self.picked[id(v)]
+                roots = {self.table.find(seg.space) for seg in layout}
+                self.folds_wanted.update(
+                    site for space, site in self.split_sites if self.table.find(space) in roots
+                )
+                self.table.block_layout(layout, f"one channel's values {how}")
+
+    def note_split_site(self, coarse: Layout) -> None:
+        """Remember where a view of the last axis into (blocks, per block) made ``coarse``."""
+        if (frame := calling_frame()) is not None:
+            site = (frame.f_code, frame.f_lasti)
+            self.split_sites += [(seg.space, site) for seg in coarse]
+
+    def folded_split(self, layout: Layout, blocks: int, out: torch.Tensor, axis: int) -> bool:
+        """A view of the last axis into (blocks, per block) at a site to fold: unit k of the
+        channels is entry k of every block, on the inner ``axis``, and the blocks axis is
+        like a batch axis (each of Gemma's layers picks its own block of the per-layer
+        embeddings, which one RMSNorm weight scales alike). Folded only where an earlier trace
+        saw a block picked and its values read, which had kept the channels whole."""
+        frame = calling_frame()
+        if frame is None or (frame.f_code, frame.f_lasti) not in self.folds:
+            return False
+        if len(layout) != 1 or layout[0].factor != 1 or blocks < 2:
+            return False
+        self.set(out, (Segment(self.table.interleave(layout[0].space, blocks)),), axis)
+        return True
 
     def record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -744,8 +780,25 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.table.block_layout(layout, f"{name} reads them along another axis")
             self.origin(module, name, out)
             return
+        if self.norm_beside(module, x, dim, out):
+            self.set(out, layout, dim)
+            return
         if not self.leaf(module, name, x, layout, dim, out):
             self.block_all([x], out, f"{type(module).__name__} {name} is not supported here")
+
+    @staticmethod
+    def norm_beside(module: nn.Module, x: torch.Tensor, dim: int, out: Any) -> bool:
+        """A LayerNorm or RMSNorm over the last axis while the channels lie along another
+        (Persimmon's q_layernorm over each head's dims, heads being the units): it normalizes
+        each channel's entries on their own, its weight shared by all of them, so the channels
+        pass through and its weight stays whole."""
+        return (
+            isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+            and len(module.normalized_shape) == 1
+            and dim < x.dim() - 1
+            and isinstance(out, torch.Tensor)
+            and out.shape == x.shape
+        )
 
     def per_channel(self, layout: Layout) -> bool:
         """Whether each unit of ``layout`` is one entry of its axis, not a head whose features
@@ -1032,11 +1085,17 @@ def trace(model: nn.Module, example_inputs: Any) -> Trace:
     """
     args, kwargs = split_inputs(example_inputs)
     try:  # shapes alone decide the graph: tracing on meta tensors skips all arithmetic
-        return _trace_once(model, args, kwargs, meta=True)
+        traced = _trace_once(model, args, kwargs, meta=True)
+        meta = True
     except Exception:  # data-dependent code (masks, .item()) needs real values
         traced = _trace_once(model, args, kwargs, meta=False)
+        meta = False
+    if traced.folds_wanted:  # views whose blocks were picked one by one: fold them, again
+        with contextlib.suppress(Exception):  # the first trace stands: it kept them whole
+            traced = _trace_once(model, args, kwargs, meta=meta, folds=traced.folds_wanted)
+    if not meta:
         traced.output_shapes = _data_sized_axes(model, args, kwargs, traced.output_shapes)
-        return traced
+    return traced
 
 
 def _data_sized_axes(
@@ -1072,7 +1131,9 @@ def _data_sized_axes(
     )
 
 
-def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> Trace:
+def _trace_once(
+    model: nn.Module, args: tuple, kwargs: dict, *, meta: bool, folds: frozenset = frozenset()
+) -> Trace:
     state: dict[str, torch.Tensor] = {}
     copies: dict[int, torch.Tensor] = {}
     if meta:
@@ -1083,7 +1144,7 @@ def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> T
         for name, t in named:
             state[name] = copies.setdefault(id(t), t.detach().to("meta"))
         args, kwargs = tree_map(_to_meta, (args, kwargs))
-    tracer = _Tracer(model, state)
+    tracer = _Tracer(model, state, folds)
     for t in tree_flatten([args, kwargs])[0]:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0:
             tracer.fresh(t, 1 if t.dim() > 2 else -1, blocked="model input")
@@ -1110,7 +1171,13 @@ def _trace_once(model: nn.Module, args: tuple, kwargs: dict, *, meta: bool) -> T
         info = tracer.info(t)
         if info is not None:
             tracer.table.block_layout(info[0], "model output")
-    return Trace(tracer.table, tracer.notes, output_shapes(out), frozenset(tracer.param_indexed))
+    return Trace(
+        tracer.table,
+        tracer.notes,
+        output_shapes(out),
+        frozenset(tracer.param_indexed),
+        frozenset(tracer.folds_wanted - folds),
+    )
 
 
 @contextlib.contextmanager
