@@ -182,3 +182,75 @@ def test_folded_blocks_are_removed_exactly() -> None:
     model = PerLayerEmbeddings(norm=False).eval()
     removals = assert_silenced_removal_exact(model, _x())
     assert any(m.module_name == "project" for g, _ in removals for m in g.members)
+
+
+class Buffered(nn.Module):
+    """A layer's output written into a buffer in one of several ways, then read by ``c``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.width = how, 6
+        self.a, self.b, self.c = nn.Linear(8, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)  # (b, t, 6)
+        if self.how == "select":  # a view made by select: not followed
+            buf = h.new_zeros(2, *h.shape)
+            buf.select(0, 1).copy_(h)
+            return self.b(h) + self.c(buf[1])
+        if self.how == "literal":  # made with a width spelled as a number
+            buf = torch.zeros(*h.shape[:-1], 6)
+        elif self.how == "attribute":  # made with a width the pruning rewrites
+            buf = torch.zeros(*h.shape[:-1], self.width)
+        else:  # "per channel first": a value per channel written before h
+            buf = torch.zeros(*h.shape[:-1], self.width)
+            buf[..., :1, :].copy_(torch.arange(6.0).expand(*h.shape[:-2], 1, 6))
+        buf[..., 1:, :].copy_(h[..., 1:, :]) if self.how == "per channel first" else buf.copy_(h)
+        return self.b(h) + self.c(buf)
+
+
+@pytest.mark.parametrize("how", ["select", "per channel first"])
+def test_writes_the_trace_cannot_check_keep_the_channels_whole(how: str) -> None:
+    graph = build_dependency_graph(Buffered(how).eval(), _x())
+    assert all(m.module_name != "a" for g in graph.groups for m in g.members)
+    assert any("a" in names.split(", ") for names, _ in graph.blocked)
+
+
+def test_a_buffer_of_a_width_spelled_as_a_number_is_refused_by_the_forward_check() -> None:
+    from secateur import StructuredConfig, prune_
+
+    model = Buffered("literal").eval()
+    result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=_x())
+    assert model.a.out_features == 6 and result.refused  # the number could not follow
+    assert model(_x()).shape == (2, 5, 3)
+
+
+def test_a_buffer_made_with_an_attribute_width_takes_the_channels_written_into_it() -> None:
+    from secateur import StructuredConfig, prune_
+
+    model = Buffered("attribute").eval()
+    graph = build_dependency_graph(model, _x())
+    (group,) = [g for g in graph.groups if any(m.module_name == "a" for m in g.members)]
+    assert {"b", "c"} <= {m.module_name for m in group.members}
+    assert_silenced_removal_exact(model, _x())
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=_x())
+    assert model.width == model.a.out_features < 6
+
+
+class PickedCopy(nn.Module):
+    """One channel's values copied into a buffer: its position moves when channels go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 6), nn.Linear(6, 3), nn.Linear(1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        buf = torch.zeros(*h.shape[:-1], 1)
+        buf[..., 0].copy_(h[..., -1])
+        return self.b(h) + self.c(buf)
+
+
+def test_one_channel_copied_out_keeps_the_channels_whole() -> None:
+    graph = build_dependency_graph(PickedCopy().eval(), _x())
+    assert all(m.module_name != "a" for g in graph.groups for m in g.members)

@@ -468,6 +468,8 @@ class _ComplexRotary(torch.nn.Module):
         turned = (1j * pairs) * table[None, :, :].to(pairs.device)
         if self.extra == "abs":
             return turned.abs()
+        if self.extra == "cast":  # PyTorch keeps the real part: not traced as pairs
+            return turned.to(torch.float32)
         return torch.view_as_real(turned).flatten(2) + turned.real.sum(-1, keepdim=True)
 
 
@@ -481,13 +483,17 @@ def test_complex_rotary_products_export_as_real_pairs(tmp_path) -> None:
     assert out.max_abs_diff < 1e-5
 
 
-def test_other_complex_operations_are_refused_in_one_line(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [("abs", "cannot export 'abs' on complex numbers"), ("cast", "to a real dtype")],
+)
+def test_other_complex_operations_are_refused_in_one_line(tmp_path, extra, match) -> None:
     from secateur.errors import ArtifactError
     from secateur.export import export_onnx
 
     x = torch.randn(2, 5, 8)
-    with pytest.raises(ArtifactError, match="cannot export 'abs' on complex numbers") as err:
-        export_onnx(_ComplexRotary("abs").eval(), x, tmp_path / "m.onnx")
+    with pytest.raises(ArtifactError, match=match) as err:
+        export_onnx(_ComplexRotary(extra).eval(), x, tmp_path / "m.onnx")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "m.onnx").exists()
 

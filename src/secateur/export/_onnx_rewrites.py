@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ArtifactError
 
@@ -104,8 +104,13 @@ def _interleave_by_stacking() -> Iterator[None]:
 
 _MUL = {"mul", "__mul__", "__rmul__"}
 # ops that act alike on a complex tensor and on its pairs, the pair axis kept last
-_ALIKE = {"to", "float", "contiguous", "clone", "detach", "type_as"}
+_ALIKE = {"to", "contiguous", "clone", "detach"}
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+_REAL = {v: k for k, v in _COMPLEX.items()}
+
+
+def _as_real_dtype(value: Any) -> Any:
+    return _REAL.get(value, value) if isinstance(value, torch.dtype) else value
 
 
 def _name(func: Any) -> str:
@@ -157,6 +162,13 @@ class ComplexAsPairs(TorchFunctionMode):
             dim = args[1] if len(args) > 1 else kwargs["dim"]
             return self._mark(args[0].unsqueeze(dim - 1 if dim < 0 else dim))
         if name in _ALIKE and args[0] is marked[0] and len(marked) == 1:
+            dtypes = [v for v in (*args[1:], *kwargs.values()) if isinstance(v, torch.dtype)]
+            if any(not d.is_complex for d in dtypes):  # PyTorch would drop the imaginary part
+                raise ArtifactError(
+                    "cannot export a cast of complex numbers to a real dtype to ONNX: take "
+                    "view_as_real of them instead"
+                )
+            args, kwargs = tree_map(_as_real_dtype, (args, kwargs))  # pairs' dtype
             return self._mark(func(*args, **kwargs))
         if name == "__get__" and args[0] is marked[0]:
             return self._attribute(func, args[0])
@@ -194,6 +206,11 @@ class ComplexAsPairs(TorchFunctionMode):
         if isinstance(b, complex):
             ar, ai = a.unbind(-1)
             return torch.stack((ar * b.real - ai * b.imag, ar * b.imag + ai * b.real), -1)
+        if isinstance(b, torch.Tensor) and b.is_complex():
+            raise ArtifactError(
+                "cannot export a product with a complex tensor made outside the forward (a "
+                "complex buffer) to ONNX: keep it as real pairs and multiply them"
+            )
         if not self._is_pairs(b):  # complex times real: each part scaled
             scale = b.unsqueeze(-1) if isinstance(b, torch.Tensor) and b.dim() else b
             return a * scale

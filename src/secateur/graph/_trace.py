@@ -81,6 +81,7 @@ _SHAPE_KEEPING = {
 _LIKE_NEW = {"zeros_like", "ones_like", "empty_like", "full_like"}
 # x.new_zeros(shape) and kin: only x's dtype and device; a fresh constant
 _NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full"}
+_FRESH = _NEW_FROM | {"zeros", "ones", "empty", "full"}
 # ops whose second tensor gives only a dtype or a shape: the first one's channels pass
 _LIKE = {"type_as", "expand_as", "view_as", "reshape_as"}
 
@@ -146,6 +147,10 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.picked: dict[int, Layout] = {}
         # basic-indexing slices, by id: (the tensor sliced, the index), for writes through them
         self.slice_views: dict[int, tuple[torch.Tensor, Any]] = {}
+        # tensors made fresh (zeros, empty, new_empty, ...): their sizes, where they were made
+        self.fresh_made: dict[int, tuple[tuple, Any, tuple | None]] = {}
+        # untracked destinations: axes along which a write held a value per entry
+        self.unchecked_writes: dict[int, set[int]] = {}
         # untracked tensors with the same values all along some axes (zeros of a head count)
         self.uniform = UniformTensors()
         self.uniform_layouts: dict[tuple[int, int], Layout] = {}  # by (call made, its axis)
@@ -577,12 +582,6 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         if name in _IGNORED:
             return
-        if name == "copy_" and first is not None and id(first) not in self.params:
-            # into a slice of another tensor, or into all of this one (a cache's state)
-            target = self.slice_views.get(id(first), (first, Ellipsis))
-            self.uniform.forget([first])
-            self.write_slice(target[0], target[1], first, args[1] if len(args) > 1 else None)
-            return
         if (
             name == "__getitem__"
             and first is not None
@@ -593,6 +592,21 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.keepalive.append(out)
         if self.picked:
             self.read_picked([args, kwargs], f"are read by '{name}'")
+        if name == "copy_" and first is not None and id(first) not in self.params:
+            # into a slice of another tensor, or into all of this one (a cache's state); a
+            # view made another way is no destination the trace can follow
+            value = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("src"))
+            target = self.slice_views.get(id(first))
+            if target is None and first._base is None:
+                target = (first, Ellipsis)
+            self.uniform.forget([first])
+            self.write_slice(*(target or (None, None)), first, value)
+            return
+        if name in _FRESH and isinstance(out, torch.Tensor):  # a destination writes may fill
+            made = args[1:] if name.startswith("new_") else args
+            made = made[:1] if name.endswith("full") else made  # not the fill value
+            self.fresh_made[id(out)] = (made, kwargs.get("size"), self.note_context())
+            self.keepalive.append(out)
         inputs = self.tracked([args, kwargs])
         gathered = name == "__getitem__" and param_gather(self.params, args, inputs)
         if gathered or param_index_select(self.params, name, args, inputs):

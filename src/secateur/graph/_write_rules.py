@@ -4,7 +4,8 @@ multi-scale RoI pooling, one pyramid level at a time; DeepSeek's multi-head late
 each head's own key channels beside a rotary part shared by every head).
 
 A mixin of :class:`~secateur.graph._ops.OpRules`, which provides ``table``, ``info``, ``set``,
-``unify``, ``uniform_operand``, ``params``, ``param_mixes`` and ``param_cats``.
+``unify``, ``uniform_operand``, ``note_literals``, ``notes``, ``params``, ``param_mixes``,
+``param_cats``, ``fresh_made`` and ``unchecked_writes``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from ._shapes import index_axes
 
 _SHARED = "written into part of an axis of another tensor"
+_UNFOLLOWED = "written through a view the trace does not follow"
 
 
 def basic_selectors(shape: torch.Size, key: Any) -> list[tuple[int, Any]] | None:
@@ -84,45 +86,84 @@ class WriteRules:
         self.set(dst, layout, axis)
         return True
 
-    def write_slice(self, dst: torch.Tensor, key: Any, view: torch.Tensor, value: Any) -> None:
+    def write_slice(self, dst: Any, key: Any, view: torch.Tensor, value: Any) -> None:
         """``dst[key].copy_(value)``, with ``key`` basic indexing and ``view`` the slice
-        ``dst[key]`` made. Where the slice spans a channel axis of ``value`` whole, dst takes
-        those channels there (DeepSeek's MLA copies its per-head keys into a fresh tensor);
-        a value's channels written into part of an axis stay whole. Dst keeps its own
-        channels only when the slice spans them whole and the value holds one value for all
-        of them there (a rotary key broadcast to every head, a constant): anything else
-        written there would not lose the channels dst loses, so they stay whole."""
-        axes = basic_selectors(dst.shape, key)
+        ``dst[key]`` made (``dst`` None: a view the trace does not follow).
+
+        Where the slice spans a channel axis of ``value`` whole, dst takes those channels
+        there (DeepSeek's MLA copies its per-head keys into a fresh tensor): joined with its
+        own, or, for a fresh dst, when the width it was made with follows them and no earlier
+        write put a value per entry along that axis. A value's channels written anywhere else
+        stay whole. Dst keeps its own channels only when the slice spans them whole and the
+        value holds one value for all of them there (a rotary key broadcast to every head, a
+        constant): anything else written there would not lose the channels dst loses."""
+        axes = basic_selectors(dst.shape, key) if isinstance(dst, torch.Tensor) else None
         ivalue = self.info(value)
-        if axes is None or not isinstance(value, torch.Tensor) or value.dim() > view.dim():
-            for info in (ivalue, self.info(dst)):
+        if (
+            axes is None
+            or dst._base is not None
+            or not isinstance(value, torch.Tensor)
+            or value.dim() > view.dim()
+        ):
+            for info in (ivalue, self.info(dst), self.info(view)):
                 if info is not None:
-                    self.table.block_layout(info[0], _SHARED)
+                    self.table.block_layout(info[0], _UNFOLLOWED)
             return
         shift = view.dim() - value.dim()  # value broadcasts to the slice from the right
-        at = {o + (-shift if o >= 0 else 0): a for a, (o, _) in enumerate(axes) if o >= 0}
+        at = {o - shift: a for a, (o, _) in enumerate(axes) if o >= 0}
+        idst = self.info(dst)
         if ivalue is not None:
             layout, vdim = ivalue
             a = at.get(vdim)
             spans = a is not None and _whole(axes[a][1], dst.shape[a])
             if spans and value.shape[vdim] == dst.shape[a]:
-                idst = self.info(dst)
-                if idst is None:
-                    self.set(dst, layout, a)
-                    return
-                if idst[1] == a and (joined := self.unify(idst[0], layout)) is not None:
+                joined = None
+                if idst is None and self._fresh_width(dst, a, layout):
+                    joined = layout
+                elif idst is not None and idst[1] == a:
+                    joined = self.unify(idst[0], layout)
+                if joined is not None:
                     self.set(dst, joined, a)
+                    self.set(view, joined, vdim + shift)
                     return
             self.table.block_layout(layout, _SHARED)
-        if (idst := self.info(dst)) is None:
+        if idst is None:
+            per_entry = {
+                a
+                for a in range(dst.dim())
+                if not self._one_value(value, axes, a, dst.shape[a], shift)
+            }
+            self.unchecked_writes.setdefault(id(dst), set()).update(per_entry)
+            self.keepalive.append(dst)
             return
         layout, a = idst
-        v = axes[a][0] - shift if axes[a][0] >= 0 else -1
-        one_value = _whole(axes[a][1], dst.shape[a]) and (
-            v < 0
-            or value.shape[v] == 1
-            or value.stride(v) == 0
-            or self.uniform_operand(value, v, layout)
-        )
-        if not one_value:
+        if not self._one_value(value, axes, a, dst.shape[a], shift, layout):
             self.table.block_layout(layout, _SHARED)
+
+    def _fresh_width(self, dst: torch.Tensor, axis: int, layout: Any) -> bool:
+        """Whether ``dst``, made fresh (zeros, empty, ``new_empty``, ...) and untracked, may
+        take channels along ``axis``: no earlier write put a value per entry there, and the
+        width it was made with is noted where it was made (read off a tensor's shape, or an
+        attribute that will be rewritten)."""
+        made = self.fresh_made.get(id(dst))
+        if made is None or axis in self.unchecked_writes.get(id(dst), ()):
+            return False
+        sizes, size_kw, context = made
+        if size_kw is not None:
+            sizes = (size_kw,)
+        noted = len(self.notes)
+        self.note_literals((None, *sizes), axis, dst.shape[axis], layout, context)
+        return len(self.notes) > noted
+
+    def _one_value(self, value, axes, axis, size, shift, layout=None) -> bool:  # noqa: ANN001
+        """Whether a write through ``axes`` spans dst's ``axis`` (of ``size`` entries) whole
+        with one value for all its entries: the value lacks that axis, has one entry on it,
+        broadcasts along it (stride 0), or is a constant made with a width that follows
+        ``layout``."""
+        out_axis, sel = axes[axis]
+        if out_axis < 0 or not _whole(sel, size):
+            return False
+        v = out_axis - shift
+        if v < 0 or value.shape[v] == 1 or value.stride(v) == 0:
+            return True
+        return layout is not None and self.uniform_operand(value, v, layout)
