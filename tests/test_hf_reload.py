@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from hf_small_configs import DEEPSEEK_V3_MLA
 from secateur import ArtifactError, ConfigError, create_model, load_model, save_model
 from secateur.pruning import StructuredConfig, prune_
 
@@ -67,22 +68,7 @@ CASES: dict[str, dict[str, Any]] = {
         vocab_size=100,
     ),
     # MLA: keys copied into a fresh tensor, q and kv latents
-    "hf.deepseek_v3": dict(
-        SMALL,
-        task="causal-lm",
-        num_key_value_heads=4,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=24,
-    ),
+    "hf.deepseek_v3": dict(SMALL, task="causal-lm", **DEEPSEEK_V3_MLA),
     "hf.gpt_bigcode": dict(
         task="causal-lm", n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32
     ),

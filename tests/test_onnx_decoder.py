@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_small_configs import DEEPSEEK_V3_MLA
 from secateur.errors import ArtifactError, ConfigError
 from secateur.export import export_decoder_onnx, export_onnx
 from secateur.measure import OnnxGenerator
@@ -39,20 +40,8 @@ FAMILIES = {
     # complex rotary products, and a chunked mask that takes a cumsum of booleans
     "llama4_text": dict(SMALL, num_local_experts=4, attention_chunk_size=4),
     # multi-head latent attention: a latent cache, keys copied into a fresh tensor
-    "deepseek_v3": dict(
-        {k: v for k, v in SMALL.items() if k != "head_dim"},  # its rotary width is its own
-        num_key_value_heads=4,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=24,
+    "deepseek_v3": dict(  # its rotary width is its own: no head_dim
+        {k: v for k, v in SMALL.items() if k != "head_dim"}, **DEEPSEEK_V3_MLA
     ),
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_small_configs import DEEPSEEK_V3_MLA
 from secateur.graph import build_dependency_graph
 from secateur.measure import count_macs
 from secateur.pruning import StructuredConfig, prune_
@@ -88,24 +89,7 @@ FAMILIES = {
     "apertus": ("causal-lm", dict(SMALL, num_key_value_heads=2)),
     # DeepSeek-V3's multi-head latent attention: keys and values from a low-rank latent, each
     # head's key copied into a fresh tensor beside a rotary part shared by every head
-    "deepseek_v3": (
-        "causal-lm",
-        dict(
-            SMALL,
-            num_key_value_heads=4,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            first_k_dense_replace=1,
-            n_group=1,
-            topk_group=1,
-            kv_lora_rank=16,
-            q_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=24,
-        ),
-    ),
+    "deepseek_v3": ("causal-lm", dict(SMALL, **DEEPSEEK_V3_MLA)),
     # Gemma 4's per-layer embeddings: one block per layer of a (layers * width) projection,
     # each layer picking its own; the width folds into one group across the layers
     "gemma4_text": (

@@ -18,7 +18,7 @@ The model's own PyTorch forward outside the export is untouched.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,75 +31,61 @@ from ..errors import ArtifactError
 @contextlib.contextmanager
 def exportable_ops() -> Iterator[None]:
     """Every rewrite of this module, for the duration of a ``torch.onnx.export`` call."""
-    rewrites = (_interleave_by_stacking(), _expm1_as_exp_minus_one(), _cumsum_on_integers())
-    with rewrites[0], rewrites[1], rewrites[2], ComplexAsPairs():
+    with (
+        _patched("repeat_interleave", _by_stacking),
+        _patched("expm1", _as_exp_minus_one),
+        _patched("cumsum", _on_integers),
+        ComplexAsPairs(),
+    ):
         yield
 
 
 @contextlib.contextmanager
-def _expm1_as_exp_minus_one() -> Iterator[None]:
-    functional, method = torch.expm1, torch.Tensor.expm1
+def _patched(name: str, rewrite: Callable[[Any], Any]) -> Iterator[None]:
+    """``torch.<name>`` and ``Tensor.<name>`` as ``rewrite`` makes them from the originals,
+    until the block ends."""
+    functional, method = getattr(torch, name), getattr(torch.Tensor, name)
+    setattr(torch, name, rewrite(functional))
+    setattr(torch.Tensor, name, rewrite(method))
+    try:
+        yield
+    finally:
+        setattr(torch, name, functional)
+        setattr(torch.Tensor, name, method)
 
+
+def _as_exp_minus_one(original: Any) -> Any:
     def expm1(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not isinstance(x, torch.Tensor):
-            return functional(x, *args, **kwargs)
+            return original(x, *args, **kwargs)
         return torch.exp(x) - 1
 
-    torch.expm1 = expm1
-    torch.Tensor.expm1 = expm1
-    try:
-        yield
-    finally:
-        torch.expm1 = functional
-        torch.Tensor.expm1 = method
+    return expm1
 
 
-@contextlib.contextmanager
-def _cumsum_on_integers() -> Iterator[None]:
-    functional, method = torch.cumsum, torch.Tensor.cumsum
+def _on_integers(original: Any) -> Any:
+    def cumsum(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dtype == torch.bool and "dtype" not in kwargs:
+            x = x.long()
+        return original(x, *args, **kwargs)
 
-    def on_integers(original: Any) -> Any:
-        def cumsum(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if isinstance(x, torch.Tensor) and x.dtype == torch.bool and "dtype" not in kwargs:
-                x = x.long()
-            return original(x, *args, **kwargs)
-
-        return cumsum
-
-    torch.cumsum = on_integers(functional)
-    torch.Tensor.cumsum = on_integers(method)
-    try:
-        yield
-    finally:
-        torch.cumsum = functional
-        torch.Tensor.cumsum = method
+    return cumsum
 
 
-@contextlib.contextmanager
-def _interleave_by_stacking() -> Iterator[None]:
+def _by_stacking(original: Any) -> Any:
     """Same values as ``repeat_interleave``; other uses (tensor repeats, no dimension) are
     untouched."""
-    functional, method = torch.repeat_interleave, torch.Tensor.repeat_interleave
 
-    def by_stacking(original: Any) -> Any:
-        def repeat_interleave(
-            self: torch.Tensor, repeats: Any, dim: Any = None, *args: Any, **kwargs: Any
-        ) -> torch.Tensor:
-            whole = isinstance(repeats, int) and not isinstance(repeats, bool) and repeats > 0
-            if not (whole and isinstance(dim, int) and self.dim() > 0) or args:
-                return original(self, repeats, dim, *args, **kwargs)
-            axis = dim % self.dim()
-            return torch.stack([self] * repeats, dim=axis + 1).flatten(axis, axis + 1)
+    def repeat_interleave(
+        self: torch.Tensor, repeats: Any, dim: Any = None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        whole = isinstance(repeats, int) and not isinstance(repeats, bool) and repeats > 0
+        if not (whole and isinstance(dim, int) and self.dim() > 0) or args:
+            return original(self, repeats, dim, *args, **kwargs)
+        axis = dim % self.dim()
+        return torch.stack([self] * repeats, dim=axis + 1).flatten(axis, axis + 1)
 
-        return repeat_interleave
-
-    torch.repeat_interleave = by_stacking(functional)
-    torch.Tensor.repeat_interleave = by_stacking(method)
-    try:
-        yield
-    finally:
-        torch.repeat_interleave = functional
-        torch.Tensor.repeat_interleave = method
+    return repeat_interleave
 
 
 _MUL = {"mul", "__mul__", "__rmul__"}
