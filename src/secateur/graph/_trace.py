@@ -602,11 +602,14 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.uniform.forget([first])
             self.write_slice(*(target or (None, None)), first, value)
             return
+        context = self.note_context
         if name in _FRESH and isinstance(out, torch.Tensor):  # a destination writes may fill
             made = args[1:] if name.startswith("new_") else args
             made = made[:1] if name.endswith("full") else made  # not the fill value
-            self.fresh_made[id(out)] = (made, kwargs.get("size"), self.note_context())
+            made_at = self.note_context()
+            self.fresh_made[id(out)] = (made, kwargs.get("size"), made_at)
             self.keepalive.append(out)
+            context = lambda: made_at  # noqa: E731 - read once, for the uniform tracker too
         inputs = self.tracked([args, kwargs])
         gathered = name == "__getitem__" and param_gather(self.params, args, inputs)
         if gathered or param_index_select(self.params, name, args, inputs):
@@ -614,7 +617,7 @@ class _Tracer(OpRules, TorchFunctionMode):
                 self.table.block_layout(self.info(t)[0], f"their values pick rows of {name}")
             gathered = True
         if not inputs or gathered:
-            self.uniform.follow(name, args, kwargs, out, self.note_context)
+            self.uniform.follow(name, args, kwargs, out, context)
             self.follow_param(name, args, out, kwargs)
             return
         self.uniform.forget(written(name, args, kwargs))
