@@ -75,7 +75,7 @@ def test_a_part_with_a_value_per_head_keeps_the_heads_whole(shared: str) -> None
     graph = build_dependency_graph(model, _x())
     assert _heads(graph) == []
     assert any(
-        "k" in names.split(", ") and reason == "written into part of an axis of another tensor"
+        "k" in names.split(", ") and reason.startswith("overwritten in part of their axis")
         for names, reason in graph.blocked
     )
 
@@ -184,57 +184,122 @@ def test_folded_blocks_are_removed_exactly() -> None:
     assert any(m.module_name == "project" for g, _ in removals for m in g.members)
 
 
-class Buffered(nn.Module):
-    """A layer's output written into a buffer in one of several ways, then read by ``c``."""
+def _write(dst: torch.Tensor, key: object, value: object, by: str) -> None:
+    """``dst[key] = value``, by ``copy_`` into the slice or by ``__setitem__``."""
+    if by == "copy_":
+        dst[key].copy_(value)
+    else:
+        dst[key] = value
 
-    def __init__(self, how: str) -> None:
+
+class Buffered(nn.Module):
+    """A layer's output written into a buffer in one of several ways (``by``: ``copy_`` or
+    ``setitem``), then read by ``c``."""
+
+    def __init__(self, how: str, by: str = "copy_") -> None:
         super().__init__()
-        self.how, self.width = how, 6
+        self.how, self.by, self.width = how, by, 6
         self.a, self.b, self.c = nn.Linear(8, 6), nn.Linear(6, 3), nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x)  # (b, t, 6)
         if self.how == "select":  # a view made by select: not followed
             buf = h.new_zeros(2, *h.shape)
-            buf.select(0, 1).copy_(h)
+            _write(buf.select(0, 1), ..., h, self.by)
             return self.b(h) + self.c(buf[1])
         if self.how == "literal":  # made with a width spelled as a number
             buf = torch.zeros(*h.shape[:-1], 6)
-        elif self.how == "attribute":  # made with a width the pruning rewrites
+        elif self.how == "shape":  # made with the width read off h
+            buf = torch.zeros(h.shape)
+        else:  # made with a width the pruning rewrites
             buf = torch.zeros(*h.shape[:-1], self.width)
-        else:  # "per channel first": a value per channel written before h
-            buf = torch.zeros(*h.shape[:-1], self.width)
-            buf[..., :1, :].copy_(torch.arange(6.0).expand(*h.shape[:-2], 1, 6))
-        buf[..., 1:, :].copy_(h[..., 1:, :]) if self.how == "per channel first" else buf.copy_(h)
+        if self.how == "per channel first":  # a value per channel written before h
+            _write(buf, (..., slice(None, 1), slice(None)), torch.arange(6.0), self.by)
+            _write(buf, (..., slice(1, None), slice(None)), h[..., 1:, :], self.by)
+        else:
+            _write(buf, ..., h, self.by)
         return self.b(h) + self.c(buf)
 
 
+@pytest.mark.parametrize("by", ["copy_", "setitem"])
 @pytest.mark.parametrize("how", ["select", "per channel first"])
-def test_writes_the_trace_cannot_check_keep_the_channels_whole(how: str) -> None:
-    graph = build_dependency_graph(Buffered(how).eval(), _x())
+def test_writes_the_trace_cannot_check_keep_the_channels_whole(how: str, by: str) -> None:
+    graph = build_dependency_graph(Buffered(how, by).eval(), _x())
     assert all(m.module_name != "a" for g in graph.groups for m in g.members)
     assert any("a" in names.split(", ") for names, _ in graph.blocked)
 
 
-def test_a_buffer_of_a_width_spelled_as_a_number_is_refused_by_the_forward_check() -> None:
+@pytest.mark.parametrize("by", ["copy_", "setitem"])
+def test_a_buffer_of_a_width_spelled_as_a_number_is_refused_by_the_forward_check(by: str) -> None:
     from secateur import StructuredConfig, prune_
 
-    model = Buffered("literal").eval()
+    model = Buffered("literal", by).eval()
     result = prune_(model, StructuredConfig(ratio=0.5), example_inputs=_x())
     assert model.a.out_features == 6 and result.refused  # the number could not follow
     assert model(_x()).shape == (2, 5, 3)
 
 
-def test_a_buffer_made_with_an_attribute_width_takes_the_channels_written_into_it() -> None:
+@pytest.mark.parametrize("by", ["copy_", "setitem"])
+@pytest.mark.parametrize("how", ["attribute", "shape"])
+def test_a_buffer_whose_width_follows_takes_the_channels_written_into_it(how: str, by: str) -> None:
     from secateur import StructuredConfig, prune_
 
-    model = Buffered("attribute").eval()
+    model = Buffered(how, by).eval()
     graph = build_dependency_graph(model, _x())
     (group,) = [g for g in graph.groups if any(m.module_name == "a" for m in g.members)]
     assert {"b", "c"} <= {m.module_name for m in group.members}
     assert_silenced_removal_exact(model, _x())
     prune_(model, StructuredConfig(ratio=0.5), example_inputs=_x())
-    assert model.width == model.a.out_features < 6
+    assert model.a.out_features < 6
+    assert model(_x()).shape == (2, 5, 3)
+    if how == "attribute":
+        assert model.width == model.a.out_features
+
+
+class IndexedWrites(nn.Module):
+    """``dst[key] = value`` into a tracked tensor or by a tracked index: a constant over
+    every channel of some positions (kept prunable), a constant into some channels only,
+    or rows picked by index values computed from the channels (both keep them whole)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.how == "constant over the channels":
+            h[:, 1:][:, :2] = 0.5  # through a view of h, every channel of two positions
+        elif self.how == "constant into some channels":
+            h[..., :2] = 0.5
+        else:  # "index from the channels"
+            marks = torch.zeros(2)
+            marks[(h > 0).long()] = 1.0
+            h = h * marks.sum()
+        return self.b(h)
+
+
+def test_a_constant_over_every_channel_leaves_them_prunable() -> None:
+    from secateur.pruning._structured import apply_removals_
+
+    model = IndexedWrites("constant over the channels").eval()
+    graph = build_dependency_graph(model, _x())
+    (group,) = graph.groups
+    assert {m.module_name for m in group.members} == {"a", "b"}
+    # the constant acts as a bias on the channels: removing them drops b's reading of it
+    units = torch.tensor([1, 4])
+    with torch.no_grad():
+        model.b.weight[:, units] = 0.0
+    expected = model(_x())
+    apply_removals_(model, graph, [(group, units)])
+    torch.testing.assert_close(model(_x()), expected)
+
+
+@pytest.mark.parametrize("how", ["constant into some channels", "index from the channels"])
+def test_writes_that_tell_channels_apart_keep_them_whole(how: str) -> None:
+    graph = build_dependency_graph(IndexedWrites(how).eval(), _x())
+    assert graph.groups == ()
+    assert any("a" in names.split(", ") for names, _ in graph.blocked)
 
 
 class PickedCopy(nn.Module):

@@ -602,6 +602,10 @@ class _Tracer(OpRules, TorchFunctionMode):
             self.uniform.forget([first])
             self.write_slice(*(target or (None, None)), first, value)
             return
+        if name == "__setitem__" and first is not None and len(args) == 3:
+            self.uniform.forget([first])
+            self.setitem(*args)
+            return
         context = self.note_context
         if name in _FRESH and isinstance(out, torch.Tensor):  # a destination writes may fill
             made = args[1:] if name.startswith("new_") else args
@@ -658,7 +662,6 @@ class _Tracer(OpRules, TorchFunctionMode):
                 lambda: self.fresh_like(x, dim, out) or out.shape != x.shape,
             ),
             (name in ("index_add", "index_add_"), lambda: self.index_add(args, kwargs, out)),
-            (name == "__setitem__", lambda: self.setitem(args)),
             (
                 name in GROUPED_MM and args[0] is x,
                 lambda: self.grouped_mm(args, x, layout, dim, out),

@@ -13,11 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from ._shapes import index_axes
 
 _SHARED = "written into part of an axis of another tensor"
 _UNFOLLOWED = "written through a view the trace does not follow"
+_OVERWRITTEN = "overwritten in part of their axis, or with a value per channel"
 
 
 def basic_selectors(shape: torch.Size, key: Any) -> list[tuple[int, Any]] | None:
@@ -34,6 +36,11 @@ def basic_selectors(shape: torch.Size, key: Any) -> list[tuple[int, Any]] | None
     return axes
 
 
+def _slice_dim(axes: list[tuple[int, Any]]) -> int:
+    """The number of axes of the slice that ``axes`` (from :func:`index_axes`) picks."""
+    return sum(sel[1] if isinstance(sel, tuple) else 1 for o, sel in axes if o >= 0)
+
+
 def _whole(sel: Any, size: int) -> bool:
     return isinstance(sel, slice) and range(*sel.indices(size)) == range(size)
 
@@ -41,54 +48,27 @@ def _whole(sel: Any, size: int) -> bool:
 class WriteRules:
     """Rules for writes into part of a tensor; see the module docstring."""
 
-    def setitem(self, args: tuple) -> bool:
-        """``dst[index] = value`` where the index leaves the channel axis whole: the value's
-        channels land on dst's (torchvision's multi-scale RoI pooling fills a zeros tensor one
-        pyramid level at a time), so both name the same channels. A constant written into a
-        tracked tensor leaves its channels as they were."""
-        if len(args) != 3 or not isinstance(args[0], torch.Tensor):
-            return False
-        dst, key, value = args
+    def setitem(self, dst: torch.Tensor, key: Any, value: Any) -> None:
+        """``dst[key] = value``: as :meth:`write`, with ``key`` basic indexing, or one list or
+        integer tensor of rows (torchvision's ``result[idx_in_level] = level_result``). Index
+        values computed from channels keep those channels whole."""
+        for k in tree_flatten(key)[0]:
+            if isinstance(k, torch.Tensor) and (info := self.info(k)) is not None:
+                self.table.block_layout(info[0], "their values pick the entries a write fills")
         keys = key if isinstance(key, tuple) else (key,)
-        rows = [k for k in keys if isinstance(k, torch.Tensor)]
-        if (
-            len(keys) > dst.dim()
-            or id(dst) in self.params
-            or len(rows) > 1
-            or any(k.dim() != 1 or k.is_floating_point() for k in rows)
-            or id(dst) in self.param_mixes
-            or id(dst) in self.param_cats
-            or not all(type(k) in (slice, int) or isinstance(k, torch.Tensor) for k in keys)
-        ):
-            return False
-        kept = [i for i in range(dst.dim()) if i >= len(keys) or type(keys[i]) is not int]
-        whole = [
-            i >= len(keys) or (isinstance(keys[i], slice) and keys[i] == slice(None))
-            for i in range(dst.dim())
-        ]
-        idst, ivalue = self.info(dst), self.info(value)
-        if ivalue is None:
-            number = isinstance(value, (int, float)) or (
-                isinstance(value, torch.Tensor) and value.numel() == 1
-            )
-            return number and idst is not None and whole[idst[1]]
-        layout, dim = ivalue
-        pos = dim + len(kept) - value.dim()
-        if not 0 <= pos < len(kept):
-            return False
-        axis = kept[pos]
-        if not whole[axis] or dst.shape[axis] != value.shape[dim]:
-            return False
-        if idst is not None and (
-            idst[1] != axis or (layout := self.unify(idst[0], layout)) is None
-        ):
-            return False
-        self.set(dst, layout, axis)
-        return True
+        axes = None if any(k is None for k in keys) else index_axes(dst.shape, key)
+        self.write(dst, axes, value)
 
     def write_slice(self, dst: Any, key: Any, view: torch.Tensor, value: Any) -> None:
-        """``dst[key].copy_(value)``, with ``key`` basic indexing and ``view`` the slice
-        ``dst[key]`` made (``dst`` None: a view the trace does not follow).
+        """``dst[key].copy_(value)``, with ``view`` the slice ``dst[key]`` made (``dst`` None:
+        a view the trace does not follow), as :meth:`write`; the slice takes the channels dst
+        takes there."""
+        axes = basic_selectors(dst.shape, key) if isinstance(dst, torch.Tensor) else None
+        self.write(dst, axes, value, view)
+
+    def write(self, dst: Any, axes: Any, value: Any, view: torch.Tensor | None = None) -> None:
+        """A write of ``value`` into the entries of ``dst`` that ``axes`` (per axis of dst:
+        its axis in the slice or -1, and its selector) picks.
 
         Where the slice spans a channel axis of ``value`` whole, dst takes those channels
         there (DeepSeek's MLA copies its per-head keys into a fresh tensor): joined with its
@@ -96,26 +76,31 @@ class WriteRules:
         write put a value per entry along that axis. A value's channels written anywhere else
         stay whole. Dst keeps its own channels only when the slice spans them whole and the
         value holds one value for all of them there (a rotary key broadcast to every head, a
-        constant): anything else written there would not lose the channels dst loses."""
-        axes = basic_selectors(dst.shape, key) if isinstance(dst, torch.Tensor) else None
+        constant): anything else written there would not lose the channels dst loses.
+        Writes into a parameter, or through a view the trace does not follow (its base is out
+        of sight), keep every channel they touch whole; a tracked view still takes a constant.
+        """
         ivalue = self.info(value)
+        idst = self.info(dst)
+        number = isinstance(value, (int, float))
         if (
             axes is None
-            or dst._base is not None
-            or not isinstance(value, torch.Tensor)
-            or value.dim() > view.dim()
+            or not (number or isinstance(value, torch.Tensor))
+            or (not number and value.dim() > _slice_dim(axes))
+            or (dst._base is not None and idst is None)
+            or any(id(dst) in held for held in (self.params, self.param_mixes, self.param_cats))
         ):
-            for info in (ivalue, self.info(dst), self.info(view)):
+            for info in (ivalue, idst, self.info(view)):
                 if info is not None:
                     self.table.block_layout(info[0], _UNFOLLOWED)
+            self._written_per_entry(dst if isinstance(dst, torch.Tensor) else view)
             return
-        shift = view.dim() - value.dim()  # value broadcasts to the slice from the right
+        shift = _slice_dim(axes) - (0 if number else value.dim())  # value broadcasts from the right
         at = {o - shift: a for a, (o, _) in enumerate(axes) if o >= 0}
-        idst = self.info(dst)
         if ivalue is not None:
             layout, vdim = ivalue
             a = at.get(vdim)
-            spans = a is not None and _whole(axes[a][1], dst.shape[a])
+            spans = a is not None and _whole(axes[a][1], dst.shape[a]) and dst._base is None
             if spans and value.shape[vdim] == dst.shape[a]:
                 joined = None
                 if idst is None and self._fresh_width(dst, a, layout):
@@ -124,7 +109,8 @@ class WriteRules:
                     joined = self.unify(idst[0], layout)
                 if joined is not None:
                     self.set(dst, joined, a)
-                    self.set(view, joined, vdim + shift)
+                    if view is not None:
+                        self.set(view, joined, vdim + shift)
                     return
             self.table.block_layout(layout, _SHARED)
         if idst is None:
@@ -138,7 +124,16 @@ class WriteRules:
             return
         layout, a = idst
         if not self._one_value(value, axes, a, dst.shape[a], shift, layout):
-            self.table.block_layout(layout, _SHARED)
+            self.table.block_layout(layout, _OVERWRITTEN)
+
+    def _written_per_entry(self, t: Any) -> None:
+        """Mark every axis of ``t`` and of the tensor it views as holding a value per entry."""
+        if not isinstance(t, torch.Tensor):
+            return
+        for u in (t, t._base):
+            if u is not None:
+                self.unchecked_writes[id(u)] = set(range(u.dim()))
+                self.keepalive.append(u)
 
     def _fresh_width(self, dst: torch.Tensor, axis: int, layout: Any) -> bool:
         """Whether ``dst``, made fresh (zeros, empty, ``new_empty``, ...) and untracked, may
@@ -164,6 +159,8 @@ class WriteRules:
         if out_axis < 0 or not _whole(sel, size):
             return False
         v = out_axis - shift
-        if v < 0 or value.shape[v] == 1 or value.stride(v) == 0:
+        if not isinstance(value, torch.Tensor) or v < 0:  # a number, or no such axis
+            return True
+        if value.shape[v] == 1 or value.stride(v) == 0:
             return True
         return layout is not None and self.uniform_operand(value, v, layout)
