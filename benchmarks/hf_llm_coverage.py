@@ -68,6 +68,10 @@ MLA = dict(
     qk_nope_head_dim=8,
     v_head_dim=24,
 )
+MAMBA2 = dict(  # a Mamba2 mixer of 8 heads of 16 over one group of state
+    mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4,
+    mamba_expand=2,
+)  # fmt: skip
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": GQA,
     "mistral": GQA,
@@ -131,6 +135,52 @@ FAMILIES: dict[str, dict[str, Any]] = {
         expert_layer_offset=1,
         mamba_d_state=8,
         mamba_expand=2,
+    ),
+    # Mamba2 mixers: heads beside one group's state (B, C) repeated over every head, mixed
+    # by a chunked scan's einsums; alone, or beside attention (Bamba, Granite 4.0-H, Falcon-H1,
+    # Nemotron-H) and a shared transformer block (Zamba2)
+    "mamba2": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        state_size=8,
+        num_heads=8,
+        head_dim=16,
+        n_groups=1,
+        expand=2,
+        chunk_size=4,
+    ),
+    "bamba": dict(GQA, attn_layer_indices=[1], **MAMBA2),
+    "granitemoehybrid": dict(
+        GQA,
+        layer_types=["mamba", "attention"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        shared_intermediate_size=128,
+        **MAMBA2,
+    ),
+    "falcon_h1": dict(GQA, head_dim=16, mamba_d_ssm=128, **MAMBA2),
+    "zamba2": dict(
+        MHA,
+        mamba_d_state=8,
+        mamba_headdim=16,
+        n_mamba_heads=8,
+        mamba_ngroups=1,
+        chunk_size=4,
+        mamba_expand=2,
+        layers_block_type=["mamba", "hybrid"],
+        hybrid_layer_ids=[1],
+    ),
+    "nemotron_h": dict(
+        GQA,
+        num_hidden_layers=3,
+        head_dim=16,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        n_groups=1,
+        ssm_state_size=8,
+        chunk_size=4,
+        expand=2,
+        layers_block_type=["mamba", "attention", "mlp"],
     ),
     "qwen2_moe": dict(
         GQA,

@@ -101,3 +101,132 @@ def test_parameter_matrices_multiplied_by_hand_read_and_write_channels() -> None
     members = {(m.module_name, m.tensor, m.dim) for g in graph.groups for m in g.members}
     assert {("", "right", 0), ("", "right", 1), ("", "left", 1), ("", "left", 0)} <= members
     assert_silenced_removal_exact(model, _x())
+
+
+HEADS, HEAD_DIM, CHUNK = 5, 3, 3  # not STATE: equal sizes in one split are tied
+
+
+class ChunkedScan(nn.Module):
+    """A Mamba2-like mixer: x split into heads, a step size and decay per head, and one
+    group's state (``b``, ``c``) repeated over every head (``repeat_interleave`` from a group
+    axis of one entry), mixed with the heads by einsums over chunks as Mamba2's chunked scan
+    does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(8, 2 * HEADS * HEAD_DIM + 2 * STATE + HEADS)
+        self.a_log = nn.Parameter(torch.rand(HEADS))
+        self.d = nn.Parameter(torch.randn(HEADS))
+        self.out_proj = nn.Linear(HEADS * HEAD_DIM, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, t, _ = x.shape
+        inner, heads = self.out_proj.in_features, self.a_log.shape[0]
+        gate, h, b, c, dt = self.in_proj(x).split([inner, inner, STATE, STATE, heads], dim=-1)
+        h = h.view(bsz, t, -1, HEAD_DIM)  # (b, t, heads, p)
+        b = b.view(bsz, t, 1, STATE).repeat_interleave(heads, dim=2, output_size=heads)
+        c = c.view(bsz, t, 1, STATE).repeat_interleave(heads, dim=2, output_size=heads)
+        dt = F.softplus(dt)  # (b, t, heads)
+        a = -torch.exp(self.a_log) * dt  # (b, t, heads)
+        chunks = lambda v: v.reshape(bsz, -1, CHUNK, *v.shape[2:])  # noqa: E731
+        hc, bc, cc, ac = chunks(h * dt[..., None]), chunks(b), chunks(c), chunks(a)
+        decay = torch.exp(torch.cumsum(ac, dim=2))  # (b, n, l, heads)
+        scores = torch.einsum("bnlhs,bnmhs->bnlmh", cc, bc)  # the state summed away
+        y = torch.einsum("bnlmh,bnmhp->bnlhp", scores * decay[:, :, None], hc)
+        states = torch.einsum("bnlhs,bnlhp->bnhps", bc * decay[..., None], hc)
+        y = y + torch.einsum("bnlhs,bnhps->bnlhp", cc, states.cumsum(1))
+        y = y.reshape(bsz, t, heads, HEAD_DIM) + self.d[:, None] * h
+        return self.out_proj(y.reshape(bsz, t, -1) * F.silu(gate))
+
+
+def test_heads_beside_a_state_repeated_over_them_are_units() -> None:
+    model = ChunkedScan().eval()
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    graph = build_dependency_graph(model, x)
+    (heads,) = _inner(graph)
+    assert heads.size == HEADS
+    assert {("", "a_log"), ("", "d")} <= {(m.module_name, m.tensor) for m in heads.members}
+    # the state is shared by every head: its own channels stay whole
+    assert ("in_proj", "summed against another's channels") in graph.blocked
+    assert_silenced_removal_exact(model, x)
+
+
+class GateOnly(nn.Module):
+    """Mamba2's gated RMSNorm without its statistics (which pool over the heads and make
+    removal inexact by nature): the weight times the gated value."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+
+    def forward(self, hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.weight * (hidden * F.silu(gate))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hf_mamba2_heads_are_removed_exactly(groups: int) -> None:
+    """Transformers' Mamba2: with one group of state, single heads are units; with several,
+    each group with its heads is one."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Mamba2Config(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, state_size=4, num_heads=4,
+        head_dim=8, n_groups=groups, expand=2, chunk_size=3, conv_kernel=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Mamba2ForCausalLM(config).eval()
+    for layer in model.backbone.layers:
+        layer.mixer.norm = GateOnly(layer.mixer.norm.weight)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    graph = build_dependency_graph(model, ids)
+    inner = [g for g in graph.groups if any(m.module_name.endswith("out_proj") for m in g.members)]
+    assert sorted(g.size for g in inner if g.kind != "hidden") == [4 // groups] * 2
+    removals = assert_silenced_removal_exact(model, ids)
+    assert any("mixer.in_proj" in m.module_name for g, _ in removals for m in g.members)
+
+
+class ScaledByCopies(nn.Module):
+    """Channels times an untracked factor made in one of several ways: copies of one value
+    over the channel axis (kept prunable), or a factor that only looks so (a diagonal of
+    copies, a pool or an in-place write across the copies; all keep the channels whole)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin, self.out = nn.Linear(8, 6), nn.Linear(6, 8)
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = self.lin(inp)
+        width = x.shape[-1]
+        base = inp.detach().pow(2).sum(-1, keepdim=True) + 1.0  # (b, 1), no channels
+        copies = base.repeat_interleave(width, dim=1)
+        if self.how == "diagonal":  # a value per channel, read off copies along another axis
+            factor = torch.einsum("hh->h", (torch.arange(width) + 1.0)[None].expand(width, -1))
+        elif self.how == "pooled":  # the edges average fewer entries
+            factor = F.avg_pool1d(copies[:, None], 3, 1, 1)[:, 0]
+        elif self.how == "written in place":  # by name, without the trailing "_"
+            F.threshold(copies[:, :2], 1e9, 0.0, inplace=True)
+            factor = copies
+        elif self.how == "written in place, positionally":
+            factor = (-base).repeat_interleave(width, dim=1)
+            F.relu(factor[:, :2], True)
+        else:
+            factor = copies
+        return self.out(x * factor)
+
+
+def test_copies_of_one_value_over_the_channels_leave_them_prunable() -> None:
+    model = ScaledByCopies("copies").eval()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    (group,) = build_dependency_graph(model, x).groups
+    assert {m.module_name for m in group.members} == {"lin", "out"}
+    assert_silenced_removal_exact(model, x)
+
+
+@pytest.mark.parametrize(
+    "how", ["diagonal", "pooled", "written in place", "written in place, positionally"]
+)
+def test_factors_that_only_look_like_copies_keep_the_channels_whole(how: str) -> None:
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    graph = build_dependency_graph(ScaledByCopies(how).eval(), x)
+    assert graph.groups == ()
+    assert ("lin, out", "scaled by a constant with a value per channel") in graph.blocked

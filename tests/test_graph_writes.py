@@ -258,8 +258,9 @@ def test_a_buffer_whose_width_follows_takes_the_channels_written_into_it(how: st
 
 class IndexedWrites(nn.Module):
     """``dst[key] = value`` into a tracked tensor or by a tracked index: a constant over
-    every channel of some positions (kept prunable), a constant into some channels only,
-    or rows picked by index values computed from the channels (both keep them whole)."""
+    every channel of some positions, or of the rows a boolean mask picks (kept prunable); a
+    constant into some channels only, under a mask of every entry, or rows picked by index
+    values computed from the channels (all keep them whole)."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
@@ -272,11 +273,22 @@ class IndexedWrites(nn.Module):
             h[:, 1:][:, :2] = 0.5  # through a view of h, every channel of two positions
         elif self.how == "constant into some channels":
             h[..., :2] = 0.5
+        elif self.how == "zero under a row mask":  # the mask spans the leading axes
+            h[x[..., 0] > 0] = 0.0
+        elif self.how == "zero under a mask of every entry":
+            h[h.detach() > 0] = 0.0
         else:  # "index from the channels"
             marks = torch.zeros(2)
             marks[(h > 0).long()] = 1.0
             h = h * marks.sum()
         return self.b(h)
+
+
+def test_zeros_written_under_a_mask_of_rows_leave_the_channels_prunable() -> None:
+    model = IndexedWrites("zero under a row mask").eval()
+    (group,) = build_dependency_graph(model, _x()).groups
+    assert {m.module_name for m in group.members} == {"a", "b"}
+    assert_silenced_removal_exact(model, _x())
 
 
 def test_a_constant_over_every_channel_leaves_them_prunable() -> None:
@@ -295,7 +307,10 @@ def test_a_constant_over_every_channel_leaves_them_prunable() -> None:
     torch.testing.assert_close(model(_x()), expected)
 
 
-@pytest.mark.parametrize("how", ["constant into some channels", "index from the channels"])
+@pytest.mark.parametrize(
+    "how",
+    ["constant into some channels", "index from the channels", "zero under a mask of every entry"],
+)
 def test_writes_that_tell_channels_apart_keep_them_whole(how: str) -> None:
     graph = build_dependency_graph(IndexedWrites(how).eval(), _x())
     assert graph.groups == ()

@@ -67,6 +67,20 @@ CASES: dict[str, dict[str, Any]] = {
         expand=2,
         vocab_size=100,
     ),
+    # Mamba2: heads beside one group's state repeated over them; the gated norm's group
+    # size and the head count are attribute edits
+    "hf.mamba2": dict(
+        task="causal-lm",
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        num_heads=8,
+        head_dim=8,
+        n_groups=1,
+        expand=2,
+        chunk_size=4,
+        vocab_size=100,
+    ),
     # MLA: keys copied into a fresh tensor, q and kv latents
     "hf.deepseek_v3": dict(SMALL, task="causal-lm", **DEEPSEEK_V3_MLA),
     "hf.gpt_bigcode": dict(

@@ -4,13 +4,15 @@ A letter that reaches the output carries the channels there (MaxViT's heads in
 ``"B G H I D, B G H J D -> B G H I J"``); every operand spelling it either carries the same
 channels, broadcasts along it, or is a parameter sliced with them. A letter summed away carries
 them into a parameter that reads them, as a Linear would (``"b l d, d e -> b l e"``): the
-parameter's other axis writes a new space. Any other contraction over the channels blocks them.
+parameter's other axis writes a new space. Any other contraction over the channels blocks them;
+a dot product of two operands' channels says so.
 
 Multi-query attention (one key/value head shared by every query head) keeps the query heads
 and leaves the shared head whole, as the matmul rule does.
 
 A mixin of :class:`~secateur.graph._ops.OpRules`, which provides ``info``, ``set``, ``fresh``,
-``unify``, ``add_param``, ``flag_shared_kv``, ``are_heads`` and ``same_rows_same_space``.
+``block_all``, ``unify``, ``add_param``, ``flag_shared_kv``, ``are_heads`` and
+``same_rows_same_space``.
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ class EinsumRule:
         """The channels summed away against one 2-D parameter (a Linear written as einsum):
         the parameter's axis along them reads them, its other axis writes a new space."""
         readers = [(t, s) for t, s in zip(operands, letters, strict=True) if letter in s]
+        if len(tracked) == len(readers) == 2:
+            # a dot product of two tensors' channels (Mamba2's ``C`` against ``B`` over the
+            # state, attention scores over a head's dims): a width such code may scale by
+            # would not follow them; both stay whole, and so does the result
+            self.block_all([t for t, _, _ in tracked], out, "summed against another's channels")
+            return True
         params = [(t, s) for t, s in readers if self.info(t) is None]
         if len(tracked) != 1 or len(params) != 1 or len(readers) != 2:
             return False

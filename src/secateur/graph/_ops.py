@@ -503,11 +503,11 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
             if (info := self.info(t)) is not None:
                 at = info[1] + out.dim() - t.dim()
                 tracked.append((t, info[0], at, at >= 0 and t.shape[info[1]] == out.shape[at]))
-        axis = self._main_axis(tracked)
+        axis = self._main_axis(tracked, out)
         if axis is None:
             return False
         layout = None
-        for t, lt, at, whole in tracked:
+        for _, lt, at, whole in tracked:
             if at == axis and whole:
                 merged = lt if layout is None else self.unify(layout, lt)
                 if merged is None:
@@ -517,19 +517,20 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
                     # key/value head): which lies where no longer matters, only the axis
                     merged = layout
                 layout = merged
-            elif self._broadcasts(t, axis, out):
-                # a factor constant along our channels (MoE routing weights, a one-unit gate):
-                # its own channels run along another axis, so they are left whole
-                self.table.block_layout(lt, "broadcast against other channels")
-            else:
-                return False
         assert layout is not None
+        for t, lt, at, whole in tracked:
+            if at == axis and whole:
+                continue
+            if not self._broadcasts(t, axis, out):
+                return False
+            # a factor constant along our channels (MoE routing weights, a one-unit gate,
+            # Mamba2's state repeated over its heads): its own channels run along another
+            # axis, so they are left whole
+            self.table.block_layout(lt, "broadcast against other channels")
         for t in operands:
-            if self.info(t) is not None:
+            if self.info(t) is not None or self._broadcasts(t, axis, out):
                 continue
             at = axis - (out.dim() - t.dim())
-            if at < 0 or t.shape[at] == 1:
-                continue
             if not (self.add_param(t, at, layout) or self.uniform_operand(t, at, layout)):
                 # a constant with its own value per channel (a rotary table on a key/value
                 # head shared by every query head): the channels stay whole, still on this axis
@@ -537,16 +538,25 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
         self.set(out, layout, axis)
         return True
 
-    def _main_axis(self, tracked: list) -> int | None:
+    def _main_axis(self, tracked: list, out: torch.Tensor) -> int | None:
         """The output axis the channels run along: the one every operand spanning it whole
         agrees on, preferring operands whose channels may be pruned. An outer product of
         channels on two axes, each operand broadcast along the other's (Mamba's
-        ``dt[..., None] * B[:, None]``), keeps the first operand's; the caller leaves the
-        other's whole."""
-        whole = [(lt, at) for _, lt, at, w in tracked if w]
-        free = [at for lt, at in whole if not self._all_blocked(lt)]
-        axes = free or [at for _, at in whole]
-        return axes[0] if axes else None
+        ``dt[..., None] * B[:, None]``), keeps the first operand's, unless that operand holds
+        copies along the other's (Mamba2's state, repeated over the heads it is shared by);
+        the caller leaves the other's whole."""
+        whole = [(t, lt, at) for t, lt, at, w in tracked if w]
+        free = [(t, at) for t, lt, at in whole if not self._all_blocked(lt)]
+        axes = free or [(t, at) for t, _, at in whole]
+        unshared = [
+            at
+            for t, at in axes
+            if not any(
+                other != at and self.copies.along(t, other - (out.dim() - t.dim()))
+                for _, other in axes
+            )
+        ]
+        return (unshared or [at for _, at in axes] or [None])[0]
 
     def _bounds(self, layout: Layout) -> list[int]:
         """Feature positions where one segment of the layout ends and the next begins, in
@@ -563,10 +573,13 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
     def _all_blocked(self, layout: Layout) -> bool:
         return all(self.table.find(s.space) in self.table.blocked for s in layout)
 
-    @staticmethod
-    def _broadcasts(t: torch.Tensor, axis: int, out: torch.Tensor) -> bool:
+    def _broadcasts(self, t: torch.Tensor, axis: int, out: torch.Tensor) -> bool:
+        """Whether ``t`` holds one value all along output ``axis``: it lacks the axis, has one
+        entry there, or copies of one value (Mamba2's state repeated over the heads). Copies
+        made with a width that does not follow the channels break the pruned model, which the
+        pruning's forward check then refuses."""
         at = axis - (out.dim() - t.dim())
-        return at < 0 or t.shape[at] == 1
+        return at < 0 or t.shape[at] == 1 or self.copies.along(t, at) is not None
 
     def cat(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
         tensors = list(args[0])

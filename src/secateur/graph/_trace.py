@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .._inputs import split_inputs
+from ._copies import CopiedAxes
 from ._filter_extras import STANDARDISING, add_filter_extras, can_shrink_per_group
 from ._ops import (
     CAT,
@@ -153,6 +154,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.unchecked_writes: dict[int, set[int]] = {}
         # untracked tensors with the same values all along some axes (zeros of a head count)
         self.uniform = UniformTensors()
+        # tensors, tracked or not, that hold copies of one value along some axes
+        self.copies = CopiedAxes()
         self.uniform_layouts: dict[tuple[int, int], Layout] = {}  # by (call made, its axis)
         self.depth = 0
         self.stack: list[str] = []
@@ -582,6 +585,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         if name in _IGNORED:
             return
+        self.copies.follow(name, args, kwargs, out, self.note_context)
         if (
             name == "__getitem__"
             and first is not None

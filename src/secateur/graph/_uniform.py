@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from ._ops import ELEMENTWISE
+from ._ops import ELEMENTWISE, POINTWISE
 
 FILLED = {"zeros", "ones", "full"}
 _CASTS = {"to", "float", "half", "bfloat16"}
@@ -43,6 +43,9 @@ def written(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensors an op writes into: its first argument when in place, and ``out=``."""
     out = [kwargs["out"]] if isinstance(kwargs.get("out"), torch.Tensor) else []
     in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
+    # ``F.relu(t, inplace=True)``, ``F.dropout(t, 0.1, False, True)``: named without the "_"
+    in_place = in_place or kwargs.get("inplace") is True
+    in_place = in_place or (name in POINTWISE and len(args) > 1 and args[-1] is True)
     if in_place and args and isinstance(args[0], torch.Tensor):
         out.append(args[0])
     return out

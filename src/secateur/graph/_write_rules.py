@@ -36,6 +36,37 @@ def basic_selectors(shape: torch.Size, key: Any) -> list[tuple[int, Any]] | None
     return axes
 
 
+def write_axes(shape: torch.Size, key: Any) -> list[tuple[int, Any]] | None:
+    """As :func:`index_axes` for the key of ``dst[key] = value``, also for one boolean mask
+    beside slices (``h[~valid] = 0``): the axes it covers become one axis of the entries it
+    picks. None for ``None`` in the key and other advanced indexing."""
+    keys = list(key) if isinstance(key, tuple) else [key]
+    masks = [i for i, k in enumerate(keys) if isinstance(k, torch.Tensor) and k.dtype == torch.bool]
+    if any(k is None for k in keys) or len(masks) > 1:
+        return None
+    if not masks:
+        return index_axes(shape, key)
+    i, mask = masks[0], keys[masks[0]]
+    if mask.dim() == 0 or not all(
+        k is Ellipsis or type(k) is slice for j, k in enumerate(keys) if j != i
+    ):
+        return None
+    explicit = sum(mask.dim() if j == i else 1 for j, k in enumerate(keys) if k is not Ellipsis)
+    start = sum(1 if k is not Ellipsis else len(shape) - explicit for k in keys[:i])
+    if tuple(shape[start : start + mask.dim()]) != tuple(mask.shape):
+        return None
+    axes = index_axes(shape, tuple(keys[:i] + [slice(None)] * mask.dim() + keys[i + 1 :]))
+    if axes is None:
+        return None
+    first, gone = axes[start][0], mask.dim() - 1
+    return [
+        (first, ("tensor", 1)) if a == start
+        else (-1, ("tensor", 0)) if start < a < start + mask.dim()
+        else (o - gone if o > first else o, sel)
+        for a, (o, sel) in enumerate(axes)
+    ]  # fmt: skip
+
+
 def _slice_dim(axes: list[tuple[int, Any]]) -> int:
     """The number of axes of the slice that ``axes`` (from :func:`index_axes`) picks."""
     return sum(sel[1] if isinstance(sel, tuple) else 1 for o, sel in axes if o >= 0)
@@ -49,15 +80,13 @@ class WriteRules:
     """Rules for writes into part of a tensor; see the module docstring."""
 
     def setitem(self, dst: torch.Tensor, key: Any, value: Any) -> None:
-        """``dst[key] = value``: as :meth:`write`, with ``key`` basic indexing, or one list or
-        integer tensor of rows (torchvision's ``result[idx_in_level] = level_result``). Index
-        values computed from channels keep those channels whole."""
+        """``dst[key] = value``: as :meth:`write`, with ``key`` basic indexing, or one list,
+        integer tensor (torchvision's ``result[idx_in_level] = level_result``) or boolean mask
+        of rows. Index values computed from channels keep those channels whole."""
         for k in tree_flatten(key)[0]:
             if isinstance(k, torch.Tensor) and (info := self.info(k)) is not None:
                 self.table.block_layout(info[0], "their values pick the entries a write fills")
-        keys = key if isinstance(key, tuple) else (key,)
-        axes = None if any(k is None for k in keys) else index_axes(dst.shape, key)
-        self.write(dst, axes, value)
+        self.write(dst, write_axes(dst.shape, key), value)
 
     def write_slice(self, dst: Any, key: Any, view: torch.Tensor, value: Any) -> None:
         """``dst[key].copy_(value)``, with ``view`` the slice ``dst[key]`` made (``dst`` None:
