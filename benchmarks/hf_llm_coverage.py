@@ -72,6 +72,10 @@ MAMBA2 = dict(  # a Mamba2 mixer of 8 heads of 16 over one group of state
     mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4,
     mamba_expand=2,
 )  # fmt: skip
+DELTANET = dict(  # 2 key heads of 8, each shared by 2 value heads of 8; layer 0 linear
+    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+    linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
+)  # fmt: skip
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": GQA,
     "mistral": GQA,
@@ -181,6 +185,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
         chunk_size=4,
         expand=2,
         layers_block_type=["mamba", "attention", "mlp"],
+    ),
+    # Gated-DeltaNet linear attention beside full attention: a triangular solve per head and
+    # chunk, a recurrent state from zeros, a per-head norm over (batch * tokens * heads) rows
+    "qwen3_5_text": dict(GQA, head_dim=16, **DELTANET),
+    "qwen3_next": dict(
+        GQA,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        **DELTANET,
     ),
     "qwen2_moe": dict(
         GQA,
@@ -345,10 +361,11 @@ def _short(exc: BaseException) -> str:
 
 
 def _widths(model: torch.nn.Module) -> str:
-    """hidden size / attention width (heads × head_dim) / FFN width, read from layer 0's
-    output projections (the layers that read the heads and the FFN neurons)."""
+    """hidden size / attention width (heads × head_dim) / FFN width, read from the first
+    layer's output projections (the layers that read the heads and the FFN neurons), and a
+    state-space or linear-attention layer's inner width."""
     hidden = model.get_output_embeddings().in_features
-    attn = ffn = mixer = "?"
+    attn = ffn = mixer = linear = "?"
     for name, module in model.named_modules():
         stacked = getattr(module, "down_proj", None)
         if isinstance(stacked, torch.nn.Parameter) and stacked.dim() == 3 and ffn == "?":
@@ -362,13 +379,17 @@ def _widths(model: torch.nn.Module) -> str:
             continue
         leaf = name.rsplit(".", 1)[-1]
         in_attention = "attn" in name or "attention" in name
-        if attn == "?" and in_attention and leaf in ("o_proj", "dense", "out_proj", "c_proj"):
+        if ".linear_attn." in name:  # Gated DeltaNet's heads, beside the full attention's
+            linear = inputs if linear == "?" and leaf == "out_proj" else linear
+        elif attn == "?" and in_attention and leaf in ("o_proj", "dense", "out_proj", "c_proj"):
             attn = inputs
         elif ffn == "?" and not in_attention and leaf in FFN_OUT:
             ffn = inputs
         elif mixer == "?" and leaf == "out_proj" and (".mixer." in name or ".mamba." in name):
             mixer = inputs  # a state-space layer's inner width
     widths = f"{hidden} / {attn} / {ffn}"
+    if linear != "?":
+        widths = f"{widths}; linear attention {linear}"
     return widths if mixer == "?" else f"{widths}; Mamba inner {mixer}"
 
 

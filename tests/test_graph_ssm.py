@@ -230,3 +230,39 @@ def test_factors_that_only_look_like_copies_keep_the_channels_whole(how: str) ->
     graph = build_dependency_graph(ScaledByCopies(how).eval(), x)
     assert graph.groups == ()
     assert ("lin, out", "scaled by a constant with a value per channel") in graph.blocked
+
+
+class DeltaRule(nn.Module):
+    """A Gated-DeltaNet-like mixer (Qwen3.5's linear attention): per head, a lower-triangular
+    system solved against the values (``linalg.solve_triangular``), a recurrent state that
+    starts as zeros made with the head count read off a shape, and a per-head norm over
+    (batch * tokens * heads, head_dim) rows before the heads are merged back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(8, 12)
+        self.head_dim = 3
+        self.norm_weight = nn.Parameter(torch.rand(3) + 0.5)
+        self.out_proj = nn.Linear(12, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (
+            f(x).view(b, t, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        system = (k @ k.transpose(-1, -2)).tril(-1) * 0.1 + torch.eye(t)  # (b, heads, t, t)
+        values = torch.linalg.solve_triangular(system, v, upper=False, unitriangular=True)
+        state = torch.zeros(b, v.shape[1], self.head_dim, self.head_dim)
+        out = q @ state + (q @ k.transpose(-1, -2)).tril() @ values
+        rows = out.transpose(1, 2).reshape(-1, self.head_dim)  # (b * t * heads, head_dim)
+        rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+        return self.out_proj(rows.reshape(b, t, -1))
+
+
+def test_heads_through_a_triangular_solve_and_a_per_head_norm_are_units() -> None:
+    model = DeltaRule().eval()
+    graph = build_dependency_graph(model, _x())
+    (heads,) = _inner(graph)
+    assert heads.size == 4 and heads.kind == "head"
+    assert {"q", "k", "v"} <= {m.module_name for m in heads.members}
+    assert_silenced_removal_exact(model, _x())

@@ -81,6 +81,18 @@ CASES: dict[str, dict[str, Any]] = {
         chunk_size=4,
         vocab_size=100,
     ),
+    # Qwen3.5's linear attention: its key and value head counts and widths are attribute edits
+    "hf.qwen3_5_text": dict(
+        SMALL,
+        task="causal-lm",
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention"],
+    ),
     # MLA: keys copied into a fresh tensor, q and kv latents
     "hf.deepseek_v3": dict(SMALL, task="causal-lm", **DEEPSEEK_V3_MLA),
     "hf.gpt_bigcode": dict(

@@ -125,6 +125,22 @@ FAMILIES = {
             chunk_size=4,
         ),  # fmt: skip
     ),
+    # Qwen3.5: Gated-DeltaNet linear attention beside full attention; heads through a
+    # triangular solve per chunk, a recurrent state from zeros, a per-head gated norm over
+    # (batch * tokens * heads, head_dim) rows
+    "qwen3_5_text": (
+        "causal-lm",
+        dict(
+            SMALL,
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            layer_types=["linear_attention", "full_attention"],
+        ),  # fmt: skip
+    ),
     "qwen2_moe": (
         "causal-lm",
         dict(SMALL, num_key_value_heads=2, num_experts=4, moe_intermediate_size=32),

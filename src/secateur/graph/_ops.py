@@ -14,8 +14,10 @@ import torch
 
 from ._attention_rules import AttentionRules, DeferredView
 from ._einsum import EinsumRule
+from ._linalg_rules import LinalgRules
 from ._shapes import (
     ShapeOnly,
+    common_refinement,
     dim_arg,
     drop_ones,
     follow_axis,
@@ -86,7 +88,7 @@ def picks_rows(index: torch.Tensor) -> bool:
     return index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool
 
 
-class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
+class OpRules(AttentionRules, EinsumRule, LinalgRules, ShuffleRules, WriteRules):
     """Mixin of op rules; the tracer provides ``table``, ``info``, ``set``, ``param_of``,
     ``add_param``, ``uniform_operand``, ``pick`` and ``note_width``."""
 
@@ -181,6 +183,15 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
             # leading axes regrouped while the channels' run splits or merges (Twins' windows)
             shape, at = ShapeOnly(lead[0]), lead[1]
             return self.reshape(shape, layout, at, out, name, args, tried | {"lead"})
+        elif "refine" not in tried and (mid := common_refinement(x.shape, out.shape)):
+            # axes split and merged at once (Qwen3.5's (batch * tokens * heads, head_dim) back
+            # to (batch, tokens, heads * head_dim)): through the shape both are merges of
+            between = ShapeOnly(mid)
+            if not self.reshape(x, layout, dim, between, "split", args, tried | {"refine"}):
+                return False
+            if (placed := self.layouts.get(id(between))) is None:
+                return False  # a view whose reading waits for a later op
+            return self.reshape(between, *placed, out, name, args, tried | {"refine"})
         else:
             return False
         if name in ("view", "reshape"):
@@ -210,11 +221,13 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
             self.set(out, layout, dim if dim < a else dim + (b - a - 1))
             return True
         outer = out.shape[a]
-        if b - a == 2 and outer > 1 and len(layout) % outer == 0:
-            # (batch * heads) back to (batch, heads): the layout is one period per outer index
-            period = layout[: len(layout) // outer]
-            if period * outer == layout and self._width(period) == out.shape[a + 1]:
-                self.set(out, period, a + 1)
+        repeats = math.prod(out.shape[a : b - 1])
+        if repeats > 1 and len(layout) % repeats == 0:
+            # (batch * heads) back to (batch, heads), or (batch * tokens * heads) back to
+            # (batch, tokens, heads): the layout is one period per index of the outer axes
+            period = layout[: len(layout) // repeats]
+            if period * repeats == layout and self._width(period) == out.shape[b - 1]:
+                self.set(out, period, b - 1)
                 return True
         unit = math.prod(out.shape[a + 1 : b])  # features per index of the new outer axis
         heads = b - a >= 2 and a == x.dim() - 1  # (heads, head_dim); Falcon (kv, g + 2, hd)
@@ -683,7 +696,11 @@ class OpRules(AttentionRules, EinsumRule, ShuffleRules, WriteRules):
             at = axis - (out.dim() - other.dim())
             # a shared key/value head may come repeated once per query head (HF's repeat_kv)
             sizes = (1, tracked.shape[axis - (out.dim() - tracked.dim())]) if shared else (1,)
-            if at >= 0 and other.shape[at] not in sizes:
+            if (
+                at >= 0
+                and other.shape[at] not in sizes
+                and not self.uniform_operand(other, at, layout)  # a recurrent state's zeros
+            ):
                 return False
         self.set(out, layout, axis)
         return True

@@ -57,6 +57,30 @@ def intact_axis(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
     return None
 
 
+def common_refinement(src: Sequence[int], dst: Sequence[int]) -> tuple[int, ...] | None:
+    """The shape both ``src`` and ``dst`` are merges of, when each axis divides cleanly
+    (``(64, 8)`` and ``(2, 8, 32)`` both merge ``(2, 8, 4, 8)``); None when sizes do not divide
+    or an axis has one entry."""
+    if 1 in src or 1 in dst or math.prod(src) != math.prod(dst):
+        return None
+    out: list[int] = []
+    i = j = 0
+    x, y = (src[0], dst[0]) if src and dst else (0, 0)
+    while i < len(src) and j < len(dst):
+        step = min(x, y)
+        if max(x, y) % step:
+            return None
+        out.append(step)
+        x, y = x // step, y // step
+        if x == 1:
+            i += 1
+            x = src[i] if i < len(src) else 0
+        if y == 1:
+            j += 1
+            y = dst[j] if j < len(dst) else 0
+    return tuple(out)
+
+
 def merge_run(src: Sequence[int], dst: Sequence[int]) -> tuple[int, int] | None:
     """``(a, b)`` when ``dst`` is ``src`` with axes ``a .. b-1`` merged into one axis ``a``."""
     if len(dst) >= len(src):

@@ -686,6 +686,10 @@ class _Tracer(OpRules, TorchFunctionMode):
             (name in MATMUL, lambda: self.matmul(args, out)),
             (name == "scaled_dot_product_attention", lambda: self.attention(args, kwargs, out)),
             (name == "einsum", lambda: self.einsum(args, out)),
+            (
+                name == "linalg_solve_triangular",
+                lambda: self.solve_triangular(args, kwargs, out),
+            ),
             (name in NORM_FN and single, lambda: self.norm_fn(args, kwargs, x, layout, dim, out)),
             (
                 name in CONV_FN and args[0] is x and tensor_out,
@@ -696,6 +700,10 @@ class _Tracer(OpRules, TorchFunctionMode):
                 lambda: self.linear_fn(args, kwargs, x, layout, dim, out),
             ),
             (name == "expand_as" and single, lambda: self.pointwise(x, layout, dim, out)),
+            (  # a triangle of each matrix on the last two axes: channels elsewhere pass
+                name in ("tril", "triu", "tril_", "triu_") and single and dim < x.dim() - 2,
+                lambda: self.pointwise(x, layout, dim, out),
+            ),
             (
                 name in ("view_as_complex", "view_as_real") and single and tensor_out,
                 lambda: self.complex_view(x, layout, dim, out),
