@@ -198,6 +198,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
         shared_expert_intermediate_size=64,
         **DELTANET,
     ),
+    "olmo_hybrid": dict(GQA, **DELTANET),
+    # Kimi Delta Attention (per-channel gates through low-rank projections) beside MLA and
+    # experts
+    "kimi_linear": dict(
+        MHA,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        moe_intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        linear_head_dim=8,
+        linear_num_heads=4,
+        layer_types=["linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse"],
+    ),
     "qwen2_moe": dict(
         GQA,
         num_experts=4,
@@ -366,6 +383,11 @@ def _widths(model: torch.nn.Module) -> str:
     state-space or linear-attention layer's inner width."""
     hidden = model.get_output_embeddings().in_features
     attn = ffn = mixer = linear = "?"
+    linear_scopes = [
+        f"{name}."
+        for name, module in model.named_modules()
+        if any(kind in type(module).__name__ for kind in ("GatedDeltaNet", "DeltaAttention"))
+    ]
     for name, module in model.named_modules():
         stacked = getattr(module, "down_proj", None)
         if isinstance(stacked, torch.nn.Parameter) and stacked.dim() == 3 and ffn == "?":
@@ -379,8 +401,9 @@ def _widths(model: torch.nn.Module) -> str:
             continue
         leaf = name.rsplit(".", 1)[-1]
         in_attention = "attn" in name or "attention" in name
-        if ".linear_attn." in name:  # Gated DeltaNet's heads, beside the full attention's
-            linear = inputs if linear == "?" and leaf == "out_proj" else linear
+        if any(name.startswith(scope) for scope in linear_scopes):
+            # Gated DeltaNet's (or Kimi's delta attention's) heads, beside full attention's
+            linear = inputs if linear == "?" and leaf in ("out_proj", "o_proj") else linear
         elif attn == "?" and in_attention and leaf in ("o_proj", "dense", "out_proj", "c_proj"):
             attn = inputs
         elif ffn == "?" and not in_attention and leaf in FFN_OUT:
