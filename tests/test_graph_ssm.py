@@ -266,3 +266,37 @@ def test_heads_through_a_triangular_solve_and_a_per_head_norm_are_units() -> Non
     assert heads.size == 4 and heads.kind == "head"
     assert {"q", "k", "v"} <= {m.module_name for m in heads.members}
     assert_silenced_removal_exact(model, _x())
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "between"),
+    [
+        ((64, 8), (2, 8, 32), (2, 8, 4, 8)),
+        ((4, 6), (2, 12), (2, 2, 6)),
+        ((6, 4), (4, 6), None),  # 6 and 4 do not divide each other
+        ((2, 1, 8), (16,), None),  # an axis of one entry
+        ((2, 0, 8), (0, 6), None),  # no entries
+        ((4, 6), (5, 5), None),  # different sizes
+    ],
+)
+def test_the_shape_two_reshapes_merge_from(src: tuple, dst: tuple, between: tuple | None) -> None:
+    from secateur.graph._shapes import common_refinement
+
+    assert common_refinement(src, dst) == between
+
+
+class SolvedFromTheRight(nn.Module):
+    """``X A = B`` (``left=False``): each row mixes B's columns, so channels there stay whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        system = torch.eye(5) + torch.ones(5, 5).tril(-1) * 0.1
+        return self.b(torch.linalg.solve_triangular(system, self.a(x), upper=False, left=False))
+
+
+def test_a_solve_from_the_right_keeps_the_channels_whole() -> None:
+    graph = build_dependency_graph(SolvedFromTheRight().eval(), _x())
+    assert all(m.module_name != "a" for g in graph.groups for m in g.members)

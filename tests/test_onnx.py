@@ -354,6 +354,62 @@ def test_dynamic_sequence_on_an_axis_that_is_not_one_is_a_config_error(tmp_path)
     assert not (tmp_path / "c.onnx").exists()
 
 
+class PaddedToChunks(nn.Module):
+    """Pads the sequence to a multiple of 4, choosing the padding by a Python branch on its
+    length: the trace freezes the branch the example's length took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.lin(x)
+        if t % 4:
+            h = nn.functional.pad(h, (0, 0, 0, 4 - t % 4))
+        h = h.reshape(b, -1, 4, 4).cumsum(2).reshape(b, -1, 4)
+        return h[:, :t]
+
+
+def test_dynamic_sequence_is_checked_at_a_length_that_is_no_multiple(tmp_path) -> None:
+    """Twice the example's length is still a multiple of the chunk; one more is not."""
+    model = PaddedToChunks().eval()
+    with pytest.raises(ArtifactError, match="a sequence of 9: .*without dynamic_sequence"):
+        export_onnx(model, torch.randn(2, 8, 4), tmp_path / "p.onnx", dynamic_sequence=True)
+    assert not (tmp_path / "p.onnx").exists()
+    export_onnx(model, torch.randn(2, 8, 4), tmp_path / "p.onnx")  # at the example's length
+    assert OnnxRunner(tmp_path / "p.onnx")(torch.ones(3, 8, 4)).shape == (3, 8, 4)
+
+
+def test_negative_permute_dims_export(tmp_path) -> None:
+    """The exporter writes ``permute``'s negative dimensions into Transpose as they are, which
+    ONNX Runtime rejects; they are counted from the front while exporting."""
+
+    class Permuted(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.permute(0, -2, -1, 1) * torch.permute(x, (0, -2, -1, 1))
+
+    x = torch.randn(2, 3, 4, 5)
+    export_onnx(Permuted().eval(), x, tmp_path / "p.onnx")
+    torch.testing.assert_close(OnnxRunner(tmp_path / "p.onnx")(x), Permuted()(x))
+
+
+def test_pruned_mamba2_exports_at_its_length_and_refuses_any_length(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Mamba2Config(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, state_size=4, num_heads=4,
+        head_dim=8, n_groups=1, expand=2, chunk_size=4, conv_kernel=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Mamba2ForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=ids)
+    assert model.backbone.layers[0].mixer.num_heads < 4
+    export_onnx(model, {"input_ids": ids}, tmp_path / "m.onnx")  # checked against PyTorch
+    with pytest.raises(ArtifactError, match="a sequence of 9"):
+        export_onnx(model, {"input_ids": ids}, tmp_path / "any.onnx", dynamic_sequence=True)
+
+
 def test_a_failed_conversion_prints_no_exporter_graph_dump(tmp_path, capfd) -> None:
     class Diff(nn.Module):  # torch.diff has no ONNX form in the TorchScript exporter
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ as equivalent ones for the export's duration only: :func:`exportable_ops` enters
 - ``cumsum`` of booleans: ONNX Runtime's CumSum takes none, yet the exporter passes the bool
   input on (transformers' chunked attention mask, Llama 4, counts left padding so); traced
   on int64, the dtype PyTorch gives the sum anyway.
+- ``permute`` with negative dimensions: the exporter writes them into ``Transpose``'s
+  ``perm`` as they are, which ONNX Runtime rejects (Mamba2's chunked scan permutes by
+  ``(0, -2, -1, 1)``); traced with each counted from the front.
 - Complex numbers: ONNX has none. Rotary embeddings written as complex products (Llama 4,
   DeepSeek-V2: ``torch.polar``, ``view_as_complex``, a product, ``view_as_real``) are traced
   on (real, imaginary) pairs held in a last axis of 2; see :class:`ComplexAsPairs`.
@@ -35,6 +38,7 @@ def exportable_ops() -> Iterator[None]:
         _patched("repeat_interleave", _by_stacking),
         _patched("expm1", _as_exp_minus_one),
         _patched("cumsum", _on_integers),
+        _patched("permute", _from_the_front),
         ComplexAsPairs(),
     ):
         yield
@@ -70,6 +74,18 @@ def _on_integers(original: Any) -> Any:
         return original(x, *args, **kwargs)
 
     return cumsum
+
+
+def _from_the_front(original: Any) -> Any:
+    def permute(x: torch.Tensor, *dims: Any, **kwargs: Any) -> torch.Tensor:
+        order = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        if "dims" in kwargs:
+            order = kwargs.pop("dims")
+        if isinstance(x, torch.Tensor) and all(type(d) is int for d in order):
+            order = tuple(d % x.dim() if x.dim() else d for d in order)
+        return original(x, tuple(order), **kwargs)
+
+    return permute
 
 
 def _by_stacking(original: Any) -> Any:

@@ -60,8 +60,8 @@ def intact_axis(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
 def common_refinement(src: Sequence[int], dst: Sequence[int]) -> tuple[int, ...] | None:
     """The shape both ``src`` and ``dst`` are merges of, when each axis divides cleanly
     (``(64, 8)`` and ``(2, 8, 32)`` both merge ``(2, 8, 4, 8)``); None when sizes do not divide
-    or an axis has one entry."""
-    if 1 in src or 1 in dst or math.prod(src) != math.prod(dst):
+    or an axis has one entry or none."""
+    if {0, 1} & {*src, *dst} or math.prod(src) != math.prod(dst):
         return None
     out: list[int] = []
     i = j = 0
