@@ -19,3 +19,15 @@ DEEPSEEK_V3_MLA = dict(
     qk_nope_head_dim=8,
     v_head_dim=24,
 )
+
+# Qwen3.5's Gated-DeltaNet linear attention at a small size: 2 key heads of 8, each shared by
+# 2 value heads of 8; layer 0 linear, layer 1 full attention
+QWEN3_5_DELTANET = dict(
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    layer_types=["linear_attention", "full_attention"],
+)
+# a Mamba2 mixer of 8 heads over one group of state of 8, in chunks of 4
+MAMBA2_ONE_GROUP = dict(state_size=8, num_heads=8, n_groups=1, expand=2, chunk_size=4)

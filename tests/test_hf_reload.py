@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from hf_small_configs import DEEPSEEK_V3_MLA
+from hf_small_configs import DEEPSEEK_V3_MLA, MAMBA2_ONE_GROUP, QWEN3_5_DELTANET
 from secateur import ArtifactError, ConfigError, create_model, load_model, save_model
 from secateur.pruning import StructuredConfig, prune_
 
@@ -73,25 +73,13 @@ CASES: dict[str, dict[str, Any]] = {
         task="causal-lm",
         hidden_size=32,
         num_hidden_layers=2,
-        state_size=8,
-        num_heads=8,
         head_dim=8,
-        n_groups=1,
-        expand=2,
-        chunk_size=4,
         vocab_size=100,
+        **MAMBA2_ONE_GROUP,
     ),
     # Qwen3.5's linear attention: its key and value head counts and widths are attribute edits
     "hf.qwen3_5_text": dict(
-        SMALL,
-        task="causal-lm",
-        num_key_value_heads=2,
-        head_dim=16,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        layer_types=["linear_attention", "full_attention"],
+        SMALL, task="causal-lm", num_key_value_heads=2, head_dim=16, **QWEN3_5_DELTANET
     ),
     # MLA: keys copied into a fresh tensor, q and kv latents
     "hf.deepseek_v3": dict(SMALL, task="causal-lm", **DEEPSEEK_V3_MLA),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_small_configs import DEEPSEEK_V3_MLA
+from hf_small_configs import DEEPSEEK_V3_MLA, MAMBA2_ONE_GROUP, QWEN3_5_DELTANET
 from secateur.graph import build_dependency_graph
 from secateur.measure import count_macs
 from secateur.pruning import StructuredConfig, prune_
@@ -114,32 +114,14 @@ FAMILIES = {
     # chunked scan's einsums; the gated RMSNorm pools over the heads
     "mamba2": (
         "causal-lm",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            state_size=8,
-            num_heads=8,
-            head_dim=16,
-            n_groups=1,
-            expand=2,
-            chunk_size=4,
-        ),  # fmt: skip
+        dict(hidden_size=64, num_hidden_layers=2, head_dim=16, **MAMBA2_ONE_GROUP),
     ),
     # Qwen3.5: Gated-DeltaNet linear attention beside full attention; heads through a
     # triangular solve per chunk, a recurrent state from zeros, a per-head gated norm over
     # (batch * tokens * heads, head_dim) rows
     "qwen3_5_text": (
         "causal-lm",
-        dict(
-            SMALL,
-            num_key_value_heads=2,
-            head_dim=16,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            layer_types=["linear_attention", "full_attention"],
-        ),  # fmt: skip
+        dict(SMALL, num_key_value_heads=2, head_dim=16, **QWEN3_5_DELTANET),
     ),
     "qwen2_moe": (
         "causal-lm",

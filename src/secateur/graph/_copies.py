@@ -22,7 +22,7 @@ import torch
 from ._einsum import einsum_letters
 from ._ops import ELEMENTWISE, POINTWISE, RESHAPE
 from ._shapes import PERMUTE, dim_arg, follow_axis, intact_axis, permute_order
-from ._uniform import _storage, written
+from ._uniform import MarkedTensors, written
 
 # ops in POINTWISE that mix neighbouring entries, or change an axis's size or order
 _NOT_PER_ELEMENT = {
@@ -42,13 +42,8 @@ class Repeat:
     context: tuple | None
 
 
-class CopiedAxes:
-    """See the module docstring."""
-
-    def __init__(self) -> None:
-        self._axes: dict[int, dict[int, Repeat]] = {}  # id -> {axis: the call that made it}
-        self._storages: dict[int, set[int]] = {}  # storage -> ids of the tensors on it
-        self._keep: list[torch.Tensor] = []  # ids and storages stay unique while tracing
+class CopiedAxes(MarkedTensors):
+    """See the module docstring. Marks: {axis: the call that made the copies}."""
 
     def along(self, t: Any, axis: int) -> Repeat | None:
         """The call that made ``t`` hold one value all along ``axis``, if it does."""
@@ -59,22 +54,9 @@ class CopiedAxes:
     ) -> None:
         """Forget what an op writes into; record the axes of copies of what it makes."""
         wrote = written(name, args, kwargs)
-        for t in wrote:
-            key = _storage(t)
-            if key is None:  # unknown memory: nothing marked can be trusted
-                self._axes.clear()
-                self._storages.clear()
-                return
-            for marked in self._storages.pop(key, ()):
-                self._axes.pop(marked, None)
-        if wrote or not isinstance(out, torch.Tensor) or out.dim() == 0:
-            return
-        axes = self._made(name, args, kwargs, out, context)
-        key = _storage(out) if axes else None
-        if key is not None:
-            self._keep.append(out)
-            self._axes[id(out)] = axes
-            self._storages.setdefault(key, set()).add(id(out))
+        self.forget(wrote)
+        if not wrote and isinstance(out, torch.Tensor) and out.dim() > 0:
+            self._mark(out, self._made(name, args, kwargs, out, context))
 
     def _made(self, name, args, kwargs, out, context) -> dict[int, Repeat]:  # noqa: ANN001
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None

@@ -58,13 +58,38 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
-class UniformTensors:
+class MarkedTensors:
+    """Marks on tensors, by identity, forgotten when anything writes into their memory."""
+
+    def __init__(self) -> None:
+        self._axes: dict[int, dict[int, Any]] = {}  # id -> {axis: what marked it}
+        self._storages: dict[int, set[int]] = {}  # storage -> ids of the tensors on it
+        self._keep: list[torch.Tensor] = []  # ids and storages stay unique while tracing
+
+    def forget(self, tensors: list[torch.Tensor]) -> None:
+        """Unmark every tensor sharing memory with one of ``tensors``."""
+        for t in tensors:
+            key = _storage(t)
+            if key is None:  # unknown memory: nothing marked can be trusted
+                self._axes.clear()
+                self._storages.clear()
+                return
+            for marked in self._storages.pop(key, ()):
+                self._axes.pop(marked, None)
+
+    def _mark(self, out: Any, axes: dict[int, Any]) -> None:
+        key = _storage(out) if axes else None
+        if key is not None:
+            self._keep.append(out)
+            self._axes[id(out)] = axes
+            self._storages.setdefault(key, set()).add(id(out))
+
+
+class UniformTensors(MarkedTensors):
     """See the module docstring."""
 
     def __init__(self) -> None:
-        self._axes: dict[int, dict[int, Made | None]] = {}  # id -> {axis from the end: made}
-        self._storages: dict[int, set[int]] = {}  # storage -> ids of the tensors on it
-        self._keep: list[torch.Tensor] = []  # ids and storages stay unique while tracing
+        super().__init__()  # marks: {axis from the end: the call that made it}
         self._serial = 0
 
     def along(self, t: torch.Tensor, axis: int) -> Made | None:
@@ -83,22 +108,7 @@ class UniformTensors:
         """Record what an op on untracked tensors makes, then forget what it wrote into."""
         axes = self._made(name, args, kwargs, out, context)
         self.forget(written(name, args, kwargs))
-        key = _storage(out) if axes else None
-        if key is not None:
-            self._keep.append(out)
-            self._axes[id(out)] = axes
-            self._storages.setdefault(key, set()).add(id(out))
-
-    def forget(self, tensors: list[torch.Tensor]) -> None:
-        """Unmark every tensor sharing memory with one of ``tensors``."""
-        for t in tensors:
-            key = _storage(t)
-            if key is None:  # unknown memory: nothing marked can be trusted
-                self._axes.clear()
-                self._storages.clear()
-                return
-            for marked in self._storages.pop(key, ()):
-                self._axes.pop(marked, None)
+        self._mark(out, axes)
 
     def _made(self, name, args, kwargs, out, context) -> dict[int, Made | None]:  # noqa: ANN001
         if not isinstance(out, torch.Tensor) or out.dim() == 0:
