@@ -592,7 +592,7 @@ class OpRules(AttentionRules, EinsumRule, LinalgRules, ShuffleRules, WriteRules)
         made with a width that does not follow the channels break the pruned model, which the
         pruning's forward check then refuses."""
         at = axis - (out.dim() - t.dim())
-        return at < 0 or t.shape[at] == 1 or self.copies.along(t, at) is not None
+        return at < 0 or t.shape[at] == 1 or self.copies.along(t, at)
 
     def cat(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
         tensors = list(args[0])

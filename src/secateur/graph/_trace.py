@@ -585,7 +585,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         if name in _IGNORED:
             return
-        self.copies.follow(name, args, kwargs, out, self.note_context)
+        self.copies.follow(name, args, kwargs, out)
         if (
             name == "__getitem__"
             and first is not None
