@@ -72,12 +72,11 @@ class CopiedAxes(MarkedTensors):
             order = permute_order(x.dim(), name, args, kwargs)
             return {order.index(a) for a in own} if order else set()
         if name in RESHAPE or name in ("view_as", "reshape_as"):
-            moved = (follow_axis(x.shape, out.shape, a) for a in own)
-            moved = (
-                intact_axis(x.shape, out.shape, a) if to is None else to
-                for a, to in zip(own, moved, strict=True)
-            )
-            return {to for to in moved if to is not None}
+            moved = set()
+            for a in own:
+                to = follow_axis(x.shape, out.shape, a)
+                moved.add(intact_axis(x.shape, out.shape, a) if to is None else to)
+            return moved - {None}
         return set()
 
     def _broadcast(self, args: tuple, kwargs: dict, out: torch.Tensor) -> set[int]:
