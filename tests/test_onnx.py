@@ -442,6 +442,27 @@ def test_repeat_interleave_exports_beside_a_view_of_minus_one(tmp_path) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+class SplitAtALength(nn.Module):
+    """transformers 5.25's Mamba2: a sequence split at an index read off its shape."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        head, tail = torch.tensor_split(x, [x.shape[1] - 2], dim=1)
+        parts = x.tensor_split([1, 3], dim=-1)
+        return head.sum(1), tail * 2, *parts
+
+
+def test_tensor_split_at_a_traced_length_exports_as_slices(tmp_path) -> None:
+    """The exporter's conversion split into equal sections with a Tile ONNX Runtime rejects;
+    the export traces slices, which also follow another sequence length; torch is restored."""
+    functional, method = torch.tensor_split, torch.Tensor.tensor_split
+    model = SplitAtALength()
+    out = export_onnx(model, torch.randn(2, 6, 5), tmp_path / "ts.onnx", dynamic_sequence=True)
+    assert torch.tensor_split is functional and torch.Tensor.tensor_split is method
+    x = torch.randn(3, 9, 5)
+    for got, expected in zip(OnnxRunner(out.path)(x), model(x), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_branch_the_examples_values_took_is_caught(tmp_path) -> None:
     """A trace keeps the branch the example's values chose; the check on other values (here
     the features flipped) finds it and nothing is written."""

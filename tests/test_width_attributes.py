@@ -202,6 +202,33 @@ def test_falcon_kv_groups_go_with_their_query_heads() -> None:
     assert _logits(model, x).shape == (3, 8, 100)
 
 
+class _GroupedByMinusOne(nn.Module):
+    """transformers 5.25's Falcon: each key/value group's query heads, key and value packed
+    together, viewed by ``num_kv_heads`` and ``-1``; ``num_heads`` is set but never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = 4, 2, 4
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.qkv = nn.Linear(8, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
+        self.o = nn.Linear(self.num_heads * self.head_dim, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        grouped = self.qkv(x).view(b, t, self.num_kv_heads, -1, self.head_dim)
+        q, k, v = grouped[..., :-2, :], grouped[..., -2:-1, :], grouped[..., -1:, :]
+        out = (q * k).softmax(-1) * v  # every query head of a group meets its key and value
+        return self.o(out.flatten(2))
+
+
+def test_an_unread_query_head_count_follows_the_kept_key_value_groups() -> None:
+    model, x = _GroupedByMinusOne(), torch.randn(2, 3, 8)
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    assert (model.num_kv_heads, model.num_heads, model.num_key_value_groups) == (1, 2, 2)
+    assert model.secateur_attributes[""] == {"num_kv_heads": 1, "num_heads": 2}
+    assert model.o.in_features == 2 * 4 and model(x).shape == (2, 3, 8)
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_gpt_bigcode_multi_query_heads_go_alone(implementation: str) -> None:
     """One key/value head serves every query head: the query heads are the units, the shared

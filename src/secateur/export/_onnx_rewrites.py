@@ -11,6 +11,9 @@ as equivalent ones for the export's duration only: :func:`exportable_ops` enters
 - ``permute`` with negative dimensions: the exporter writes them into ``Transpose``'s
   ``perm`` as they are, which ONNX Runtime rejects (Mamba2's chunked scan permutes by
   ``(0, -2, -1, 1)``); traced with each counted from the front.
+- ``tensor_split`` at a list of indices read off a shape (transformers 5.25's Mamba2 splits
+  its sequence so): the exporter converts it as a split into that many equal sections, with
+  a ``Tile`` ONNX Runtime rejects; traced as the slices it is defined as.
 - Complex numbers: ONNX has none. Rotary embeddings written as complex products (Llama 4,
   DeepSeek-V2: ``torch.polar``, ``view_as_complex``, a product, ``view_as_real``) are traced
   on (real, imaginary) pairs held in a last axis of 2; see :class:`ComplexAsPairs`.
@@ -21,6 +24,7 @@ The model's own PyTorch forward outside the export is untouched.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +43,7 @@ def exportable_ops() -> Iterator[None]:
         _patched("expm1", _as_exp_minus_one),
         _patched("cumsum", _on_integers),
         _patched("permute", _from_the_front),
+        _patched("tensor_split", _as_slices),
         ComplexAsPairs(),
     ):
         yield
@@ -102,6 +107,46 @@ def _by_stacking(original: Any) -> Any:
         return torch.stack([self] * repeats, dim=axis + 1).flatten(axis, axis + 1)
 
     return repeat_interleave
+
+
+def _as_slices(original: Any) -> Any:
+    """``x.tensor_split([i, j, ...], dim)`` as ``x[..., :i]``, ``x[..., i:j]``, ..., its
+    documented meaning; sections counts and tensors of indices are untouched."""
+
+    def tensor_split(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        at = args[0] if args else kwargs.get("indices")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        known = set(kwargs) <= {"indices", "dim"} and len(args) <= 2
+        if not (
+            known
+            and isinstance(x, torch.Tensor)
+            and x.dim() > 0
+            and isinstance(at, (list, tuple))
+            and isinstance(dim, int)
+            and all(_is_whole(i) or _is_traced_count(i) for i in at)
+        ):
+            return original(x, *args, **kwargs)
+        axis = dim % x.dim()
+        bounds = [None, *at, None]
+        lead = (slice(None),) * axis
+        return tuple(x[(*lead, slice(a, b))] for a, b in itertools.pairwise(bounds))
+
+    return tensor_split
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_traced_count(value: Any) -> bool:
+    """A 0-d integer tensor: how the exporter's trace hands over a count read off a shape."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.dtype.is_floating_point
+        and value.dtype != torch.bool
+        and not value.is_complex()
+    )
 
 
 _MUL = {"mul", "__mul__", "__rmul__"}

@@ -203,18 +203,45 @@ def _query_groups_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int
         now = kept.get(index, group.size)
         if not group.shared_kv or now == group.size:
             continue
-        for member in {m.module_name for m in group.members}:
-            parts = member.split(".")
-            for depth in range(len(parts) - 1, -1, -1):  # the nearest module holding it
-                name = ".".join(parts[:depth])
-                module = model.get_submodule(name)
-                value = _int(vars(module).get("num_key_value_groups"))
-                if value is not None:
-                    if value == group.size:
-                        module.num_key_value_groups = now
-                        edits.setdefault(name, {})["num_key_value_groups"] = now
-                    break
+        for name, module in _holders(model, group, "num_key_value_groups").items():
+            if _int(vars(module).get("num_key_value_groups")) == group.size:
+                module.num_key_value_groups = now
+                edits.setdefault(name, {})["num_key_value_groups"] = now
     return edits
+
+
+def _query_heads_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int], edits: dict):  # noqa: ANN202
+    """Grouped-query attention: whole key/value groups go, each with the
+    ``num_key_value_groups`` query heads it serves, so a head count of the attention module
+    that held every group's query heads (``num_heads``) becomes the kept groups times that
+    ratio, even where no reshape reads it (transformers 5.25's Falcon views by ``-1``)."""
+    for index, group in enumerate(graph.groups):
+        now = kept.get(index, group.size)
+        if group.kind != "head" or group.shared_kv or now == group.size:
+            continue
+        for name, module in _holders(model, group, "num_key_value_groups").items():
+            ratio = _int(vars(module).get("num_key_value_groups"))
+            done = edits.get(name, {})
+            for attr, value in vars(module).items():
+                if attr in done or not _counts_heads(attr) or attr.startswith("_"):
+                    continue
+                if ratio and _int(value) == group.size * ratio:
+                    setattr(module, attr, now * ratio)
+                    edits.setdefault(name, {})[attr] = now * ratio
+
+
+def _holders(model: nn.Module, group: Any, attr: str) -> dict[str, nn.Module]:
+    """For each member of ``group``, the nearest module holding an int ``attr`` around it."""
+    found: dict[str, nn.Module] = {}
+    for member in {m.module_name for m in group.members}:
+        parts = member.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            name = ".".join(parts[:depth])
+            module = model.get_submodule(name)
+            if _int(vars(module).get(attr)) is not None:
+                found[name] = module
+                break
+    return found
 
 
 def _int_attributes(obj: Any) -> dict[str, Any]:
@@ -363,6 +390,7 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
             edits.setdefault(attr.module_name, {})[name] = width
     for module_name, attrs in _query_groups_(model, graph, kept).items():
         edits.setdefault(module_name, {}).update(attrs)
+    _query_heads_(model, graph, kept, edits)
     if edits:
         model.secateur_attributes = edits
 
