@@ -135,12 +135,17 @@ class _Attention(nn.Module):
                     bias = alias
             causal = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
             bias = torch.where(causal, bias, -1e4)
+        # its head count read by another op, before or after the scores meet it
+        counted = bias.exp().sum(1).mean(-1)[..., None] if self.written == "summed" else None
         if self.eager:  # T5's eager attention: the bias is added to the scores
             scores = q @ k.transpose(-1, -2) / self.head_dim**0.5 + bias
             out = scores.softmax(-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1)), bias
+        if self.written == "summed_after":
+            counted = bias.exp().sum(1).mean(-1)[..., None]
+        out = self.o(out.transpose(1, 2).reshape(b, n, -1))
+        return (out if counted is None else out + counted), bias
 
 
 class _TwoLayers(nn.Module):
@@ -190,6 +195,15 @@ def test_a_mask_with_a_value_per_head_keeps_the_heads(eager: bool) -> None:
 def test_a_mask_written_into_after_it_was_made_keeps_the_heads(how: str) -> None:
     graph = build_dependency_graph(_TwoLayers(per_head=False, written=how).eval(), _hidden())
     assert not [g for g in graph.groups if g.kind == "head"]
+
+
+@pytest.mark.parametrize("when", ["summed", "summed_after"], ids=["before", "after"])
+def test_a_mask_whose_head_count_another_op_reads_keeps_the_heads(when: str) -> None:
+    """Its sum over the heads depends on how many there are: removing heads from the mask
+    would change that sum, so the heads stay, whichever op meets the mask first."""
+    graph = build_dependency_graph(_TwoLayers(per_head=False, written=when).eval(), _hidden())
+    assert not [g for g in graph.groups if g.kind == "head"]
+    assert any("also read by 'sum'" in why for _, why in graph.blocked)
 
 
 class _Closure(nn.Module):

@@ -157,6 +157,9 @@ class _Tracer(OpRules, TorchFunctionMode):
         # tensors, tracked or not, that hold copies of one value along some axes
         self.copies = CopiedAxes()
         self.uniform_layouts: dict[tuple[int, int], Layout] = {}  # by (call made, its axis)
+        # (call made, its axis) of uniform tensors some op read by their width: they keep it
+        self.uniform_read: dict[tuple[int, int], str] = {}
+        self.uniform_used: set[tuple[int, int]] = set()  # (id, axis) the op being read took
         self.depth = 0
         self.stack: list[str] = []
         self.running: list[nn.Module] = []  # the modules of ``stack``
@@ -525,15 +528,40 @@ class _Tracer(OpRules, TorchFunctionMode):
         if made is None or made.context is None:
             return False
         axis = at - t.dim() + made.ndim
+        if (reader := self.uniform_read.get((made.serial, axis))) is not None:
+            # another op read its width: it keeps it, and so do the units met with it
+            self.table.block_layout(
+                layout, f"a tensor made with their count is also read by '{reader}'"
+            )
+            return True
         if (earlier := self.uniform_layouts.get((made.serial, axis))) is not None:
-            return self.unify(earlier, layout) is not None
-        noted = len(self.notes)
-        if axis >= 0:
-            self.note_literals((None, *made.args), axis, t.shape[at], layout, made.context)
-        if len(self.notes) == noted:
-            return False  # no width spelled where it was made: it could not follow
-        self.uniform_layouts[(made.serial, axis)] = layout
+            if self.unify(earlier, layout) is None:
+                return False
+        else:
+            noted = len(self.notes)
+            if axis >= 0:
+                self.note_literals((None, *made.args), axis, t.shape[at], layout, made.context)
+            if len(self.notes) == noted:
+                return False  # no width spelled where it was made: it could not follow
+            self.uniform_layouts[(made.serial, axis)] = layout
+        self.uniform_used.add((id(t), at % t.dim()))
         return True
+
+    def read_uniform(self, name: str, marked: list, out: Any) -> None:
+        """After op ``name``: each axis of a uniform tensor among its operands (``marked``,
+        with their marks from before the op) that the op neither carried into ``out`` nor
+        took as units of a layout was read by its width (``(zeros + 1).sum(1)``). Such an
+        axis keeps its width: a layout that already took it is blocked, and none takes it
+        after."""
+        for t, marks in marked:
+            for k, made in marks.items():
+                if (id(t), t.dim() + k) in self.uniform_used or self.uniform.carried(out, k, made):
+                    continue
+                key = (made.serial, made.ndim + k)
+                self.uniform_read.setdefault(key, name)
+                if (layout := self.uniform_layouts.pop(key, None)) is not None:
+                    reason = f"a tensor made with their count is also read by '{name}'"
+                    self.table.block_layout(layout, reason)
 
     def pick(self, layout: Layout, out: torch.Tensor) -> bool:
         """``x[..., i, ...]`` at the channel axis: one channel's values, with no channel axis.
@@ -577,6 +605,14 @@ class _Tracer(OpRules, TorchFunctionMode):
         return True
 
     def record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        """Apply the rule of op ``name`` to what it read and made."""
+        marked = self.uniform.marks_in([args, kwargs]) if name not in _IGNORED else []
+        self.uniform_used = set()
+        self._record(name, args, kwargs, out)
+        if marked:
+            self.read_uniform(name, marked, out)
+
+    def _record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
         picked = first is not None and id(first) in self.picked
         if picked and name == "__get__" and isinstance(out, torch.Tensor):

@@ -21,7 +21,15 @@ from ._ops import ELEMENTWISE, POINTWISE
 
 FILLED = {"zeros", "ones", "full"}
 _CASTS = {"to", "float", "half", "bfloat16"}
-KEEPING = ELEMENTWISE | _CASTS | {"contiguous", "clone", "detach"}
+# maps of each value on its own: a value the same all along an axis stays so
+_VALUE_MAPS = POINTWISE - {
+    *("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d"),
+    *("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "avg_pool2d"),
+    *("avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "interpolate", "upsample", "pad"),
+    *("pixel_unshuffle", "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d"),
+    *("alpha_dropout", "feature_alpha_dropout"),
+}
+KEEPING = ELEMENTWISE | _VALUE_MAPS | _CASTS | {"contiguous", "clone", "detach"}
 _IN_PLACE_DUNDERS = {
     *("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__"),
     *("__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"),
@@ -96,6 +104,20 @@ class UniformTensors(MarkedTensors):
         """The call that made ``t``'s values along ``axis``, if they are the same all along it."""
         entry = self._axes.get(id(t))
         return entry.get(axis - t.dim()) if entry is not None else None
+
+    def marks_in(self, values: Any) -> list[tuple[torch.Tensor, dict[int, Made]]]:
+        """The marked tensors among ``values`` with their marks, as they are now."""
+        return [
+            (t, {k: m for k, m in self._axes[id(t)].items() if m is not None})
+            for t in tree_flatten(values)[0]
+            if isinstance(t, torch.Tensor) and id(t) in self._axes
+        ]
+
+    def carried(self, out: Any, axis: int, made: Made) -> bool:
+        """Whether ``out`` holds ``made``'s values along ``axis`` (from the end)."""
+        entry = self._axes.get(id(out)) if isinstance(out, torch.Tensor) else None
+        mark = entry.get(axis) if entry is not None else None
+        return mark is not None and mark.serial == made.serial
 
     def follow(
         self,
