@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from hf_small_configs import QWEN3_5_DELTANET
 from secateur import create_model
 from secateur.errors import ArtifactError, ConfigError, OutputError
 from secateur.export import OnnxExport, export_onnx
@@ -408,6 +410,79 @@ def test_pruned_mamba2_exports_at_its_length_and_refuses_any_length(tmp_path) ->
     export_onnx(model, {"input_ids": ids}, tmp_path / "m.onnx")  # checked against PyTorch
     with pytest.raises(ArtifactError, match="a sequence of 9"):
         export_onnx(model, {"input_ids": ids}, tmp_path / "any.onnx", dynamic_sequence=True)
+
+
+class ChunksOf64(nn.Module):
+    """A running sum in chunks of 64 tokens, looped over in Python (Gated DeltaNet's scan)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        chunks = F.pad(x, (0, 0, 0, (-t) % 64)).unflatten(1, (-1, 64))
+        out = torch.zeros_like(chunks)
+        carry = torch.zeros_like(chunks[:, 0, :1])
+        for i in range(chunks.shape[1]):
+            out[:, i] = chunks[:, i].cumsum(1) + carry
+            carry = out[:, i, -1:]
+        return out.flatten(1, 2)[:, :t]
+
+
+def test_a_loop_over_chunks_longer_than_the_example_is_refused_for_any_length(tmp_path) -> None:
+    """Twice the example and one more still fit in one chunk; a sequence 257 longer does not,
+    and there the frozen loop's file gives other values: refused, nothing written."""
+    x = torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(0))
+    export_onnx(ChunksOf64(), x, tmp_path / "at_12.onnx", dynamic_batch=False)
+    with pytest.raises(ArtifactError, match="a sequence of 269.*froze a length"):
+        export_onnx(
+            ChunksOf64(), x, tmp_path / "any.onnx", dynamic_batch=False, dynamic_sequence=True
+        )
+    assert not (tmp_path / "any.onnx").exists()
+
+
+class Triangular(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = a + 3 * torch.eye(a.shape[-1])
+        return tuple(
+            torch.linalg.solve_triangular(a, b if left else b.transpose(-2, -1), upper=upper, left=left, unitriangular=unit)
+            for upper in (False, True)
+            for left in (True, False)
+            for unit in (False, True)
+        )  # fmt: skip
+
+
+def test_triangular_solves_export_as_products_and_torch_is_restored(tmp_path) -> None:
+    """ONNX has no triangular solve; the export traces products of doubling powers."""
+    solve = torch.linalg.solve_triangular
+    model, gen = Triangular(), torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 9, 9, generator=gen), torch.randn(2, 3, 9, 4, generator=gen)
+    out = export_onnx(model, (a, b), tmp_path / "tri.onnx", atol=1e-5)
+    assert torch.linalg.solve_triangular is solve
+    a, b = torch.randn(1, 3, 9, 9, generator=gen), torch.randn(1, 3, 9, 4, generator=gen)
+    for got, expected in zip(OnnxRunner(out.path)(a, b), model(a, b), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pruned_qwen3_5_exports_at_its_length_and_refuses_any_length(tmp_path) -> None:
+    """Gated DeltaNet's linear attention: solved per chunk of 64 in a Python loop."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "qwen3_5_text", vocab_size=100, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, **QWEN3_5_DELTANET,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=ids)
+    attn = model.model.layers[0].linear_attn
+    assert (attn.num_k_heads, attn.num_v_heads, attn.head_k_dim, attn.out_proj.in_features) == (
+        1,
+        2,
+        8,
+        16,
+    )  # the counts follow, the size inside a head stays
+    export_onnx(model, x, tmp_path / "q.onnx")  # checked against PyTorch
+    with pytest.raises(ArtifactError, match="a sequence of 269"):
+        export_onnx(model, x, tmp_path / "any.onnx", dynamic_sequence=True)
 
 
 def test_a_failed_conversion_prints_no_exporter_graph_dump(tmp_path, capfd) -> None:

@@ -243,14 +243,15 @@ def test_gpt2_fused_qkv_split_size_and_tied_embeddings_follow() -> None:
 
 
 def test_gpt2_heads_only_rewrite_what_the_forward_reads() -> None:
-    """split_size (read by the forward) follows the heads; embed_dim (the hidden size, equal to
-    split_size before pruning but never read in the forward) stays."""
+    """split_size (read by the forward) follows the heads, and so does the head count;
+    embed_dim (the hidden size, equal to split_size before pruning but never read in the
+    forward) stays."""
     model, x = _build("gpt2")
     prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
     attn = model.transformer.h[0].attn
-    assert attn.split_size == 32
+    assert (attn.split_size, attn.num_heads) == (32, 2)
     assert attn.embed_dim == 64
-    assert set(model.secateur_attributes["transformer.h.0.attn"]) == {"split_size"}
+    assert set(model.secateur_attributes["transformer.h.0.attn"]) == {"split_size", "num_heads"}
     assert _logits(model, x).shape == (3, 8, 100)
 
 

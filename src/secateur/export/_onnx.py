@@ -48,6 +48,10 @@ from ..errors import ArtifactError, ConfigError, first_line
 from ._onnx_rewrites import exportable_ops
 
 DEFAULT_OPSET = 17
+# how much longer than the example a dynamic_sequence file is also checked at: crosses a
+# boundary of any chunk or block of up to this many tokens that the trace may have frozen
+LONGER_BY = 257
+_VALUE_FIX = "check the model for untraceable control flow, or raise the tolerance"
 _MIN_OPSET = 9
 _MAX_OPSET = 20  # the TorchScript exporter's highest (torch.onnx._constants)
 # token ids -> the mask that spares transformers its torch.diff (no ONNX form) when given
@@ -326,9 +330,11 @@ def _compare(
     what: str,
     fix: str = "pass dynamic_batch=False if the model fixes its batch size",
     outputs: tuple[torch.Tensor, ...] | None = None,
+    value_fix: str = _VALUE_FIX,
 ) -> float:
     """The largest difference between ONNX Runtime and PyTorch on ``tensors`` (PyTorch's
-    ``outputs`` when already computed), or a one-line :class:`ArtifactError`."""
+    ``outputs`` when already computed), or a one-line :class:`ArtifactError` ending in ``fix``
+    when the file cannot run them, in ``value_fix`` when its values differ."""
     if outputs is None:
         with torch.no_grad():
             outputs = flat(*tensors)
@@ -341,7 +347,9 @@ def _compare(
             f"ONNX Runtime cannot run the export on {what}: {first}: {fix}"
         ) from None
     shape_fix = "pass dynamic_batch=False or simplify forward()"
-    return _worst_difference(expected, got, (rtol, atol), what, shape_fix)
+    if value_fix != _VALUE_FIX:  # a check with its own cause: a size differs for it too
+        shape_fix = value_fix
+    return _worst_difference(expected, got, (rtol, atol), what, shape_fix, value_fix)
 
 
 def _worst_difference(
@@ -350,6 +358,7 @@ def _worst_difference(
     tolerance: tuple[float, float],
     what: str,
     shape_fix: str,
+    value_fix: str = "",
 ) -> float:
     """The largest ``|got - expected|`` over all outputs, or a one-line :class:`ArtifactError`
     for a shape that differs or a value beyond ``atol + rtol * |expected|``."""
@@ -368,8 +377,7 @@ def _worst_difference(
         if not np.all(diff <= atol + rtol * np.abs(e.astype(np.float64))):
             raise ArtifactError(
                 f"ONNX output {i} differs from PyTorch by up to {float(diff.max()):.3g} on {what} "
-                f"(rtol={rtol}, atol={atol}): check the model for untraceable control flow, "
-                "or raise the tolerance"
+                f"(rtol={rtol}, atol={atol}): {value_fix or _VALUE_FIX}"
             )
     return worst
 
@@ -458,19 +466,48 @@ def _check(
             what = f"only {axis_name} twice as long"
             worst = max(worst, _compare(session, flat, alone, input_names, rtol, atol, what))
         # one longer: twice a length can still be a multiple of what the trace froze (Mamba2's
-        # chunked scan, padded to a multiple of its chunk)
-        odd = tuple(torch.cat([x, x[:, :1]], dim=1) if x.dim() >= 2 else x for x in tensors)
-        expected = _outputs_unless_refused(flat, odd)
-        if expected is not None:
-            what = f"a sequence of {max(x.shape[1] for x in odd if x.dim() >= 2)}"
-            fix = (
-                "the trace froze a length the example's made (a padding to a multiple, a loop's "
-                "count); export without dynamic_sequence, at the length the file will run"
-            )
-            worst = max(
-                worst, _compare(session, flat, odd, input_names, rtol, atol, what, fix, expected)
-            )
+        # chunked scan, padded to a multiple of its chunk); LONGER_BY more: a short example
+        # fits in one chunk, and so do twice and one more (Gated DeltaNet's chunks of 64)
+        fix = (
+            "the trace froze a length the example's made (a padding to a multiple, a loop's "
+            "count); export without dynamic_sequence, at the length the file will run"
+        )
+        for extra in (1, longer_by(flat.model, tensors)):
+            longer = _cycled(tensors, extra)
+            expected = _outputs_unless_refused(flat, longer)
+            if expected is not None:
+                what = f"a sequence of {max(x.shape[1] for x in longer if x.dim() >= 2)}"
+                worst = max(
+                    worst,
+                    _compare(
+                        session, flat, longer, input_names, rtol, atol, what, fix, expected, fix
+                    ),
+                )
     return worst
+
+
+_POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_source_positions")
+
+
+def longer_by(model: nn.Module, tensors: Sequence[torch.Tensor]) -> int:
+    """How much longer than the example a sequence check runs: LONGER_BY, or up to the
+    positions ``model``'s config declares (a table past them is the model's own limit)."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config, name, None) for name in _POSITION_LIMITS]
+    limits = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    length = max((t.shape[1] for t in tensors if t.dim() >= 2), default=0)
+    return max(1, min([LONGER_BY, *(v - length for v in limits)]))
+
+
+def _cycled(tensors: tuple[torch.Tensor, ...], extra: int) -> tuple[torch.Tensor, ...]:
+    """The inputs of 2 or more dims ``extra`` longer on axis 1, their own entries repeated."""
+    out = []
+    for x in tensors:
+        if x.dim() >= 2 and x.shape[1] > 0:
+            length = x.shape[1] + extra
+            x = torch.cat([x] * -(-length // x.shape[1]), dim=1)[:, :length]
+        out.append(x)
+    return tuple(out)
 
 
 def _without_cache_(model: nn.Module) -> None:

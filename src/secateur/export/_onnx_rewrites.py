@@ -14,6 +14,9 @@ as equivalent ones for the export's duration only: :func:`exportable_ops` enters
 - ``tensor_split`` at a list of indices read off a shape (transformers 5.25's Mamba2 splits
   its sequence so): the exporter converts it as a split into that many equal sections, with
   a ``Tile`` ONNX Runtime rejects; traced as the slices it is defined as.
+- ``torch.linalg.solve_triangular``: no conversion (Gated DeltaNet's chunked delta rule in
+  Qwen3.5, Qwen3-Next, OLMo-hybrid); traced as products of doubling powers, see
+  :func:`_by_doubling`.
 - Complex numbers: ONNX has none. Rotary embeddings written as complex products (Llama 4,
   DeepSeek-V2: ``torch.polar``, ``view_as_complex``, a product, ``view_as_real``) are traced
   on (real, imaginary) pairs held in a last axis of 2; see :class:`ComplexAsPairs`.
@@ -44,23 +47,26 @@ def exportable_ops() -> Iterator[None]:
         _patched("cumsum", _on_integers),
         _patched("permute", _from_the_front),
         _patched("tensor_split", _as_slices),
+        _patched("solve_triangular", _by_doubling, owners=(torch.linalg,)),
         ComplexAsPairs(),
     ):
         yield
 
 
 @contextlib.contextmanager
-def _patched(name: str, rewrite: Callable[[Any], Any]) -> Iterator[None]:
-    """``torch.<name>`` and ``Tensor.<name>`` as ``rewrite`` makes them from the originals,
-    until the block ends."""
-    functional, method = getattr(torch, name), getattr(torch.Tensor, name)
-    setattr(torch, name, rewrite(functional))
-    setattr(torch.Tensor, name, rewrite(method))
+def _patched(
+    name: str, rewrite: Callable[[Any], Any], owners: tuple[Any, ...] = (torch, torch.Tensor)
+) -> Iterator[None]:
+    """``torch.<name>`` and ``Tensor.<name>`` (or ``name`` on each of ``owners``) as
+    ``rewrite`` makes them from the originals, until the block ends."""
+    originals = [getattr(owner, name) for owner in owners]
+    for owner, original in zip(owners, originals, strict=True):
+        setattr(owner, name, rewrite(original))
     try:
         yield
     finally:
-        setattr(torch, name, functional)
-        setattr(torch.Tensor, name, method)
+        for owner, original in zip(owners, originals, strict=True):
+            setattr(owner, name, original)
 
 
 def _as_exp_minus_one(original: Any) -> Any:
@@ -132,6 +138,58 @@ def _as_slices(original: Any) -> Any:
         return tuple(x[(*lead, slice(a, b))] for a, b in itertools.pairwise(bounds))
 
     return tensor_split
+
+
+def _by_doubling(original: Any) -> Any:
+    """``torch.linalg.solve_triangular`` (no ONNX conversion; Gated DeltaNet solves its
+    chunks' UT systems with it) as matrix products: a unit lower-triangular ``I + L`` has
+    ``L`` nilpotent, so its inverse is ``(I - L)(I + L^2)(I + L^4)...``, ``log2(n)`` squarings
+    for ``n`` rows. Upper systems are solved reversed, ``left=False`` ones transposed, and a
+    diagonal that is not unit is divided out first. ``out=`` calls are untouched."""
+
+    def solve_triangular(
+        a: Any, b: Any, *args: Any, upper: Any = None, left: Any = True, **kwargs: Any
+    ) -> Any:
+        unit = kwargs.get("unitriangular", False)
+        plain = (
+            not args
+            and set(kwargs) <= {"unitriangular"}
+            and isinstance(upper, bool)
+            and isinstance(left, bool)
+            and isinstance(unit, bool)
+            and all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (a, b))
+            and not (a.is_complex() or b.is_complex())
+        )
+        if not plain:
+            if upper is not None:
+                kwargs["upper"] = upper
+            return original(a, b, *args, left=left, **kwargs)
+        if not left:  # X A = B: A^T X^T = B^T
+            a, b, upper = a.transpose(-2, -1), b.transpose(-2, -1), not upper
+        if upper:  # rows and columns in reverse order make it lower
+            a, b = a.flip(-2, -1), b.flip(-2)
+        x = _lower_solve(a, b, unit)
+        x = x.flip(-2) if upper else x
+        return x if left else x.transpose(-2, -1)
+
+    return solve_triangular
+
+
+def _lower_solve(a: torch.Tensor, b: torch.Tensor, unit: bool) -> torch.Tensor:
+    """``X`` with ``a X = b`` for lower-triangular ``a``, through products only."""
+    rows = int(a.shape[-1])
+    strict = a.tril(-1)
+    if not unit:
+        diagonal = a.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        strict, b = strict / diagonal, b / diagonal
+    power = -strict  # (I + L)^-1 = sum of (-L)^k for k < rows, as a product of doublings
+    x = b + power @ b
+    span = 2  # x holds the powers below span
+    while span < rows:
+        power = power @ power
+        x = x + power @ x
+        span *= 2
+    return x
 
 
 def _is_whole(value: Any) -> bool:

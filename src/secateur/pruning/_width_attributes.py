@@ -20,6 +20,7 @@ replays one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -157,6 +158,8 @@ def _counts_heads(name: str) -> bool:
         and not name.startswith("all_")
         and "per_" not in name
         and "group" not in name
+        and "dim" not in name  # Gated DeltaNet's head_k_dim: a size inside a head
+        and "size" not in name
         and not _within_head(name)
     )
 
@@ -203,45 +206,69 @@ def _query_groups_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int
         now = kept.get(index, group.size)
         if not group.shared_kv or now == group.size:
             continue
-        for name, module in _holders(model, group, "num_key_value_groups").items():
+        for name, module in _holders(model, group, _has_query_groups).items():
             if _int(vars(module).get("num_key_value_groups")) == group.size:
                 module.num_key_value_groups = now
                 edits.setdefault(name, {})["num_key_value_groups"] = now
     return edits
 
 
-def _query_heads_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int], edits: dict):  # noqa: ANN202
-    """Grouped-query attention: whole key/value groups go, each with the
-    ``num_key_value_groups`` query heads it serves, so a head count of the attention module
-    that held every group's query heads (``num_heads``) becomes the kept groups times that
-    ratio, even where no reshape reads it (transformers 5.25's Falcon views by ``-1``)."""
+def _head_counts_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int], edits: dict):  # noqa: ANN202
+    """Head counts no reshape reads: whole units of a head group go (a key/value head with
+    the query heads it serves; Gated DeltaNet's key head with its value heads), so a head
+    count of the module around the group that is a whole multiple of the units (``num_heads``
+    beside ``num_kv_heads``; ``num_v_heads`` beside ``num_k_heads``) keeps that multiple of
+    the kept units. Only where that module holds one head group, and never a count already
+    rewritten (transformers 5.25's Falcon and Qwen3.5 view by ``-1``)."""
+    groups_in: dict[str, set[int]] = {}
+    holders: dict[str, nn.Module] = {}
     for index, group in enumerate(graph.groups):
-        now = kept.get(index, group.size)
-        if group.kind != "head" or group.shared_kv or now == group.size:
+        if group.kind == "head" and not group.shared_kv:
+            for name, module in _holders(model, group, _has_head_count).items():
+                groups_in.setdefault(name, set()).add(index)
+                holders[name] = module
+    for name, indices in groups_in.items():
+        (index,) = indices if len(indices) == 1 else (None,)
+        if index is None:
             continue
-        for name, module in _holders(model, group, "num_key_value_groups").items():
-            ratio = _int(vars(module).get("num_key_value_groups"))
-            done = edits.get(name, {})
-            for attr, value in vars(module).items():
-                if attr in done or not _counts_heads(attr) or attr.startswith("_"):
-                    continue
-                if ratio and _int(value) == group.size * ratio:
-                    setattr(module, attr, now * ratio)
-                    edits.setdefault(name, {})[attr] = now * ratio
+        units, now = graph.groups[index].size, kept.get(index, graph.groups[index].size)
+        if now == units:
+            continue
+        done = edits.get(name, {})
+        for attr, value in list(vars(holders[name]).items()):
+            count = _int(value)
+            if attr in done or not _head_count(attr) or not count or count % units:
+                continue
+            setattr(holders[name], attr, count // units * now)
+            edits.setdefault(name, {})[attr] = count // units * now
 
 
-def _holders(model: nn.Module, group: Any, attr: str) -> dict[str, nn.Module]:
-    """For each member of ``group``, the nearest module holding an int ``attr`` around it."""
+def _head_count(name: str) -> bool:
+    return not name.startswith("_") and _counts_heads(name)
+
+
+def _has_head_count(module: nn.Module) -> bool:
+    return any(_head_count(n) and _int(v) for n, v in vars(module).items())
+
+
+def _holders(
+    model: nn.Module, group: Any, holds: Callable[[nn.Module], bool]
+) -> dict[str, nn.Module]:
+    """For each member of ``group``, the nearest module around it that ``holds``."""
     found: dict[str, nn.Module] = {}
     for member in {m.module_name for m in group.members}:
         parts = member.split(".")
         for depth in range(len(parts) - 1, -1, -1):
             name = ".".join(parts[:depth])
             module = model.get_submodule(name)
-            if _int(vars(module).get(attr)) is not None:
+            if holds(module):
                 found[name] = module
                 break
     return found
+
+
+def _has_query_groups(module: nn.Module) -> bool:
+    return _int(vars(module).get("num_key_value_groups")) is not None
 
 
 def _int_attributes(obj: Any) -> dict[str, Any]:
@@ -390,7 +417,7 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
             edits.setdefault(attr.module_name, {})[name] = width
     for module_name, attrs in _query_groups_(model, graph, kept).items():
         edits.setdefault(module_name, {}).update(attrs)
-    _query_heads_(model, graph, kept, edits)
+    _head_counts_(model, graph, kept, edits)
     if edits:
         model.secateur_attributes = edits
 
