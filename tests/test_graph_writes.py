@@ -334,3 +334,28 @@ class PickedCopy(nn.Module):
 def test_one_channel_copied_out_keeps_the_channels_whole() -> None:
     graph = build_dependency_graph(PickedCopy().eval(), _x())
     assert all(m.module_name != "a" for g in graph.groups for m in g.members)
+
+
+class _CountedBuffer(nn.Module):
+    """A buffer made from the head count, its count read (a sum over the heads), then filled
+    with each head's attention output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = 4, 4
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        buf = torch.ones(b, self.n_heads, n, self.head_dim)
+        count = buf.sum(1, keepdim=True).mean()  # the head count, read by its width
+        buf[:, :, :, :] = F.scaled_dot_product_attention(q, k, v)
+        return self.o(buf.transpose(1, 2).reshape(b, n, -1)) * count
+
+
+def test_a_buffer_whose_count_was_read_keeps_the_heads_written_into_it() -> None:
+    graph = build_dependency_graph(_CountedBuffer().eval(), torch.randn(2, 5, 16))
+    assert not [g for g in graph.groups if g.kind == "head"]

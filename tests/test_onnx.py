@@ -450,7 +450,7 @@ class Triangular(nn.Module):
 
 
 def test_triangular_solves_export_as_products_and_torch_is_restored(tmp_path) -> None:
-    """ONNX has no triangular solve; the export traces products of doubling powers."""
+    """ONNX has no triangular solve; the export traces products (the inverse by halves)."""
     solve = torch.linalg.solve_triangular
     model, gen = Triangular(), torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 3, 9, 9, generator=gen), torch.randn(2, 3, 9, 4, generator=gen)
@@ -459,6 +459,28 @@ def test_triangular_solves_export_as_products_and_torch_is_restored(tmp_path) ->
     a, b = torch.randn(1, 3, 9, 9, generator=gen), torch.randn(1, 3, 9, 4, generator=gen)
     for got, expected in zip(OnnxRunner(out.path)(a, b), model(a, b), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class UTSystem(nn.Module):
+    """Gated DeltaNet's chunk system, ``(I + tril(beta k k^T, -1))^-1``, over 64 tokens."""
+
+    def forward(self, k: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        k = F.normalize(k, dim=-1)
+        a = torch.eye(64) + torch.tril(beta[..., None] * (k @ k.transpose(-1, -2)), -1)
+        eye = torch.eye(64).expand_as(a)
+        return torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
+
+
+def test_a_chunk_of_similar_keys_solves_in_onnx_as_in_pytorch(tmp_path) -> None:
+    """Repeated tokens give keys alike, where a sum of powers of the triangle grows and cancels
+    (off by 1e9 in float32); the inverse by halves stays within float32's error."""
+    gen = torch.Generator().manual_seed(0)
+    k, beta = torch.randn(2, 64, 16, generator=gen), torch.rand(2, 64, generator=gen)
+    out = export_onnx(UTSystem(), (k, beta), tmp_path / "ut.onnx")
+    alike = torch.randn(2, 1, 16, generator=gen) + 0.05 * torch.randn(2, 64, 16, generator=gen)
+    beta = torch.full((2, 64), 0.9)
+    got = OnnxRunner(out.path)(alike, beta)
+    torch.testing.assert_close(got, UTSystem()(alike, beta), rtol=1e-4, atol=1e-5)
 
 
 def test_pruned_qwen3_5_exports_at_its_length_and_refuses_any_length(tmp_path) -> None:

@@ -229,6 +229,54 @@ def test_an_unread_query_head_count_follows_the_kept_key_value_groups() -> None:
     assert model.o.in_features == 2 * 4 and model(x).shape == (2, 3, 8)
 
 
+class _SizedByDHead(nn.Module):
+    """Funnel's and XLNet's naming: ``n_head`` heads of ``d_head`` each, viewed by ``-1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_head, self.d_head = 4, 8
+        self.q, self.k, self.v = (nn.Linear(8, 32) for _ in range(3))
+        self.o = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = (q @ k.transpose(-1, -2) * self.d_head**-0.5).softmax(-1)
+        return self.o((scores @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_size_inside_a_head_named_like_a_count_stays() -> None:
+    model, x = _SizedByDHead(), torch.randn(2, 3, 8)
+    prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+    assert (model.n_head, model.d_head, model.o.in_features) == (2, 8, 16)
+
+
+class _RepeatedKV(nn.Module):
+    """``num_kv_heads`` read in a view, ``num_heads`` only in the query-per-kv ratio."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = 8, 4, 4
+        self.q, self.k = nn.Linear(16, 32), nn.Linear(16, 16)
+        self.o = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        k = self.k(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q(x).view(b, t, -1, self.head_dim)
+        k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
+        return self.o((q * k).softmax(-1).flatten(2))
+
+
+def test_head_counts_follow_each_round_of_pruning() -> None:
+    model, x = _RepeatedKV(), torch.randn(2, 3, 16)
+    for heads, kv in ((4, 2), (2, 1)):
+        result = prune_(model, StructuredConfig(ratio=0.5, kinds=("head",)), example_inputs=x)
+        assert not result.refused
+        assert (model.num_heads, model.num_kv_heads, model.q.out_features) == (heads, kv, 4 * heads)
+        assert model.secateur_attributes[""] == {"num_kv_heads": kv, "num_heads": heads}
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_gpt_bigcode_multi_query_heads_go_alone(implementation: str) -> None:
     """One key/value head serves every query head: the query heads are the units, the shared

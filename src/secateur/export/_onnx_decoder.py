@@ -46,10 +46,12 @@ from ._onnx import (
     OnnxExport,
     _check_args,
     _check_session,
+    _cycled,
     _import_onnxruntime,
     _to_onnx_bytes,
     _traceable_experts_,
     _worst_difference,
+    longer_by,
 )
 
 
@@ -401,7 +403,8 @@ def _check(
     tolerance: tuple[float, float],
 ) -> float:
     """The largest difference between ONNX Runtime and PyTorch on the prompt with an empty past
-    and on its last token through the cache, at the example's batch and at twice it."""
+    and on its last token through the cache, at the example's batch and at twice it, and on a
+    prompt :func:`longer_by` longer where PyTorch runs it."""
     session = _check_session(data)
     worst = 0.0
     # the added rows differ from the example's and pad one token on the left, so a graph that
@@ -425,4 +428,16 @@ def _check(
             with torch.no_grad():
                 expected = wrapper(*[t.clone() for t in feed])
             worst = max(worst, _compare(session, names, feed, expected, *tolerance, what))
+    # a longer prompt, past a chunk the trace may have frozen (up to the model's positions)
+    if (extra := longer_by(wrapper.model, (ids,))) > 1:
+        long_ids, long_mask = _cycled((ids, mask), extra)
+        empty = _empty_past(shapes, ids.shape[0], dtype)
+        feed = _feed(long_ids, long_mask, empty, wrapper.position_ids)
+        try:
+            with torch.no_grad():
+                expected = wrapper(*[t.clone() for t in feed])
+        except Exception:  # noqa: BLE001 - longer than the model runs: not checked
+            return worst
+        what = f"a prompt {extra} tokens longer"
+        worst = max(worst, _compare(session, names, feed, expected, *tolerance, what))
     return worst

@@ -15,8 +15,8 @@ as equivalent ones for the export's duration only: :func:`exportable_ops` enters
   its sequence so): the exporter converts it as a split into that many equal sections, with
   a ``Tile`` ONNX Runtime rejects; traced as the slices it is defined as.
 - ``torch.linalg.solve_triangular``: no conversion (Gated DeltaNet's chunked delta rule in
-  Qwen3.5, Qwen3-Next, OLMo-hybrid); traced as products of doubling powers, see
-  :func:`_by_doubling`.
+  Qwen3.5, Qwen3-Next, OLMo-hybrid); traced as the triangle's inverse by halves, times the
+  right-hand side, see :func:`_by_halves`.
 - Complex numbers: ONNX has none. Rotary embeddings written as complex products (Llama 4,
   DeepSeek-V2: ``torch.polar``, ``view_as_complex``, a product, ``view_as_real``) are traced
   on (real, imaginary) pairs held in a last axis of 2; see :class:`ComplexAsPairs`.
@@ -47,7 +47,7 @@ def exportable_ops() -> Iterator[None]:
         _patched("cumsum", _on_integers),
         _patched("permute", _from_the_front),
         _patched("tensor_split", _as_slices),
-        _patched("solve_triangular", _by_doubling, owners=(torch.linalg,)),
+        _patched("solve_triangular", _by_halves, owners=(torch.linalg,)),
         ComplexAsPairs(),
     ):
         yield
@@ -140,12 +140,11 @@ def _as_slices(original: Any) -> Any:
     return tensor_split
 
 
-def _by_doubling(original: Any) -> Any:
+def _by_halves(original: Any) -> Any:
     """``torch.linalg.solve_triangular`` (no ONNX conversion; Gated DeltaNet solves its
-    chunks' UT systems with it) as matrix products: a unit lower-triangular ``I + L`` has
-    ``L`` nilpotent, so its inverse is ``(I - L)(I + L^2)(I + L^4)...``, ``log2(n)`` squarings
-    for ``n`` rows. Upper systems are solved reversed, ``left=False`` ones transposed, and a
-    diagonal that is not unit is divided out first. ``out=`` calls are untouched."""
+    chunks' UT systems with it) as matrix products: the triangle's inverse by halves
+    (:func:`_lower_inverse`), times the right-hand side. Upper systems are solved reversed,
+    ``left=False`` ones transposed. ``out=`` calls are untouched."""
 
     def solve_triangular(
         a: Any, b: Any, *args: Any, upper: Any = None, left: Any = True, **kwargs: Any
@@ -178,18 +177,23 @@ def _by_doubling(original: Any) -> Any:
 def _lower_solve(a: torch.Tensor, b: torch.Tensor, unit: bool) -> torch.Tensor:
     """``X`` with ``a X = b`` for lower-triangular ``a``, through products only."""
     rows = int(a.shape[-1])
-    strict = a.tril(-1)
-    if not unit:
-        diagonal = a.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-        strict, b = strict / diagonal, b / diagonal
-    power = -strict  # (I + L)^-1 = sum of (-L)^k for k < rows, as a product of doublings
-    x = b + power @ b
-    span = 2  # x holds the powers below span
-    while span < rows:
-        power = power @ power
-        x = x + power @ x
-        span *= 2
-    return x
+    eye = torch.eye(rows, dtype=a.dtype, device=a.device)
+    a = a.tril(-1) + eye if unit else a.tril()
+    return _lower_inverse(a) @ b
+
+
+def _lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """The inverse of lower-triangular ``a`` by halves: ``[[A, 0], [C, D]]`` inverts to
+    ``[[A^-1, 0], [-D^-1 C A^-1, D^-1]]``, ``log2(n)`` levels deep. As stable as solving row by
+    row (a sum of the powers of the strict triangle is not: its terms grow and cancel)."""
+    rows = int(a.shape[-1])
+    if rows == 1:
+        return 1 / a
+    half = rows // 2
+    top, lower = _lower_inverse(a[..., :half, :half]), _lower_inverse(a[..., half:, half:])
+    left = -(lower @ a[..., half:, :half] @ top)
+    zeros = torch.zeros_like(a[..., :half, half:])
+    return torch.cat([torch.cat([top, zeros], -1), torch.cat([left, lower], -1)], -2)
 
 
 def _is_whole(value: Any) -> bool:

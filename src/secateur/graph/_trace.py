@@ -160,6 +160,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         # (call made, its axis) of uniform tensors some op read by their width: they keep it
         self.uniform_read: dict[tuple[int, int], str] = {}
         self.uniform_used: set[tuple[int, int]] = set()  # (id, axis) the op being read took
+        self.marks_before: dict[int, dict] = {}  # the op's uniform operands' marks, by id
         self.depth = 0
         self.stack: list[str] = []
         self.running: list[nn.Module] = []  # the modules of ``stack``
@@ -606,11 +607,15 @@ class _Tracer(OpRules, TorchFunctionMode):
 
     def record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         """Apply the rule of op ``name`` to what it read and made."""
-        marked = self.uniform.marks_in([args, kwargs]) if name not in _IGNORED else []
+        # a property that gives a tensor (``.mT``, ``.data``) reads it too; ``.shape`` does not
+        values = name not in _IGNORED or (name == "__get__" and isinstance(out, torch.Tensor))
+        marked = self.uniform.marks_in([args, kwargs]) if values else []
         self.uniform_used = set()
+        self.marks_before = {id(t): marks for t, marks in marked}
         self._record(name, args, kwargs, out)
-        if marked:
-            self.read_uniform(name, marked, out)
+        if marked:  # what the op writes into is not read by its width
+            into = {id(t) for t in written(name, args, kwargs)}
+            self.read_uniform(name, [(t, m) for t, m in marked if id(t) not in into], out)
 
     def _record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None

@@ -172,12 +172,23 @@ class WriteRules:
         made = self.fresh_made.get(id(dst))
         if made is None or axis in self.unchecked_writes.get(id(dst), ()):
             return False
+        # made by zeros/ones/full: an op that read its width before keeps it (see read_uniform)
+        filled = self.marks_before.get(id(dst), {}).get(axis - dst.dim())
+        key = None if filled is None else (filled.serial, filled.ndim + axis - dst.dim())
+        if key is not None and key in self.uniform_read:
+            return False
+        if key is not None and (earlier := self.uniform_layouts.get(key)) is not None:
+            return self.unify(earlier, layout) is not None  # its width is noted already
         sizes, size_kw, context = made
         if size_kw is not None:
             sizes = (size_kw,)
         noted = len(self.notes)
         self.note_literals((None, *sizes), axis, dst.shape[axis], layout, context)
-        return len(self.notes) > noted
+        if len(self.notes) == noted:
+            return False
+        if key is not None:  # an op that reads its width later blocks the layout
+            self.uniform_layouts[key] = layout
+        return True
 
     def _one_value(self, value, axes, axis, size, shift, layout=None) -> bool:  # noqa: ANN001
         """Whether a write through ``axes`` spans dst's ``axis`` (of ``size`` entries) whole

@@ -20,6 +20,7 @@ replays one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -154,7 +155,8 @@ def _counts_heads(name: str) -> bool:
     """A count of heads (``num_heads``, ``num_kv_heads``), not a size inside one head, every
     head's width together (``all_head_size``) or a ratio (``heads_per_group``)."""
     return (
-        "head" in name
+        # num_heads, n_head, num_kv_heads, heads; not d_head, head_width or head_ratio
+        ("heads" in name or re.fullmatch(r"(num|n|total)_\w*head", name) is not None)
         and not name.startswith("all_")
         and "per_" not in name
         and "group" not in name
@@ -213,13 +215,16 @@ def _query_groups_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int
     return edits
 
 
-def _head_counts_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int], edits: dict):  # noqa: ANN202
+def _head_counts_(  # noqa: ANN202
+    model: nn.Module, graph: DependencyGraph, kept: dict[int, int], edits: dict, done: dict
+):
     """Head counts no reshape reads: whole units of a head group go (a key/value head with
     the query heads it serves; Gated DeltaNet's key head with its value heads), so a head
     count of the module around the group that is a whole multiple of the units (``num_heads``
     beside ``num_kv_heads``; ``num_v_heads`` beside ``num_k_heads``) keeps that multiple of
     the kept units. Only where that module holds one head group, and never a count already
-    rewritten (transformers 5.25's Falcon and Qwen3.5 view by ``-1``)."""
+    rewritten by this pruning (``done``: names per module; transformers 5.25's Falcon and
+    Qwen3.5 view by ``-1``)."""
     groups_in: dict[str, set[int]] = {}
     holders: dict[str, nn.Module] = {}
     for index, group in enumerate(graph.groups):
@@ -234,10 +239,9 @@ def _head_counts_(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]
         units, now = graph.groups[index].size, kept.get(index, graph.groups[index].size)
         if now == units:
             continue
-        done = edits.get(name, {})
         for attr, value in list(vars(holders[name]).items()):
             count = _int(value)
-            if attr in done or not _head_count(attr) or not count or count % units:
+            if attr in done.get(name, ()) or not _head_count(attr) or not count or count % units:
                 continue
             setattr(holders[name], attr, count // units * now)
             edits.setdefault(name, {})[attr] = count // units * now
@@ -380,7 +384,9 @@ def _scaled_one(values: dict[str, int], attr: WidthAttribute, new: int) -> dict[
 def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict[int, int]) -> None:
     """Set the attributes behind ``graph.attributes`` to the widths left by ``kept`` (units
     kept per group index) and record them in ``model.secateur_attributes``."""
-    edits: dict[str, dict[str, Any]] = getattr(model, "secateur_attributes", {})
+    # a copy: a module's rewrites undone with its attributes leave the record as it was
+    edits = {k: dict(v) for k, v in getattr(model, "secateur_attributes", {}).items()}
+    earlier = {k: dict(v) for k, v in edits.items()}
     handled = _split_sizes_(model, graph, kept, edits)
     # Match against the values before any rewrite: with grouped-query attention num_heads may
     # fall to the old num_kv_heads, and must not then be rewritten again as if it were that.
@@ -417,7 +423,11 @@ def update_width_attributes(model: nn.Module, graph: DependencyGraph, kept: dict
             edits.setdefault(attr.module_name, {})[name] = width
     for module_name, attrs in _query_groups_(model, graph, kept).items():
         edits.setdefault(module_name, {}).update(attrs)
-    _head_counts_(model, graph, kept, edits)
+    this_call = {
+        k: {n for n, v in attrs.items() if earlier.get(k, {}).get(n, ...) != v}
+        for k, attrs in edits.items()
+    }
+    _head_counts_(model, graph, kept, edits, this_call)
     if edits:
         model.secateur_attributes = edits
 
