@@ -11,7 +11,10 @@ found and set to the new width:
 - the same on the module's ``config`` when its code reads the attribute by name there. A
   config is shared by every layer, so the module gets its own :class:`ConfigView`: the pruned
   counts are its own, every other read and write goes to the shared config (so switching the
-  model's attention implementation still reaches it).
+  model's attention implementation still reaches it);
+- a head count of the module around a head group that no reshape reads (``num_heads`` beside
+  a ``num_kv_heads`` that is read, or one never read at all), when it is a whole multiple of
+  the group's units: it keeps that multiple of the kept units (:func:`_head_counts_`).
 
 Every rewrite is recorded in ``model.secateur_attributes`` (``{module: {"num_heads": 2,
 "config.num_attention_heads": 4}}``) so that a saved model reloads; :func:`set_width_attribute`
@@ -233,9 +236,9 @@ def _head_counts_(  # noqa: ANN202
                 groups_in.setdefault(name, set()).add(index)
                 holders[name] = module
     for name, indices in groups_in.items():
-        (index,) = indices if len(indices) == 1 else (None,)
-        if index is None:
+        if len(indices) != 1:  # counts of several head groups: which is which is unknown
             continue
+        (index,) = indices
         units, now = graph.groups[index].size, kept.get(index, graph.groups[index].size)
         if now == units:
             continue
