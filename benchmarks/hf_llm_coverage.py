@@ -28,7 +28,10 @@ attention whole (or refused a group) is visible.
 With ``--onnx``, each model that counts as pruned is also written by secateur's
 ``export_decoder_onnx`` (its key/value cache as inputs and outputs) and ``OnnxGenerator``
 decodes 10 tokens greedily in ONNX Runtime for three prompts, one padded on the left; the row
-says whether they are the tokens ``model.generate`` gives.
+says whether they are the tokens ``model.generate`` gives. A model whose cache holds recurrent
+states (Mamba, linear attention), which ``export_decoder_onnx`` refuses, is written as one file
+without a cache by ``export_onnx``, at the prompt's length and then for any length; the row
+says whether each passed its check against PyTorch.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ import torch
 import transformers
 
 from secateur import StructuredConfig, prune_
-from secateur.export import export_decoder_onnx
+from secateur.errors import ConfigError
+from secateur.export import export_decoder_onnx, export_onnx
 from secateur.measure import OnnxGenerator, count_macs
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -520,6 +524,10 @@ def onnx_note(model: torch.nn.Module) -> str:
             got = generator.generate(
                 prompt, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad
             )
+        except ConfigError as exc:  # a cache it does not write: the one file, no cache
+            if "recurrent states" not in str(exc):
+                return f"ONNX fails ({_short(exc)})"
+            return f"ONNX with cache refused (recurrent states); {one_file_note(model, example)}"
         except Exception as exc:  # noqa: BLE001 - a failure is a result to report
             return f"ONNX fails ({_short(exc)})"
     with torch.no_grad():
@@ -528,6 +536,20 @@ def onnx_note(model: torch.nn.Module) -> str:
         )
     same = "PyTorch's tokens" if torch.equal(got, expected) else "other tokens than PyTorch"
     return f"ONNX with cache ok, {same}"
+
+
+def one_file_note(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> str:
+    """Export without a cache, as one file, at the example's length and then for any length
+    (``export_onnx`` checks both against PyTorch)."""
+    notes = []
+    for dynamic in (False, True):
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                out = export_onnx(model, example, Path(folder) / "m.onnx", dynamic_sequence=dynamic)
+                notes.append(f"ok (max diff {out.max_abs_diff:.1e})")
+            except Exception as exc:  # noqa: BLE001 - a failure is a result to report
+                notes.append(f"refused ({_short(exc)})")
+    return f"one file at its length {notes[0]}, at any length {notes[1]}"
 
 
 def run(family: str, tool: str, limit: int, onnx: bool = False) -> dict[str, Any]:
