@@ -340,9 +340,9 @@ class _CountedBuffer(nn.Module):
     """A buffer made from the head count, its count read (a sum over the heads), then filled
     with each head's attention output."""
 
-    def __init__(self) -> None:
+    def __init__(self, fill: str, counted: bool = True) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = 4, 4
+        self.n_heads, self.head_dim, self.fill, self.counted = 4, 4, fill, counted
         self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,11 +351,20 @@ class _CountedBuffer(nn.Module):
             p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
         )
         buf = torch.ones(b, self.n_heads, n, self.head_dim)
-        count = buf.sum(1, keepdim=True).mean()  # the head count, read by its width
-        buf[:, :, :, :] = F.scaled_dot_product_attention(q, k, v)
+        # the head count, read by its width
+        count = buf.sum(1, keepdim=True).mean() if self.counted else 1.0
+        attn = F.scaled_dot_product_attention(q, k, v)
+        if self.fill == "setitem":
+            buf[:, :, :, :] = attn
+        else:  # through a view of slices, which a trace does not see written
+            buf[:, :, :, :].copy_(attn)
         return self.o(buf.transpose(1, 2).reshape(b, n, -1)) * count
 
 
-def test_a_buffer_whose_count_was_read_keeps_the_heads_written_into_it() -> None:
-    graph = build_dependency_graph(_CountedBuffer().eval(), torch.randn(2, 5, 16))
+@pytest.mark.parametrize("fill", ["setitem", "slice_copy"])
+def test_a_buffer_whose_count_was_read_keeps_the_heads_written_into_it(fill: str) -> None:
+    graph = build_dependency_graph(_CountedBuffer(fill).eval(), torch.randn(2, 5, 16))
     assert not [g for g in graph.groups if g.kind == "head"]
+    # not read: the buffer follows the heads written into it
+    graph = build_dependency_graph(_CountedBuffer(fill, False).eval(), torch.randn(2, 5, 16))
+    assert [g.size for g in graph.groups if g.kind == "head"] == [4]

@@ -14,6 +14,7 @@ from hf_small_configs import QWEN3_5_DELTANET
 from secateur import create_model
 from secateur.errors import ArtifactError, ConfigError, OutputError
 from secateur.export import OnnxExport, export_onnx
+from secateur.export._onnx import longest_run
 from secateur.measure import Metrics, OnnxRunner, measure, measure_latencies
 from secateur.pruning import StructuredConfig, prune_
 from secateur.report._rows import cells
@@ -436,6 +437,21 @@ def test_a_loop_over_chunks_longer_than_the_example_is_refused_for_any_length(tm
             ChunksOf64(), x, tmp_path / "any.onnx", dynamic_batch=False, dynamic_sequence=True
         )
     assert not (tmp_path / "any.onnx").exists()
+
+
+def test_a_longer_check_the_model_refuses_runs_shorter() -> None:
+    """RoBERTa's positions start past its padding index: 2 fewer than its config declares.
+    Where the model refuses the longer input, the check halves how much longer, never skips."""
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor]:
+        if x.shape[1] > 20:
+            raise IndexError("index out of range in self")
+        return (x * 2,)
+
+    longer, out = longest_run(run, (torch.arange(8.0).view(1, 8),), 24)
+    assert longer[0].shape[1] == 20 and out is not None  # 24 more refused, 12 more ran
+    assert torch.equal(longer[0][0, 8:16], torch.arange(8.0))  # the example's own entries
+    assert longest_run(run, (torch.zeros(1, 30),), 4)[1] is None  # none ran: no check
 
 
 class Triangular(nn.Module):

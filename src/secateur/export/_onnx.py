@@ -32,7 +32,7 @@ import inspect
 import io
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -473,8 +473,7 @@ def _check(
             "count); export without dynamic_sequence, at the length the file will run"
         )
         for extra in (1, longer_by(flat.model, tensors)):
-            longer = _cycled(tensors, extra)
-            expected = _outputs_unless_refused(flat, longer)
+            longer, expected = longest_run(flat, tensors, extra)
             if expected is not None:
                 what = f"a sequence of {max(x.shape[1] for x in longer if x.dim() >= 2)}"
                 worst = max(
@@ -497,6 +496,24 @@ def longer_by(model: nn.Module, tensors: Sequence[torch.Tensor]) -> int:
     limits = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
     length = max((t.shape[1] for t in tensors if t.dim() >= 2), default=0)
     return max(1, min([LONGER_BY, *(v - length for v in limits)]))
+
+
+def longest_run(
+    run: Callable[..., Any], tensors: tuple[torch.Tensor, ...], extra: int
+) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """The inputs :func:`_cycled` ``extra`` longer and ``run``'s outputs on them; where ``run``
+    refuses that length (a table of positions shorter than its config says: RoBERTa's starts
+    past its padding index), half as much longer, down to one; ``None`` outputs if it refuses
+    every one."""
+    while True:
+        longer = _cycled(tensors, extra)
+        try:
+            with torch.no_grad():
+                return longer, run(*longer)
+        except Exception:  # noqa: BLE001 - a refusal means only: try shorter
+            if extra <= 1:
+                return longer, None
+            extra //= 2
 
 
 def _cycled(tensors: tuple[torch.Tensor, ...], extra: int) -> tuple[torch.Tensor, ...]:

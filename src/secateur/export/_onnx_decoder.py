@@ -46,12 +46,12 @@ from ._onnx import (
     OnnxExport,
     _check_args,
     _check_session,
-    _cycled,
     _import_onnxruntime,
     _to_onnx_bytes,
     _traceable_experts_,
     _worst_difference,
     longer_by,
+    longest_run,
 )
 
 
@@ -430,14 +430,15 @@ def _check(
             worst = max(worst, _compare(session, names, feed, expected, *tolerance, what))
     # a longer prompt, past a chunk the trace may have frozen (up to the model's positions)
     if (extra := longer_by(wrapper.model, (ids,))) > 1:
-        long_ids, long_mask = _cycled((ids, mask), extra)
         empty = _empty_past(shapes, ids.shape[0], dtype)
-        feed = _feed(long_ids, long_mask, empty, wrapper.position_ids)
-        try:
-            with torch.no_grad():
-                expected = wrapper(*[t.clone() for t in feed])
-        except Exception:  # noqa: BLE001 - longer than the model runs: not checked
-            return worst
-        what = f"a prompt {extra} tokens longer"
-        worst = max(worst, _compare(session, names, feed, expected, *tolerance, what))
+
+        def prompt(long_ids: torch.Tensor, long_mask: torch.Tensor) -> Any:
+            feed = _feed(long_ids, long_mask, empty, wrapper.position_ids)
+            return wrapper(*[t.clone() for t in feed])
+
+        (long_ids, long_mask), expected = longest_run(prompt, (ids, mask), extra)
+        if expected is not None:
+            feed = _feed(long_ids, long_mask, empty, wrapper.position_ids)
+            what = f"a prompt of {long_ids.shape[1]} tokens"
+            worst = max(worst, _compare(session, names, feed, expected, *tolerance, what))
     return worst

@@ -56,7 +56,7 @@ from ._params import (
 from ._shapes import PERMUTE, dim_arg, index_axes, permute_order
 from ._shuffle_rules import GroupedView
 from ._spaces import Layout, Segment, SpaceTable
-from ._uniform import UniformTensors, written
+from ._uniform import FILLED, UniformTensors, written
 from ._width_notes import (
     WidthNote,
     bare_name_at,
@@ -160,7 +160,8 @@ class _Tracer(OpRules, TorchFunctionMode):
         # (call made, its axis) of uniform tensors some op read by their width: they keep it
         self.uniform_read: dict[tuple[int, int], str] = {}
         self.uniform_used: set[tuple[int, int]] = set()  # (id, axis) the op being read took
-        self.marks_before: dict[int, dict] = {}  # the op's uniform operands' marks, by id
+        # the marks zeros/ones/full gave each tensor they made, by id (fresh_made keeps it)
+        self.filled: dict[int, dict] = {}
         self.depth = 0
         self.stack: list[str] = []
         self.running: list[nn.Module] = []  # the modules of ``stack``
@@ -611,8 +612,9 @@ class _Tracer(OpRules, TorchFunctionMode):
         values = name not in _IGNORED or (name == "__get__" and isinstance(out, torch.Tensor))
         marked = self.uniform.marks_in([args, kwargs]) if values else []
         self.uniform_used = set()
-        self.marks_before = {id(t): marks for t, marks in marked}
         self._record(name, args, kwargs, out)
+        if name in FILLED and (made := self.uniform.marks_in([out])):
+            self.filled[id(out)] = made[0][1]  # what made it, kept past writes into it
         if marked:  # what the op writes into is not read by its width
             into = {id(t) for t in written(name, args, kwargs)}
             self.read_uniform(name, [(t, m) for t, m in marked if id(t) not in into], out)

@@ -105,6 +105,20 @@ class UniformTensors(MarkedTensors):
         entry = self._axes.get(id(t))
         return entry.get(axis - t.dim()) if entry is not None else None
 
+    def _sliced(self, t: torch.Tensor, key: Any, out: torch.Tensor) -> dict[int, Made | None]:
+        """``t[key]`` with ``key`` slices only (``buf[:, :, :n]``): the axes it keeps whole
+        hold the same values as in ``t``; an axis cut shorter keeps no mark (its width is
+        no longer the one it was made with)."""
+        keys = key if isinstance(key, tuple) else (key,)
+        if out.dim() != t.dim() or not all(isinstance(k, slice) or k is Ellipsis for k in keys):
+            return {}
+        marks = self._axes[id(t)]
+        return {
+            -k: marks.get(-k)
+            for k in range(1, t.dim() + 1)
+            if out.shape[-k] == t.shape[-k] and marks.get(-k) is not None
+        }
+
     def marks_in(self, values: Any) -> list[tuple[torch.Tensor, dict[int, Made]]]:
         """The marked tensors among ``values`` with their marks, as they are now."""
         return [
@@ -139,6 +153,8 @@ class UniformTensors(MarkedTensors):
             self._serial += 1
             made = Made(self._serial, out.dim(), args, context())
             return {-k: made for k in range(1, out.dim() + 1)}
+        if name == "__getitem__" and len(args) == 2 and id(args[0]) in self._axes:
+            return self._sliced(args[0], args[1], out)
         if name not in KEEPING:
             return {}
         sources = [a for a in tree_flatten([args, kwargs])[0] if isinstance(a, torch.Tensor)]

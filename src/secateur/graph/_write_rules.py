@@ -173,7 +173,7 @@ class WriteRules:
         if made is None or axis in self.unchecked_writes.get(id(dst), ()):
             return False
         # made by zeros/ones/full: an op that read its width before keeps it (see read_uniform)
-        filled = self.marks_before.get(id(dst), {}).get(axis - dst.dim())
+        filled = self.filled.get(id(dst), {}).get(axis - dst.dim())
         key = None if filled is None else (filled.serial, filled.ndim + axis - dst.dim())
         if key is not None and key in self.uniform_read:
             return False
