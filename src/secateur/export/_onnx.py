@@ -472,7 +472,7 @@ def _check(
             "the trace froze a length the example's made (a padding to a multiple, a loop's "
             "count); export without dynamic_sequence, at the length the file will run"
         )
-        for extra in (1, longer_by(flat.model, tensors)):
+        for extra in sorted({1, longer_by(flat.model, tensors)}):
             longer, expected = longest_run(flat, tensors, extra)
             if expected is not None:
                 what = f"a sequence of {max(x.shape[1] for x in longer if x.dim() >= 2)}"

@@ -106,7 +106,7 @@ def _by_stacking(original: Any) -> Any:
     def repeat_interleave(
         self: torch.Tensor, repeats: Any, dim: Any = None, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        whole = isinstance(repeats, int) and not isinstance(repeats, bool) and repeats > 0
+        whole = _is_whole(repeats) and repeats > 0
         if not (whole and isinstance(dim, int) and self.dim() > 0) or args:
             return original(self, repeats, dim, *args, **kwargs)
         axis = dim % self.dim()

@@ -246,7 +246,7 @@ def _head_counts_(  # noqa: ANN202
             count = _int(value)
             if attr in done.get(name, ()) or not _head_count(attr) or not count or count % units:
                 continue
-            setattr(holders[name], attr, count // units * now)
+            set_width_attribute(holders[name], attr, count // units * now)
             edits.setdefault(name, {})[attr] = count // units * now
 
 
