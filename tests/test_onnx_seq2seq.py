@@ -225,3 +225,24 @@ def test_a_failed_check_leaves_nothing_on_disk(tmp_path) -> None:
     with pytest.raises(ArtifactError, match="differs from PyTorch"):
         export_seq2seq_onnx(_model("bart"), _inputs(2, 6, 0), folder, rtol=0.0, atol=0.0)
     assert not folder.exists()
+
+
+def test_the_far_check_retries_shorter_where_the_encoder_refuses_the_declared_length() -> None:
+    """RoBERTa-like position tables end before the config's limit: the check far past the
+    example then runs as much longer as the encoder takes, rather than not at all."""
+    from secateur.export._onnx_seq2seq import _variants
+
+    class Refusing:
+        model = _model("bart")  # declares 64 positions
+
+        def __call__(self, ids, mask):
+            if ids.shape[1] > 30:
+                raise IndexError("index out of range in self")
+            return (ids.float(),)
+
+    variants = _variants(Refusing(), _inputs(1, 6, 0))
+    far = [name for name in variants if name.endswith("tokens longer")]
+    assert far == ["an input 14 tokens longer"]  # 58, then 29, then 14: 20 tokens run
+    inputs, encoded = variants[far[0]]
+    assert inputs["input_ids"].shape == (1, 20) and encoded[0].shape == (1, 20)
+    assert variants["the example"][1] is None  # the others are run by the caller
