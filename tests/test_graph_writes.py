@@ -340,9 +340,10 @@ class _CountedBuffer(nn.Module):
     """A buffer made from the head count, its count read (a sum over the heads), then filled
     with each head's attention output."""
 
-    def __init__(self, fill: str, counted: bool = True) -> None:
+    def __init__(self, fill: str, counted: bool = True, made: str = "ones") -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.fill, self.counted = 4, 4, fill, counted
+        self.made = made
         self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,21 +351,38 @@ class _CountedBuffer(nn.Module):
         q, k, v = (
             p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
         )
-        buf = torch.ones(b, self.n_heads, n, self.head_dim)
+        shape = (b, self.n_heads, n, self.head_dim)
+        if self.made == "ones":
+            buf = torch.ones(shape)
+        elif self.made == "new_ones":  # from the input (tracked) or a value (untracked)
+            buf = x.new_ones(shape)
+        elif self.made == "new_ones_untracked":
+            buf = x.new_tensor(0.0).new_ones(shape)
+        else:
+            buf = x.new_full(shape, 1.0)
         # the head count, read by its width
         count = buf.sum(1, keepdim=True).mean() if self.counted else 1.0
         attn = F.scaled_dot_product_attention(q, k, v)
         if self.fill == "setitem":
             buf[:, :, :, :] = attn
-        else:  # through a view of slices, which a trace does not see written
+        elif (
+            self.fill == "slice_copy"
+        ):  # through a view of slices, which a trace does not see written
             buf[:, :, :, :].copy_(attn)
+        else:  # row by row, through views that drop the batch axis
+            for i in range(b):
+                buf[i].copy_(attn[i])
         return self.o(buf.transpose(1, 2).reshape(b, n, -1)) * count
 
 
-@pytest.mark.parametrize("fill", ["setitem", "slice_copy"])
-def test_a_buffer_whose_count_was_read_keeps_the_heads_written_into_it(fill: str) -> None:
-    graph = build_dependency_graph(_CountedBuffer(fill).eval(), torch.randn(2, 5, 16))
+@pytest.mark.parametrize("made", ["ones", "new_ones", "new_ones_untracked", "new_full"])
+@pytest.mark.parametrize("fill", ["setitem", "slice_copy", "row_copy"])
+def test_a_buffer_whose_count_was_read_keeps_the_heads_written_into_it(
+    fill: str, made: str
+) -> None:
+    x = torch.randn(2, 5, 16)
+    graph = build_dependency_graph(_CountedBuffer(fill, made=made).eval(), x)
     assert not [g for g in graph.groups if g.kind == "head"]
     # not read: the buffer follows the heads written into it
-    graph = build_dependency_graph(_CountedBuffer(fill, False).eval(), torch.randn(2, 5, 16))
+    graph = build_dependency_graph(_CountedBuffer(fill, False, made).eval(), x)
     assert [g.size for g in graph.groups if g.kind == "head"] == [4]

@@ -440,6 +440,14 @@ class OpRules(AttentionRules, EinsumRule, LinalgRules, ShuffleRules, WriteRules)
         self.fresh(out, dim)
         return True
 
+    def new_from(self, x, dim, name, args, kwargs, out, context) -> bool:  # noqa: ANN001, PLR0913
+        """``x.new_zeros(shape)`` and kin: like :meth:`fresh_like` where the shape is x's; else
+        an untracked constant, followed as uniform like ``torch.zeros`` (x gives only its dtype
+        and device)."""
+        if not self.fresh_like(x, dim, out):
+            self.uniform.follow(name, args, kwargs, out, context)
+        return True
+
     def index_add(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
         """``x.index_add_(axis, index, source)`` along an axis other than the channels':
         rows of ``source`` are added into rows of ``x``, so both name the same channels."""

@@ -185,3 +185,17 @@ def regrouped_lead(
                     return None
                 return out[:k] + shape[cut:], k + d - cut
     return None
+
+
+def basic_selectors(shape: torch.Size, key: Any) -> list[tuple[int, Any]] | None:
+    """Per axis of a tensor of ``shape``, ``(axis in tensor[key] or -1, slice or int)`` when
+    ``key`` is basic indexing by ints, slices and ``...`` (a view); None otherwise."""
+    keys = key if isinstance(key, tuple) else (key,)
+    if any(k is None for k in keys):
+        return None
+    axes = index_axes(shape, key)
+    if axes is None or len(axes) != len(shape):
+        return None
+    if not all(type(sel) in (int, slice) for _, sel in axes):
+        return None
+    return axes

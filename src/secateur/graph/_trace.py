@@ -53,10 +53,10 @@ from ._params import (
     scalar_arithmetic,
     single_number,
 )
-from ._shapes import PERMUTE, dim_arg, index_axes, permute_order
+from ._shapes import PERMUTE, basic_selectors, dim_arg, index_axes, permute_order
 from ._shuffle_rules import GroupedView
 from ._spaces import Layout, Segment, SpaceTable
-from ._uniform import FILLED, UniformTensors, written
+from ._uniform import FILLED, UniformTensors, made_sizes, written
 from ._width_notes import (
     WidthNote,
     bare_name_at,
@@ -70,7 +70,6 @@ from ._width_notes import (
     shape_read_at,
     spelled_names,
 )
-from ._write_rules import basic_selectors
 
 _IGNORED = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "__bool__"}
 _SHAPE_KEEPING = {
@@ -149,7 +148,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         # basic-indexing slices, by id: (the tensor sliced, the index), for writes through them
         self.slice_views: dict[int, tuple[torch.Tensor, Any]] = {}
         # tensors made fresh (zeros, empty, new_empty, ...): their sizes, where they were made
-        self.fresh_made: dict[int, tuple[tuple, Any, tuple | None]] = {}
+        self.fresh_made: dict[int, tuple[tuple, tuple | None]] = {}  # id -> (sizes, where)
         # untracked destinations: axes along which a write held a value per entry
         self.unchecked_writes: dict[int, set[int]] = {}
         # untracked tensors with the same values all along some axes (zeros of a head count)
@@ -610,6 +609,7 @@ class _Tracer(OpRules, TorchFunctionMode):
         """Apply the rule of op ``name`` to what it read and made."""
         # a property that gives a tensor (``.mT``, ``.data``) reads it too; ``.shape`` does not
         values = name not in _IGNORED or (name == "__get__" and isinstance(out, torch.Tensor))
+        values = values and name not in _NEW_FROM  # ``x.new_ones(...)``: only x's dtype
         marked = self.uniform.marks_in([args, kwargs]) if values else []
         self.uniform_used = set()
         self._record(name, args, kwargs, out)
@@ -655,10 +655,8 @@ class _Tracer(OpRules, TorchFunctionMode):
             return
         context = self.note_context
         if name in _FRESH and isinstance(out, torch.Tensor):  # a destination writes may fill
-            made = args[1:] if name.startswith("new_") else args
-            made = made[:1] if name.endswith("full") else made  # not the fill value
             made_at = self.note_context()
-            self.fresh_made[id(out)] = (made, kwargs.get("size"), made_at)
+            self.fresh_made[id(out)] = (made_sizes(name, args, kwargs), made_at)
             self.keepalive.append(out)
             context = lambda: made_at  # noqa: E731 - read once, for the uniform tracker too
         inputs = self.tracked([args, kwargs])
@@ -706,7 +704,7 @@ class _Tracer(OpRules, TorchFunctionMode):
             ),
             (
                 name in _NEW_FROM and single and tensor_out,
-                lambda: self.fresh_like(x, dim, out) or out.shape != x.shape,
+                lambda: self.new_from(x, dim, name, args, kwargs, out, context),
             ),
             (name in ("index_add", "index_add_"), lambda: self.index_add(args, kwargs, out)),
             (

@@ -3,7 +3,8 @@
 
 Such a tensor, met with a value per channel (per head), holds nothing that tells one channel
 from another: it may lose channels with them, as long as the code that makes it spells the new
-width. :class:`UniformTensors` follows them from ``zeros``/``ones``/``full`` through
+width. :class:`UniformTensors` follows them from ``zeros``/``ones``/``full`` (and
+``x.new_zeros``/``new_ones``/``new_full``, which read only x's dtype and device) through
 elementwise ops, remembering for each axis which call made its values, and forgets every
 tensor whose memory an in-place op (or ``out=``) writes into, through any view or alias.
 """
@@ -18,8 +19,9 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ._ops import ELEMENTWISE, POINTWISE
+from ._shapes import basic_selectors
 
-FILLED = {"zeros", "ones", "full"}
+FILLED = {"zeros", "ones", "full", "new_zeros", "new_ones", "new_full"}
 _CASTS = {"to", "float", "half", "bfloat16"}
 # maps of each value on its own: a value the same all along an axis stays so
 _VALUE_MAPS = POINTWISE - {
@@ -45,6 +47,15 @@ class Made:
     ndim: int
     args: tuple
     context: tuple | None
+
+
+def made_sizes(name: str, args: tuple, kwargs: dict) -> tuple:
+    """The shape arguments of a call that makes a tensor (``zeros(2, n)``, ``x.new_full((2, n),
+    v)``, ``empty(size=...)``): without ``x`` or the fill value."""
+    if kwargs.get("size") is not None:
+        return (kwargs["size"],)
+    sizes = args[1:] if name.startswith("new_") else args
+    return sizes[:1] if name.endswith("full") else sizes
 
 
 def written(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -106,18 +117,19 @@ class UniformTensors(MarkedTensors):
         return entry.get(axis - t.dim()) if entry is not None else None
 
     def _sliced(self, t: torch.Tensor, key: Any, out: torch.Tensor) -> dict[int, Made | None]:
-        """``t[key]`` with ``key`` slices only (``buf[:, :, :n]``): the axes it keeps whole
-        hold the same values as in ``t``; an axis cut shorter keeps no mark (its width is
-        no longer the one it was made with)."""
-        keys = key if isinstance(key, tuple) else (key,)
-        if out.dim() != t.dim() or not all(isinstance(k, slice) or k is Ellipsis for k in keys):
+        """``t[key]`` with ``key`` ints and slices only (``buf[:, :, :n]``, ``buf[i, :c]``): the
+        axes a slice keeps whole hold the same values as in ``t``; an axis cut shorter keeps no
+        mark (its width is no longer the one it was made with), and an int drops its axis."""
+        axes = basic_selectors(t.shape, key)
+        if axes is None:
             return {}
         marks = self._axes[id(t)]
-        return {
-            -k: marks.get(-k)
-            for k in range(1, t.dim() + 1)
-            if out.shape[-k] == t.shape[-k] and marks.get(-k) is not None
-        }
+        kept = {}
+        for a, (o, sel) in enumerate(axes):
+            mark = marks.get(a - t.dim())
+            if o >= 0 and type(sel) is slice and out.shape[o] == t.shape[a] and mark is not None:
+                kept[o - out.dim()] = mark
+        return kept
 
     def marks_in(self, values: Any) -> list[tuple[torch.Tensor, dict[int, Made]]]:
         """The marked tensors among ``values`` with their marks, as they are now."""
@@ -151,7 +163,7 @@ class UniformTensors(MarkedTensors):
             return {}
         if name in FILLED:
             self._serial += 1
-            made = Made(self._serial, out.dim(), args, context())
+            made = Made(self._serial, out.dim(), made_sizes(name, args, kwargs), context())
             return {-k: made for k in range(1, out.dim() + 1)}
         if name == "__getitem__" and len(args) == 2 and id(args[0]) in self._axes:
             return self._sliced(args[0], args[1], out)

@@ -15,25 +15,11 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from ._shapes import index_axes
+from ._shapes import basic_selectors, index_axes
 
 _SHARED = "written into part of an axis of another tensor"
 _UNFOLLOWED = "written through a view the trace does not follow"
 _OVERWRITTEN = "overwritten in part of their axis, or with a value per channel"
-
-
-def basic_selectors(shape: torch.Size, key: Any) -> list[tuple[int, Any]] | None:
-    """Per axis of a tensor of ``shape``, ``(axis in tensor[key] or -1, slice or int)`` when
-    ``key`` is basic indexing by ints, slices and ``...`` (a view); None otherwise."""
-    keys = key if isinstance(key, tuple) else (key,)
-    if any(k is None for k in keys):
-        return None
-    axes = index_axes(shape, key)
-    if axes is None or len(axes) != len(shape):
-        return None
-    if not all(type(sel) in (int, slice) for _, sel in axes):
-        return None
-    return axes
 
 
 def write_axes(shape: torch.Size, key: Any) -> list[tuple[int, Any]] | None:
@@ -179,9 +165,7 @@ class WriteRules:
             return False
         if key is not None and (earlier := self.uniform_layouts.get(key)) is not None:
             return self.unify(earlier, layout) is not None  # its width is noted already
-        sizes, size_kw, context = made
-        if size_kw is not None:
-            sizes = (size_kw,)
+        sizes, context = made
         noted = len(self.notes)
         self.note_literals((None, *sizes), axis, dst.shape[axis], layout, context)
         if len(self.notes) == noted:
