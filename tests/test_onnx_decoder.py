@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_small_configs import DEEPSEEK_V3_MLA
+from hf_small_configs import DEEPSEEK_V3_MLA, MAMBA2_ONE_GROUP, QWEN3_5_DELTANET
 from secateur.errors import ArtifactError, ConfigError
 from secateur.export import export_decoder_onnx, export_onnx
 from secateur.measure import OnnxGenerator
@@ -156,15 +156,94 @@ def test_sliding_window_decoders_generate_past_their_window_as_in_pytorch(
     assert torch.equal(got, expected)
 
 
-def test_recurrent_caches_are_refused_with_the_way_out(tmp_path) -> None:
-    config = transformers.AutoConfig.for_model(
-        "lfm2", **{**SMALL, "layer_types": ["conv", "full_attention"]}
-    )
+RECURRENT = {
+    # convolution states only, beside full attention
+    "lfm2": dict(SMALL, layer_types=["conv", "full_attention"]),
+    # Mamba's selective scan: a loop over the tokens in its prompt path
+    "mamba": dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2),
+    # Mamba2's chunked scan, chunks of 4: the prompt path freezes its chunk count
+    "mamba2": dict(hidden_size=64, num_hidden_layers=2, head_dim=16, **MAMBA2_ONE_GROUP),
+    # Gated DeltaNet beside full attention
+    "qwen3_5_text": dict(SMALL, **QWEN3_5_DELTANET),
+}
+
+
+@pytest.mark.parametrize("family", sorted(RECURRENT))
+def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
+    tmp_path, family: str
+) -> None:
+    import onnx
+
+    options = {"vocab_size": VOCAB, **RECURRENT[family]}
+    config = transformers.AutoConfig.for_model(family, **options)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    ids = _ids(1, 6, 1)
-    with pytest.raises(ConfigError, match="LinearAttentionLayer.*use export_onnx"):
-        export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    ids = _ids(2, 8, 0)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    assert out.max_abs_diff < 1e-4
+    states = [n for n in out.input_names if n.endswith((".conv.0", ".recurrent.0"))]
+    assert states and all(
+        f"present.{n[len('past_key_values.') :]}" in out.output_names for n in states
+    )
+    graph = onnx.load(str(out.path)).graph
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in graph.input
+    }
+    assert dims["input_ids"] == ["batch", 1]  # one token per call: no loop over tokens to freeze
+    assert all(
+        d[0] == "batch" and all(type(x) is int for x in d[1:])
+        for n, d in dims.items()
+        if n in states
+    )
+
+    # 12 prompt tokens and 10 new ones: past Mamba2's chunk of 4 and the traced 3 tokens
+    prompts, mask = _ids(3, 12, 3), torch.ones(3, 12, dtype=torch.long)
+    prompts[1, :2] = mask[1, :2] = 0  # left padding
+    with torch.no_grad():
+        expected = model.generate(
+            prompts, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0
+        )
+    got = OnnxGenerator(out.path, threads=1).generate(
+        prompts, mask, max_new_tokens=10, eos_token_id=0, pad_token_id=0
+    )
+    assert torch.equal(got, expected)
+
+
+def test_a_state_file_checks_its_single_token_path_against_the_whole_prompt(
+    tmp_path, monkeypatch
+) -> None:
+    """A model whose single-token path (the file's) disagrees with its prompt path is refused
+    rather than written: here Mamba's step forgets its convolution state."""
+    from transformers.models.mamba import modeling_mamba
+
+    config = transformers.AutoConfig.for_model(
+        "mamba", **{"vocab_size": VOCAB, **RECURRENT["mamba"]}
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    update = modeling_mamba.causal_conv1d_update
+
+    def forgetful(hidden_states, conv_state, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        return update(hidden_states, torch.zeros_like(conv_state), *args, **kwargs)
+
+    monkeypatch.setattr(modeling_mamba, "causal_conv1d_update", forgetful)
+    with pytest.raises(ArtifactError, match="single-token path differs.*use export_onnx"):
+        export_decoder_onnx(model, {"input_ids": _ids(1, 6, 1)}, tmp_path / "llm.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_caches_that_share_keys_between_layers_are_refused_with_the_way_out() -> None:
+    from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer
+
+    from secateur.export._onnx_states import state_plan
+
+    shared = DynamicCache.__new__(DynamicCache)
+    shared.layers = [LinearAttentionLayer(), DynamicLayer()]  # the second kept no keys
+    with pytest.raises(ConfigError, match="layer 1 .* kept no keys.*use export_onnx"):
+        state_plan(shared)
 
 
 def test_bad_inputs_are_one_line_config_errors(tmp_path) -> None:

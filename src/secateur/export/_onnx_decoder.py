@@ -53,6 +53,7 @@ from ._onnx import (
     longer_by,
     longest_run,
 )
+from ._onnx_states import export_states, holds_states
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -343,7 +344,21 @@ def export_decoder_onnx(
             f"{type(model).__name__} returns no logits: export its language-model class "
             "(AutoModelForCausalLM), not the bare model"
         )
-    layers = _cache_layers(getattr(prompt, "past_key_values", None), windowed=True)
+    if holds_states(cache := getattr(prompt, "past_key_values", None)):
+        tolerance = (rtol, atol) if check else None
+        keyword = _cache_keyword(clone)
+        data, input_names, output_names, worst = export_states(
+            clone, ids, mask, cache, position_ids, keyword, opset, tolerance
+        )
+        atomic_write_bytes(target, data)
+        return OnnxExport(
+            path=target,
+            opset=opset,
+            input_names=input_names,
+            output_names=output_names,
+            max_abs_diff=worst,
+        )
+    layers = _cache_layers(cache, windowed=True)
     if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
         _windowed_agrees(clone, ids, mask, (rtol, atol))
     # (kv heads, head dim) of each layer's keys, then its values (they may differ)

@@ -63,6 +63,9 @@ class OnnxGenerator:
                 f"{', '.join(names)}): write it with secateur.export.export_decoder_onnx"
             )
         self._position_ids = "position_ids" in names
+        # a file of recurrent states takes one token per call (export_decoder_onnx)
+        ids_shape = next(i.shape for i in session.get_inputs() if i.name == "input_ids")
+        self._one_token = len(ids_shape) == 2 and ids_shape[1] == 1
         self._past = _cache_slots(
             past, self.runner.path.name, "write the file with secateur.export.export_decoder_onnx"
         )
@@ -113,49 +116,69 @@ class OnnxGenerator:
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
         full_mask = mask.detach().cpu().numpy().astype(np.int64)
         batch = ids.shape[0]
-        past = [np.zeros((batch, heads, 0, dim), dtype) for _, heads, dim, dtype in self._past]
-        new = ids
+        past = [np.zeros((batch, *shape), dtype) for _, shape, dtype in self._past]
+        if self._one_token:  # a file of recurrent states: the prompt a token at a time
+            for t in range(ids.shape[1] - 1):
+                _, past = self._call(ids[:, t : t + 1], full_mask[:, : t + 1], past)
+            new, mask_now = ids[:, -1:], full_mask
+        else:
+            new, mask_now = ids, full_mask
         done = np.zeros(batch, dtype=bool)
         out = [ids]
         for _ in range(max_new_tokens):
-            feed = {"input_ids": new, "attention_mask": full_mask}
-            if self._position_ids:
-                positions = np.cumsum(full_mask, axis=-1) - 1
-                positions[full_mask == 0] = 0
-                feed["position_ids"] = positions[:, -new.shape[1] :]
-            feed.update({name: p for (name, *_), p in zip(self._past, past, strict=True)})
-            try:
-                outputs = self.runner._session.run(None, feed)
-            except Exception as exc:  # wrong dtype or size for the graph
-                raise ConfigError(
-                    f"{self.runner.path.name} rejects these inputs ({first_line(exc)}): pass "
-                    "token ids and a mask of their shape, or export the file again"
-                ) from None
-            results = dict(zip(self._outputs, outputs, strict=True))
-            token = results["logits"][:, -1].argmax(-1).astype(np.int64)
+            logits, past = self._call(new, mask_now, past)
+            token = logits[:, -1].argmax(-1).astype(np.int64)
             if ends:
                 token = np.where(done, fill, token)
                 done |= np.isin(token, ends)
             new = token[:, None]
             out.append(new)
-            past = [results["present." + name[len(_PAST) :]] for name, *_ in self._past]
-            full_mask = np.concatenate([full_mask, np.ones((batch, 1), np.int64)], axis=1)
+            mask_now = np.concatenate([mask_now, np.ones((batch, 1), np.int64)], axis=1)
             if ends and done.all():
                 break
         return torch.from_numpy(np.concatenate(out, axis=1)).to(input_ids.device)
 
+    def _call(
+        self, new: np.ndarray, mask: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One run of the file on the ``new`` tokens after ``past`` (``mask`` covers both):
+        the logits and the cache after them."""
+        feed = {"input_ids": new, "attention_mask": mask}
+        if self._position_ids:
+            positions = np.cumsum(mask, axis=-1) - 1
+            positions[mask == 0] = 0
+            feed["position_ids"] = positions[:, -new.shape[1] :]
+        feed.update({name: p for (name, *_), p in zip(self._past, past, strict=True)})
+        try:
+            outputs = self.runner._session.run(None, feed)
+        except Exception as exc:  # wrong dtype or size for the graph
+            raise ConfigError(
+                f"{self.runner.path.name} rejects these inputs ({first_line(exc)}): pass "
+                "token ids and a mask of their shape, or export the file again"
+            ) from None
+        results = dict(zip(self._outputs, outputs, strict=True))
+        present = [results["present." + name[len(_PAST) :]] for name, *_ in self._past]
+        return results["logits"], present
 
-def _cache_slots(inputs: list[Any], file: str, fix: str) -> list[tuple[str, int, int, type]]:
-    """(name, heads, head dim, numpy dtype) of each cache input of a session, or a one-line
-    :class:`ArtifactError` for one whose heads or head size are not fixed numbers."""
+
+def _cache_slots(inputs: list[Any], file: str, fix: str) -> list[tuple[str, tuple[int, ...], type]]:
+    """(name, shape after the batch, numpy dtype) of each cache input of a session, its growing
+    axis (past tokens) as 0: the tensor before the first call. Keys and values are (batch,
+    heads, past, head dim); a recurrent state has fixed sizes after the batch. A one-line
+    :class:`ArtifactError` for keys or values whose heads or head size are not fixed numbers,
+    or an input of another type."""
     slots = []
     for i in inputs:
-        heads, dim = i.shape[1], i.shape[3]
-        if not isinstance(heads, int) or not isinstance(dim, int) or i.type not in _DTYPES:
+        shape = list(i.shape[1:])
+        grows = [j for j, d in enumerate(shape) if not isinstance(d, int)]
+        keys = i.name.endswith((".key", ".value"))
+        if i.type not in _DTYPES or len(grows) > 1 or (keys and (len(shape) != 3 or grows != [1])):
             raise ArtifactError(
                 f"{file}: input {i.name} has shape {i.shape} and type {i.type}: {fix}"
             )
-        slots.append((i.name, heads, dim, _DTYPES[i.type]))
+        slots.append(
+            (i.name, tuple(0 if j in grows else d for j, d in enumerate(shape)), _DTYPES[i.type])
+        )
     return slots
 
 
@@ -275,7 +298,7 @@ class OnnxSeq2SeqGenerator:
             if name.endswith(_CROSS):
                 fixed[name] = encoded["present." + name[len(_PAST) :]]
         fixed = {n: v for n, v in fixed.items() if n in self.decoder.input_names}
-        own = [np.zeros((batch, h, 0, d), t) for _, h, d, t in self._own]
+        own = [np.zeros((batch, *shape), dtype) for _, shape, dtype in self._own]
         token = np.full((batch, 1), self.decoder_start_token_id, np.int64)
         out = [token]
         done = np.zeros(batch, dtype=bool)
