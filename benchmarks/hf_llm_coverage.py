@@ -26,12 +26,13 @@ attention whole (or refused a group) is visible.
     .venv/bin/python -W ignore benchmarks/hf_llm_coverage.py --threads 2 [--onnx]
 
 With ``--onnx``, each model that counts as pruned is also written by secateur's
-``export_decoder_onnx`` (its key/value cache as inputs and outputs) and ``OnnxGenerator``
-decodes 10 tokens greedily in ONNX Runtime for three prompts, one padded on the left; the row
-says whether they are the tokens ``model.generate`` gives. A model whose cache holds recurrent
-states (Mamba, linear attention), which ``export_decoder_onnx`` refuses, is written as one file
-without a cache by ``export_onnx``, at the prompt's length and then for any length; the row
-says whether each passed its check against PyTorch.
+``export_decoder_onnx`` (its cache as inputs and outputs: keys and values, and the recurrent
+states of Mamba and linear-attention layers, whose file takes one token per call) and
+``OnnxGenerator`` decodes 10 tokens greedily in ONNX Runtime for three prompts, one padded on
+the left; the row says whether they are the tokens ``model.generate`` gives. A model whose
+cache ``export_decoder_onnx`` refuses is written as one file without a cache by
+``export_onnx``, at the prompt's length and then for any length; the row says whether each
+passed its check against PyTorch.
 """
 
 from __future__ import annotations
@@ -525,9 +526,10 @@ def onnx_note(model: torch.nn.Module) -> str:
                 prompt, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad
             )
         except ConfigError as exc:  # a cache it does not write: the one file, no cache
-            if "recurrent states" not in str(exc):
+            if "use export_onnx" not in str(exc):
                 return f"ONNX fails ({_short(exc)})"
-            return f"ONNX with cache refused (recurrent states); {one_file_note(model, example)}"
+            note = one_file_note(model, example)
+            return f"ONNX with cache refused ({_short(exc)}); {note}"
         except Exception as exc:  # noqa: BLE001 - a failure is a result to report
             return f"ONNX fails ({_short(exc)})"
     with torch.no_grad():

@@ -22,8 +22,10 @@ or chunked attention (Mistral, Gemma 2 and 3, Qwen 2 with ``use_sliding_window``
 layer's cache in the file keeps every past token, not the last window's: the model's attention
 mask already hides the tokens outside the window by position, so the outputs are those of
 transformers' windowed cache (the check compares both), while the cache grows with the sequence
-as a full-attention layer's does. A model whose cache holds recurrent states (linear attention,
-convolutions) or layers that share another's keys is refused with a one-line error naming
+as a full-attention layer's does. A model whose cache holds recurrent states (Mamba, Mamba2,
+Gated DeltaNet, LFM2's convolutions, and their hybrids with attention) gets the file
+:mod:`._onnx_states` describes: one token per call, its states in and out. A cache of another
+kind, or with layers that share another's keys, is refused with a one-line error naming
 :func:`export_onnx` as the way out.
 """
 
@@ -279,7 +281,13 @@ def export_decoder_onnx(
 
     Args:
         model: a transformers causal LM (``AutoModelForCausalLM``) whose cache is a
-            ``DynamicCache`` of full-attention keys and values, structurally pruned or not.
+            ``DynamicCache`` of keys and values (full, sliding-window or chunked attention)
+            or of recurrent states beside them, structurally pruned or not. With recurrent
+            states the file takes one token per call (see :mod:`._onnx_states`): ``input_ids``
+            (batch, 1) and each layer's ``past_key_values.{i}.conv.{s}`` and
+            ``.recurrent.{s}`` state, zeros before the first token; it is checked on every
+            token of the example and of twice its batch with padding, and on the last token
+            against the model's own pass over the whole prompt.
         example_inputs: ``{"input_ids": ids, "attention_mask": mask}``, ids of shape (batch,
             sequence) with sequence >= 4; the mask may pad on the left and defaults to ones.
         path: the ``.onnx`` file to write; missing parent folders are created.

@@ -3,7 +3,9 @@ from ``export_seq2seq_onnx``.
 
 :class:`OnnxGenerator` feeds the prompt once with an empty cache, then one token per step with
 the keys and values the file returned, as transformers' ``generate`` does in PyTorch; so a pruned
-LM's decoding speed can be measured, and its tokens compared, in the runtime it ships in.
+LM's decoding speed can be measured, and its tokens compared, in the runtime it ships in. A file
+whose ``input_ids`` take one token (a model with recurrent states) gets the prompt a token at a
+time, its states starting from zeros.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(d
 
 
 class OnnxGenerator:
-    """Greedy decoding with a decoder LM file that takes and returns its key/value cache.
+    """Greedy decoding with a decoder LM file that takes and returns its cache (keys and
+    values, and recurrent states where the model keeps them).
 
     Args:
         path: an ``.onnx`` file written by ``secateur.export.export_decoder_onnx``.
