@@ -3,7 +3,9 @@
 A Llama model with the widths of Llama 3.2 1B (hidden 2048, FFN 8192, 32 query heads over 8
 key/value heads of 64; ``--layers`` of its 16 layers, random weights, no download), or with
 ``--family qwen2_moe`` a mixture-of-experts model with Qwen1.5-MoE-A2.7B's widths (16 of its 60
-experts of 1408 neurons, top-4 routing, a shared expert of 5632), is pruned by
+experts of 1408 neurons, top-4 routing, a shared expert of 5632), or with ``--family mamba2``
+a state-space model with Mamba2-370m's widths (hidden 1024, 32 heads of 64, state 128), is
+pruned by
 secateur at each ``--ratios`` two ways: heads and FFN neurons only (the hidden size stays), and
 the hidden size too; the MoE model also loses that share of its experts whole (``ExpertConfig``,
 the least routed on the prompt first). ``--family t5`` is an encoder-decoder with T5-base's
@@ -28,7 +30,8 @@ With ``--onnx``, the dense model and each pruned one are also written by
 prefill is the prompt through an empty cache and its first token, decode as above. T5 goes
 through ``export_seq2seq_onnx`` and ``OnnxSeq2SeqGenerator`` instead (an encoder file that also
 gives the cross-attention cache, a decoder file with its own cache). A column says whether ONNX
-Runtime generated PyTorch's tokens. An ONNX file holds at most 2 GiB (protobuf's limit): with
+Runtime generated PyTorch's tokens. Mamba2's file takes one token per call, its states in and
+out, so its prefill there is the prompt a token at a time. An ONNX file holds at most 2 GiB (protobuf's limit): with
 Qwen1.5-MoE's widths that is 2 layers (``--layers 2``).
 
     .venv/bin/python -W ignore benchmarks/llm_decode_speed.py --threads 2 [--onnx]
@@ -83,6 +86,22 @@ PRESETS = {
             num_key_value_heads=16,
             vocab_size=32000,
             max_position_embeddings=512,
+        ),
+    ),
+    # a state-space model: each layer's cache is a convolution state and a recurrent state of
+    # fixed size, its ONNX file one token per call (the prompt too)
+    "mamba2": (
+        "Mamba2-370m widths",
+        dict(
+            hidden_size=1024,
+            num_heads=32,
+            head_dim=64,
+            expand=2,
+            state_size=128,
+            n_groups=1,
+            chunk_size=256,
+            conv_kernel=4,
+            vocab_size=50288,
         ),
     ),
     "t5": (

@@ -433,3 +433,42 @@ def test_pruned_decoder_quantized_to_int8_still_generates(tmp_path, family: str)
     with torch.no_grad():
         reference = model(input_ids=prompt).logits[:, -1]
     assert float((logits - reference).norm() / reference.norm()) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("past_key_values.0.key", ["batch", "heads", "past_sequence", 16]),  # heads not fixed
+        ("past_key_values.0.key", ["batch", 2, 16]),  # keys of three axes
+        ("past_key_values.0.recurrent.0", ["batch", "width", "past_sequence"]),  # two grow
+    ],
+)
+def test_generator_rejects_a_cache_input_of_unknown_sizes(tmp_path, name: str, shape) -> None:
+    from onnx import TensorProto, helper, save
+
+    float_in = helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT),
+            helper.make_node("Identity", ["attention_mask"], ["mask_out"]),
+            helper.make_node("Identity", [name], ["present" + name[len("past_key_values") :]]),
+        ],
+        "cache",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info(
+                "attention_mask", TensorProto.INT64, ["batch", "total_sequence"]
+            ),
+            float_in,
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("mask_out", TensorProto.INT64, None),
+            helper.make_tensor_value_info(
+                "present" + name[len("past_key_values") :], TensorProto.FLOAT, None
+            ),
+        ],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    with pytest.raises(ArtifactError, match=f"input {name} has shape"):
+        OnnxGenerator(tmp_path / "m.onnx")
