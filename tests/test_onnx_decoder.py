@@ -235,6 +235,28 @@ def test_a_state_file_checks_its_single_token_path_against_the_whole_prompt(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_model_whose_single_token_path_fails_is_refused_in_one_line(
+    tmp_path, monkeypatch
+) -> None:
+    from transformers.models.mamba import modeling_mamba
+
+    config = transformers.AutoConfig.for_model(
+        "mamba", **{"vocab_size": VOCAB, **RECURRENT["mamba"]}
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("shape mismatch\nin the step kernel")
+
+    monkeypatch.setattr(modeling_mamba, "causal_conv1d_update", broken)
+    with pytest.raises(
+        ConfigError, match="a token at a time.*shape mismatch.*use export_onnx"
+    ) as info:
+        export_decoder_onnx(model, {"input_ids": _ids(1, 6, 1)}, tmp_path / "llm.onnx")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_caches_that_share_keys_between_layers_are_refused_with_the_way_out() -> None:
     from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer
 

@@ -77,11 +77,12 @@ def holds_states(cache: Any) -> bool:
     return mixin is not None and any(isinstance(ly, mixin) for ly in getattr(cache, "layers", ()))
 
 
-def state_plan(cache: Any) -> tuple[list[type], list[StateSlot]]:
+def state_plan(cache: Any) -> tuple[list[tuple[type, int]], list[StateSlot]]:
     """From a cache after a prompt: the class of each layer in the file's cache (windowed
     attention kept whole, its mask hiding what lies outside the window, as in
-    :func:`export_decoder_onnx`) and the file's cache tensors; a :class:`ConfigError` for a
-    layer of another kind, or one that kept no keys (it reads another layer's)."""
+    :func:`export_decoder_onnx`) with its number of states, and the file's cache tensors; a
+    :class:`ConfigError` for a layer of another kind, or one that kept no keys (it reads
+    another layer's)."""
     c = _classes()
     full = {
         c["DynamicSlidingWindowLayer"]: c["DynamicLayer"],
@@ -98,7 +99,7 @@ def state_plan(cache: Any) -> tuple[list[type], list[StateSlot]]:
                 f"the model's cache holds a {kind.__name__} layer, which export_decoder_onnx "
                 "does not write: use export_onnx (no cache) for this model"
             )
-        classes.append(full.get(kind, kind))
+        classes.append((full.get(kind, kind), getattr(layer, "number_of_states", 0)))
         if isinstance(layer, c["LinearAttentionCacheLayerMixin"]):
             for s in range(layer.number_of_states):
                 for name in ("conv", "recurrent"):
@@ -125,7 +126,7 @@ class StatefulStep(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        classes: list[type],
+        classes: list[tuple[type, int]],
         slots: list[StateSlot],
         position_ids: bool,
         cache_keyword: str,
@@ -142,13 +143,12 @@ class StatefulStep(nn.Module):
         from transformers.cache_utils import Cache
 
         c = _classes()
-        layers = []
-        for cls in self.classes:
-            if issubclass(cls, c["LinearAttentionCacheLayerMixin"]):
-                states = 1 + max((s.index for s in self.slots if s.layer == len(layers)), default=0)
-                layers.append(cls(number_of_states=states))
-            else:
-                layers.append(cls())
+        layers = [
+            cls(number_of_states=states)
+            if issubclass(cls, c["LinearAttentionCacheLayerMixin"])
+            else cls()
+            for cls, states in self.classes
+        ]
         for slot, tensor in zip(self.slots, past, strict=True):
             layer = layers[slot.layer]
             if slot.kind == "key":
@@ -268,7 +268,13 @@ def export_states(
     # traced at a batch and a past of 2 or more, which the tracer would otherwise fold
     batch_ids = torch.cat([ids, ids.flip(0)]) if ids.shape[0] < 2 else ids
     batch_mask = torch.cat([mask, mask.flip(0)]) if mask.shape[0] < 2 else mask
-    trace_feed = token_by_token(step, batch_ids[:, :3], batch_mask[:, :3])[-1][0]
+    try:
+        trace_feed = token_by_token(step, batch_ids[:, :3], batch_mask[:, :3])[-1][0]
+    except Exception as exc:  # the model's single-token path does not take this cache
+        raise ConfigError(
+            f"{type(model).__name__} does not run a token at a time through its states "
+            f"({first_line(exc)}): use export_onnx (no cache) for this model"
+        ) from None
     data = _to_onnx_bytes(
         step, trace_feed, input_names, output_names, opset, _axes(slots, position_ids)
     )
