@@ -494,3 +494,45 @@ def test_generator_rejects_a_cache_input_of_unknown_sizes(tmp_path, name: str, s
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     with pytest.raises(ArtifactError, match=f"input {name} has shape"):
         OnnxGenerator(tmp_path / "m.onnx")
+
+
+def test_a_state_file_quantizes_to_int8_and_still_generates(tmp_path) -> None:
+    """prune → export with recurrent states → dynamic int8 → the prompt a token at a time from
+    zero states, as the file's contract says: the last token's logits stay near PyTorch's."""
+    import onnx
+    import onnxruntime
+
+    from secateur.quantization import quantize_onnx
+
+    config = transformers.AutoConfig.for_model(
+        "mamba2", **{"vocab_size": VOCAB, **RECURRENT["mamba2"]}
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = _ids(2, 8, 0)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
+    fp32 = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "ssm.onnx")
+    int8 = quantize_onnx(fp32.path, tmp_path / "ssm.int8.onnx", mode="dynamic")
+    graph = onnx.load(str(int8)).graph
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    products = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert not [x for n in products for x in n.input if x in floats]  # every weight in 8 bits
+    assert any(n.op_type == "MatMulInteger" for n in graph.node)
+
+    prompt = _ids(1, 6, 5)
+    tokens = OnnxGenerator(int8, threads=1).generate(prompt, max_new_tokens=6)
+    assert tokens.shape == (1, 12) and torch.equal(tokens[:, :6], prompt)
+
+    session = onnxruntime.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    states = {i.name: np.zeros((1, *i.shape[1:]), np.float32) for i in session.get_inputs()[2:]}
+    for t in range(prompt.shape[1]):
+        feed = {
+            "input_ids": prompt[:, t : t + 1].numpy(),
+            "attention_mask": np.ones((1, t + 1), np.int64),
+        }
+        logits, *after = session.run(None, {**feed, **states})
+        states = dict(zip(states, after, strict=True))
+    with torch.no_grad():
+        reference = model(input_ids=prompt).logits[:, -1]
+    logits = torch.from_numpy(logits[:, -1])
+    assert float((logits - reference).norm() / reference.norm()) < 0.05
