@@ -386,3 +386,72 @@ def test_a_buffer_whose_count_was_read_keeps_the_heads_written_into_it(
     # not read: the buffer follows the heads written into it
     graph = build_dependency_graph(_CountedBuffer(fill, False, made).eval(), x)
     assert [g.size for g in graph.groups if g.kind == "head"] == [4]
+
+
+class _PickedBeforeFill(nn.Module):
+    """A view of one head of a buffer made from the head count, taken before the buffer is
+    filled head by head and read after: pruning would move which head that view shows."""
+
+    def __init__(self, pick: str) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.pick = 4, 4, pick
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.o2 = nn.Linear(4, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        buf = torch.zeros(b, self.n_heads, n, self.head_dim)
+        picks = {"int": lambda: buf[:, 0], "negative": lambda: buf[:, -1]}
+        picks["ellipsis"] = lambda: buf[..., 0, :, :]
+        picks["leading"] = lambda: buf[0]  # the batch's first row: every head, read later
+        picks["whole"] = lambda: buf[:, :]  # a view of it all, read after the write
+        first = picks[self.pick]()
+        buf[:, :, :, :] = F.scaled_dot_product_attention(q, k, v)
+        out = self.o(buf.transpose(1, 2).reshape(b, n, -1))
+        return out + self.o2(first.reshape(-1, n, 4 * self.head_dim // 4)[..., :4]).sum()
+
+
+@pytest.mark.parametrize("pick", ["int", "negative", "ellipsis", "leading", "whole"])
+def test_a_view_of_a_buffer_taken_before_its_heads_are_written_keeps_them(pick: str) -> None:
+    graph = build_dependency_graph(_PickedBeforeFill(pick).eval(), torch.randn(2, 5, 16))
+    assert not [g for g in graph.groups if g.kind == "head"]
+
+
+class _FilledWithCount(nn.Module):
+    """Each head's output scaled by a tensor filled with a value: the head count itself, or a
+    mask's -inf turned into a factor that pruning cannot change."""
+
+    def __init__(self, fill: str) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.fill = 4, 4, fill
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        shape = (b, self.n_heads, n, self.head_dim)
+        if self.fill == "count":
+            scale = torch.full(shape, float(self.n_heads))
+        elif self.fill == "new_count":
+            scale = x.new_full(shape, float(self.n_heads))
+        else:  # -inf, exp'd to zero, plus one: the same factor at any width
+            scale = x.new_full(shape, float("-inf")).exp() + 1
+        attn = F.scaled_dot_product_attention(q, k, v) * scale
+        return self.o(attn.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("fill", ["count", "new_count", "mask"])
+def test_a_tensor_filled_with_the_head_count_is_no_uniform_operand(fill: str) -> None:
+    x = torch.randn(2, 5, 16)
+    graph = build_dependency_graph(_FilledWithCount(fill).eval(), x)
+    heads = [g.size for g in graph.groups if g.kind == "head"]
+    if fill == "mask":  # a fill no count spells: the heads go, exactly
+        assert heads == [4]
+        assert_silenced_removal_exact(_FilledWithCount(fill).eval(), x, skip=("hidden", "channel"))
+    else:  # the fill would change with the rewritten count
+        assert heads == []

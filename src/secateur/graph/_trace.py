@@ -612,12 +612,16 @@ class _Tracer(OpRules, TorchFunctionMode):
         values = values and name not in _NEW_FROM  # ``x.new_ones(...)``: only x's dtype
         marked = self.uniform.marks_in([args, kwargs]) if values else []
         self.uniform_used = set()
+        if into := written(name, args, kwargs):  # other views of it see the values it writes
+            spared = {id(t) for t in into}
+            spared |= {id(self.slice_views[id(t)][0]) for t in into if id(t) in self.slice_views}
+            self.read_uniform(name, self.uniform.aliases(into, spared), None)
         self._record(name, args, kwargs, out)
         if name in FILLED and (made := self.uniform.marks_in([out])):
             self.filled[id(out)] = made[0][1]  # what made it, kept past writes into it
         if marked:  # what the op writes into is not read by its width
-            into = {id(t) for t in written(name, args, kwargs)}
-            self.read_uniform(name, [(t, m) for t, m in marked if id(t) not in into], out)
+            targets = {id(t) for t in into}
+            self.read_uniform(name, [(t, m) for t, m in marked if id(t) not in targets], out)
 
     def _record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None

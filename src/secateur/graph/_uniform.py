@@ -11,6 +11,7 @@ tensor whose memory an in-place op (or ``out=``) writes into, through any view o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,22 @@ def made_sizes(name: str, args: tuple, kwargs: dict) -> tuple:
     return sizes[:1] if name.endswith("full") else sizes
 
 
+def _count_free(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether the values a ``zeros``/``ones``/``full`` call fills in cannot be a width:
+    ``full``'s fill value is 0, 1 or -1, a bool, not finite or of magnitude 1e4 and more (a
+    mask's). A fill such as ``float(self.n_heads)`` would change as pruning rewrites the count,
+    so the tensor is not followed as uniform."""
+    if not name.endswith("full"):
+        return True
+    at = 2 if name.startswith("new_") else 1
+    value = kwargs["fill_value"] if "fill_value" in kwargs else args[at] if len(args) > at else None
+    if isinstance(value, bool):
+        return True
+    if not isinstance(value, (int, float)):
+        return False  # a tensor of values, or none given: they may come from anything
+    return value in (0, 1, -1) or not math.isfinite(value) or abs(value) >= 1e4
+
+
 def written(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensors an op writes into: its first argument when in place, and ``out=``."""
     out = [kwargs["out"]] if isinstance(kwargs.get("out"), torch.Tensor) else []
@@ -83,7 +100,7 @@ class MarkedTensors:
     def __init__(self) -> None:
         self._axes: dict[int, dict[int, Any]] = {}  # id -> {axis: what marked it}
         self._storages: dict[int, set[int]] = {}  # storage -> ids of the tensors on it
-        self._keep: list[torch.Tensor] = []  # ids and storages stay unique while tracing
+        self._keep: dict[int, torch.Tensor] = {}  # ids and storages stay unique while tracing
 
     def forget(self, tensors: list[torch.Tensor]) -> None:
         """Unmark every tensor sharing memory with one of ``tensors``."""
@@ -96,10 +113,22 @@ class MarkedTensors:
             for marked in self._storages.pop(key, ()):
                 self._axes.pop(marked, None)
 
+    def aliases(self, tensors: list[torch.Tensor], spared: set[int]) -> list[tuple[Any, dict]]:
+        """The marked tensors, with their marks, that share memory with one of ``tensors``
+        but are none of the ids in ``spared``: another view of what a write fills (a row
+        ``buf[0]`` taken before ``buf`` is written), whose values then change under it."""
+        found = []
+        for t in tensors:
+            for other in self._storages.get(_storage(t), ()):  # type: ignore[arg-type]
+                if other not in spared and other in self._axes:
+                    marks = {k: m for k, m in self._axes[other].items() if m is not None}
+                    found.append((self._keep[other], marks))
+        return found
+
     def _mark(self, out: Any, axes: dict[int, Any]) -> None:
         key = _storage(out) if axes else None
         if key is not None:
-            self._keep.append(out)
+            self._keep[id(out)] = out
             self._axes[id(out)] = axes
             self._storages.setdefault(key, set()).add(id(out))
 
@@ -117,11 +146,16 @@ class UniformTensors(MarkedTensors):
         return entry.get(axis - t.dim()) if entry is not None else None
 
     def _sliced(self, t: torch.Tensor, key: Any, out: torch.Tensor) -> dict[int, Made | None]:
-        """``t[key]`` with ``key`` ints and slices only (``buf[:, :, :n]``, ``buf[i, :c]``): the
-        axes a slice keeps whole hold the same values as in ``t``; an axis cut shorter keeps no
-        mark (its width is no longer the one it was made with), and an int drops its axis."""
+        """``t[key]`` with ``key`` slices only, after leading ints (``buf[:, :, :n]``,
+        ``buf[i, :c]``): the axes a slice keeps whole hold the same values as in ``t``; an axis
+        cut shorter keeps no mark (its width is no longer the one it was made with). An int
+        after a slice (``buf[:, -1]``) marks nothing: marks count axes from the end, so the
+        axes before it would stand for the one it drops, whose width the pick reads."""
         axes = basic_selectors(t.shape, key)
         if axes is None:
+            return {}
+        dropped = [a for a, (o, _) in enumerate(axes) if o < 0]
+        if dropped and max(dropped) >= len(dropped):  # not all leading
             return {}
         marks = self._axes[id(t)]
         kept = {}
@@ -160,6 +194,8 @@ class UniformTensors(MarkedTensors):
 
     def _made(self, name, args, kwargs, out, context) -> dict[int, Made | None]:  # noqa: ANN001
         if not isinstance(out, torch.Tensor) or out.dim() == 0:
+            return {}
+        if name in FILLED and not _count_free(name, args, kwargs):
             return {}
         if name in FILLED:
             self._serial += 1
