@@ -212,6 +212,20 @@ def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
     assert torch.equal(got, expected)
 
 
+def test_a_right_padded_example_exports_a_state_file(tmp_path) -> None:
+    """Tokenizers often pad on the right: a row's last attended token is then checked, not a
+    pad the file skips."""
+    config = transformers.AutoConfig.for_model("lfm2", **{"vocab_size": VOCAB, **RECURRENT["lfm2"]})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = _ids(2, 8, 0), torch.ones(2, 8, dtype=torch.long)
+    mask[1, -3:] = 0
+    out = export_decoder_onnx(
+        model, {"input_ids": ids, "attention_mask": mask}, tmp_path / "m.onnx"
+    )
+    assert out.max_abs_diff < 1e-4
+
+
 def test_a_state_file_checks_its_single_token_path_against_the_whole_prompt(
     tmp_path, monkeypatch
 ) -> None:
@@ -463,6 +477,7 @@ def test_pruned_decoder_quantized_to_int8_still_generates(tmp_path, family: str)
         ("past_key_values.0.key", ["batch", "heads", "past_sequence", 16]),  # heads not fixed
         ("past_key_values.0.key", ["batch", 2, 16]),  # keys of three axes
         ("past_key_values.0.recurrent.0", ["batch", "width", "past_sequence"]),  # two grow
+        ("past_key_values.0.conv.0", ["batch", 8, "kernel"]),  # a state's size not fixed
     ],
 )
 def test_generator_rejects_a_cache_input_of_unknown_sizes(tmp_path, name: str, shape) -> None:

@@ -286,8 +286,10 @@ def export_decoder_onnx(
             states the file takes one token per call (see :mod:`._onnx_states`): ``input_ids``
             (batch, 1) and each layer's ``past_key_values.{i}.conv.{s}`` and
             ``.recurrent.{s}`` state, zeros before the first token; it is checked on every
-            token of the example and of twice its batch with padding, and on the last token
-            against the model's own pass over the whole prompt.
+            token of the example, of twice its batch with padding and of a prompt up to 64
+            tokens longer, and each row's last token against the model's own pass over the
+            whole prompt. A model whose state before the first token is not zero fails that
+            last check.
         example_inputs: ``{"input_ids": ids, "attention_mask": mask}``, ids of shape (batch,
             sequence) with sequence >= 4; the mask may pad on the left and defaults to ones.
         path: the ``.onnx`` file to write; missing parent folders are created.
@@ -297,7 +299,9 @@ def export_decoder_onnx(
         last_token_logits: return the logits of the last new token only, ``logits`` of shape
             (batch, 1, vocabulary), as transformers' ``generate`` computes them
             (``logits_to_keep=1``): a prompt then skips the LM head on all its other tokens,
-            which with a large vocabulary is much of its cost. Generation needs no more.
+            which with a large vocabulary is much of its cost. Generation needs no more. A
+            file of recurrent states has one token per call, so its logits are always the
+            last token's.
 
     The file holds a tied embedding twice (the lookup table and the LM head's transposed copy)
     and, like :func:`export_onnx`, cannot exceed protobuf's 2 GiB.

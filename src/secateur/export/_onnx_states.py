@@ -15,6 +15,12 @@ Inputs: ``input_ids`` (batch, 1), ``attention_mask`` (batch, past + 1), ``positi
 ``past_key_values.{i}.conv.{s}`` and ``past_key_values.{i}.recurrent.{s}`` for each state ``s``
 it keeps, of fixed shapes after the batch (zeros before the first token). Outputs: ``logits``
 (batch, 1, vocabulary) and the same tensors under ``present.`` after the token.
+
+The check runs the example, twice its batch padded on the left, and a prompt up to
+:data:`LONGER_BY_STEPS` tokens longer a token at a time in ONNX Runtime and in PyTorch, and
+compares each row's last token with the model's own pass over the whole prompt: a model whose
+single-token path is not its prompt path (or whose state before the first token is not zero)
+is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError, first_line
-from ._onnx import _check_session, _to_onnx_bytes, _worst_difference
+from ._onnx import _check_session, _to_onnx_bytes, _worst_difference, longer_by, longest_run
 
 _FIX = "check the model for a size fixed at the example's"
 
@@ -268,13 +274,7 @@ def export_states(
     # traced at a batch and a past of 2 or more, which the tracer would otherwise fold
     batch_ids = torch.cat([ids, ids.flip(0)]) if ids.shape[0] < 2 else ids
     batch_mask = torch.cat([mask, mask.flip(0)]) if mask.shape[0] < 2 else mask
-    try:
-        trace_feed = token_by_token(step, batch_ids[:, :3], batch_mask[:, :3])[-1][0]
-    except Exception as exc:  # the model's single-token path does not take this cache
-        raise ConfigError(
-            f"{type(model).__name__} does not run a token at a time through its states "
-            f"({first_line(exc)}): use export_onnx (no cache) for this model"
-        ) from None
+    trace_feed = _steps(step, batch_ids[:, :3], batch_mask[:, :3], "the example")[-1][0]
     data = _to_onnx_bytes(
         step, trace_feed, input_names, output_names, opset, _axes(slots, position_ids)
     )
@@ -297,43 +297,98 @@ def _check(
     tolerance: tuple[float, float],
 ) -> float:
     """The largest difference between ONNX Runtime and PyTorch over every call that feeds the
-    example token by token, and again at twice the batch with rows padded on the left; and the
-    last token's logits of those calls against the model's own pass over the whole prompt."""
+    example token by token, again at twice the batch with rows padded on the left, and on a
+    prompt up to :data:`LONGER_BY_STEPS` tokens longer (past a size the trace may have frozen
+    in the attention layers); and each row's logits at its last token of the example and of
+    the longer prompt against the model's own pass over the whole prompt."""
     session = _check_session(data)
     other_mask = mask.clone()
     other_mask[:, 0] = 0
-    batches = {
+    prompts = {
         "the example": (ids, mask),
         "twice the batch, padded": (
             torch.cat([ids, ids.roll(1, dims=1).flip(0)]),
             torch.cat([mask, other_mask]),
         ),
     }
-    worst, last = 0.0, None
-    for size, (batch_ids, batch_mask) in batches.items():
-        calls = token_by_token(step, batch_ids, batch_mask)
-        last = calls[-1][1][0] if last is None else last
+    extra = min(longer_by(step.model, (ids,)), LONGER_BY_STEPS)
+    if extra > 1:
+        # every token attended: repeating the example's mask would put pads mid-prompt,
+        # which the file skips and the model's prompt pass does not
+        ones = torch.ones_like(mask)
+        (long_ids, long_mask), whole = longest_run(_whole(step.model), (ids, ones), extra)
+        if whole is not None:
+            prompts[f"a prompt of {long_ids.shape[1]} tokens"] = (long_ids, long_mask)
+    worst = 0.0
+    for i, (what, (batch_ids, batch_mask)) in enumerate(prompts.items()):
+        calls = _steps(step, batch_ids, batch_mask, what)
         for t, (feed, expected) in enumerate(calls):
-            what = f"{size}'s token {t + 1} through the cache"
+            where = f"{what}'s token {t + 1} through the cache"
             try:
                 named = dict(zip(input_names, feed, strict=True))
                 got = session.run(None, {n: named[n].numpy() for n in kept})
             except Exception as exc:
                 raise ArtifactError(
-                    f"ONNX Runtime cannot run the export on {what}: {first_line(exc)}: {_FIX}"
+                    f"ONNX Runtime cannot run the export on {where}: {first_line(exc)}: {_FIX}"
                 ) from None
             worst = max(
                 worst,
-                _worst_difference([e.numpy() for e in expected], got, tolerance, what, _FIX),
+                _worst_difference([e.numpy() for e in expected], got, tolerance, where, _FIX),
             )
-    # one token at a time must give what the whole prompt gives at its last token
-    with torch.no_grad():
-        whole = step.model(input_ids=ids, attention_mask=mask).logits[:, -1:]
-    if not torch.allclose(last, whole, rtol=tolerance[0], atol=tolerance[1]):
-        raise ArtifactError(
-            f"{type(step.model).__name__} gives other logits fed a token at a time than on the "
-            f"whole prompt (max |difference| {float((last - whole).abs().max()):.3g}): the "
-            "model's single-token path differs from its prompt path; use export_onnx (no "
-            "cache) for this model"
-        )
+        if i != 1:  # the padded batch follows the file's rule for pads, checked above
+            _agrees_with_whole(step.model, batch_ids, batch_mask, calls, tolerance)
     return worst
+
+
+# at most this many tokens past the example for the longer prompt: each is a call
+LONGER_BY_STEPS = 64
+
+
+def _whole(model: nn.Module) -> Any:
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    return run
+
+
+def _steps(step: StatefulStep, ids: torch.Tensor, mask: torch.Tensor, what: str) -> list:
+    """:func:`token_by_token`, or a one-line :class:`ConfigError` where PyTorch fails."""
+    try:
+        return token_by_token(step, ids, mask)
+    except Exception as exc:  # the model's single-token path does not take these inputs
+        raise ConfigError(
+            f"{type(step.model).__name__} does not run {what} a token at a time through its "
+            f"states ({first_line(exc)}): use export_onnx (no cache) for this model"
+        ) from None
+
+
+def _agrees_with_whole(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    calls: list,
+    tolerance: tuple[float, float],
+) -> None:
+    """Raise :class:`ArtifactError` unless each row's logits at its last attended token, fed a
+    token at a time, are those of the model's pass over the whole prompt."""
+    try:
+        with torch.no_grad():
+            whole = _whole(model)(ids, mask)
+    except Exception as exc:
+        raise ConfigError(
+            f"{type(model).__name__} does not run on the example ({first_line(exc)}): pass "
+            "token ids of its vocabulary and a mask of their shape"
+        ) from None
+    positions = torch.arange(ids.shape[1]).expand_as(mask)
+    last = positions.masked_fill(mask == 0, -1).amax(1)  # right padding: an earlier token
+    for row, t in enumerate(last.tolist()):
+        if t < 0:
+            continue  # a row of padding only
+        fed, full = calls[t][1][0][row, -1], whole[row, t]
+        if not torch.allclose(fed, full, rtol=tolerance[0], atol=tolerance[1]):
+            raise ArtifactError(
+                f"{type(model).__name__} gives other logits fed a token at a time than on the "
+                f"whole prompt (max |difference| {float((fed - full).abs().max()):.3g} at "
+                f"token {t + 1} of {ids.shape[1]}): the model's single-token path differs from "
+                "its prompt path; use export_onnx (no cache) for this model"
+            )

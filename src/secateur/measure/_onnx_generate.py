@@ -169,13 +169,17 @@ def _cache_slots(inputs: list[Any], file: str, fix: str) -> list[tuple[str, tupl
     axis (past tokens) as 0: the tensor before the first call. Keys and values are (batch,
     heads, past, head dim); a recurrent state has fixed sizes after the batch. A one-line
     :class:`ArtifactError` for keys or values whose heads or head size are not fixed numbers,
-    or an input of another type."""
+    a state with a size that is not, or an input of another type."""
     slots = []
     for i in inputs:
         shape = list(i.shape[1:])
         grows = [j for j, d in enumerate(shape) if not isinstance(d, int)]
         keys = i.name.endswith((".key", ".value"))
-        if i.type not in _DTYPES or len(grows) > 1 or (keys and (len(shape) != 3 or grows != [1])):
+        if (
+            i.type not in _DTYPES
+            or (keys and (len(shape) != 3 or grows != [1]))
+            or (grows and not keys)
+        ):
             raise ArtifactError(
                 f"{file}: input {i.name} has shape {i.shape} and type {i.type}: {fix}"
             )
