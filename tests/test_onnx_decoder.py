@@ -212,6 +212,20 @@ def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
     assert torch.equal(got, expected)
 
 
+def test_an_unchecked_state_file_runs_too(tmp_path) -> None:
+    config = transformers.AutoConfig.for_model(
+        "mamba2", **{"vocab_size": VOCAB, **RECURRENT["mamba2"]}
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = _ids(1, 6, 1)
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "m.onnx", check=False)
+    assert out.max_abs_diff is None and "position_ids" not in out.input_names
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(OnnxGenerator(out.path, threads=1).generate(ids, max_new_tokens=5), expected)
+
+
 def test_a_right_padded_example_exports_a_state_file(tmp_path) -> None:
     """Tokenizers often pad on the right: a row's last attended token is then checked, not a
     pad the file skips."""
