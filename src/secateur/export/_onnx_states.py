@@ -210,12 +210,14 @@ class StatefulStep(nn.Module):
 
 
 def names(slots: list[StateSlot], position_ids: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The file's input and output names, in the wrapper's order."""
     head = ("input_ids", "attention_mask") + (("position_ids",) if position_ids else ())
     past = tuple(f"past_key_values.{s.suffix}" for s in slots)
     return head + past, ("logits",) + tuple(f"present.{s.suffix}" for s in slots)
 
 
 def _axes(slots: list[StateSlot], position_ids: bool) -> dict[str, dict[int, str]]:
+    """The dynamic axes: the batch everywhere, and the past of keys and values."""
     axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
