@@ -455,3 +455,55 @@ def test_a_tensor_filled_with_the_head_count_is_no_uniform_operand(fill: str) ->
         assert_silenced_removal_exact(_FilledWithCount(fill).eval(), x, skip=("hidden", "channel"))
     else:  # the fill would change with the rewritten count
         assert heads == []
+
+
+class _ViewThenWrite(nn.Module):
+    """A buffer without channels, a view of it taken first (``alias``), then the heads' output
+    written into the buffer (``write``); the view, read after, shows head 0 when ``read``."""
+
+    def __init__(self, made: str, alias: str, write: str, read: bool = True) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = 4, 4
+        self.made, self.alias, self.write, self.read = made, alias, write, read
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        attn = F.scaled_dot_product_attention(q, k, v)
+        buf = getattr(torch, self.made)(b, self.n_heads, n, self.head_dim)
+        aliases = {"row": lambda: buf[0][None], "detach": buf.detach, "view": lambda: buf.view(-1)}
+        aliases["rows"] = lambda: [buf[i] for i in range(b)]
+        view = aliases[self.alias]()
+        if self.write == "out":
+            torch.mul(attn, 1.0, out=buf)
+        elif self.write == "setitem":
+            buf[:, :, :, :] = attn
+        else:  # each row through the views taken up front
+            for i, row in enumerate(view):
+                row.copy_(attn[i])
+        y = self.o(buf.transpose(1, 2).reshape(b, n, -1))
+        return y + view.reshape(b, -1)[:, :4].sum(-1, keepdim=True)[:, None] if self.read else y
+
+
+@pytest.mark.parametrize("made", ["zeros", "empty"])
+@pytest.mark.parametrize(
+    ("alias", "write"), [("row", "out"), ("row", "setitem"), ("detach", "out"), ("view", "setitem")]
+)
+def test_a_view_read_after_a_write_gave_its_memory_heads_keeps_them(
+    made: str, alias: str, write: str
+) -> None:
+    x = torch.randn(2, 5, 16)
+    graph = build_dependency_graph(_ViewThenWrite(made, alias, write).eval(), x)
+    assert not [g for g in graph.groups if g.kind == "head"]
+
+
+@pytest.mark.parametrize("made", ["zeros", "empty"])
+def test_rows_taken_up_front_and_each_written_still_take_the_heads(made: str) -> None:
+    x = torch.randn(2, 5, 16)
+    model = _ViewThenWrite(made, "rows", "rows", read=False).eval()
+    graph = build_dependency_graph(model, x)
+    assert [g.size for g in graph.groups if g.kind == "head"] == [4]
+    assert_silenced_removal_exact(model, x, skip=("hidden", "channel"))

@@ -238,6 +238,10 @@ def test_a_right_padded_example_exports_a_state_file(tmp_path) -> None:
         model, {"input_ids": ids, "attention_mask": mask}, tmp_path / "m.onnx"
     )
     assert out.max_abs_diff < 1e-4
+    mask[0, 3] = 0  # padding between tokens: the file and the prompt pass treat it apart
+    with pytest.raises(ConfigError, match="pads between a row's tokens: pad on the left or"):
+        export_decoder_onnx(model, {"input_ids": ids, "attention_mask": mask}, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_a_state_file_checks_its_single_token_path_against_the_whole_prompt(

@@ -291,7 +291,8 @@ def export_decoder_onnx(
             whole prompt. A model whose state before the first token is not zero fails that
             last check.
         example_inputs: ``{"input_ids": ids, "attention_mask": mask}``, ids of shape (batch,
-            sequence) with sequence >= 4; the mask may pad on the left and defaults to ones.
+            sequence) with sequence >= 4; the mask may pad on the left (or, for a model
+            with recurrent states, the right) and defaults to ones.
         path: the ``.onnx`` file to write; missing parent folders are created.
         opset: ONNX opset, 9..20.
         check, rtol, atol: as for :func:`export_onnx`; a float16 model needs about

@@ -270,6 +270,13 @@ def export_states(
     """The file's bytes, input and output names, and (with a ``tolerance``) the largest
     difference between ONNX Runtime and PyTorch; a :class:`ConfigError` for a cache of another
     kind, an :class:`ArtifactError` where the file or the single-token path disagrees."""
+    attended = mask.cumsum(1) > 0  # from each row's first token on
+    ended = mask.flip(1).cumsum(1).flip(1) > 0  # up to its last
+    if bool(((mask == 0) & attended & ended).any()):
+        raise ConfigError(
+            "attention_mask pads between a row's tokens: pad on the left or the right only "
+            "(a file of recurrent states skips padded tokens, the model's prompt pass does not)"
+        )
     classes, slots = state_plan(prompt_cache)
     step = StatefulStep(model, classes, slots, position_ids, cache_keyword).eval()
     input_names, output_names = names(slots, position_ids)
@@ -306,23 +313,25 @@ def _check(
     session = _check_session(data)
     other_mask = mask.clone()
     other_mask[:, 0] = 0
-    prompts = {
-        "the example": (ids, mask),
+    # (ids, mask, the model's own logits on the whole prompt where they are compared)
+    prompts: dict[str, tuple[torch.Tensor, torch.Tensor, Any]] = {
+        "the example": (ids, mask, _whole_logits(step.model, ids, mask)),
+        # the padded rows follow the file's rule for pads, not the prompt pass's
         "twice the batch, padded": (
             torch.cat([ids, ids.roll(1, dims=1).flip(0)]),
             torch.cat([mask, other_mask]),
+            None,
         ),
     }
     extra = min(longer_by(step.model, (ids,)), LONGER_BY_STEPS)
     if extra > 1:
-        # every token attended: repeating the example's mask would put pads mid-prompt,
-        # which the file skips and the model's prompt pass does not
+        # every token attended: repeating the example's mask would put pads mid-prompt
         ones = torch.ones_like(mask)
         (long_ids, long_mask), whole = longest_run(_whole(step.model), (ids, ones), extra)
         if whole is not None:
-            prompts[f"a prompt of {long_ids.shape[1]} tokens"] = (long_ids, long_mask)
+            prompts[f"a prompt of {long_ids.shape[1]} tokens"] = (long_ids, long_mask, whole)
     worst = 0.0
-    for i, (what, (batch_ids, batch_mask)) in enumerate(prompts.items()):
+    for what, (batch_ids, batch_mask, whole) in prompts.items():
         calls = _steps(step, batch_ids, batch_mask, what)
         for t, (feed, expected) in enumerate(calls):
             where = f"{what}'s token {t + 1} through the cache"
@@ -337,8 +346,8 @@ def _check(
                 worst,
                 _worst_difference([e.numpy() for e in expected], got, tolerance, where, _FIX),
             )
-        if i != 1:  # the padded batch follows the file's rule for pads, checked above
-            _agrees_with_whole(step.model, batch_ids, batch_mask, calls, tolerance)
+        if whole is not None:
+            _agrees_with_whole(step.model, whole, batch_mask, calls, tolerance)
     return worst
 
 
@@ -364,24 +373,28 @@ def _steps(step: StatefulStep, ids: torch.Tensor, mask: torch.Tensor, what: str)
         ) from None
 
 
-def _agrees_with_whole(
-    model: nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    calls: list,
-    tolerance: tuple[float, float],
-) -> None:
-    """Raise :class:`ArtifactError` unless each row's logits at its last attended token, fed a
-    token at a time, are those of the model's pass over the whole prompt."""
+def _whole_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's logits over the whole example, or a one-line :class:`ConfigError`."""
     try:
         with torch.no_grad():
-            whole = _whole(model)(ids, mask)
+            return _whole(model)(ids, mask)
     except Exception as exc:
         raise ConfigError(
             f"{type(model).__name__} does not run on the example ({first_line(exc)}): pass "
             "token ids of its vocabulary and a mask of their shape"
         ) from None
-    positions = torch.arange(ids.shape[1]).expand_as(mask)
+
+
+def _agrees_with_whole(
+    model: nn.Module,
+    whole: torch.Tensor,
+    mask: torch.Tensor,
+    calls: list,
+    tolerance: tuple[float, float],
+) -> None:
+    """Raise :class:`ArtifactError` unless each row's logits at its last attended token, fed a
+    token at a time, are ``whole``'s: the model's pass over the whole prompt."""
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
     last = positions.masked_fill(mask == 0, -1).amax(1)  # right padding: an earlier token
     for row, t in enumerate(last.tolist()):
         if t < 0:
@@ -391,6 +404,6 @@ def _agrees_with_whole(
             raise ArtifactError(
                 f"{type(model).__name__} gives other logits fed a token at a time than on the "
                 f"whole prompt (max |difference| {float((fed - full).abs().max()):.3g} at "
-                f"token {t + 1} of {ids.shape[1]}): the model's single-token path differs from "
+                f"token {t + 1} of {mask.shape[1]}): the model's single-token path differs from "
                 "its prompt path; use export_onnx (no cache) for this model"
             )

@@ -56,7 +56,7 @@ from ._params import (
 from ._shapes import PERMUTE, basic_selectors, dim_arg, index_axes, permute_order
 from ._shuffle_rules import GroupedView
 from ._spaces import Layout, Segment, SpaceTable
-from ._uniform import FILLED, UniformTensors, made_sizes, written
+from ._uniform import FILLED, UniformTensors, made_sizes, storage_key, written
 from ._width_notes import (
     WidthNote,
     bare_name_at,
@@ -147,6 +147,10 @@ class _Tracer(OpRules, TorchFunctionMode):
         self.picked: dict[int, Layout] = {}
         # basic-indexing slices, by id: (the tensor sliced, the index), for writes through them
         self.slice_views: dict[int, tuple[torch.Tensor, Any]] = {}
+        self.views_by_storage: dict[int | None, list[torch.Tensor]] = {}  # untracked views
+        # views taken from an untracked tensor before a write gave it channels, by id: that
+        # tensor (they show its channels' values now, at places the trace never saw)
+        self.stale: dict[int, torch.Tensor] = {}
         # tensors made fresh (zeros, empty, new_empty, ...): their sizes, where they were made
         self.fresh_made: dict[int, tuple[tuple, tuple | None]] = {}  # id -> (sizes, where)
         # untracked destinations: axes along which a write held a value per entry
@@ -200,6 +204,10 @@ class _Tracer(OpRules, TorchFunctionMode):
         if id(t) in self.deferred:
             self.settle(t)
         return self.layouts.get(id(t))
+
+    def known(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` has channels, settled or not (unlike :meth:`info`, settles nothing)."""
+        return id(t) in self.layouts or id(t) in self.deferred
 
     def set(self, t: torch.Tensor, layout: Layout, dim: int) -> None:
         self.keepalive.append(t)
@@ -612,16 +620,48 @@ class _Tracer(OpRules, TorchFunctionMode):
         values = values and name not in _NEW_FROM  # ``x.new_ones(...)``: only x's dtype
         marked = self.uniform.marks_in([args, kwargs]) if values else []
         self.uniform_used = set()
-        if into := written(name, args, kwargs):  # other views of it see the values it writes
-            spared = {id(t) for t in into}
-            spared |= {id(self.slice_views[id(t)][0]) for t in into if id(t) in self.slice_views}
-            self.read_uniform(name, self.uniform.aliases(into, spared), None)
+        into = written(name, args, kwargs)
+        if values and self.stale:
+            self.read_stale(name, [args, kwargs], {id(t) for t in into})
+        # destinations without channels, and their other views (slices, and aliases such as
+        # ``.detach()`` of a uniform tensor): a write may give them channels
+        blank = []
+        for t in into:
+            if not self.known(dst := self.destination(t)):
+                key = storage_key(dst)
+                views = [*self.views_by_storage.get(key, ()), *self.uniform.on(key)]
+                blank.append((dst, [v for v in views if v is not t and v is not dst]))
         self._record(name, args, kwargs, out)
+        aliasing = out is not args[0] if name in ("detach", "__get__") and args else False
+        view = isinstance(out, torch.Tensor) and (out._base is not None or aliasing)
+        if view and not self.known(out):
+            # a view without channels (``buf[0][None]``, ``.view``, ``.detach()``): a later
+            # write into its memory may give them
+            self.views_by_storage.setdefault(storage_key(out), []).append(out)
+            self.keepalive.append(out)
+        for dst, views in blank:
+            if self.known(dst):  # it did: views taken before now show them
+                self.stale.update({id(v): dst for v in views})
         if name in FILLED and (made := self.uniform.marks_in([out])):
             self.filled[id(out)] = made[0][1]  # what made it, kept past writes into it
         if marked:  # what the op writes into is not read by its width
             targets = {id(t) for t in into}
             self.read_uniform(name, [(t, m) for t, m in marked if id(t) not in targets], out)
+
+    def destination(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor a write into ``t`` fills: the one ``t`` is a slice view of, or ``t``."""
+        view = self.slice_views.get(id(t))
+        return view[0] if view is not None else t
+
+    def read_stale(self, name: str, values: Any, targets: set[int]) -> None:
+        """Block the channels of each tensor a stale view among ``values`` (not written by
+        the op) shows: which channel sits where in it moves with pruning, and the trace gave
+        the view none of them."""
+        reason = f"a view taken before their values were written is read by '{name}'"
+        for v in tree_flatten(values)[0]:
+            stale = isinstance(v, torch.Tensor) and id(v) in self.stale and id(v) not in targets
+            if stale and (info := self.info(self.stale[id(v)])) is not None:
+                self.table.block_layout(info[0], reason)
 
     def _record(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None

@@ -87,7 +87,8 @@ def written(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return out
 
 
-def _storage(t: torch.Tensor) -> int | None:
+def storage_key(t: torch.Tensor) -> int | None:
+    """The identity of ``t``'s memory, shared by its views; None where it has no plain one."""
     try:
         return t.untyped_storage()._cdata
     except Exception:  # a tensor without a plain storage: no alias can be ruled out
@@ -105,7 +106,7 @@ class MarkedTensors:
     def forget(self, tensors: list[torch.Tensor]) -> None:
         """Unmark every tensor sharing memory with one of ``tensors``."""
         for t in tensors:
-            key = _storage(t)
+            key = storage_key(t)
             if key is None:  # unknown memory: nothing marked can be trusted
                 self._axes.clear()
                 self._storages.clear()
@@ -113,20 +114,12 @@ class MarkedTensors:
             for marked in self._storages.pop(key, ()):
                 self._axes.pop(marked, None)
 
-    def aliases(self, tensors: list[torch.Tensor], spared: set[int]) -> list[tuple[Any, dict]]:
-        """The marked tensors, with their marks, that share memory with one of ``tensors``
-        but are none of the ids in ``spared``: another view of what a write fills (a row
-        ``buf[0]`` taken before ``buf`` is written), whose values then change under it."""
-        found = []
-        for t in tensors:
-            for other in self._storages.get(_storage(t), ()):  # type: ignore[arg-type]
-                if other not in spared and other in self._axes:
-                    marks = {k: m for k, m in self._axes[other].items() if m is not None}
-                    found.append((self._keep[other], marks))
-        return found
+    def on(self, key: int | None) -> list[torch.Tensor]:
+        """The marked tensors on the memory ``key`` (:func:`storage_key`)."""
+        return [self._keep[i] for i in self._storages.get(key, ()) if key is not None]  # type: ignore[arg-type]
 
     def _mark(self, out: Any, axes: dict[int, Any]) -> None:
-        key = _storage(out) if axes else None
+        key = storage_key(out) if axes else None
         if key is not None:
             self._keep[id(out)] = out
             self._axes[id(out)] = axes
