@@ -60,10 +60,12 @@ def made_sizes(name: str, args: tuple, kwargs: dict) -> tuple:
 
 
 def _count_free(name: str, args: tuple, kwargs: dict) -> bool:
-    """Whether the values a ``zeros``/``ones``/``full`` call fills in cannot be a width:
+    """Whether the values a ``zeros``/``ones``/``full`` call fills in are not likely a width:
     ``full``'s fill value is 0, 1 or -1, a bool, not finite or of magnitude 1e4 and more (a
     mask's). A fill such as ``float(self.n_heads)`` would change as pruning rewrites the count,
-    so the tensor is not followed as uniform."""
+    so such a tensor is not followed as uniform. A count used as a value some other way
+    (``ones * self.n_heads``, ``attn / self.n_heads``) is not seen: the general limit of
+    rewriting widths, which reads only shapes."""
     if not name.endswith("full"):
         return True
     at = 2 if name.startswith("new_") else 1
