@@ -168,17 +168,21 @@ RECURRENT = {
 }
 
 
+def _recurrent(family: str) -> torch.nn.Module:
+    """A small random model of ``family`` (of RECURRENT), token 0 its start, end and pad."""
+    config = transformers.AutoConfig.for_model(family, **{"vocab_size": VOCAB, **RECURRENT[family]})
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
 @pytest.mark.parametrize("family", sorted(RECURRENT))
 def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
     tmp_path, family: str
 ) -> None:
     import onnx
 
-    options = {"vocab_size": VOCAB, **RECURRENT[family]}
-    config = transformers.AutoConfig.for_model(family, **options)
-    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _recurrent(family)
     ids = _ids(2, 8, 0)
     prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
     out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
@@ -213,25 +217,22 @@ def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
 
 
 def test_an_unchecked_state_file_runs_too(tmp_path) -> None:
-    config = transformers.AutoConfig.for_model(
-        "mamba2", **{"vocab_size": VOCAB, **RECURRENT["mamba2"]}
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _recurrent("mamba2")
     ids = _ids(1, 6, 1)
     out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "m.onnx", check=False)
     assert out.max_abs_diff is None and "position_ids" not in out.input_names
     with torch.no_grad():
-        expected = model.generate(ids, max_new_tokens=5, do_sample=False)
-    assert torch.equal(OnnxGenerator(out.path, threads=1).generate(ids, max_new_tokens=5), expected)
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    got = OnnxGenerator(out.path, threads=1).generate(
+        ids, max_new_tokens=5, eos_token_id=0, pad_token_id=0
+    )
+    assert torch.equal(got, expected)
 
 
 def test_a_right_padded_example_exports_a_state_file(tmp_path) -> None:
     """Tokenizers often pad on the right: a row's last attended token is then checked, not a
     pad the file skips."""
-    config = transformers.AutoConfig.for_model("lfm2", **{"vocab_size": VOCAB, **RECURRENT["lfm2"]})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _recurrent("lfm2")
     ids, mask = _ids(2, 8, 0), torch.ones(2, 8, dtype=torch.long)
     mask[1, -3:] = 0
     out = export_decoder_onnx(
@@ -251,11 +252,7 @@ def test_a_state_file_checks_its_single_token_path_against_the_whole_prompt(
     rather than written: here Mamba's step forgets its convolution state."""
     from transformers.models.mamba import modeling_mamba
 
-    config = transformers.AutoConfig.for_model(
-        "mamba", **{"vocab_size": VOCAB, **RECURRENT["mamba"]}
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _recurrent("mamba")
     update = modeling_mamba.causal_conv1d_update
 
     def forgetful(hidden_states, conv_state, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -272,10 +269,7 @@ def test_a_model_whose_single_token_path_fails_is_refused_in_one_line(
 ) -> None:
     from transformers.models.mamba import modeling_mamba
 
-    config = transformers.AutoConfig.for_model(
-        "mamba", **{"vocab_size": VOCAB, **RECURRENT["mamba"]}
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _recurrent("mamba")
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise RuntimeError("shape mismatch\nin the step kernel")
@@ -537,11 +531,7 @@ def test_a_state_file_quantizes_to_int8_and_still_generates(tmp_path) -> None:
 
     from secateur.quantization import quantize_onnx
 
-    config = transformers.AutoConfig.for_model(
-        "mamba2", **{"vocab_size": VOCAB, **RECURRENT["mamba2"]}
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _recurrent("mamba2")
     ids = _ids(2, 8, 0)
     prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
     fp32 = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "ssm.onnx")

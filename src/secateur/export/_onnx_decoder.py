@@ -357,23 +357,43 @@ def export_decoder_onnx(
             f"{type(model).__name__} returns no logits: export its language-model class "
             "(AutoModelForCausalLM), not the bare model"
         )
-    if holds_states(cache := getattr(prompt, "past_key_values", None)):
-        tolerance = (rtol, atol) if check else None
+    cache = getattr(prompt, "past_key_values", None)
+    if holds_states(cache):
         keyword = _cache_keyword(clone)
+        tolerance = (rtol, atol) if check else None
         data, input_names, output_names, worst = export_states(
             clone, ids, mask, cache, position_ids, keyword, opset, tolerance
         )
-        atomic_write_bytes(target, data)
-        return OnnxExport(
-            path=target,
-            opset=opset,
-            input_names=input_names,
-            output_names=output_names,
-            max_abs_diff=worst,
+    else:
+        data, input_names, output_names, worst = _export_keys_values(
+            clone, ids, mask, cache, position_ids, last_token_logits, opset, (rtol, atol), check
         )
+    atomic_write_bytes(target, data)
+    return OnnxExport(
+        path=target,
+        opset=opset,
+        input_names=input_names,
+        output_names=output_names,
+        max_abs_diff=worst,
+    )
+
+
+def _export_keys_values(
+    clone: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Any,
+    position_ids: bool,
+    last_token_logits: bool,
+    opset: int,
+    tolerance: tuple[float, float],
+    check: bool,
+) -> tuple[bytes, tuple[str, ...], tuple[str, ...], float | None]:
+    """The file of a cache of keys and values: its bytes, input and output names, and (with
+    ``check``) the largest difference between ONNX Runtime and PyTorch."""
     layers = _cache_layers(cache, windowed=True)
-    if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        _windowed_agrees(clone, ids, mask, (rtol, atol))
+    if any(type(ly).__name__ != "DynamicLayer" for ly in layers):
+        _windowed_agrees(clone, ids, mask, tolerance)
     # (kv heads, head dim) of each layer's keys, then its values (they may differ)
     shapes = [(int(t.shape[1]), int(t.shape[3])) for ly in layers for t in (ly.keys, ly.values)]
     dtype = layers[0].keys.dtype
@@ -393,15 +413,8 @@ def export_decoder_onnx(
     )
     worst = None
     if check:
-        worst = _check(data, wrapper, ids, mask, shapes, dtype, input_names, (rtol, atol))
-    atomic_write_bytes(target, data)
-    return OnnxExport(
-        path=target,
-        opset=opset,
-        input_names=input_names,
-        output_names=output_names,
-        max_abs_diff=worst,
-    )
+        worst = _check(data, wrapper, ids, mask, shapes, dtype, input_names, tolerance)
+    return data, input_names, output_names, worst
 
 
 def _step(
