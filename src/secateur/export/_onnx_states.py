@@ -1,13 +1,14 @@
 """The decoder file of a transformers LM whose cache holds recurrent states: Mamba, Mamba2,
-Gated DeltaNet and the hybrids of them with attention (Jamba, Bamba, Granite 4.0-H, Falcon-H1,
-Zamba2, Nemotron-H, Qwen3.5, Qwen3-Next, OLMo hybrid, Kimi Linear).
+Gated DeltaNet, LFM2's convolutions and the hybrids of them with attention (Jamba, Bamba,
+Granite 4.0-H, Falcon-H1, Zamba2, Nemotron-H, Qwen3.5, Qwen3-Next, OLMo hybrid, Kimi Linear).
 
 Such a layer keeps, per sequence, a convolution state (the last few inputs of its causal
 convolution) and a recurrent state (its scan's or delta rule's matrix), both of fixed size. The
 file takes **one token per call**: the models' own single-token path, which has no loop over the
 tokens and no chunk count a trace would freeze (their prompt path has both). A prompt is fed one
-token at a time (:class:`secateur.measure.OnnxGenerator` does so), which is exact; on the tokens
-the mask pads, every state is carried over unchanged, as if the padding were absent.
+token at a time (:class:`secateur.measure.OnnxGenerator` does so), which gives the prompt
+path's outputs to float error (the check compares them); on the tokens the mask pads, every
+state is carried over unchanged, as if the padding were absent.
 
 Inputs: ``input_ids`` (batch, 1), ``attention_mask`` (batch, past + 1), ``position_ids``
 (batch, 1) when the forward takes them; per layer ``i`` with attention,
@@ -35,6 +36,8 @@ from ..errors import ArtifactError, ConfigError, first_line
 from ._onnx import _check_session, _to_onnx_bytes, _worst_difference, longer_by, longest_run
 
 _FIX = "check the model for a size fixed at the example's"
+# at most this many tokens past the example for the check's longer prompt: each is a call
+LONGER_BY_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -349,10 +352,6 @@ def _check(
         if whole is not None:
             _agrees_with_whole(step.model, whole, batch_mask, calls, tolerance)
     return worst
-
-
-# at most this many tokens past the example for the longer prompt: each is a call
-LONGER_BY_STEPS = 64
 
 
 def _whole(model: nn.Module) -> Any:
