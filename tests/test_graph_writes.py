@@ -336,21 +336,33 @@ def test_one_channel_copied_out_keeps_the_channels_whole() -> None:
     assert all(m.module_name != "a" for g in graph.groups for m in g.members)
 
 
-class _CountedBuffer(nn.Module):
+class _FourHeads(nn.Module):
+    """Four attention heads of 4 over 16 features; ``heads(x)`` gives q, k, v as
+    (batch, heads, tokens, head dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = 4, 4
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b, n, _ = x.shape
+        return tuple(
+            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+
+
+class _CountedBuffer(_FourHeads):
     """A buffer made from the head count, its count read (a sum over the heads), then filled
     with each head's attention output."""
 
     def __init__(self, fill: str, counted: bool = True, made: str = "ones") -> None:
         super().__init__()
-        self.n_heads, self.head_dim, self.fill, self.counted = 4, 4, fill, counted
-        self.made = made
-        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.fill, self.counted, self.made = fill, counted, made
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = (
-            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
-        )
+        q, k, v = self.heads(x)
         shape = (b, self.n_heads, n, self.head_dim)
         if self.made == "ones":
             buf = torch.ones(shape)
@@ -388,21 +400,18 @@ def test_a_buffer_whose_count_was_read_keeps_the_heads_written_into_it(
     assert [g.size for g in graph.groups if g.kind == "head"] == [4]
 
 
-class _PickedBeforeFill(nn.Module):
+class _PickedBeforeFill(_FourHeads):
     """A view of one head of a buffer made from the head count, taken before the buffer is
     filled head by head and read after: pruning would move which head that view shows."""
 
     def __init__(self, pick: str) -> None:
         super().__init__()
-        self.n_heads, self.head_dim, self.pick = 4, 4, pick
-        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.pick = pick
         self.o2 = nn.Linear(4, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = (
-            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
-        )
+        q, k, v = self.heads(x)
         buf = torch.zeros(b, self.n_heads, n, self.head_dim)
         picks = {"int": lambda: buf[:, 0], "negative": lambda: buf[:, -1]}
         picks["ellipsis"] = lambda: buf[..., 0, :, :]
@@ -420,20 +429,17 @@ def test_a_view_of_a_buffer_taken_before_its_heads_are_written_keeps_them(pick: 
     assert not [g for g in graph.groups if g.kind == "head"]
 
 
-class _FilledWithCount(nn.Module):
+class _FilledWithCount(_FourHeads):
     """Each head's output scaled by a tensor filled with a value: the head count itself, or a
     mask's -inf turned into a factor that pruning cannot change."""
 
     def __init__(self, fill: str) -> None:
         super().__init__()
-        self.n_heads, self.head_dim, self.fill = 4, 4, fill
-        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.fill = fill
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = (
-            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
-        )
+        q, k, v = self.heads(x)
         shape = (b, self.n_heads, n, self.head_dim)
         if self.fill == "count":
             scale = torch.full(shape, float(self.n_heads))
@@ -457,21 +463,17 @@ def test_a_tensor_filled_with_the_head_count_is_no_uniform_operand(fill: str) ->
         assert heads == []
 
 
-class _ViewThenWrite(nn.Module):
+class _ViewThenWrite(_FourHeads):
     """A buffer without channels, a view of it taken first (``alias``), then the heads' output
     written into the buffer (``write``); the view, read after, shows head 0 when ``read``."""
 
     def __init__(self, made: str, alias: str, write: str, read: bool = True) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = 4, 4
         self.made, self.alias, self.write, self.read = made, alias, write, read
-        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = (
-            p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
-        )
+        q, k, v = self.heads(x)
         attn = F.scaled_dot_product_attention(q, k, v)
         buf = getattr(torch, self.made)(b, self.n_heads, n, self.head_dim)
         aliases = {"row": lambda: buf[0][None], "detach": buf.detach, "view": lambda: buf.view(-1)}

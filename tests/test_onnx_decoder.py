@@ -66,6 +66,18 @@ def _padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _generates_as_pytorch(model, path, prompts, mask=None, new: int = 10) -> None:  # noqa: ANN001
+    """The file at ``path`` generates transformers' greedy tokens (0 ends and pads)."""
+    with torch.no_grad():
+        expected = model.generate(
+            prompts, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+    got = OnnxGenerator(path, threads=1).generate(
+        prompts, mask, max_new_tokens=new, eos_token_id=0, pad_token_id=0
+    )
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize(
     "family", ["llama", "gpt2", "qwen2_moe", "cohere", "apertus", "llama4_text", "deepseek_v3"]
 )
@@ -83,14 +95,7 @@ def test_pruned_decoder_generates_in_onnx_runtime_as_in_pytorch(tmp_path, family
     )
     assert out.output_names[0] == "logits" and out.output_names[-1] == f"present.{layers - 1}.value"
 
-    generator = OnnxGenerator(out.path, threads=1)
-    prompts, mask = _padded_prompts()
-    with torch.no_grad():
-        expected = model.generate(
-            prompts, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0
-        )
-    got = generator.generate(prompts, mask, max_new_tokens=10, eos_token_id=0, pad_token_id=0)
-    assert torch.equal(got, expected)
+    _generates_as_pytorch(model, out.path, *_padded_prompts())
 
 
 def test_the_file_keeps_each_layers_pruned_kv_widths(tmp_path) -> None:
@@ -206,14 +211,7 @@ def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
     # 12 prompt tokens and 10 new ones: past Mamba2's chunk of 4 and the traced 3 tokens
     prompts, mask = _ids(3, 12, 3), torch.ones(3, 12, dtype=torch.long)
     prompts[1, :2] = mask[1, :2] = 0  # left padding
-    with torch.no_grad():
-        expected = model.generate(
-            prompts, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0
-        )
-    got = OnnxGenerator(out.path, threads=1).generate(
-        prompts, mask, max_new_tokens=10, eos_token_id=0, pad_token_id=0
-    )
-    assert torch.equal(got, expected)
+    _generates_as_pytorch(model, out.path, prompts, mask)
 
 
 def test_an_unchecked_state_file_runs_too(tmp_path) -> None:
@@ -221,12 +219,7 @@ def test_an_unchecked_state_file_runs_too(tmp_path) -> None:
     ids = _ids(1, 6, 1)
     out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "m.onnx", check=False)
     assert out.max_abs_diff is None and "position_ids" not in out.input_names
-    with torch.no_grad():
-        expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    got = OnnxGenerator(out.path, threads=1).generate(
-        ids, max_new_tokens=5, eos_token_id=0, pad_token_id=0
-    )
-    assert torch.equal(got, expected)
+    _generates_as_pytorch(model, out.path, ids, new=5)
 
 
 def test_a_right_padded_example_exports_a_state_file(tmp_path) -> None:
@@ -417,15 +410,7 @@ def test_last_token_logits_keep_one_position_and_generate_the_same(tmp_path) -> 
         expected = model(input_ids=ids).logits[:, -1:]
     assert logits.shape == (2, 1, VOCAB)
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-3, atol=1e-4)
-    prompts, mask = _padded_prompts()
-    with torch.no_grad():
-        expected = model.generate(
-            prompts, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0
-        )
-    got = OnnxGenerator(out.path, threads=1).generate(
-        prompts, mask, max_new_tokens=10, eos_token_id=0, pad_token_id=0
-    )
-    assert torch.equal(got, expected)
+    _generates_as_pytorch(model, out.path, *_padded_prompts())
 
 
 def test_last_token_logits_need_a_forward_that_takes_logits_to_keep(tmp_path) -> None:
