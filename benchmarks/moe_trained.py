@@ -12,7 +12,11 @@ Then each method prunes a copy of the trained model and its held-out perplexity 
 - weights at 50% and 2:4 (every Linear and expert stack; embeddings and the tied head kept):
   ``torch.nn.utils.prune`` global L1 (the peer), secateur magnitude, Wanda and SparseGPT;
 - whole experts at 25% and 50% of each layer (``ExpertConfig``): by routing mass, by token
-  count, and at random (the control).
+  count, and at random (the control);
+- expert neurons at 25% and 50% (``StructuredConfig`` on the ``channel`` groups: the same
+  neuron slots of every expert of a layer, physically removed), ranked by ``l2`` or
+  ``activation``, each without and with ``reconstruct`` (every expert's down projection
+  refitted by least squares on the rows routed to it).
 
 Calibration: ``--calibration`` training windows, never the held-out ones. No fine-tuning.
 
@@ -35,7 +39,7 @@ from minilm_fidelity import more_sentences
 from moe_unstructured import HEAD as KEEP  # the head tied to the embeddings
 from moe_unstructured import peer  # torch.nn.utils.prune, global L1
 
-from secateur import ExpertConfig, SparseGPTConfig, UnstructuredConfig, prune_
+from secateur import ExpertConfig, SparseGPTConfig, StructuredConfig, UnstructuredConfig, prune_
 
 
 def windows(length: int) -> tuple[torch.Tensor, int]:
@@ -123,6 +127,10 @@ def main() -> None:
     def weights(config: object) -> object:
         return lambda m: prune_(m, config, calibration=calibration)
 
+    def neurons(config: StructuredConfig) -> object:
+        example = calibration[0]
+        return lambda m: prune_(m, config, example_inputs=example, calibration=calibration)
+
     methods = {
         "dense": None,
         "torch.nn.utils.prune L1 global 50%": lambda m: peer(m, 0.5),
@@ -141,6 +149,14 @@ def main() -> None:
         for criterion in ("mass", "frequency", "random"):
             methods[f"experts {ratio:.0%} by {criterion}"] = weights(
                 ExpertConfig(ratio=ratio, criterion=criterion)
+            )
+    for ratio, criterion in ((0.25, "l2"), (0.5, "l2"), (0.5, "activation")):
+        for reconstruct in (False, True):
+            label = f"expert neurons {ratio:.0%} by {criterion}" + (" + refit" * reconstruct)
+            methods[label] = neurons(
+                StructuredConfig(
+                    ratio=ratio, kinds=("channel",), criterion=criterion, reconstruct=reconstruct
+                )
             )
     rows = []
     for label, method in methods.items():

@@ -14,7 +14,9 @@ the kept columns: the structured counterpart of SparseGPT's update, one solve pe
 layers' ``H`` from one calibration pass over the unpruned model (several when their matrices
 would not fit in :data:`PASS_BYTES`). The layers refitted are those
 :mod:`._layer_matrix` sees as one matrix product (Linear, ungrouped Conv1d/2d/3d, Hugging Face
-Conv1D); any other reader of a removed unit is left as plain removal leaves it.
+Conv1D) and, expert by expert, the stacked expert weights of mixture-of-experts layers
+(:mod:`._reconstruct_stacks`); any other reader of a removed unit is left as plain removal
+leaves it.
 
 Refitting the layers one after another on the inputs of the model pruned so far, against the
 original's outputs (as SparseGPT's ``dense_targets`` does), was tried and left out: on
@@ -47,10 +49,17 @@ from ._layer_matrix import (
     to_weight_shape,
     weight_matrix,
 )
+from ._least_squares import refit_kept_columns
+from ._reconstruct_stacks import (
+    owner_name,
+    refit_stack,
+    removed_stack_columns,
+    stack_bias,
+    stack_statistics,
+)
 
 # Consumer roles whose input columns can be refitted, and their modules.
 _ROLES = ("linear_in", "conv1d_in", "conv_in")
-DAMPENING = 0.01  # of the mean diagonal of H, added to its diagonal before solving
 #: The most bytes of ``H`` matrices one calibration pass gathers. A small model's layers all fit
 #: in one pass; a large language model's do not (the FFN down projection of a 7B model alone
 #: has an 11008² float64 ``H``, 0.97 GB), so its layers are gathered over several passes.
@@ -177,71 +186,78 @@ def input_statistics(
 class Refitter:
     """Refits, in place and on full-width weights, every layer that removals take input columns
     from: the kept columns (and the bias) become the least-squares fit, on ``calibration``, of
-    the layer's output in the unpruned model, and the removed columns are zeroed. :meth:`undo`
-    puts the weights it changed back, for a caller whose surgery was rolled back.
+    the layer's output in the unpruned model, and the removed columns are zeroed. Expert stacks
+    are refitted expert by expert. :meth:`undo` puts the weights it changed back, for a caller
+    whose surgery was rolled back.
 
     The input statistics are gathered at the first call, which must come before any surgery,
     and reused by later calls (on the same layers or fewer, after an undo).
 
-    The solve is damped towards the old weights, ``W' (H_KK + λI) = W H_:K + λ W_K`` with
-    ``λ`` = ``DAMPENING`` × the mean of ``diag(H_KK)``, so that a layer that loses nothing keeps
-    its weights exactly.
+    The solve is damped towards the old weights (:mod:`._least_squares`), so that a layer that
+    loses nothing keeps its weights exactly.
     """
 
     def __init__(self, model: nn.Module, calibration: Any) -> None:
         self.model = model
         self.calibration = calibration
         self.stats: dict[str, torch.Tensor] | None = None
-        self.backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.stack_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.backup: dict[str, torch.Tensor] = {}  # parameter name -> its values before
 
     def __call__(self, removals: list[tuple[Group, torch.Tensor]]) -> list[str]:
-        """Refit the layers ``removals`` take columns from; return their names."""
+        """Refit the layers and expert stacks ``removals`` take columns from; return their
+        names (a stack by its parameter's name)."""
         columns = {
             name: channels
             for name, channels in removed_columns(removals).items()
             if is_matrix_layer(self.model.get_submodule(name))
         }
-        if not columns:
+        stacks = removed_stack_columns(self.model, removals)
+        if not columns and not stacks:
             return []
         if self.stats is None:
-            device = next(self.model.parameters()).device
-            batches = iter_calibration(self.calibration, device=device, max_batches=1)
-            first = next(iter(batches), None)
-            if first is None:
-                raise ConfigError("calibration holds no batch: pass at least one batch of inputs")
-            calls = execution_order(self.model, columns, first[0])
-            self.stats = input_statistics(self.model, calls, self.calibration)
+            self._gather(columns, stacks)
+        assert self.stats is not None
         done = [name for name in columns if name in self.stats]
         for name in done:
             self._refit(name, columns[name], self.stats[name])
-        return done
+        refitted = [name for name in stacks if name in self.stack_stats]
+        for name in refitted:
+            self._save(name, stack_bias(self.model, name))
+            refit_stack(self.model, name, stacks[name], *self.stack_stats[name])
+        return done + refitted
+
+    def _gather(self, columns: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor]) -> None:
+        device = next(self.model.parameters()).device
+        batches = iter_calibration(self.calibration, device=device, max_batches=1)
+        first = next(iter(batches), None)
+        if first is None:
+            raise ConfigError("calibration holds no batch: pass at least one batch of inputs")
+        owners = {owner_name(name) for name in stacks}
+        calls = execution_order(self.model, [*columns, *owners], first[0])
+        layers = {name: count for name, count in calls.items() if name in columns}
+        self.stats = input_statistics(self.model, layers, self.calibration) if layers else {}
+        modules = {name: count for name, count in calls.items() if name in owners}
+        self.stack_stats = stack_statistics(
+            self.model, stacks, modules, self.calibration, PASS_BYTES
+        )
+
+    def _save(self, *names: str | None) -> None:
+        for name in names:
+            if name is not None and name not in self.backup:
+                self.backup[name] = self.model.get_parameter(name).detach().clone()
 
     def _refit(self, name: str, channels: torch.Tensor, gram: torch.Tensor) -> None:
         module = self.model.get_submodule(name)
         bias = getattr(module, "bias", None)
-        if name not in self.backup:
-            self.backup[name] = (
-                module.weight.detach().clone(),
-                None if bias is None else bias.detach().clone(),
-            )
+        prefix = f"{name}." if name else ""
+        self._save(f"{prefix}weight", None if bias is None else f"{prefix}bias")
         full = weight_matrix(module, torch.float64)
         if bias is not None:
             full = torch.cat([full, bias.detach().double()[:, None]], dim=1)
         drop = torch.zeros(full.shape[1], dtype=torch.bool)
         drop[column_index(module, channels)] = True
-        keep = (~drop).nonzero().flatten().to(full.device)
-        gram = gram.to(full.device)
-        if not bool(torch.isfinite(gram).all()):
-            raise ConfigError(
-                f"reconstruction: the calibration inputs of layer {name} hold inf/NaN: check "
-                "the calibration data, or prune without reconstruct"
-            )
-        sub = gram[keep][:, keep]
-        damp = DAMPENING * sub.diagonal().mean().clamp_min(1e-12)
-        sub = sub + damp * torch.eye(len(keep), dtype=sub.dtype, device=sub.device)
-        rhs = full @ gram[:, keep] + damp * full[:, keep]
-        new = torch.zeros_like(full)
-        new[:, keep] = torch.linalg.solve(sub, rhs.t()).t()  # sub is symmetric
+        new = refit_kept_columns(full, gram, drop, f"layer {name}")
         with torch.no_grad():
             if bias is not None:
                 bias.copy_(new[:, -1].to(bias.dtype))
@@ -249,11 +265,8 @@ class Refitter:
             module.weight.copy_(to_weight_shape(module, new).to(module.weight.dtype))
 
     def undo(self) -> None:
-        """Copy the saved weights back into the layers' current (full-width) tensors."""
+        """Copy the saved weights back into the parameters' current (full-width) tensors."""
         with torch.no_grad():
-            for name, (weight, bias) in self.backup.items():
-                module = self.model.get_submodule(name)
-                module.weight.copy_(weight)
-                if bias is not None:
-                    module.bias.copy_(bias)
+            for name, saved in self.backup.items():
+                self.model.get_parameter(name).copy_(saved)
         self.backup.clear()

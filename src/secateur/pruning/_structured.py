@@ -48,11 +48,12 @@ class StructuredConfig:
         max_ratio: with global scope, the largest fraction any one group may lose.
         per_layer: fnmatch pattern → ratio for the groups whose producing layers it matches
             (``Group.producers()``; the first matching pattern wins), pruned on their own.
-        reconstruct: refit the layers that read removed units (Linear, HF Conv1D and
-            ungrouped Conv1d/2d/3d) by least squares on the calibration inputs, so that their
-            kept columns and bias reproduce their output in the unpruned model (see
-            ``pruning._reconstruct``). Needs ``calibration``; costs one ``in_features²``
-            float64 matrix per refitted layer and one calibration pass per 2 GiB of them.
+        reconstruct: refit the layers that read removed units (Linear, HF Conv1D,
+            ungrouped Conv1d/2d/3d, and stacked expert weights expert by expert) by least
+            squares on the calibration inputs, so that their kept columns and bias reproduce
+            their output in the unpruned model (see ``pruning._reconstruct``). Needs
+            ``calibration``; costs one ``in_features²`` float64 matrix per refitted layer (per
+            expert for a stack) and one calibration pass per 2 GiB of them.
     """
 
     ratio: float

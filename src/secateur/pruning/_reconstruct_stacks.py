@@ -1,0 +1,206 @@
+"""Structured reconstruction of stacked expert weights (see :mod:`secateur._experts`).
+
+A mixture-of-experts layer keeps its experts' matrices in 3-D stacks, so removing FFN neurons
+(or hidden channels) takes the same input columns from every expert's down projection (or
+gate/up projection). Each expert is refitted on its own, as :mod:`._reconstruct` refits a
+Linear: its ``H_e = E[x xᵀ]`` adds up the input rows the router sent to expert ``e`` (read by
+:class:`~secateur._experts.ExpertInputs` off the ``F.linear``, ``grouped_mm`` or ``bmm`` calls
+that multiply them), and the solve is :func:`._least_squares.refit_kept_columns`. A stack's
+bias, when its module holds one as ``<stack>_bias`` with one row per expert (GPT-OSS), takes
+each expert's folded mean like a Linear's bias.
+
+An expert no calibration row reached keeps plain removal (its removed columns zeroed), as does
+a stack whose products went unseen (a kernel :class:`ExpertInputs` does not follow). Memory:
+``experts × in²`` float64 per stack; stacks are gathered in passes of at most ``max_bytes``,
+each pass stopping once its stacks' modules have run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._calibration import iter_calibration
+from .._experts import ExpertInputs, expert_stacks, transposed
+from .._inputs import call_model
+from ..graph import Group
+from ._least_squares import refit_kept_columns
+from ._sparsegpt_solver import StopForward
+
+
+def owner_name(stack: str) -> str:
+    """The module name of the parameter named ``stack``."""
+    return stack.rpartition(".")[0]
+
+
+def _input_axis(module: nn.Module) -> int:
+    return 1 if transposed(module) else 2
+
+
+def removed_stack_columns(
+    model: nn.Module, removals: Iterable[tuple[Group, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Per expert stack (parameter name), the input features (sorted, unique) ``removals``
+    delete along its experts' input axis."""
+    stacks = expert_stacks(model)
+    columns: dict[str, list[torch.Tensor]] = {}
+    for group, units in removals:
+        if len(units) == 0:
+            continue
+        for member in group.members:
+            if member.role != "param":
+                continue
+            name = f"{member.module_name}.{member.tensor}" if member.module_name else member.tensor
+            found = stacks.get(name)
+            if found is not None and member.dim == _input_axis(found[1]):
+                columns.setdefault(name, []).append(group.feature_indices(member, units.cpu()))
+    return {name: torch.unique(torch.cat(parts)) for name, parts in columns.items()}
+
+
+def stack_bias(model: nn.Module, stack: str) -> str | None:
+    """The name of ``stack``'s bias: ``<stack>_bias`` of its module, one row per expert as wide
+    as each expert's output; ``None`` when there is none."""
+    name = f"{stack}_bias"
+    try:
+        bias = model.get_parameter(name)
+    except AttributeError:
+        return None
+    param = model.get_parameter(stack)
+    module = model.get_submodule(owner_name(stack))
+    outputs = param.shape[2] if transposed(module) else param.shape[1]
+    return name if tuple(bias.shape) == (param.shape[0], outputs) else None
+
+
+class _StackGrams(ExpertInputs):
+    """Per expert of each watched stack: ``Σ x xᵀ`` in float64 over the input rows it
+    multiplied (a 1 appended when the stack has a bias) and how many rows that was."""
+
+    def __init__(self, model: nn.Module, names: list[str], biased: set[str]) -> None:
+        super().__init__(model, names)
+        self.biased = biased
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, experts: torch.Tensor, rows: torch.Tensor) -> None:
+        x = rows.detach().to(torch.float64)
+        if name in self.biased:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        if name not in self.sums:
+            count = self.params[name].shape[0]
+            self.sums[name] = x.new_zeros(count, x.shape[1], x.shape[1])
+            self.rows[name] = torch.zeros(count, dtype=torch.long)
+        ids = experts.to(x.device)
+        for expert in ids.unique().tolist():
+            picked = x[ids == expert]
+            self.sums[name][expert].addmm_(picked.t(), picked)
+            self.rows[name][expert] += picked.shape[0]
+
+
+def _gram_bytes(model: nn.Module, stack: str) -> int:
+    param = model.get_parameter(stack)
+    width = param.shape[_input_axis(model.get_submodule(owner_name(stack)))]
+    width += stack_bias(model, stack) is not None
+    return 8 * param.shape[0] * width * width
+
+
+def _passes(model: nn.Module, stacks: list[str], max_bytes: int) -> list[list[str]]:
+    passes: list[list[str]] = []
+    held = max_bytes + 1
+    for stack in stacks:
+        size = _gram_bytes(model, stack)
+        if held + size > max_bytes:
+            passes.append([])
+            held = 0
+        passes[-1].append(stack)
+        held += size
+    return passes
+
+
+def stack_statistics(
+    model: nn.Module,
+    stacks: Iterable[str],
+    calls: dict[str, int],
+    calibration: Any,
+    max_bytes: int,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per stack whose module is in ``calls`` (module name → runs per batch, in execution
+    order): ``(H, rows)``, ``H[e]`` the mean ``x xᵀ`` over the ``rows[e]`` calibration rows
+    expert ``e`` multiplied (zero where none did). Stacks whose products went unseen are left
+    out."""
+    order = {module: i for i, module in enumerate(calls)}
+    wanted = sorted(
+        (s for s in stacks if owner_name(s) in order), key=lambda s: order[owner_name(s)]
+    )
+    biased = {s for s in wanted if stack_bias(model, s) is not None}
+    device = next(model.parameters()).device
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for run in _passes(model, wanted, max_bytes):
+                found.update(_gather(model, run, calls, calibration, biased, device))
+    finally:
+        model.train(was_training)
+    return found
+
+
+def _gather(model, run, calls, calibration, biased, device):  # noqa: ANN001, ANN202
+    """One pass over the calibration batches for the stacks of ``run``, each forward stopped
+    once their modules have run as often as ``calls`` says."""
+    owners = {owner_name(s) for s in run}
+    ran = dict.fromkeys(owners, 0)
+    handles = []
+    for owner in owners:
+
+        def count(_mod: nn.Module, _args: Any, _out: Any, owner: str = owner) -> None:
+            ran[owner] += 1
+            if all(ran[o] >= calls[o] for o in owners):
+                raise StopForward
+
+        handles.append(model.get_submodule(owner).register_forward_hook(count))
+    grams = _StackGrams(model, run, biased & set(run))
+    try:
+        with grams:
+            for inputs, _ in iter_calibration(calibration, device=device):
+                ran.update(dict.fromkeys(owners, 0))
+                with contextlib.suppress(StopForward):
+                    call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        name: (total / grams.rows[name].clamp_min(1).to(total)[:, None, None], grams.rows[name])
+        for name, total in grams.sums.items()
+    }
+
+
+def refit_stack(
+    model: nn.Module, stack: str, columns: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """Refit, in place, every expert matrix of ``stack`` (and its bias) over the kept input
+    columns, zeroing ``columns``; an expert with no calibration rows only has them zeroed."""
+    param = model.get_parameter(stack)
+    bias_name = stack_bias(model, stack)
+    bias = None if bias_name is None else model.get_parameter(bias_name)
+    flip = transposed(model.get_submodule(owner_name(stack)))
+    with torch.no_grad():
+        for expert in range(param.shape[0]):
+            matrix = param[expert].t() if flip else param[expert]  # (out, in), a view
+            full = matrix.to(torch.float64, copy=True)
+            if bias is not None:
+                full = torch.cat([full, bias[expert].double()[:, None]], dim=1)
+            drop = torch.zeros(full.shape[1], dtype=torch.bool)
+            drop[columns] = True
+            if int(rows[expert]) == 0:
+                new = full.clone()
+                new[:, drop.to(new.device)] = 0
+            else:
+                new = refit_kept_columns(full, gram[expert], drop, f"expert {expert} of {stack}")
+            matrix.copy_(new[:, : matrix.shape[1]].to(param.dtype))
+            if bias is not None:
+                bias[expert].copy_(new[:, -1].to(bias.dtype))
