@@ -50,13 +50,7 @@ from ._layer_matrix import (
     weight_matrix,
 )
 from ._least_squares import refit_kept_columns
-from ._reconstruct_stacks import (
-    owner_name,
-    refit_stack,
-    removed_stack_columns,
-    stack_bias,
-    stack_statistics,
-)
+from ._reconstruct_stacks import StackFit, fit_stacks, owner_name, removed_stack_columns, stack_bias
 
 # Consumer roles whose input columns can be refitted, and their modules.
 _ROLES = ("linear_in", "conv1d_in", "conv_in")
@@ -187,11 +181,12 @@ class Refitter:
     """Refits, in place and on full-width weights, every layer that removals take input columns
     from: the kept columns (and the bias) become the least-squares fit, on ``calibration``, of
     the layer's output in the unpruned model, and the removed columns are zeroed. Expert stacks
-    are refitted expert by expert. :meth:`undo` puts the weights it changed back, for a caller
-    whose surgery was rolled back.
+    are refitted expert by expert (:mod:`._reconstruct_stacks`). :meth:`undo` puts the weights
+    it changed back, for a caller whose surgery was rolled back.
 
-    The input statistics are gathered at the first call, which must come before any surgery,
-    and reused by later calls (on the same layers or fewer, after an undo).
+    The statistics are gathered at the first call, which must come before any surgery, and
+    reused by later calls (on the same layers or fewer, after an undo); a stack's solved
+    weights are reused for the same removed columns.
 
     The solve is damped towards the old weights (:mod:`._least_squares`), so that a layer that
     loses nothing keeps its weights exactly.
@@ -201,8 +196,10 @@ class Refitter:
         self.model = model
         self.calibration = calibration
         self.stats: dict[str, torch.Tensor] | None = None
-        self.stack_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.backup: dict[str, torch.Tensor] = {}  # parameter name -> its values before
+        self.owner_calls: dict[str, int] = {}  # expert stacks' modules: runs per batch
+        self.fits: dict[str, StackFit] = {}
+        self.backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.stack_backup: dict[str, torch.Tensor] = {}  # parameter name -> values (CPU)
 
     def __call__(self, removals: list[tuple[Group, torch.Tensor]]) -> list[str]:
         """Refit the layers and expert stacks ``removals`` take columns from; return their
@@ -218,13 +215,21 @@ class Refitter:
         if self.stats is None:
             self._gather(columns, stacks)
         assert self.stats is not None
+        stale = {
+            name: cols
+            for name, cols in stacks.items()
+            if name not in self.fits or not torch.equal(self.fits[name].columns, cols)
+        }
+        if stale:  # solved before any layer below changes the inputs they see
+            self.fits.update(
+                fit_stacks(self.model, stale, self.owner_calls, self.calibration, PASS_BYTES)
+            )
         done = [name for name in columns if name in self.stats]
         for name in done:
             self._refit(name, columns[name], self.stats[name])
-        refitted = [name for name in stacks if name in self.stack_stats]
+        refitted = [name for name in stacks if name in self.fits]
         for name in refitted:
-            self._save(name, stack_bias(self.model, name))
-            refit_stack(self.model, name, stacks[name], *self.stack_stats[name])
+            self._write(name, self.fits[name])
         return done + refitted
 
     def _gather(self, columns: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor]) -> None:
@@ -237,21 +242,28 @@ class Refitter:
         calls = execution_order(self.model, [*columns, *owners], first[0])
         layers = {name: count for name, count in calls.items() if name in columns}
         self.stats = input_statistics(self.model, layers, self.calibration) if layers else {}
-        modules = {name: count for name, count in calls.items() if name in owners}
-        self.stack_stats = stack_statistics(
-            self.model, stacks, modules, self.calibration, PASS_BYTES
-        )
+        self.owner_calls = {name: count for name, count in calls.items() if name in owners}
 
-    def _save(self, *names: str | None) -> None:
-        for name in names:
-            if name is not None and name not in self.backup:
-                self.backup[name] = self.model.get_parameter(name).detach().clone()
+    def _write(self, stack: str, fit: StackFit) -> None:
+        """Put ``fit``'s values into the stack (and its bias), saving the old ones first."""
+        bias = stack_bias(self.model, stack)
+        with torch.no_grad():
+            for name, values in ((stack, fit.weight), (bias, fit.bias)):
+                if name is None or values is None:
+                    continue
+                param = self.model.get_parameter(name)
+                if name not in self.stack_backup:
+                    self.stack_backup[name] = param.detach().to("cpu", copy=True)
+                param.copy_(values.to(param.device))
 
     def _refit(self, name: str, channels: torch.Tensor, gram: torch.Tensor) -> None:
         module = self.model.get_submodule(name)
         bias = getattr(module, "bias", None)
-        prefix = f"{name}." if name else ""
-        self._save(f"{prefix}weight", None if bias is None else f"{prefix}bias")
+        if name not in self.backup:
+            self.backup[name] = (
+                module.weight.detach().clone(),
+                None if bias is None else bias.detach().clone(),
+            )
         full = weight_matrix(module, torch.float64)
         if bias is not None:
             full = torch.cat([full, bias.detach().double()[:, None]], dim=1)
@@ -265,8 +277,16 @@ class Refitter:
             module.weight.copy_(to_weight_shape(module, new).to(module.weight.dtype))
 
     def undo(self) -> None:
-        """Copy the saved weights back into the parameters' current (full-width) tensors."""
+        """Copy the saved weights back into the layers' and stacks' current (full-width)
+        tensors."""
         with torch.no_grad():
-            for name, saved in self.backup.items():
-                self.model.get_parameter(name).copy_(saved)
+            for name, (weight, bias) in self.backup.items():
+                module = self.model.get_submodule(name)
+                module.weight.copy_(weight)
+                if bias is not None:
+                    module.bias.copy_(bias)
+            for name, values in self.stack_backup.items():
+                param = self.model.get_parameter(name)
+                param.copy_(values.to(param.device))
         self.backup.clear()
+        self.stack_backup.clear()

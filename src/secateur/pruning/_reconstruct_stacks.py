@@ -9,16 +9,25 @@ that multiply them), and the solve is :func:`._least_squares.refit_kept_columns`
 bias, when its module holds one as ``<stack>_bias`` with one row per expert (GPT-OSS), takes
 each expert's folded mean like a Linear's bias.
 
-An expert no calibration row reached keeps plain removal (its removed columns zeroed), as does
-a stack whose products went unseen (a kernel :class:`ExpertInputs` does not follow). Memory:
-``experts × in²`` float64 per stack; stacks are gathered in passes of at most ``max_bytes``,
-each pass stopping once its stacks' modules have run.
+An expert keeps plain removal (its removed columns zeroed) where it saw fewer than
+:data:`ROWS_PER_COLUMN` times as many calibration rows as it keeps input columns: with fewer,
+the fit follows the calibration rows rather than the layer (on a small Mixtral with 96 rows
+for 64 kept columns per expert, the refit moved held-out logits more than plain removal), and
+a warning says how many experts that was. So does a stack whose products went unseen (a
+kernel :class:`ExpertInputs` does not follow).
+
+Memory: the statistics, ``experts × in²`` float64 per stack on the model's device, are
+gathered in passes of at most ``max_bytes`` (a larger stack alone) and freed once the pass's
+new weights are solved; those wait on the CPU until every pass is done, so that each pass sees
+the unpruned model's inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,38 +129,66 @@ def _passes(model: nn.Module, stacks: list[str], max_bytes: int) -> list[list[st
     return passes
 
 
-def stack_statistics(
+#: an expert is refitted only with at least this many calibration rows per kept input column
+ROWS_PER_COLUMN = 2
+
+
+@dataclass(frozen=True)
+class StackFit:
+    """The refitted values of one stack (and of its bias), on the CPU, for the removal of
+    ``columns`` from its experts' inputs."""
+
+    columns: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def fit_stacks(
     model: nn.Module,
-    stacks: Iterable[str],
+    stacks: dict[str, torch.Tensor],
     calls: dict[str, int],
     calibration: Any,
     max_bytes: int,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per stack whose module is in ``calls`` (module name → runs per batch, in execution
-    order): ``(H, rows)``, ``H[e]`` the mean ``x xᵀ`` over the ``rows[e]`` calibration rows
-    expert ``e`` multiplied (zero where none did). Stacks whose products went unseen are left
-    out."""
+) -> dict[str, StackFit]:
+    """Solve the refit of each stack of ``stacks`` (parameter name → input columns removed)
+    whose module is in ``calls`` (module name → runs per batch, in execution order), on the
+    unpruned model's calibration inputs, without changing the model. Stacks whose products
+    went unseen are left out. Warns when experts kept plain removal for want of rows."""
     order = {module: i for i, module in enumerate(calls)}
     wanted = sorted(
         (s for s in stacks if owner_name(s) in order), key=lambda s: order[owner_name(s)]
     )
     biased = {s for s in wanted if stack_bias(model, s) is not None}
     device = next(model.parameters()).device
-    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    fits: dict[str, StackFit] = {}
+    short: list[int] = [0, 0]  # experts left plain for want of rows, experts solved
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for run in _passes(model, wanted, max_bytes):
-                found.update(_gather(model, run, calls, calibration, biased, device))
+                for name, (gram, rows) in _gather(
+                    model, run, calls, calibration, biased, device
+                ).items():
+                    fits[name] = _solve(model, name, stacks[name], gram, rows, short)
+                    del gram
     finally:
         model.train(was_training)
-    return found
+    if short[0]:
+        warnings.warn(
+            f"reconstruction kept plain removal for {short[0]} of {short[1]} experts, which saw "
+            f"fewer than {ROWS_PER_COLUMN} calibration rows per kept input: pass more "
+            "calibration data to refit them",
+            UserWarning,
+            stacklevel=8,  # the prune_ call
+        )
+    return fits
 
 
 def _gather(model, run, calls, calibration, biased, device):  # noqa: ANN001, ANN202
     """One pass over the calibration batches for the stacks of ``run``, each forward stopped
-    once their modules have run as often as ``calls`` says."""
+    once their modules have run as often as ``calls`` says: per stack ``(H, rows)``, ``H[e]``
+    the mean ``x xᵀ`` over the ``rows[e]`` rows expert ``e`` multiplied (zero where none did)."""
     owners = {owner_name(s) for s in run}
     ran = dict.fromkeys(owners, 0)
     handles = []
@@ -173,34 +210,46 @@ def _gather(model, run, calls, calibration, biased, device):  # noqa: ANN001, AN
     finally:
         for handle in handles:
             handle.remove()
-    return {
-        name: (total / grams.rows[name].clamp_min(1).to(total)[:, None, None], grams.rows[name])
-        for name, total in grams.sums.items()
-    }
+    found = {}
+    for name in list(grams.sums):
+        total, rows = grams.sums.pop(name), grams.rows[name]
+        found[name] = (total.div_(rows.clamp_min(1).to(total)[:, None, None]), rows)
+    return found
 
 
-def refit_stack(
-    model: nn.Module, stack: str, columns: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor
-) -> None:
-    """Refit, in place, every expert matrix of ``stack`` (and its bias) over the kept input
-    columns, zeroing ``columns``; an expert with no calibration rows only has them zeroed."""
+def _solve(
+    model: nn.Module,
+    stack: str,
+    columns: torch.Tensor,
+    gram: torch.Tensor,
+    rows: torch.Tensor,
+    short: list[int],
+) -> StackFit:
+    """The refitted stack and bias (CPU copies): each expert's kept columns solved on its
+    ``gram``, its ``columns`` zeroed; an expert with too few ``rows`` only has them zeroed
+    (counted in ``short[0]``, of ``short[1]`` experts)."""
     param = model.get_parameter(stack)
     bias_name = stack_bias(model, stack)
     bias = None if bias_name is None else model.get_parameter(bias_name)
     flip = transposed(model.get_submodule(owner_name(stack)))
-    with torch.no_grad():
-        for expert in range(param.shape[0]):
-            matrix = param[expert].t() if flip else param[expert]  # (out, in), a view
-            full = matrix.to(torch.float64, copy=True)
-            if bias is not None:
-                full = torch.cat([full, bias[expert].double()[:, None]], dim=1)
-            drop = torch.zeros(full.shape[1], dtype=torch.bool)
-            drop[columns] = True
-            if int(rows[expert]) == 0:
-                new = full.clone()
-                new[:, drop.to(new.device)] = 0
-            else:
-                new = refit_kept_columns(full, gram[expert], drop, f"expert {expert} of {stack}")
-            matrix.copy_(new[:, : matrix.shape[1]].to(param.dtype))
-            if bias is not None:
-                bias[expert].copy_(new[:, -1].to(bias.dtype))
+    weight_out = param.detach().to("cpu", copy=True)
+    bias_out = None if bias is None else bias.detach().to("cpu", copy=True)
+    for expert in range(param.shape[0]):
+        matrix = param[expert].t() if flip else param[expert]  # (out, in)
+        full = matrix.detach().to(torch.float64, copy=True)
+        if bias is not None:
+            full = torch.cat([full, bias[expert].detach().double()[:, None]], dim=1)
+        drop = torch.zeros(full.shape[1], dtype=torch.bool)
+        drop[columns] = True
+        short[1] += 1
+        if int(rows[expert]) < ROWS_PER_COLUMN * int((~drop).sum()):
+            short[0] += 1
+            new = full.clone()
+            new[:, drop.to(new.device)] = 0
+        else:
+            new = refit_kept_columns(full, gram[expert], drop, f"expert {expert} of {stack}")
+        solved = new[:, : matrix.shape[1]].to("cpu", param.dtype)
+        weight_out[expert] = solved.t() if flip else solved
+        if bias_out is not None:
+            bias_out[expert] = new[:, -1].to("cpu", bias_out.dtype)
+    return StackFit(columns, weight_out, bias_out)
