@@ -171,6 +171,9 @@ RECURRENT = {
     # Gated DeltaNet beside full attention
     "qwen3_5_text": dict(SMALL, **QWEN3_5_DELTANET),
 }
+# the prompt tokens a call of each family's file takes beside one: Mamba's prompt path
+# starts afresh whatever its cache holds, so its file stays a token at a time
+BLOCKS = {"lfm2": 32, "mamba": None, "mamba2": 32, "qwen3_5_text": 32}
 
 
 def _recurrent(family: str) -> torch.nn.Module:
@@ -201,17 +204,87 @@ def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
         v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in graph.input
     }
-    assert dims["input_ids"] == ["batch", 1]  # one token per call: no loop over tokens to freeze
+    assert out.prefill_block == BLOCKS[family]
+    # one token per call, or as many as the block graph was traced at: no loop to freeze
+    assert dims["input_ids"] == ["batch", 1 if out.prefill_block is None else "new_tokens"]
     assert all(
         d[0] == "batch" and all(type(x) is int for x in d[1:])
         for n, d in dims.items()
         if n in states
     )
 
-    # 12 prompt tokens and 10 new ones: past Mamba2's chunk of 4 and the traced 3 tokens
-    prompts, mask = _ids(3, 12, 3), torch.ones(3, 12, dtype=torch.long)
+    # 40 prompt tokens and 10 new ones: the padded first two a token at a time, then a block
+    # of 32 (where the file has one), then the rest a token at a time
+    prompts, mask = _ids(3, 40, 3), torch.ones(3, 40, dtype=torch.long)
     prompts[1, :2] = mask[1, :2] = 0  # left padding
     _generates_as_pytorch(model, out.path, prompts, mask)
+
+
+def test_prompt_spans_put_blocks_where_no_row_pads() -> None:
+    from secateur.export._onnx_states import prompt_spans
+
+    attended = [False, False] + [True] * 20
+    assert prompt_spans(attended, 8) == [(0, 1), (1, 2), (2, 10), (10, 18)] + [
+        (t, t + 1) for t in range(18, 22)
+    ]
+    assert prompt_spans(attended, None) == [(t, t + 1) for t in range(22)]
+    assert prompt_spans([True] * 3 + [False] + [True] * 4, 4) == [
+        (0, 1), (1, 2), (2, 3), (3, 4), (4, 8)
+    ]  # fmt: skip
+
+
+def test_the_generator_feeds_the_prompt_in_blocks(tmp_path, monkeypatch) -> None:
+    """A file with blocks of 8: a 30-token prompt but its last token goes in 3 blocks and 5
+    single calls, then one call per new token; the tokens are PyTorch's."""
+    model = _recurrent("qwen3_5_text")
+    example = {"input_ids": _ids(1, 8, 0)}
+    out = export_decoder_onnx(model, example, tmp_path / "m.onnx", prefill_block=8)
+    assert out.prefill_block == 8
+    generator = OnnxGenerator(out.path, threads=1)
+    widths = []
+    call = generator._call
+
+    def counted(new, mask, past):  # noqa: ANN001, ANN202
+        widths.append(new.shape[1])
+        return call(new, mask, past)
+
+    monkeypatch.setattr(generator, "_call", counted)
+    prompt = _ids(1, 30, 4)
+    got = generator.generate(prompt, max_new_tokens=4)
+    assert widths == [8, 8, 8] + [1] * 5 + [1] * 4
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_prefill_blocks_need_the_check_and_a_size_of_two_or_more(tmp_path) -> None:
+    model = _recurrent("mamba2")
+    ids = {"input_ids": _ids(1, 6, 1)}
+    out = export_decoder_onnx(model, ids, tmp_path / "m.onnx", check=False)
+    assert out.prefill_block is None  # unchecked: a token at a time
+    for bad in (1, True, 2.0, "8"):
+        with pytest.raises(ConfigError, match="prefill_block=.* must be an integer >= 2"):
+            export_decoder_onnx(model, ids, tmp_path / "x.onnx", prefill_block=bad)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_merging_refuses_graphs_whose_outputs_differ() -> None:
+    import onnx
+    from onnx import helper
+
+    from secateur.export._onnx_merge import merge_by_length
+
+    def graph(output: str) -> bytes:
+        node = helper.make_node("Identity", ["input_ids"], [output])
+        value = helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["b", 1])
+        out = helper.make_tensor_value_info(output, onnx.TensorProto.INT64, ["b", 1])
+        g = helper.make_graph([node], "g", [value], [out])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+    assert merge_by_length(graph("logits"), graph("other"), 4) is None
+    merged = onnx.load_from_string(merge_by_length(graph("logits"), graph("logits"), 4))
+    onnx.checker.check_model(merged)
+    assert {p.key: p.value for p in merged.metadata_props} == {"secateur.prefill_block": "4"}
 
 
 def test_an_unchecked_state_file_runs_too(tmp_path) -> None:
@@ -521,15 +594,23 @@ def test_a_state_file_quantizes_to_int8_and_still_generates(tmp_path) -> None:
     prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
     fp32 = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "ssm.onnx")
     int8 = quantize_onnx(fp32.path, tmp_path / "ssm.int8.onnx", mode="dynamic")
-    graph = onnx.load(str(int8)).graph
+    proto = onnx.load(str(int8))
+    assert fp32.prefill_block == 32
+    assert {p.key: p.value for p in proto.metadata_props}["secateur.prefill_block"] == "32"
+    graph = proto.graph
     floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    products = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
-    assert not [x for n in products for x in n.input if x in floats]  # every weight in 8 bits
-    assert any(n.op_type == "MatMulInteger" for n in graph.node)
+    branches = [a.g for n in graph.node for a in n.attribute if a.type == a.GRAPH]
+    assert len(branches) == 2  # the single-token and the block graphs
+    for branch in branches:  # every weight in 8 bits, in both
+        products = [n for n in branch.node if n.op_type in ("MatMul", "Gemm")]
+        assert not [x for n in products for x in n.input if x in floats]
+        assert any(n.op_type == "MatMulInteger" for n in branch.node)
 
     prompt = _ids(1, 6, 5)
     tokens = OnnxGenerator(int8, threads=1).generate(prompt, max_new_tokens=6)
     assert tokens.shape == (1, 12) and torch.equal(tokens[:, :6], prompt)
+    longer = OnnxGenerator(int8, threads=1).generate(_ids(2, 40, 6), max_new_tokens=2)
+    assert longer.shape == (2, 42)  # a block of 32 through the quantized block graph
 
     session = onnxruntime.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
     states = {i.name: np.zeros((1, *i.shape[1:]), np.float32) for i in session.get_inputs()[2:]}

@@ -64,7 +64,8 @@ class OnnxExport:
 
     ``max_abs_diff`` is the largest absolute difference between ONNX Runtime's and PyTorch's
     outputs over the checked inputs (the example, other values, twice the batch, ...), or
-    ``None`` when the export was not checked.
+    ``None`` when the export was not checked. ``prefill_block`` is, for a decoder file of
+    recurrent states, how many prompt tokens a call may take beside one (``None``: one).
     """
 
     path: Path
@@ -72,6 +73,7 @@ class OnnxExport:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     max_abs_diff: float | None
+    prefill_block: int | None = None
 
 
 class _Flat(nn.Module):

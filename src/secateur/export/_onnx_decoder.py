@@ -55,7 +55,8 @@ from ._onnx import (
     longer_by,
     longest_run,
 )
-from ._onnx_states import export_states, holds_states
+from ._onnx_states import holds_states
+from ._onnx_states_export import PREFILL_BLOCK, export_states
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -268,6 +269,7 @@ def export_decoder_onnx(
     rtol: float = 1e-3,
     atol: float = 1e-4,
     last_token_logits: bool = False,
+    prefill_block: int | None = PREFILL_BLOCK,
 ) -> OnnxExport:
     """Write a transformers decoder LM as an ONNX file with its key/value cache (see the module
     docstring for the file's inputs and outputs), atomically, checked in ONNX Runtime.
@@ -301,8 +303,14 @@ def export_decoder_onnx(
             (batch, 1, vocabulary), as transformers' ``generate`` computes them
             (``logits_to_keep=1``): a prompt then skips the LM head on all its other tokens,
             which with a large vocabulary is much of its cost. Generation needs no more. A
-            file of recurrent states has one token per call, so its logits are always the
-            last token's.
+            file of recurrent states ignores it: its logits are its new tokens'.
+        prefill_block: for a model with recurrent states, the file also takes blocks of
+            this many prompt tokens per call (a second graph in the same file, sharing its
+            weights; :class:`~secateur.measure.OnnxGenerator` feeds prompts so), where the
+            model's prompt path continues from given states: checked in ONNX Runtime and
+            against the model's pass over a prompt over two blocks long, or left out
+            (``OnnxExport.prefill_block`` says which). It needs ``check`` and a model that
+            takes prompts over ``2 * prefill_block`` tokens. ``None``: a token per call.
 
     The file holds a tied embedding twice (the lookup table and the LM head's transposed copy)
     and, like :func:`export_onnx`, cannot exceed protobuf's 2 GiB.
@@ -326,6 +334,10 @@ def export_decoder_onnx(
     _check_args(target, opset, rtol, atol)
     ensure_writable_dir(target.parent)
     ids, mask = _split(example_inputs)
+    if prefill_block is not None and (
+        isinstance(prefill_block, bool) or not isinstance(prefill_block, int) or prefill_block < 2
+    ):
+        raise ConfigError(f"prefill_block={prefill_block!r} must be an integer >= 2, or None")
     if check:
         _import_onnxruntime()
     if not callable(getattr(model, "forward", None)) or getattr(model, "config", None) is None:
@@ -361,10 +373,11 @@ def export_decoder_onnx(
     if holds_states(cache):
         keyword = _cache_keyword(clone)
         tolerance = (rtol, atol) if check else None
-        data, input_names, output_names, worst = export_states(
-            clone, ids, mask, cache, position_ids, keyword, opset, tolerance
+        data, input_names, output_names, worst, block = export_states(
+            clone, ids, mask, cache, position_ids, keyword, opset, tolerance, prefill_block
         )
     else:
+        block = None
         data, input_names, output_names, worst = _export_keys_values(
             clone, ids, mask, cache, position_ids, last_token_logits, opset, (rtol, atol), check
         )
@@ -375,6 +388,7 @@ def export_decoder_onnx(
         input_names=input_names,
         output_names=output_names,
         max_abs_diff=worst,
+        prefill_block=block,
     )
 
 

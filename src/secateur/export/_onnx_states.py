@@ -5,38 +5,33 @@ Granite 4.0-H, Falcon-H1, Zamba2, Nemotron-H, Qwen3.5, Qwen3-Next, OLMo hybrid, 
 Such a layer keeps, per sequence, a convolution state (the last few inputs of its causal
 convolution) and a recurrent state (its scan's or delta rule's matrix), both of fixed size. The
 file takes **one token per call**: the models' own single-token path, which has no loop over the
-tokens and no chunk count a trace would freeze (their prompt path has both). A prompt is fed one
-token at a time (:class:`secateur.measure.OnnxGenerator` does so), which gives the prompt
-path's outputs to float error (the check compares them); on the tokens the mask pads, every
-state is carried over unchanged, as if the padding were absent.
+tokens and no chunk count a trace would freeze (their prompt path has both); where the model's
+prompt path continues from given states, it also takes blocks of a fixed number of prompt
+tokens (:mod:`._onnx_states_export`). :func:`prompt_spans` says which tokens go how; a token at
+a time gives the prompt path's outputs to float error (the check compares them), and on the
+tokens the mask pads every state is carried over unchanged, as if the padding were absent.
 
-Inputs: ``input_ids`` (batch, 1), ``attention_mask`` (batch, past + 1), ``position_ids``
-(batch, 1) when the forward takes them; per layer ``i`` with attention,
-``past_key_values.{i}.key``/``.value`` (batch, kv heads, past, head dim); per recurrent layer,
-``past_key_values.{i}.conv.{s}`` and ``past_key_values.{i}.recurrent.{s}`` for each state ``s``
-it keeps, of fixed shapes after the batch (zeros before the first token). Outputs: ``logits``
-(batch, 1, vocabulary) and the same tensors under ``present.`` after the token.
-
-The check runs the example, twice its batch padded on the left, and a prompt up to
-:data:`LONGER_BY_STEPS` tokens longer a token at a time in ONNX Runtime and in PyTorch, and
-compares each row's last token with the model's own pass over the whole prompt: a model whose
-single-token path is not its prompt path (or whose state before the first token is not zero)
-is refused.
+Inputs: ``input_ids`` (batch, 1, or the block's tokens), ``attention_mask`` (batch, past +
+new), ``position_ids`` (batch, new) when the forward takes them; per layer ``i`` with
+attention, ``past_key_values.{i}.key``/``.value`` (batch, kv heads, past, head dim); per
+recurrent layer, ``past_key_values.{i}.conv.{s}`` and ``past_key_values.{i}.recurrent.{s}`` for
+each state ``s`` it keeps, of fixed shapes after the batch (zeros before the first token).
+Outputs: ``logits`` (batch, new, vocabulary) and the same tensors under ``present.`` after the
+new tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ArtifactError, ConfigError, first_line
-from ._onnx import _check_session, _to_onnx_bytes, _worst_difference, longer_by, longest_run
+from ..errors import ConfigError
 
-_FIX = "check the model for a size fixed at the example's"
-# at most this many tokens past the example for the check's longer prompt: each is a call
+# at most this many tokens past the example for the check's longer prompt
 LONGER_BY_STEPS = 64
 
 
@@ -128,9 +123,9 @@ def state_plan(cache: Any) -> tuple[list[tuple[type, int]], list[StateSlot]]:
 
 
 class StatefulStep(nn.Module):
-    """Calls a decoder LM on one new token per row with the cache tensors of :class:`StateSlot`
-    ``slots`` as inputs; returns the logits and the cache tensors after the token, a row's
-    states unchanged where the mask pads its token."""
+    """Calls a decoder LM on new tokens (one, or a block none of which the mask pads) with the
+    cache tensors of :class:`StateSlot` ``slots`` as inputs; returns the logits and the cache
+    tensors after them, a row's states unchanged where the mask pads its last new token."""
 
     def __init__(
         self,
@@ -147,7 +142,7 @@ class StatefulStep(nn.Module):
         self.position_ids = position_ids
         self.cache_keyword = cache_keyword
 
-    def _cache(self, past: tuple[torch.Tensor, ...], mask: torch.Tensor) -> Any:
+    def _cache(self, past: tuple[torch.Tensor, ...], mask: torch.Tensor, new: int) -> Any:
         from transformers import DynamicCache
         from transformers.cache_utils import Cache
 
@@ -175,8 +170,8 @@ class StatefulStep(nn.Module):
                     layer.lazy_initialization(recurrent_states=state, state_idx=slot.index)
                 getattr(layer, f"{slot.kind}_states")[slot.index] = state
                 layer.has_previous_state[slot.index] = True
-                # the tokens before this one, as a tensor the trace follows
-                layer.cumulative_length_linear = (mask[0, 1:] * 0 + 1).sum()
+                # the tokens before this call's, as a tensor the trace follows
+                layer.cumulative_length_linear = (mask[0, new:] * 0 + 1).sum()
         cache = DynamicCache.__new__(DynamicCache)
         Cache.__init__(cache, layers=layers)
         return cache
@@ -185,7 +180,9 @@ class StatefulStep(nn.Module):
         input_ids, attention_mask = tensors[:2]
         head = 3 if self.position_ids else 2
         past = tensors[head:]
-        kwargs: dict[str, Any] = {self.cache_keyword: self._cache(past, attention_mask)}
+        kwargs: dict[str, Any] = {
+            self.cache_keyword: self._cache(past, attention_mask, input_ids.shape[1])
+        }
         if self.position_ids:
             kwargs["position_ids"] = tensors[2]
         # a model without attention takes no mask past the prompt (transformers' generate
@@ -237,172 +234,46 @@ def _axes(slots: list[StateSlot], position_ids: bool) -> dict[str, dict[int, str
     return axes
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """The last token's position as transformers' ``generate`` counts it (padding at 0)."""
-    positions = mask.long().cumsum(-1) - 1
-    return positions.masked_fill(mask == 0, 0)[:, -1:]
+def positions(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """The last ``new`` tokens' positions as transformers' ``generate`` counts them (padding
+    at 0)."""
+    counted = mask.long().cumsum(-1) - 1
+    return counted.masked_fill(mask == 0, 0)[:, -new:]
 
 
-def token_by_token(
-    step: StatefulStep, ids: torch.Tensor, mask: torch.Tensor
+def prompt_spans(attended: Sequence[bool], block: int | None) -> list[tuple[int, int]]:
+    """How a prompt goes through a file of recurrent states: ``(start, end)`` token ranges in
+    order, covering every token. A call takes ``block`` tokens where every row attends all of
+    them (a block carries no padding over) and one token elsewhere. ``attended[t]``: whether
+    every row attends token ``t``; ``block`` ``None``: a token at a time."""
+    spans, t = [], 0
+    while t < len(attended):
+        end = t + block if block else t + 1
+        if block and end <= len(attended) and all(attended[t:end]):
+            spans.append((t, end))
+        else:
+            end = t + 1
+            spans.append((t, end))
+        t = end
+    return spans
+
+
+def fed(
+    step: StatefulStep,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    spans: list[tuple[int, int]] | None = None,
 ) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
-    """Each call's inputs and PyTorch outputs when the prompt ``ids`` is fed a token at a time
-    from an empty cache."""
+    """Each call's inputs and PyTorch outputs when the prompt ``ids`` is fed from an empty
+    cache over ``spans`` (:func:`prompt_spans`; default a token at a time)."""
     past = tuple(s.empty(ids.shape[0]) for s in step.slots)
     calls = []
-    for t in range(ids.shape[1]):
-        head = (ids[:, t : t + 1], mask[:, : t + 1])
-        feed = head + ((_positions(mask[:, : t + 1]),) if step.position_ids else ()) + past
+    for start, end in spans or prompt_spans([False] * ids.shape[1], None):
+        head = (ids[:, start:end], mask[:, :end])
+        where = (positions(mask[:, :end], end - start),) if step.position_ids else ()
+        feed = head + where + past
         with torch.no_grad():
             out = step(*[x.clone() for x in feed])
         calls.append((feed, out))
         past = out[1:]
     return calls
-
-
-def export_states(
-    model: nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    prompt_cache: Any,
-    position_ids: bool,
-    cache_keyword: str,
-    opset: int,
-    tolerance: tuple[float, float] | None,
-) -> tuple[bytes, tuple[str, ...], tuple[str, ...], float | None]:
-    """The file's bytes, input and output names, and (with a ``tolerance``) the largest
-    difference between ONNX Runtime and PyTorch; a :class:`ConfigError` for a cache of another
-    kind, an :class:`ArtifactError` where the file or the single-token path disagrees."""
-    attended = mask.cumsum(1) > 0  # from each row's first token on
-    ended = mask.flip(1).cumsum(1).flip(1) > 0  # up to its last
-    if bool(((mask == 0) & attended & ended).any()):
-        raise ConfigError(
-            "attention_mask pads between a row's tokens: pad on the left or the right only "
-            "(a file of recurrent states skips padded tokens, the model's prompt pass does not)"
-        )
-    classes, slots = state_plan(prompt_cache)
-    step = StatefulStep(model, classes, slots, position_ids, cache_keyword).eval()
-    input_names, output_names = names(slots, position_ids)
-    # traced at a batch and a past of 2 or more, which the tracer would otherwise fold
-    batch_ids = torch.cat([ids, ids.flip(0)]) if ids.shape[0] < 2 else ids
-    batch_mask = torch.cat([mask, mask.flip(0)]) if mask.shape[0] < 2 else mask
-    trace_feed = _steps(step, batch_ids[:, :3], batch_mask[:, :3], "the example")[-1][0]
-    data = _to_onnx_bytes(
-        step, trace_feed, input_names, output_names, opset, _axes(slots, position_ids)
-    )
-    # the exporter drops an input the graph does not read (position_ids without rotary ones)
-    import onnx
-
-    kept = tuple(i.name for i in onnx.load_from_string(data).graph.input)
-    if tolerance is None:
-        return data, kept, output_names, None
-    return data, kept, output_names, _check(data, step, ids, mask, input_names, kept, tolerance)
-
-
-def _check(
-    data: bytes,
-    step: StatefulStep,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    input_names: tuple[str, ...],
-    kept: tuple[str, ...],
-    tolerance: tuple[float, float],
-) -> float:
-    """The largest difference between ONNX Runtime and PyTorch over every call that feeds the
-    example token by token, again at twice the batch with rows padded on the left, and on a
-    prompt up to :data:`LONGER_BY_STEPS` tokens longer (past a size the trace may have frozen
-    in the attention layers); and each row's logits at its last token of the example and of
-    the longer prompt against the model's own pass over the whole prompt."""
-    session = _check_session(data)
-    other_mask = mask.clone()
-    other_mask[:, 0] = 0
-    # (ids, mask, the model's own logits on the whole prompt where they are compared)
-    prompts: dict[str, tuple[torch.Tensor, torch.Tensor, Any]] = {
-        "the example": (ids, mask, _whole_logits(step.model, ids, mask)),
-        # the padded rows follow the file's rule for pads, not the prompt pass's
-        "twice the batch, padded": (
-            torch.cat([ids, ids.roll(1, dims=1).flip(0)]),
-            torch.cat([mask, other_mask]),
-            None,
-        ),
-    }
-    extra = min(longer_by(step.model, (ids,)), LONGER_BY_STEPS)
-    if extra > 1:
-        # every token attended: repeating the example's mask would put pads mid-prompt
-        ones = torch.ones_like(mask)
-        (long_ids, long_mask), whole = longest_run(_whole(step.model), (ids, ones), extra)
-        if whole is not None:
-            prompts[f"a prompt of {long_ids.shape[1]} tokens"] = (long_ids, long_mask, whole)
-    worst = 0.0
-    for what, (batch_ids, batch_mask, whole) in prompts.items():
-        calls = _steps(step, batch_ids, batch_mask, what)
-        for t, (feed, expected) in enumerate(calls):
-            where = f"{what}'s token {t + 1} through the cache"
-            try:
-                named = dict(zip(input_names, feed, strict=True))
-                got = session.run(None, {n: named[n].numpy() for n in kept})
-            except Exception as exc:
-                raise ArtifactError(
-                    f"ONNX Runtime cannot run the export on {where}: {first_line(exc)}: {_FIX}"
-                ) from None
-            worst = max(
-                worst,
-                _worst_difference([e.numpy() for e in expected], got, tolerance, where, _FIX),
-            )
-        if whole is not None:
-            _agrees_with_whole(step.model, whole, batch_mask, calls, tolerance)
-    return worst
-
-
-def _whole(model: nn.Module) -> Any:
-    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, attention_mask=mask).logits
-
-    return run
-
-
-def _steps(step: StatefulStep, ids: torch.Tensor, mask: torch.Tensor, what: str) -> list:
-    """:func:`token_by_token`, or a one-line :class:`ConfigError` where PyTorch fails."""
-    try:
-        return token_by_token(step, ids, mask)
-    except Exception as exc:  # the model's single-token path does not take these inputs
-        raise ConfigError(
-            f"{type(step.model).__name__} does not run {what} a token at a time through its "
-            f"states ({first_line(exc)}): use export_onnx (no cache) for this model"
-        ) from None
-
-
-def _whole_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The model's logits over the whole example, or a one-line :class:`ConfigError`."""
-    try:
-        with torch.no_grad():
-            return _whole(model)(ids, mask)
-    except Exception as exc:
-        raise ConfigError(
-            f"{type(model).__name__} does not run on the example ({first_line(exc)}): pass "
-            "token ids of its vocabulary and a mask of their shape"
-        ) from None
-
-
-def _agrees_with_whole(
-    model: nn.Module,
-    whole: torch.Tensor,
-    mask: torch.Tensor,
-    calls: list,
-    tolerance: tuple[float, float],
-) -> None:
-    """Raise :class:`ArtifactError` unless each row's logits at its last attended token, fed a
-    token at a time, are ``whole``'s: the model's pass over the whole prompt."""
-    positions = torch.arange(mask.shape[1]).expand_as(mask)
-    last = positions.masked_fill(mask == 0, -1).amax(1)  # right padding: an earlier token
-    for row, t in enumerate(last.tolist()):
-        if t < 0:
-            continue  # a row of padding only
-        fed, full = calls[t][1][0][row, -1], whole[row, t]
-        if not torch.allclose(fed, full, rtol=tolerance[0], atol=tolerance[1]):
-            raise ArtifactError(
-                f"{type(model).__name__} gives other logits fed a token at a time than on the "
-                f"whole prompt (max |difference| {float((fed - full).abs().max()):.3g} at "
-                f"token {t + 1} of {mask.shape[1]}): the model's single-token path differs from "
-                "its prompt path; use export_onnx (no cache) for this model"
-            )

@@ -4,8 +4,9 @@ from ``export_seq2seq_onnx``.
 :class:`OnnxGenerator` feeds the prompt once with an empty cache, then one token per step with
 the keys and values the file returned, as transformers' ``generate`` does in PyTorch; so a pruned
 LM's decoding speed can be measured, and its tokens compared, in the runtime it ships in. A file
-whose ``input_ids`` take one token (a model with recurrent states) gets the prompt a token at a
-time, its states starting from zeros.
+of recurrent states (``input_ids`` of one token, or blocks of a size its metadata records) gets
+the prompt as :func:`secateur.export._onnx_states.prompt_spans` splits it, its states starting
+from zeros.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError, ConfigError, first_line
+from ..export._onnx_merge import BLOCK_KEY
+from ..export._onnx_states import prompt_spans
 from ._onnx import OnnxRunner
 
 _PAST = "past_key_values."
@@ -66,9 +69,11 @@ class OnnxGenerator:
                 f"{', '.join(names)}): write it with secateur.export.export_decoder_onnx"
             )
         self._position_ids = "position_ids" in names
-        # a file of recurrent states takes one token per call (export_decoder_onnx)
+        # a file of recurrent states takes one token per call, or a block (export_decoder_onnx)
         ids_shape = next(i.shape for i in session.get_inputs() if i.name == "input_ids")
-        self._one_token = len(ids_shape) == 2 and ids_shape[1] == 1
+        block = session.get_modelmeta().custom_metadata_map.get(BLOCK_KEY, "")
+        self._block = int(block) if block.isdigit() and int(block) > 1 else None
+        self._one_token = self._block is not None or (len(ids_shape) == 2 and ids_shape[1] == 1)
         self._past = _cache_slots(
             past, self.runner.path.name, "write the file with secateur.export.export_decoder_onnx"
         )
@@ -120,9 +125,10 @@ class OnnxGenerator:
         full_mask = mask.detach().cpu().numpy().astype(np.int64)
         batch = ids.shape[0]
         past = [np.zeros((batch, *shape), dtype) for _, shape, dtype in self._past]
-        if self._one_token:  # a file of recurrent states: the prompt a token at a time
-            for t in range(ids.shape[1] - 1):
-                _, past = self._call(ids[:, t : t + 1], full_mask[:, : t + 1], past)
+        if self._one_token:  # a file of recurrent states: all but the last token in spans
+            attended = (full_mask[:, :-1] != 0).all(0).tolist()
+            for start, end in prompt_spans(attended, self._block):
+                _, past = self._call(ids[:, start:end], full_mask[:, :end], past)
             new, mask_now = ids[:, -1:], full_mask
         else:
             new, mask_now = ids, full_mask

@@ -261,6 +261,8 @@ def quantize_onnx(
                         per_channel=per_channel,
                         weight_type=ortq.QuantType.QInt8,
                         reduce_range=reduce,
+                        # the branches of an If (a decoder's single-token and block graphs)
+                        extra_options={"EnableSubgraph": True},
                     )
                 else:
                     feeds = _feeds(calibration, names, input_name, max_batches)
@@ -287,6 +289,21 @@ def quantize_onnx(
                 f"ONNX Runtime could not quantize {source}: {first_line(exc)}: "
                 "try the other mode or per_channel=False"
             ) from exc
-        data = out.read_bytes()
+        data = _with_metadata(onnx, source, out.read_bytes())
     atomic_write_bytes(target, data)
     return target
+
+
+def _with_metadata(onnx: Any, source: Path, data: bytes) -> bytes:
+    """``data`` with the metadata of the ``source`` file it was quantized from (what a runner
+    reads there, such as a decoder's block size) where the quantizer dropped it."""
+    original = onnx.load(str(source), load_external_data=False).metadata_props
+    model = onnx.load_from_string(data)
+    present = {p.key for p in model.metadata_props}
+    missing = [p for p in original if p.key not in present]
+    if not missing:
+        return data
+    for prop in missing:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = prop.key, prop.value
+    return model.SerializeToString()
