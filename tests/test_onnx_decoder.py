@@ -171,9 +171,9 @@ RECURRENT = {
     # Gated DeltaNet beside full attention
     "qwen3_5_text": dict(SMALL, **QWEN3_5_DELTANET),
 }
-# the prompt tokens a call of each family's file takes beside one: Mamba's prompt path
-# starts afresh whatever its cache holds, so its file stays a token at a time
-BLOCKS = {"lfm2": 32, "mamba": None, "mamba2": 32, "qwen3_5_text": 32}
+# the prompt tokens a call of each family's file takes beside one, asked for 16: Mamba's
+# prompt path starts afresh whatever its cache holds, so its file stays a token at a time
+BLOCKS = {"lfm2": 16, "mamba": None, "mamba2": 16, "qwen3_5_text": 16}
 
 
 def _recurrent(family: str) -> torch.nn.Module:
@@ -193,7 +193,7 @@ def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
     model = _recurrent(family)
     ids = _ids(2, 8, 0)
     prune_(model, StructuredConfig(ratio=0.5), example_inputs={"input_ids": ids})
-    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx")
+    out = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "llm.onnx", prefill_block=16)
     assert out.max_abs_diff < 1e-4
     states = [n for n in out.input_names if n.endswith((".conv.0", ".recurrent.0"))]
     assert states and all(
@@ -213,8 +213,8 @@ def test_recurrent_state_decoders_generate_in_onnx_runtime_as_in_pytorch(
         if n in states
     )
 
-    # 40 prompt tokens and 10 new ones: the padded first two a token at a time, then a block
-    # of 32 (where the file has one), then the rest a token at a time
+    # 40 prompt tokens and 10 new ones: the padded first two a token at a time, then two
+    # blocks of 16 (where the file has them), then the rest a token at a time
     prompts, mask = _ids(3, 40, 3), torch.ones(3, 40, dtype=torch.long)
     prompts[1, :2] = mask[1, :2] = 0  # left padding
     _generates_as_pytorch(model, out.path, prompts, mask)
@@ -234,8 +234,9 @@ def test_prompt_spans_put_blocks_where_no_row_pads() -> None:
 
 
 def test_the_generator_feeds_the_prompt_in_blocks(tmp_path, monkeypatch) -> None:
-    """A file with blocks of 8: a 30-token prompt but its last token goes in 3 blocks and 5
-    single calls, then one call per new token; the tokens are PyTorch's."""
+    """A file with blocks of 8: a 30-token prompt goes in 3 blocks and 6 single calls, whose
+    last gives the first new token, then one call per further token; the tokens are
+    PyTorch's."""
     model = _recurrent("qwen3_5_text")
     example = {"input_ids": _ids(1, 8, 0)}
     out = export_decoder_onnx(model, example, tmp_path / "m.onnx", prefill_block=8)
@@ -251,7 +252,7 @@ def test_the_generator_feeds_the_prompt_in_blocks(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(generator, "_call", counted)
     prompt = _ids(1, 30, 4)
     got = generator.generate(prompt, max_new_tokens=4)
-    assert widths == [8, 8, 8] + [1] * 5 + [1] * 4
+    assert widths == [8, 8, 8] + [1] * 6 + [1] * 3
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(got, expected)
@@ -595,8 +596,8 @@ def test_a_state_file_quantizes_to_int8_and_still_generates(tmp_path) -> None:
     fp32 = export_decoder_onnx(model, {"input_ids": ids}, tmp_path / "ssm.onnx")
     int8 = quantize_onnx(fp32.path, tmp_path / "ssm.int8.onnx", mode="dynamic")
     proto = onnx.load(str(int8))
-    assert fp32.prefill_block == 32
-    assert {p.key: p.value for p in proto.metadata_props}["secateur.prefill_block"] == "32"
+    assert fp32.prefill_block == 64
+    assert {p.key: p.value for p in proto.metadata_props}["secateur.prefill_block"] == "64"
     graph = proto.graph
     floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     branches = [a.g for n in graph.node for a in n.attribute if a.type == a.GRAPH]
@@ -609,8 +610,8 @@ def test_a_state_file_quantizes_to_int8_and_still_generates(tmp_path) -> None:
     prompt = _ids(1, 6, 5)
     tokens = OnnxGenerator(int8, threads=1).generate(prompt, max_new_tokens=6)
     assert tokens.shape == (1, 12) and torch.equal(tokens[:, :6], prompt)
-    longer = OnnxGenerator(int8, threads=1).generate(_ids(2, 40, 6), max_new_tokens=2)
-    assert longer.shape == (2, 42)  # a block of 32 through the quantized block graph
+    longer = OnnxGenerator(int8, threads=1).generate(_ids(2, 70, 6), max_new_tokens=2)
+    assert longer.shape == (2, 72)  # a block of 64 through the quantized block graph
 
     session = onnxruntime.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
     states = {i.name: np.zeros((1, *i.shape[1:]), np.float32) for i in session.get_inputs()[2:]}

@@ -9,8 +9,10 @@ one file and its weights (:mod:`._onnx_merge`); ``input_ids`` of one token per r
 first. A prompt then costs ``len / block`` calls instead of ``len``.
 
 That path is kept only where the check shows the model's prompt path continues from given
-states: every block call of a prompt over two blocks long, in ONNX Runtime and in PyTorch, and
-its logits against the model's own pass over the whole prompt. transformers' Mamba and Mamba2
+states: every call of a prompt of two blocks and 3 tokens, in ONNX Runtime and in PyTorch, and
+its logits against the model's own pass over the whole prompt; a model that takes no prompt
+that long gets no blocks. Where a model pads its chunked scan to a chunk (Mamba2's 256 tokens)
+a block costs about a whole chunk, so larger blocks, up to the chunk, gain more per call. transformers' Mamba and Mamba2
 start their prompt path afresh whatever the cache holds, so their files stay a token at a time;
 the hybrids with attention continue (tested: Qwen3.5, Granite 4.0-H).
 """
@@ -37,7 +39,7 @@ from ._onnx_states import (
 
 _FIX = "check the model for a size fixed at the example's"
 #: prompt tokens per call of a file's block graph, by default
-PREFILL_BLOCK = 32
+PREFILL_BLOCK = 64
 # (ids, mask, the model's own logits on the whole prompt, or None)
 Prompt = tuple[torch.Tensor, torch.Tensor, Any]
 
@@ -85,12 +87,13 @@ def export_states(
     if tolerance is None:
         return one, _input_names(one), output_names, None, None
     long = _long_prompt(step.model, ids, mask)
-    if block is not None and long is not None and long[0].shape[1] >= 2 * block:
-        merged = _with_blocks(step, one, long[0], input_names, output_names, opset, axes, block)
+    blocks = None if block is None else _block_prompt(step.model, ids, block)
+    if blocks is not None:
+        merged = _with_blocks(step, one, blocks[0], input_names, output_names, opset, axes, block)
         if merged is not None:
             kept = _input_names(merged)
             try:
-                worst = _check_blocks(merged, step, long, input_names, kept, tolerance, block)
+                worst = _check_blocks(merged, step, blocks, input_names, kept, tolerance, block)
                 worst = max(
                     worst, _check(merged, step, ids, mask, input_names, kept, tolerance, long)
                 )
@@ -111,6 +114,21 @@ def _long_prompt(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Pro
     # every token attended: repeating the example's mask would put pads mid-prompt
     (long_ids, long_mask), whole = longest_run(_whole(model), (ids, torch.ones_like(mask)), extra)
     return None if whole is None else (long_ids, long_mask, whole)
+
+
+def _block_prompt(model: nn.Module, ids: torch.Tensor, block: int) -> Prompt | None:
+    """The example's tokens repeated to two blocks and 3 tokens, every token attended, with the
+    model's logits over them; ``None`` where the model takes no prompt that long."""
+    length = 2 * block + 3
+    if ids.shape[1] + longer_by(model, (ids,)) < length:
+        return None
+    tiled = ids.repeat(1, -(-length // ids.shape[1]))[:, :length]
+    ones = torch.ones_like(tiled)
+    try:
+        with torch.no_grad():
+            return tiled, ones, _whole(model)(tiled, ones)
+    except Exception:  # the model refuses the length after all: no blocks
+        return None
 
 
 def _with_blocks(step, one, long_ids, input_names, output_names, opset, axes, block):  # noqa: ANN001, ANN202
@@ -156,10 +174,10 @@ def _check_blocks(
     tolerance: tuple[float, float],
     block: int,
 ) -> float:
-    """The largest difference between ONNX Runtime and PyTorch when the long prompt goes in
-    blocks, and again at twice the batch with rows padded on the left (whose padded tokens go
-    a token at a time); the long prompt's logits in blocks must be the model's over the whole
-    prompt (an :class:`ArtifactError` otherwise)."""
+    """The largest difference between ONNX Runtime and PyTorch when the ``long`` prompt (two
+    blocks and 3 tokens) goes in blocks, and again at twice the batch with rows padded on the
+    left (whose padded tokens go a token at a time); the long prompt's logits in blocks must be
+    the model's over the whole prompt (an :class:`ArtifactError` otherwise)."""
     session = _check_session(data)
     long_ids, long_mask, whole = long
     padded = long_mask.clone()

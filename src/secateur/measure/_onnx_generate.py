@@ -125,17 +125,18 @@ class OnnxGenerator:
         full_mask = mask.detach().cpu().numpy().astype(np.int64)
         batch = ids.shape[0]
         past = [np.zeros((batch, *shape), dtype) for _, shape, dtype in self._past]
-        if self._one_token:  # a file of recurrent states: all but the last token in spans
-            attended = (full_mask[:, :-1] != 0).all(0).tolist()
+        new, mask_now, pending = ids, full_mask, None
+        if self._one_token:  # a file of recurrent states: the prompt in spans
+            attended = (full_mask != 0).all(0).tolist()
             for start, end in prompt_spans(attended, self._block):
-                _, past = self._call(ids[:, start:end], full_mask[:, :end], past)
-            new, mask_now = ids[:, -1:], full_mask
-        else:
-            new, mask_now = ids, full_mask
+                pending, past = self._call(ids[:, start:end], full_mask[:, :end], past)
         done = np.zeros(batch, dtype=bool)
         out = [ids]
         for _ in range(max_new_tokens):
-            logits, past = self._call(new, mask_now, past)
+            if pending is None:
+                logits, past = self._call(new, mask_now, past)
+            else:  # the prompt's last call gave the first token's logits
+                logits, pending = pending, None
             token = logits[:, -1].argmax(-1).astype(np.int64)
             if ends:
                 token = np.where(done, fill, token)
