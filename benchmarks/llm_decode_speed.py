@@ -56,6 +56,7 @@ from hf_seq2seq_coverage import torch_pruning as seq2seq_peer
 
 from secateur import ExpertConfig, StructuredConfig, prune_
 from secateur.export import export_decoder_onnx, export_seq2seq_onnx
+from secateur.export._onnx_states_export import PREFILL_BLOCK
 from secateur.measure import OnnxGenerator, OnnxSeq2SeqGenerator, count_macs
 
 PRESETS = {
@@ -168,16 +169,27 @@ class OrtModel:
     """The model exported with its caches and run in ONNX Runtime, timed like the PyTorch
     models: ``export_decoder_onnx`` for a decoder, ``export_seq2seq_onnx`` for T5."""
 
-    def __init__(self, model: torch.nn.Module, folder: str, name: str, threads: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        folder: str,
+        name: str,
+        threads: int,
+        prefill_block: int | None = PREFILL_BLOCK,
+    ) -> None:
         example = {"input_ids": torch.randint(1, model.config.vocab_size, (1, 16))}
         stem = Path(folder) / name.replace(" ", "_").replace("+", "_")
         self.generator: OnnxGenerator | OnnxSeq2SeqGenerator
+        self.prefill_block: int | None = None  # prompt tokens per call of a state file
         if model.config.is_encoder_decoder:  # a folder of two files
             export_seq2seq_onnx(model, example, stem)
             self.generator = OnnxSeq2SeqGenerator(stem, threads=threads)
         else:
             path = stem.parent / f"{stem.name}.onnx"
-            export_decoder_onnx(model, example, path, last_token_logits=True)
+            written = export_decoder_onnx(
+                model, example, path, last_token_logits=True, prefill_block=prefill_block
+            )
+            self.prefill_block = written.prefill_block
             self.generator = OnnxGenerator(path, threads=threads)
 
     def prefill_seconds(self, prompt: torch.Tensor) -> float:
@@ -224,6 +236,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--onnx", action="store_true", help="also time each model in ONNX Runtime")
+    parser.add_argument(
+        "--prefill-block",
+        type=int,
+        default=PREFILL_BLOCK,
+        help="prompt tokens per call of a file of recurrent states (where the model allows)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -260,10 +278,12 @@ def main() -> None:
     }
     timed: dict[str, torch.nn.Module | OrtModel] = dict(models)
     same: dict[str, bool] = {}
+    blocks: dict[str, int | None] = {}
     with tempfile.TemporaryDirectory() as folder:
         if args.onnx:
             for name, model in models.items():
-                ort = OrtModel(model, folder, name, args.threads)
+                ort = OrtModel(model, folder, name, args.threads, args.prefill_block)
+                blocks[name] = ort.prefill_block
                 same[name] = _same_tokens(model, ort, prompt, args.new_tokens)
                 timed[f"{name} (ORT)"] = ort
                 params[f"{name} (ORT)"], macs[f"{name} (ORT)"] = params[name], macs[name]
@@ -285,8 +305,12 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {args.threads} threads; {versions}")
     print(
         f"{title}, {args.layers} layers, fp32; prompt {args.prompt} tokens, "
-        f"{args.new_tokens} new tokens, batch 1; medians of {args.rounds} interleaved rounds\n"
+        f"{args.new_tokens} new tokens, batch 1; medians of {args.rounds} interleaved rounds"
     )
+    for name, block in blocks.items():
+        if block is not None:
+            print(f"{name} (ORT): the file takes prompt blocks of {block} tokens")
+    print()
     print(
         "| model | params | prefill MACs | prefill ms | prefill speedup | decode tokens/s "
         "| decode speedup |" + (" ORT tokens = PyTorch's |" if args.onnx else "")

@@ -285,9 +285,10 @@ def export_decoder_onnx(
         model: a transformers causal LM (``AutoModelForCausalLM``) whose cache is a
             ``DynamicCache`` of keys and values (full, sliding-window or chunked attention)
             or of recurrent states beside them, structurally pruned or not. With recurrent
-            states the file takes one token per call (see :mod:`._onnx_states`): ``input_ids``
-            (batch, 1) and each layer's ``past_key_values.{i}.conv.{s}`` and
-            ``.recurrent.{s}`` state, zeros before the first token; it is checked on every
+            states the file takes one token per call, or a block (``prefill_block``; see
+            :mod:`._onnx_states`): ``input_ids`` (batch, 1 or the block) and each layer's
+            ``past_key_values.{i}.conv.{s}`` and ``.recurrent.{s}`` state, zeros before the
+            first token; it is checked on every
             token of the example, of twice its batch with padding and of a prompt up to 64
             tokens longer, and each row's last token against the model's own pass over the
             whole prompt. A model whose state before the first token is not zero fails that
@@ -308,9 +309,9 @@ def export_decoder_onnx(
             this many prompt tokens per call (a second graph in the same file, sharing its
             weights; :class:`~secateur.measure.OnnxGenerator` feeds prompts so), where the
             model's prompt path continues from given states: checked in ONNX Runtime and
-            against the model's pass over a prompt over two blocks long, or left out
+            against the model's pass over a prompt of two blocks and 3 tokens, or left out
             (``OnnxExport.prefill_block`` says which). It needs ``check`` and a model that
-            takes prompts over ``2 * prefill_block`` tokens. ``None``: a token per call.
+            takes prompts of ``2 * prefill_block + 3`` tokens. ``None``: a token per call.
 
     The file holds a tied embedding twice (the lookup table and the LM head's transposed copy)
     and, like :func:`export_onnx`, cannot exceed protobuf's 2 GiB.
