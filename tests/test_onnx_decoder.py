@@ -269,6 +269,40 @@ def test_prefill_blocks_need_the_check_and_a_size_of_two_or_more(tmp_path) -> No
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_mamba_files_stay_a_token_at_a_time_and_say_why(tmp_path) -> None:
+    """transformers' Mamba starts its prompt path afresh whatever its cache holds (and that
+    path does not even trace with states): the file keeps one token per call, and a warning
+    says why."""
+    model = _recurrent("mamba")
+    with pytest.warns(UserWarning, match="MambaForCausalLM takes one token per call, not blocks"):
+        out = export_decoder_onnx(
+            model, {"input_ids": _ids(1, 6, 1)}, tmp_path / "m.onnx", prefill_block=8
+        )
+    assert out.prefill_block is None
+    _generates_as_pytorch(model, out.path, _ids(1, 20, 2))
+
+
+def test_a_prompt_path_that_forgets_its_states_gets_no_blocks(tmp_path, monkeypatch) -> None:
+    """Mamba2 made to start its chunked scan afresh whatever the cache holds: its second block
+    disagrees with the whole prompt, so the file keeps one token per call."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    scan = modeling_mamba2.mamba2_chunk_scan
+
+    def afresh(*args, initial_states=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if initial_states is not None:
+            initial_states = initial_states * 0
+        return scan(*args, initial_states=initial_states, **kwargs)
+
+    monkeypatch.setattr(modeling_mamba2, "mamba2_chunk_scan", afresh)
+    model = _recurrent("mamba2")
+    with pytest.warns(UserWarning, match="not blocks of 8: its prompt path in blocks gives other"):
+        out = export_decoder_onnx(
+            model, {"input_ids": _ids(1, 6, 1)}, tmp_path / "m.onnx", prefill_block=8
+        )
+    assert out.prefill_block is None
+
+
 def test_merging_refuses_graphs_whose_outputs_differ() -> None:
     import onnx
     from onnx import helper
@@ -583,8 +617,10 @@ def test_generator_rejects_a_cache_input_of_unknown_sizes(tmp_path, name: str, s
 
 
 def test_a_state_file_quantizes_to_int8_and_still_generates(tmp_path) -> None:
-    """prune → export with recurrent states → dynamic int8 → the prompt a token at a time from
-    zero states, as the file's contract says: the last token's logits stay near PyTorch's."""
+    """prune → export with recurrent states (and prompt blocks) → dynamic int8, which reaches
+    both graphs → the prompt a token at a time from zero states, as the file's contract says:
+    the last token's logits stay near PyTorch's. Static int8 is refused: it would leave the
+    graphs inside the If in float."""
     import onnx
     import onnxruntime
 
@@ -612,6 +648,11 @@ def test_a_state_file_quantizes_to_int8_and_still_generates(tmp_path) -> None:
     assert tokens.shape == (1, 12) and torch.equal(tokens[:, :6], prompt)
     longer = OnnxGenerator(int8, threads=1).generate(_ids(2, 70, 6), max_new_tokens=2)
     assert longer.shape == (2, 72)  # a block of 64 through the quantized block graph
+    with pytest.raises(ConfigError, match="static int8 .* use mode='dynamic', or export it"):
+        quantize_onnx(
+            fp32.path, tmp_path / "x.onnx", mode="static", calibration=[{"input_ids": ids}]
+        )
+    assert not (tmp_path / "x.onnx").exists()
 
     session = onnxruntime.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
     states = {i.name: np.zeros((1, *i.shape[1:]), np.float32) for i in session.get_inputs()[2:]}

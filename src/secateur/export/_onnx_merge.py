@@ -91,8 +91,9 @@ def _dims(a: Any, b: Any) -> list[Any]:
 
 
 def merge_by_length(one: bytes, block: bytes, block_size: int) -> bytes | None:
-    """The merged file's bytes, or ``None`` where the graphs cannot be merged (their outputs
-    differ in names, ranks or types, or a node holds a subgraph of its own)."""
+    """The merged file's bytes, or ``None`` where the graphs cannot be merged (their inputs
+    differ in names, their outputs in names, ranks or types, or a node holds a subgraph of its
+    own)."""
     import onnx
     from onnx import helper
 
@@ -109,12 +110,11 @@ def merge_by_length(one: bytes, block: bytes, block_size: int) -> bytes | None:
         or _has_subgraphs(g1)
         or _has_subgraphs(g2)
         or "input_ids" not in {i.name for i in g1.input}
+        or {i.name for i in g1.input} != {i.name for i in g2.input}
     ):
         return None
     others = {i.name: i for i in g2.input}
     inputs = {i.name: i for i in g1.input}
-    for name, value in others.items():
-        inputs.setdefault(name, value)
     initializers, by_content = [], {}
     shared: list[dict[str, str]] = []
     for prefix, graph in (("one/", g1), ("block/", g2)):
@@ -156,7 +156,7 @@ def merge_by_length(one: bytes, block: bytes, block_size: int) -> bytes | None:
     ]
     graph_inputs = [
         helper.make_tensor_value_info(
-            name, value.type.tensor_type.elem_type, _dims(value, others.get(name, value))
+            name, value.type.tensor_type.elem_type, _dims(value, others[name])
         )
         for name, value in inputs.items()
     ]

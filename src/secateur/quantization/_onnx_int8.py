@@ -241,6 +241,12 @@ def quantize_onnx(
         raise ArtifactError(f"no ONNX file at {source}: export one with export_onnx first")
     onnx, ortq = _modules()
     names = _graph_inputs(onnx, source)
+    if mode is QuantMode.STATIC and _has_branches(onnx, source):
+        raise ConfigError(
+            f"static int8 quantization does not reach the graphs inside {source.name}'s If "
+            "(a decoder file that takes prompt blocks): use mode='dynamic', or export it "
+            "with prefill_block=None"
+        )
     if input_name is not None and input_name not in names:
         raise ConfigError(
             f"input_name={input_name!r} is not a graph input: use one of {', '.join(names)}"
@@ -292,6 +298,12 @@ def quantize_onnx(
         data = _with_metadata(onnx, source, out.read_bytes())
     atomic_write_bytes(target, data)
     return target
+
+
+def _has_branches(onnx: Any, source: Path) -> bool:
+    """Whether a node of the file's top graph holds graphs of its own (an ``If``)."""
+    graph = onnx.load(str(source), load_external_data=False).graph
+    return any(a.type == a.GRAPH for node in graph.node for a in node.attribute)
 
 
 def _with_metadata(onnx: Any, source: Path, data: bytes) -> bytes:
