@@ -162,7 +162,7 @@ def _with_blocks(step, one, long_ids, input_names, output_names, opset, axes, bl
         data = _to_onnx_bytes(step, feed, input_names, output_names, opset, axes)
         merged = merge_by_length(one, data, block)
     except Exception as exc:  # the model's prompt path takes no states, or does not trace
-        return f"its prompt path does not run from given states ({first_line(exc)})"
+        return f"the block graph cannot be made ({first_line(exc)})"
     return "the two graphs do not merge" if merged is None else merged
 
 
