@@ -31,3 +31,14 @@ QWEN3_5_DELTANET = dict(
 )
 # a Mamba2 mixer of 8 heads over one group of state of 8, in chunks of 4
 MAMBA2_ONE_GROUP = dict(state_size=8, num_heads=8, n_groups=1, expand=2, chunk_size=4)
+
+# Mixtral at a small size: 4 experts of 128 neurons over a hidden size of 64, top-2 routing
+MIXTRAL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    num_local_experts=4,
+    vocab_size=100,
+)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_small_configs import MIXTRAL
 from secateur import ExpertConfig, create_model, load_model, save_model
 from secateur._experts import ExpertInputs, expert_stacks
 from secateur.errors import ConfigError
@@ -31,15 +32,6 @@ from secateur.runtime import nm_pattern
 
 transformers = pytest.importorskip("transformers")
 
-MIXTRAL = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    num_local_experts=4,
-    vocab_size=100,
-)
 STACKS = [
     f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
 ]

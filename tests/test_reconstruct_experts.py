@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_small_configs import MIXTRAL
 from secateur import StructuredConfig, prune_
 from secateur.pruning import _reconstruct, _structured
 from secateur.pruning._least_squares import refit_kept_columns
@@ -131,17 +132,6 @@ def test_a_rolled_back_surgery_also_rolls_back_the_stack_refit(
     result = prune_(model, config, example_inputs=X[:4], calibration=[X])
     assert result.removed_units == 0 and len(result.refused) == 1
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
-
-
-MIXTRAL = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    num_local_experts=4,
-    vocab_size=100,
-)
 
 
 def _moe(family: str, implementation: str) -> nn.Module:
