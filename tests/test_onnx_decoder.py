@@ -303,6 +303,31 @@ def test_a_prompt_path_that_forgets_its_states_gets_no_blocks(tmp_path, monkeypa
     assert out.prefill_block is None
 
 
+def test_a_prompt_path_failing_in_the_block_check_falls_back(tmp_path, monkeypatch) -> None:
+    """Mamba2's prompt path made to fail with states at batch 1 (the check's, not the
+    trace's): the file keeps one token per call, with a warning, rather than failing."""
+    import torch as t
+    from transformers.models.mamba2 import modeling_mamba2
+
+    scan = modeling_mamba2.mamba2_scan_forward
+
+    def fails_at_batch_one(module, hidden, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        cache = args[3]
+        tokens, batch = hidden.shape[1], hidden.shape[0]
+        given = cache is not None and cache.get_recurrent_state(module.layer_idx) is not None
+        if given and tokens > 1 and batch == 1 and not t.jit.is_tracing():
+            raise RuntimeError("no blocks at batch 1")
+        return scan(module, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_mamba2, "mamba2_scan_forward", fails_at_batch_one)
+    model = _recurrent("mamba2")
+    with pytest.warns(UserWarning, match="fails in blocks .RuntimeError: no blocks at batch 1"):
+        out = export_decoder_onnx(
+            model, {"input_ids": _ids(1, 6, 1)}, tmp_path / "m.onnx", prefill_block=8
+        )
+    assert out.prefill_block is None
+
+
 def test_merging_refuses_graphs_whose_outputs_differ() -> None:
     import onnx
     from onnx import helper

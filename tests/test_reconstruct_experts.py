@@ -102,7 +102,7 @@ def test_each_expert_is_refitted_on_the_rows_routed_to_it() -> None:
 def test_an_expert_no_row_reached_keeps_plain_removal() -> None:
     model = _experts(split=1.0)  # every row goes to expert 0
     plain = _pruned(model, X, False)
-    with pytest.warns(UserWarning, match="plain removal for 1 of 2 experts") as caught:
+    with pytest.warns(UserWarning, match="plain removal for 1 of 2 expert matrices") as caught:
         refit = _pruned(model, X, True)
     assert caught[0].filename == __file__  # points at the prune_ call
     assert torch.equal(refit[0].down[1], plain[0].down[1])
@@ -116,10 +116,27 @@ def test_an_expert_with_fewer_rows_than_twice_its_kept_inputs_keeps_plain_remova
     52 and is refitted."""
     model = _experts(split=52 / 64, redundant=True)
     plain = _pruned(model, X, False)
-    with pytest.warns(UserWarning, match="plain removal for 1 of 2 experts, which saw fewer"):
+    with pytest.warns(
+        UserWarning, match="plain removal for 1 of 2 expert matrices, which saw fewer"
+    ):
         refit = _pruned(model, X, True)
     assert torch.equal(refit[0].down[1], plain[0].down[1])
     assert not torch.equal(refit[0].down[0], plain[0].down[0])
+
+
+def test_a_stack_whose_products_go_unseen_keeps_plain_removal_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from secateur.pruning import _reconstruct_stacks
+
+    monkeypatch.setattr(_reconstruct_stacks._StackGrams, "take", lambda *args: None)
+    model = _experts(redundant=True)
+    plain = _pruned(model, X, False)
+    with pytest.warns(UserWarning, match=r"no calibration rows reach 0\.down \(a kernel"):
+        refit = _pruned(model, X, True)
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.parameters(), refit.parameters(), strict=True)
+    )
 
 
 def test_a_rolled_back_surgery_also_rolls_back_the_stack_refit(

@@ -123,6 +123,8 @@ def _try_blocks(step, graphs, ids, mask, block, tolerance, long):  # noqa: ANN00
         worst = max(worst, _check(merged, step, ids, mask, input_names, kept, tolerance, long))
     except (ArtifactError, ConfigError) as exc:
         return str(exc)
+    except Exception as exc:  # PyTorch failing at a size the trace did not use
+        return f"its prompt path fails in blocks ({type(exc).__name__}: {first_line(exc)})"
     return merged, kept, output_names, worst
 
 

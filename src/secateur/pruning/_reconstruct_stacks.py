@@ -13,8 +13,8 @@ An expert keeps plain removal (its removed columns zeroed) where it saw fewer th
 :data:`ROWS_PER_COLUMN` times as many calibration rows as it keeps input columns: with fewer,
 the fit follows the calibration rows rather than the layer (on a small Mixtral with 96 rows
 for 64 kept columns per expert, the refit moved held-out logits more than plain removal), and
-a warning says how many experts that was. So does a stack whose products went unseen (a
-kernel :class:`ExpertInputs` does not follow).
+a warning says how many expert matrices that was. So does a stack whose products went
+unseen (a kernel :class:`ExpertInputs` does not follow), with a warning naming it.
 
 Memory: the statistics, ``experts × in²`` float64 per stack on the model's device, are
 gathered in passes of at most ``max_bytes`` (a larger stack alone) and freed once the pass's
@@ -176,9 +176,17 @@ def fit_stacks(
         model.train(was_training)
     if short[0]:
         warnings.warn(
-            f"reconstruction kept plain removal for {short[0]} of {short[1]} experts, which saw "
-            f"fewer than {ROWS_PER_COLUMN} calibration rows per kept input: pass more "
-            "calibration data to refit them",
+            f"reconstruction kept plain removal for {short[0]} of {short[1]} expert matrices, "
+            f"which saw fewer than {ROWS_PER_COLUMN} calibration rows per kept input: pass "
+            "more calibration data to refit them",
+            UserWarning,
+            stacklevel=8,  # the prune_ call
+        )
+    unseen = [name for name in stacks if name not in fits]
+    if unseen:
+        warnings.warn(
+            f"reconstruction saw no calibration rows reach {', '.join(unseen)} (a kernel it "
+            "does not follow, or a module that did not run), so they keep plain removal",
             UserWarning,
             stacklevel=8,  # the prune_ call
         )
