@@ -269,16 +269,22 @@ def test_prefill_blocks_need_the_check_and_a_size_of_two_or_more(tmp_path) -> No
     assert not (tmp_path / "x.onnx").exists()
 
 
+def _single_token_file(family: str, path, warning: str):  # noqa: ANN001, ANN202
+    """Export ``family`` asking for blocks of 8: the export warns ``warning`` (a pattern) and
+    the file takes one token per call."""
+    model = _recurrent(family)
+    with pytest.warns(UserWarning, match=warning):
+        out = export_decoder_onnx(model, {"input_ids": _ids(1, 6, 1)}, path, prefill_block=8)
+    assert out.prefill_block is None
+    return model, out
+
+
 def test_mamba_files_stay_a_token_at_a_time_and_say_why(tmp_path) -> None:
     """transformers' Mamba starts its prompt path afresh whatever its cache holds (and that
     path does not even trace with states): the file keeps one token per call, and a warning
     says why."""
-    model = _recurrent("mamba")
-    with pytest.warns(UserWarning, match="MambaForCausalLM takes one token per call, not blocks"):
-        out = export_decoder_onnx(
-            model, {"input_ids": _ids(1, 6, 1)}, tmp_path / "m.onnx", prefill_block=8
-        )
-    assert out.prefill_block is None
+    warning = "MambaForCausalLM takes one token per call, not blocks"
+    model, out = _single_token_file("mamba", tmp_path / "m.onnx", warning)
     _generates_as_pytorch(model, out.path, _ids(1, 20, 2))
 
 
@@ -295,18 +301,13 @@ def test_a_prompt_path_that_forgets_its_states_gets_no_blocks(tmp_path, monkeypa
         return scan(*args, initial_states=initial_states, **kwargs)
 
     monkeypatch.setattr(modeling_mamba2, "mamba2_chunk_scan", afresh)
-    model = _recurrent("mamba2")
-    with pytest.warns(UserWarning, match="not blocks of 8: its prompt path in blocks gives other"):
-        out = export_decoder_onnx(
-            model, {"input_ids": _ids(1, 6, 1)}, tmp_path / "m.onnx", prefill_block=8
-        )
-    assert out.prefill_block is None
+    warning = "not blocks of 8: its prompt path in blocks gives other"
+    _single_token_file("mamba2", tmp_path / "m.onnx", warning)
 
 
 def test_a_prompt_path_failing_in_the_block_check_falls_back(tmp_path, monkeypatch) -> None:
     """Mamba2's prompt path made to fail with states at batch 1 (the check's, not the
     trace's): the file keeps one token per call, with a warning, rather than failing."""
-    import torch as t
     from transformers.models.mamba2 import modeling_mamba2
 
     scan = modeling_mamba2.mamba2_scan_forward
@@ -315,17 +316,13 @@ def test_a_prompt_path_failing_in_the_block_check_falls_back(tmp_path, monkeypat
         cache = args[3]
         tokens, batch = hidden.shape[1], hidden.shape[0]
         given = cache is not None and cache.get_recurrent_state(module.layer_idx) is not None
-        if given and tokens > 1 and batch == 1 and not t.jit.is_tracing():
+        if given and tokens > 1 and batch == 1 and not torch.jit.is_tracing():
             raise RuntimeError("no blocks at batch 1")
         return scan(module, hidden, *args, **kwargs)
 
     monkeypatch.setattr(modeling_mamba2, "mamba2_scan_forward", fails_at_batch_one)
-    model = _recurrent("mamba2")
-    with pytest.warns(UserWarning, match="fails in blocks .RuntimeError: no blocks at batch 1"):
-        out = export_decoder_onnx(
-            model, {"input_ids": _ids(1, 6, 1)}, tmp_path / "m.onnx", prefill_block=8
-        )
-    assert out.prefill_block is None
+    warning = "fails in blocks .RuntimeError: no blocks at batch 1"
+    _single_token_file("mamba2", tmp_path / "m.onnx", warning)
 
 
 def test_merging_refuses_graphs_whose_outputs_differ() -> None:
