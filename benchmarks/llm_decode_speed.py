@@ -90,7 +90,7 @@ PRESETS = {
         ),
     ),
     # a state-space model: each layer's cache is a convolution state and a recurrent state of
-    # fixed size, its ONNX file one token per call (the prompt too)
+    # fixed size; its ONNX file takes one token per call, and the prompt in blocks
     "mamba2": (
         "Mamba2-370m widths",
         dict(
@@ -103,6 +103,25 @@ PRESETS = {
             chunk_size=256,
             conv_kernel=4,
             vocab_size=50288,
+        ),
+    ),
+    # Qwen3.5's layer pattern (three Gated DeltaNet layers, then one of full attention) at a
+    # hidden size of 1024 (not a released size: Qwen3.5's config defaults are its 27B's)
+    "qwen3_5_text": (
+        "Qwen3.5 layer pattern at hidden 1024",
+        dict(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=128,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=8,
+            linear_num_value_heads=16,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+            vocab_size=32000,
+            max_position_embeddings=512,
         ),
     ),
     "t5": (
@@ -121,6 +140,9 @@ def build(family: str, layers: int) -> torch.nn.Module:
         )
         config.decoder_start_token_id = 0
     else:
+        if "layer_types" in widths:  # the preset's pattern repeated over the layers
+            pattern = widths["layer_types"]
+            widths = {**widths, "layer_types": [pattern[i % len(pattern)] for i in range(layers)]}
         config = transformers.AutoConfig.for_model(family, num_hidden_layers=layers, **widths)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     torch.manual_seed(0)
