@@ -262,7 +262,8 @@ def main() -> None:
         "--prefill-block",
         type=int,
         default=PREFILL_BLOCK,
-        help="prompt tokens per call of a file of recurrent states (where the model allows)",
+        help="prompt tokens per call of a file of recurrent states (where the model allows); "
+        "0: a token per call",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -304,7 +305,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         if args.onnx:
             for name, model in models.items():
-                ort = OrtModel(model, folder, name, args.threads, args.prefill_block)
+                ort = OrtModel(model, folder, name, args.threads, args.prefill_block or None)
                 blocks[name] = ort.prefill_block
                 same[name] = _same_tokens(model, ort, prompt, args.new_tokens)
                 timed[f"{name} (ORT)"] = ort
