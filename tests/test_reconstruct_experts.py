@@ -129,7 +129,7 @@ def test_a_stack_whose_products_go_unseen_keeps_plain_removal_with_a_warning(
 ) -> None:
     from secateur.pruning import _reconstruct_stacks
 
-    monkeypatch.setattr(_reconstruct_stacks._StackGrams, "take", lambda *args: None)
+    monkeypatch.setattr(_reconstruct_stacks.ExpertGrams, "take", lambda *args: None)
     model = _experts(redundant=True)
     plain = _pruned(model, X, False)
     with pytest.warns(UserWarning, match=r"no calibration rows reach 0\.down \(a kernel"):

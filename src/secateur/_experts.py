@@ -255,3 +255,37 @@ class ExpertInputs(TorchFunctionMode):
             entry = ExpertFeatures.empty(param.shape[0], rows.shape[-1], param.device)
             self.features[name] = entry
         entry.add_rows(experts, rows)
+
+
+class ExpertGrams(ExpertInputs):
+    """While active, adds up per expert of each stack of ``names``: ``sums[name][e]`` the
+    ``Σ x xᵀ`` in ``dtype`` over the input rows expert ``e`` multiplied (a 1 appended to each
+    row for the stacks in ``biased``), ``rows[name][e]`` how many rows that was. A stack no
+    row reached has no entry."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        dtype: torch.dtype = torch.float32,
+        biased: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
+        super().__init__(model, names)
+        self.dtype = dtype
+        self.biased = biased
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, experts: torch.Tensor, rows: torch.Tensor) -> None:
+        x = rows.detach().to(self.dtype)
+        if name in self.biased:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        if name not in self.sums:
+            count = self.params[name].shape[0]
+            self.sums[name] = x.new_zeros(count, x.shape[1], x.shape[1])
+            self.rows[name] = torch.zeros(count, dtype=torch.long)
+        ids = experts.to(x.device)
+        for expert in ids.unique().tolist():
+            picked = x[ids == expert]
+            self.sums[name][expert].addmm_(picked.t(), picked)
+            self.rows[name][expert] += picked.shape[0]

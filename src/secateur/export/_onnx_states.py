@@ -248,12 +248,9 @@ def prompt_spans(attended: Sequence[bool], block: int | None) -> list[tuple[int,
     every row attends token ``t``; ``block`` ``None``: a token at a time."""
     spans, t = [], 0
     while t < len(attended):
-        end = t + block if block else t + 1
-        if block and end <= len(attended) and all(attended[t:end]):
-            spans.append((t, end))
-        else:
-            end = t + 1
-            spans.append((t, end))
+        whole = block is not None and t + block <= len(attended) and all(attended[t : t + block])
+        end = t + block if whole else t + 1
+        spans.append((t, end))
         t = end
     return spans
 
@@ -268,7 +265,7 @@ def fed(
     cache over ``spans`` (:func:`prompt_spans`; default a token at a time)."""
     past = tuple(s.empty(ids.shape[0]) for s in step.slots)
     calls = []
-    for start, end in spans or prompt_spans([False] * ids.shape[1], None):
+    for start, end in spans or [(t, t + 1) for t in range(ids.shape[1])]:
         head = (ids[:, start:end], mask[:, :end])
         where = (positions(mask[:, :end], end - start),) if step.position_ids else ()
         feed = head + where + past

@@ -4,7 +4,7 @@ A mixture-of-experts layer keeps its experts' matrices in 3-D stacks, so removin
 (or hidden channels) takes the same input columns from every expert's down projection (or
 gate/up projection). Each expert is refitted on its own, as :mod:`._reconstruct` refits a
 Linear: its ``H_e = E[x xᵀ]`` adds up the input rows the router sent to expert ``e`` (read by
-:class:`~secateur._experts.ExpertInputs` off the ``F.linear``, ``grouped_mm`` or ``bmm`` calls
+:class:`~secateur._experts.ExpertGrams` off the ``F.linear``, ``grouped_mm`` or ``bmm`` calls
 that multiply them), and the solve is :func:`._least_squares.refit_kept_columns`. A stack's
 bias, when its module holds one as ``<stack>_bias`` with one row per expert (GPT-OSS), takes
 each expert's folded mean like a Linear's bias.
@@ -14,7 +14,7 @@ An expert keeps plain removal (its removed columns zeroed) where it saw fewer th
 the fit follows the calibration rows rather than the layer (on a small Mixtral with 96 rows
 for 64 kept columns per expert, the refit moved held-out logits more than plain removal), and
 a warning says how many expert matrices that was. So does a stack whose products went
-unseen (a kernel :class:`ExpertInputs` does not follow), with a warning naming it.
+unseen (a kernel :class:`~secateur._experts.ExpertInputs` does not follow), with a warning naming it.
 
 Memory: the statistics, ``experts × in²`` float64 per stack on the model's device, are
 gathered in passes of at most ``max_bytes`` (a larger stack alone) and freed once the pass's
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .._calibration import iter_calibration
-from .._experts import ExpertInputs, expert_stacks, transposed
+from .._experts import ExpertGrams, expert_stacks, transposed
 from .._inputs import call_model
 from ..graph import Group
 from ._least_squares import refit_kept_columns
@@ -82,31 +82,6 @@ def stack_bias(model: nn.Module, stack: str) -> str | None:
     module = model.get_submodule(owner_name(stack))
     outputs = param.shape[2] if transposed(module) else param.shape[1]
     return name if tuple(bias.shape) == (param.shape[0], outputs) else None
-
-
-class _StackGrams(ExpertInputs):
-    """Per expert of each watched stack: ``Σ x xᵀ`` in float64 over the input rows it
-    multiplied (a 1 appended when the stack has a bias) and how many rows that was."""
-
-    def __init__(self, model: nn.Module, names: list[str], biased: set[str]) -> None:
-        super().__init__(model, names)
-        self.biased = biased
-        self.sums: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, experts: torch.Tensor, rows: torch.Tensor) -> None:
-        x = rows.detach().to(torch.float64)
-        if name in self.biased:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        if name not in self.sums:
-            count = self.params[name].shape[0]
-            self.sums[name] = x.new_zeros(count, x.shape[1], x.shape[1])
-            self.rows[name] = torch.zeros(count, dtype=torch.long)
-        ids = experts.to(x.device)
-        for expert in ids.unique().tolist():
-            picked = x[ids == expert]
-            self.sums[name][expert].addmm_(picked.t(), picked)
-            self.rows[name][expert] += picked.shape[0]
 
 
 def _gram_bytes(model: nn.Module, stack: str) -> int:
@@ -208,7 +183,7 @@ def _gather(model, run, calls, calibration, biased, device):  # noqa: ANN001, AN
                 raise StopForward
 
         handles.append(model.get_submodule(owner).register_forward_hook(count))
-    grams = _StackGrams(model, run, biased & set(run))
+    grams = ExpertGrams(model, run, torch.float64, biased & set(run))
     try:
         with grams:
             for inputs, _ in iter_calibration(calibration, device=device):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._calibration import iter_calibration
-from .._experts import ExpertInputs, transposed
+from .._experts import ExpertGrams, ExpertInputs, transposed
 from .._inputs import call_model
 from ._sparsegpt_solver import LayerTarget, StopForward, sparsegpt_matrix
 
@@ -38,25 +38,6 @@ class FirstUse(ExpertInputs):
         if name not in self.done:
             self.done.add(name)
             self.seen(name)
-
-
-class _ExpertHessians(ExpertInputs):
-    """``Σ x xᵀ`` and the row count per expert of one stack."""
-
-    def __init__(self, model: nn.Module, name: str) -> None:
-        super().__init__(model, [name])
-        param = self.params[name]
-        cols = param.shape[1] if transposed(_owner_module(model, name)) else param.shape[2]
-        self.sum = torch.zeros(param.shape[0], cols, cols, device=param.device)
-        self.rows = torch.zeros(param.shape[0], dtype=torch.long)
-
-    def take(self, name: str, experts: torch.Tensor, rows: torch.Tensor) -> None:
-        x = rows.detach().float().to(self.sum.device)
-        ids = experts.to(x.device)
-        for expert in ids.unique().tolist():
-            picked = x[ids == expert]
-            self.sum[expert].addmm_(picked.t(), picked)
-            self.rows[expert] += picked.shape[0]
 
 
 def _owner_module(model: nn.Module, name: str) -> nn.Module:
@@ -88,7 +69,7 @@ def prune_stack(
     last call.
     """
     module = _owner_module(model, name)
-    hessians = _ExpertHessians(model, name)
+    hessians = ExpertGrams(model, [name])
     ran = [0]
 
     def stop(_module: nn.Module, _args: tuple, _out: Any) -> None:
@@ -108,16 +89,17 @@ def prune_stack(
     param = model.get_parameter(name)
     flip = transposed(module)
     keep = torch.ones_like(param, dtype=torch.bool)
+    rows = hessians.rows.get(name, torch.zeros(param.shape[0], dtype=torch.long))
     unseen = []
     for expert in range(param.shape[0]):
         matrix = param[expert].t() if flip else param[expert]
         w = matrix.detach().float().clone()
-        count = int(hessians.rows[expert])
+        count = int(rows[expert])
         if count == 0:
             unseen.append(expert)
             h = torch.eye(w.shape[1], device=w.device)
         else:
-            h = hessians.sum[expert].to(w.device) * (2.0 / count)
+            h = hessians.sums[name][expert].to(w.device) * (2.0 / count)
         pruned = sparsegpt_matrix(w, h, target, blocksize, damp, f"{name}[{expert}]")
         matrix.copy_(w.to(param.dtype))
         keep[expert] = ~(pruned.t() if flip else pruned)
